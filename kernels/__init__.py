@@ -1,0 +1,7 @@
+"""Fused GPU kernels for d2v, each beside a plain PyTorch reference and behind one dispatch
+function (DESIGN.md 5). Imports only torch and triton. `D2V_KERNELS=off` forces the references.
+"""
+from kernels.attention import attention
+from kernels.targets import accumulate, finalize, fused_targets
+
+__all__ = ["attention", "accumulate", "finalize", "fused_targets"]
