@@ -1,0 +1,22 @@
+"""`python -m d2v COMMAND ...` (also the `d2v` console script)."""
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "describe": "d2v.describe",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: python -m d2v {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
+        raise SystemExit(2)
+    import importlib
+
+    importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Fills a DeepSpeed JSON template from the d2v config (STYLE.md 3).
+
+The JSON holds engine settings (ZeRO stage, buckets, offload). Batch sizes, precision, gradient
+clipping and the optimizer come from the d2v config; a template that sets one of them to a
+different value is an error rather than a silent winner, so nothing is set in two places.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from d2v.config.schema import D2vConfig
+
+OWNED_BY_D2V = ("optimizer", "scheduler")
+
+
+class DeepSpeedConfigError(ValueError):
+    pass
+
+
+def _agree(template: dict[str, Any], key: str, value: Any, source: str) -> None:
+    if key in template and template[key] != value:
+        raise DeepSpeedConfigError(
+            f"DeepSpeed JSON sets {key}={template[key]!r} but the d2v config gives {value!r} "
+            f"(from {source}); remove {key!r} from the JSON or change {source}")
+
+
+def load_template(path: str) -> dict[str, Any]:
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise DeepSpeedConfigError(f"{path} is not valid JSON: {e}") from None
+
+
+def fill_ds_config(template: dict[str, Any], cfg: D2vConfig, world_size: int, *, on_cpu: bool) -> dict[str, Any]:
+    """Returns a complete DeepSpeed config for `world_size` data-parallel ranks."""
+    ds = copy.deepcopy(template)
+    tr, opt = cfg.train, cfg.optim
+    for key in OWNED_BY_D2V:
+        if key in ds:
+            raise DeepSpeedConfigError(
+                f"DeepSpeed JSON has an {key!r} section; d2v builds it from the config's optim.* fields "
+                f"(optim.lr, optim.betas, optim.schedule, ...): remove it from the JSON")
+    global_batch = tr.micro_batch_size * tr.grad_accum * world_size
+    if tr.global_batch_size is not None and tr.global_batch_size != global_batch:
+        raise DeepSpeedConfigError(
+            f"train.global_batch_size={tr.global_batch_size} but micro_batch_size ({tr.micro_batch_size}) x "
+            f"grad_accum ({tr.grad_accum}) x world size ({world_size}) = {global_batch}; change one of them")
+    _agree(ds, "train_micro_batch_size_per_gpu", tr.micro_batch_size, "train.micro_batch_size")
+    _agree(ds, "gradient_accumulation_steps", tr.grad_accum, "train.grad_accum")
+    _agree(ds, "train_batch_size", global_batch, "train.micro_batch_size x train.grad_accum x world size")
+    ds["train_micro_batch_size_per_gpu"] = tr.micro_batch_size
+    ds["gradient_accumulation_steps"] = tr.grad_accum
+    ds["train_batch_size"] = global_batch
+
+    for mode in ("bf16", "fp16"):
+        want = tr.precision == mode
+        section = dict(ds.get(mode, {}))
+        if "enabled" in section and bool(section["enabled"]) != want:
+            raise DeepSpeedConfigError(
+                f"DeepSpeed JSON sets {mode}.enabled={section['enabled']} but train.precision={tr.precision!r}; "
+                f"remove {mode}.enabled from the JSON or change train.precision")
+        section["enabled"] = want
+        if mode == "fp16" and want:
+            section.setdefault("loss_scale", 0)  # 0 = dynamic loss scaling
+            section.setdefault("initial_scale_power", 16)
+            section.setdefault("loss_scale_window", 1000)
+            section.setdefault("hysteresis", 2)
+            section.setdefault("min_loss_scale", 1e-6)
+        ds[mode] = section
+
+    _agree(ds, "gradient_clipping", float(opt.clip_norm), "optim.clip_norm")
+    ds["gradient_clipping"] = float(opt.clip_norm)
+    params: dict[str, Any] = {"lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay}
+    if on_cpu:
+        # DeepSpeed's FusedAdam is CUDA-only; torch's AdamW (foreach) is the CPU path.
+        params["torch_adam"] = True
+        params["foreach"] = True
+    ds["optimizer"] = {"type": "AdamW", "params": params}
+    ds.setdefault("steps_per_print", 10**9)  # d2v logs; keep DeepSpeed's own prints quiet
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds

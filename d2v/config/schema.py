@@ -1,0 +1,243 @@
+"""The typed config tree: one dataclass per section, a one-line doc under every field.
+
+Standard library only (STYLE.md, dependency direction). Presets live in `presets.py`, YAML and
+`key=value` overrides in `overrides.py`, the DeepSpeed JSON filler in `deepspeed_json.py`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(kw_only=True)
+class AudioFeatureConfig:
+    """The waveform encoder and the convolutional positional encoder (DESIGN.md 3.2, audio)."""
+
+    conv_layers: tuple[tuple[int, int, int], ...] = (
+        (512, 10, 5), (512, 3, 2), (512, 3, 2), (512, 3, 2), (512, 3, 2), (512, 2, 2), (512, 2, 2),
+    )
+    """(channels, kernel, stride) per conv layer; 320x downsampling: 16,000 samples -> 49 frames."""
+    conv_pos_depth: int = 5
+    """Number of positional conv layers (transformers' `num_conv_pos_embeddings`)."""
+    conv_pos_kernel: int = 19
+    """Kernel width of each positional conv layer (transformers' `conv_pos_kernel_size`)."""
+    conv_pos_groups: int = 16
+    """Groups of each positional conv layer."""
+    sample_rate: int = 16_000
+    """Waveform sample rate the model expects (Hz)."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The student: feature encoder, shared Transformer encoder and regression head."""
+
+    modality: str = "audio"
+    """Which feature encoder to build: audio | image | text."""
+    embed_dim: int = 768
+    """Width D of the Transformer encoder."""
+    depth: int = 12
+    """Number of Transformer blocks L."""
+    num_heads: int = 12
+    """Attention heads per block."""
+    ffn_dim: int = 3072
+    """Hidden width of each block's feed-forward sub-layer."""
+    layer_norm_first: bool = False
+    """Pre-LN blocks (vision 1.0) instead of post-LN (audio, text, all of 2.0)."""
+    norm_eps: float = 1e-5
+    """LayerNorm epsilon inside the encoder (vision 1.0 uses 1e-6)."""
+    dropout: float = 0.1
+    """Dropout on block outputs (after attention and after the FFN) and on the encoder input."""
+    attention_dropout: float = 0.1
+    """Dropout on attention probabilities (inside the attention kernel)."""
+    activation_dropout: float = 0.0
+    """Dropout after the FFN activation."""
+    feature_dropout: float = 0.0
+    """Dropout on the projected features before masking (fairseq's dropout_input); the teacher sees them before it."""
+    layerdrop: float = 0.05
+    """Probability of skipping a whole block in training (drawn identically on every rank)."""
+    head: str = "linear"
+    """Regression head: linear (D->D) | mlp (D->2D->GELU->D, text 1.0)."""
+    init_std: float = 0.02
+    """Std of the normal initialisation of linear and embedding weights (BERT init)."""
+    audio: AudioFeatureConfig = field(default_factory=AudioFeatureConfig)
+    """Audio feature-encoder settings (used when modality is audio)."""
+
+
+@dataclass(kw_only=True)
+class MaskingConfig:
+    """How the student's view is masked; masks are made in the collate step (DESIGN.md 2)."""
+
+    kind: str = "span"
+    """Mask generator: span (wav2vec 2.0, audio 1.0)."""
+    mask_prob: float = 0.65
+    """Span-start probability p (span masking): p=0.65 with length 10 masks ~49% of frames."""
+    mask_length: int = 10
+    """Span length in frames."""
+    min_masks: int = 1
+    """Minimum number of spans per row."""
+    equalize: str | None = "min"
+    """Equal masked counts per row: min (the reference: trim to the batch minimum) | target (hit round(p_eff*T)) | None."""
+
+
+@dataclass(kw_only=True)
+class TeacherConfig:
+    """The EMA teacher: what it tracks, its decay schedule and its targets (DESIGN.md 3.1)."""
+
+    ema_start: float = 0.999
+    """EMA decay tau at update 0."""
+    ema_end: float = 0.9999
+    """EMA decay after `ema_anneal_steps` updates (1.0 freezes the teacher)."""
+    ema_anneal_steps: int = 30_000
+    """Updates over which tau rises linearly from ema_start to ema_end."""
+    ema_modules: tuple[str, ...] = ("encoder.layer_norm", "encoder.blocks")
+    """Student sub-modules the teacher averages (EMA, fp32)."""
+    copy_modules: tuple[str, ...] = ("encoder.pos_conv",)
+    """Student sub-modules copied into the teacher after every update (shared, not averaged)."""
+    input: str = "features"
+    """What the teacher consumes: features (the student's detached, unmasked feature-encoder output) | source (raw input, own feature encoder)."""
+    top_k: int = 8
+    """Number K of top blocks whose outputs are averaged into the target."""
+    tap: str = "ffn"
+    """Which block output is the target: ffn (the FFN output before dropout/residual/LN) | block (end of block, vision 1.0)."""
+    layer_norm: str | None = "instance"
+    """Parameter-free norm of each tapped output: instance (over time) | layer (over channels) | None."""
+    final_norm: str | None = None
+    """Norm applied after averaging: instance | layer | None."""
+    offload: str = "none"
+    """Where the teacher's weights live: none (with the student) | cpu (host memory, streamed layer by layer)."""
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """The regression loss at masked positions (DESIGN.md 3.1 step 4)."""
+
+    kind: str = "l2"
+    """Per-element loss: l2 | smooth_l1."""
+    beta: float = 0.0
+    """Smooth-L1 transition point (ignored for l2)."""
+    scale: float | None = None
+    """Multiplier of the per-position loss; None means 1/sqrt(D)."""
+    reduction: str = "sum_per_position"
+    """sum_per_position: sum over D, divided by the (all-reduced) number of masked positions | mean: mean over all elements."""
+    min_target_std: float = 0.1
+    """Collapse guard: abort when the target std falls below this after `guard_after` updates (0 disables)."""
+    min_pred_std: float = 0.01
+    """Collapse guard: abort when the prediction std falls below this after `guard_after` updates (0 disables)."""
+    guard_after: int = 5_000
+    """Updates before the collapse guard is armed."""
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """Optimizer and learning-rate schedule (filled into the DeepSpeed JSON)."""
+
+    lr: float = 5e-4
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    """Adam betas."""
+    eps: float = 1e-6
+    """Adam epsilon."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay (AdamW)."""
+    no_decay_1d: bool = False
+    """Exempt biases, norms and other 1-D parameters from weight decay (data2vec 2.0)."""
+    schedule: str = "tri_stage"
+    """LR schedule: tri_stage | cosine | constant."""
+    warmup_steps: int = 0
+    """Linear warmup updates for cosine/constant (tri_stage uses phase_ratios)."""
+    phase_ratios: tuple[float, float, float] = (0.03, 0.90, 0.07)
+    """Tri-stage warmup/hold/decay fractions of max_steps."""
+    init_lr_scale: float = 0.01
+    """Tri-stage: LR at step 0 as a fraction of the peak."""
+    final_lr_scale: float = 0.05
+    """Tri-stage: LR at the end as a fraction of the peak (cosine decays to min_lr)."""
+    min_lr: float = 0.0
+    """Cosine: LR at the end of the schedule."""
+    clip_norm: float = 0.0
+    """Gradient clipping by global norm (0 disables)."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where batches come from and how they are shaped."""
+
+    train_shards: str = ""
+    """Brace-expanded WebDataset shard pattern for training (empty: synthetic data)."""
+    val_shards: str = ""
+    """Shard pattern of held-out data for the validation loss (empty: none)."""
+    min_sample_size: int = 32_000
+    """Audio: utterances shorter than this many samples are skipped (2 s)."""
+    max_sample_size: int = 320_000
+    """Audio: longer utterances are randomly cropped to this many samples (20 s)."""
+    max_samples_per_batch: int = 1_400_000
+    """Audio: budget of total samples per micro-batch (batch size x padded length)."""
+    normalize: bool = True
+    """Audio: normalise each utterance to zero mean and unit variance."""
+    pad: bool = False
+    """Audio: pad to the longest utterance with padding masks instead of cropping to the shortest (the reference)."""
+    num_workers: int = 2
+    """Loader worker processes per rank."""
+    buffer_size: int = 1_000
+    """Samples held in the shuffle/bucketing buffer."""
+    synthetic_seconds: float = 4.0
+    """Synthetic data: seconds of audio per utterance."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The loop: steps, batches, precision, logging and checkpoints."""
+
+    max_steps: int = 400_000
+    """Optimizer updates to run."""
+    micro_batch_size: int = 8
+    """Samples per rank per micro-batch (nominal for audio, whose batches follow the sample budget)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer update."""
+    global_batch_size: int | None = None
+    """If set, must equal micro_batch_size x grad_accum x world size (checked)."""
+    precision: str = "bf16"
+    """bf16 (DeepSpeed's bf16 mode, fp32 master weights) | fp16 (dynamic loss scaling) | fp32."""
+    seed: int = 1
+    """Seed of parameters, data order and masks."""
+    log_every: int = 10
+    """Updates between console/JSONL log lines."""
+    save_every: int = 1_000
+    """Updates between checkpoints (0: only at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept on disk."""
+    val_every: int = 0
+    """Updates between validation passes (0: never)."""
+    out_dir: str = "runs/d2v"
+    """Directory for logs, the resolved config and checkpoints."""
+    threads: int = 0
+    """torch intra-op threads per rank (0: leave torch's default)."""
+    wandb: str = "disabled"
+    """wandb mode: disabled | offline | online (online only when asked; never needed)."""
+
+
+@dataclass(kw_only=True)
+class D2vConfig:
+    """A whole run."""
+
+    name: str = "audio_base"
+    """Preset name this config started from."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The student."""
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    """The student's masked view."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """The EMA teacher and its targets."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """The regression loss."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Input pipeline."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop."""
+
+    def validate(self) -> "D2vConfig":
+        """Raises ValueError listing everything that contradicts itself; returns self."""
+        from d2v.config.validate import validate
+
+        validate(self)
+        return self

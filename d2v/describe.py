@@ -1,0 +1,63 @@
+"""`python -m d2v describe PRESET [--json]`: sizes and analytic FLOPs of a preset (DESIGN.md 7)."""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from d2v.config import apply_overrides, get_preset
+from d2v.flops import flops_per_sample
+from d2v.models import build_model
+from d2v.shapes import conv_output_length
+
+
+def describe(preset: str, overrides: list[str] | None = None, seconds: float = 10.0) -> dict[str, Any]:
+    from d2v.teacher import Teacher
+
+    cfg = apply_overrides(get_preset(preset), overrides or []).validate()
+    student = build_model(cfg)
+    teacher = Teacher(student, cfg.teacher)
+    info: dict[str, Any] = {
+        "preset": preset,
+        "modality": cfg.model.modality,
+        "student_trainable_parameters": student.num_parameters(),
+        "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+        "teacher_ema_parameters": sum(p.numel() for n, p in teacher.model.named_parameters() if n in teacher.ema_names),
+    }
+    if cfg.model.modality == "audio":
+        sr = cfg.model.audio.sample_rate
+        info["frames_per_second"] = conv_output_length(sr, cfg.model.audio.conv_layers)
+        info["sample_seconds"] = seconds
+        info["frames_per_sample"] = conv_output_length(int(seconds * sr), cfg.model.audio.conv_layers)
+        info["flops_per_second_of_audio"] = flops_per_sample(cfg, 1.0).as_dict()
+    info["flops_per_sample"] = flops_per_sample(cfg, seconds).as_dict()
+    return info
+
+
+def _fmt(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m d2v describe", description=__doc__)
+    ap.add_argument("preset")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides")
+    ap.add_argument("--seconds", type=float, default=10.0, help="audio: utterance length for per-sample numbers")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = ap.parse_args(argv)
+    info = describe(args.preset, args.overrides, args.seconds)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k:<18} {_fmt(v)}FLOP")
+        elif isinstance(value, int) and value > 10_000:
+            print(f"{key:<30} {value:,} ({_fmt(value)})")
+        else:
+            print(f"{key:<30} {value}")

@@ -1,0 +1,77 @@
+"""Transformer blocks that also return their FFN output, the data2vec target tap (DESIGN.md 3.1).
+
+Post-LN (audio, text, all of 2.0):  h = LN1(x + drop(attn(x)));  f = fc2(act(fc1(h)));  out = LN2(h + drop(f))
+Pre-LN (vision 1.0, BEiT):          h = x + dp(λ1·attn(LN1(x)));  f = fc2(act(fc1(LN2(h))));  out = h + dp(λ2·f)
+`f` is taken before dropout, residual and the post-LN, as the reference does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from d2v.models.attention import SelfAttention
+
+
+@dataclass
+class BlockOutput:
+    x: Tensor
+    """B×T×D block output (the residual stream after the block)."""
+    ffn: Tensor
+    """B×T×D FFN output before dropout/residual/LN: the target tap."""
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int, activation_dropout: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.activation_dropout = nn.Dropout(activation_dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.activation_dropout(F.gelu(self.fc1(x))))
+
+
+def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
+    """Stochastic depth per sample (timm semantics)."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, *, layer_norm_first: bool, eps: float,
+                 dropout: float, attention_dropout: float, activation_dropout: float,
+                 drop_path: float = 0.0, layer_scale_init: float = 0.0,
+                 qkv_bias: tuple[bool, bool, bool] = (True, True, True)) -> None:
+        super().__init__()
+        self.layer_norm_first = layer_norm_first
+        self.attention = SelfAttention(dim, num_heads, dropout=attention_dropout, qkv_bias=qkv_bias)
+        self.attention_norm = nn.LayerNorm(dim, eps=eps)
+        self.ffn = FeedForward(dim, ffn_dim, activation_dropout)
+        self.ffn_norm = nn.LayerNorm(dim, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.drop_path = drop_path
+        if layer_scale_init > 0:
+            self.layer_scale_1 = nn.Parameter(torch.full((dim,), layer_scale_init))
+            self.layer_scale_2 = nn.Parameter(torch.full((dim,), layer_scale_init))
+        else:
+            self.layer_scale_1 = self.layer_scale_2 = None
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None, bias: Tensor | None = None) -> BlockOutput:
+        if self.layer_norm_first:
+            a = self.dropout(self.attention(self.attention_norm(x), padding_mask, bias))
+            if self.layer_scale_1 is not None:
+                a = a * self.layer_scale_1
+            h = x + drop_path(a, self.drop_path, self.training)
+            f = self.ffn(self.ffn_norm(h))
+            g = self.dropout(f)
+            if self.layer_scale_2 is not None:
+                g = g * self.layer_scale_2
+            return BlockOutput(h + drop_path(g, self.drop_path, self.training), f)
+        h = self.attention_norm(x + self.dropout(self.attention(x, padding_mask, bias)))
+        f = self.ffn(h)
+        return BlockOutput(self.ffn_norm(h + self.dropout(f)), f)

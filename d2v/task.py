@@ -1,0 +1,75 @@
+"""The data2vec task (STYLE.md 5): what one micro-batch computes, and nothing about the loop.
+
+student(masked view) -> head -> prediction at masked positions
+teacher(clean view, no grad) -> targets (streaming top-K average)      => loss
+The loss is `sum / normalizer(count)`: one process divides by its own count; the training loop
+passes a normaliser that all-reduces the count over ranks and multiplies by the world size, so
+DeepSpeed's gradient averaging yields the one-process gradient of sum/N (DESIGN.md 4).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from d2v.batch import Batch
+from d2v.config.schema import D2vConfig
+from d2v.losses import per_dim_std, regression_loss
+from d2v.masking import mask_rate
+from d2v.models.data2vec import Data2Vec
+from d2v.teacher import Teacher
+
+Normalizer = Callable[[int], float]
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor
+    """Scalar loss to back-propagate (already normalised)."""
+    num_targets: int
+    """Masked positions regressed in this micro-batch on this rank."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """target_std, pred_std, mask_rate, loss_sum, ... (local to this rank)."""
+
+
+def layer_seed(seed: int, step: int) -> int:
+    """LayerDrop seed of an update: identical on every rank, different every step."""
+    return (seed * 1_000_003 + step) % (2**62)
+
+
+class Data2VecTask:
+    def __init__(self, student: Data2Vec, teacher: Teacher, cfg: D2vConfig,
+                 normalizer: Normalizer | None = None, compute_dtype: torch.dtype | None = None) -> None:
+        self.student = student
+        self.teacher = teacher
+        self.cfg = cfg
+        self.normalizer: Normalizer = normalizer or (lambda count: float(max(count, 1)))
+        self.compute_dtype = compute_dtype
+
+    def __call__(self, batch: Batch, *, step: int = 0) -> StepOutput:
+        student = self.student
+        feats = student.features(batch.source, batch.source_lengths)
+        padding = feats.padding_mask
+        mask = batch.mask.to(feats.x.device)
+        if mask.shape != feats.x.shape[:2]:
+            raise ValueError(f"mask is {tuple(mask.shape)} but the model produced {tuple(feats.x.shape[:2])} "
+                             f"positions; masks must be made for the feature encoder's frame count")
+        if padding is not None and bool((mask & padding).any()):
+            raise ValueError("the mask marks padded positions; masks must respect padding")
+        # The teacher runs first: its activations are freed before the student's are allocated.
+        teacher_in = feats.x.detach() if self.cfg.teacher.input == "features" else batch.source
+        y_BTD = self.teacher.targets(teacher_in, padding, compute_dtype=self.compute_dtype)
+        h_BTD = student.encode(feats.x, padding, mask, layer_seed=layer_seed(self.cfg.train.seed, step))
+        pred_ND = student.head(h_BTD[mask])
+        target_ND = y_BTD[mask]
+        loss_sum, count = regression_loss(pred_ND, target_ND, self.cfg.loss)
+        loss = loss_sum / self.normalizer(count)
+        metrics = {
+            "loss_sum": float(loss_sum.detach()),
+            "target_std": per_dim_std(target_ND),
+            "pred_std": per_dim_std(pred_ND),
+            "mask_rate": mask_rate(mask, padding),
+        }
+        return StepOutput(loss, int(mask.sum()), metrics)

@@ -1,0 +1,1 @@
+"""The training loop: DeepSpeed engine, EMA teacher update, logging and checkpoints."""

@@ -1,0 +1,139 @@
+"""Checkpoints that survive partial writes (DESIGN.md 4).
+
+Layout of `ROOT/TAG/` (TAG = step_00001234):
+  DeepSpeed's own files (model, optimizer, scheduler; written with save_latest=False),
+  teacher.pt        the fp32 EMA teacher, world-size independent (written by rank 0),
+  rank_00000.pt ... per-rank side files: RNG states and the data-loader position (under
+                    ZeRO-1/2 DeepSpeed keeps `client_state` from rank 0 only),
+  d2v_state.json    step, world size, preset and the resolved config,
+  COMPLETE          written last, after a barrier: only complete tags are ever loaded.
+`ROOT/latest` names the newest complete tag and is replaced atomically (write + rename) after
+every rank has finished. Older tags beyond `keep_last` are pruned afterwards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from typing import Any
+
+import numpy as np
+import torch
+
+LATEST = "latest"
+COMPLETE = "COMPLETE"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _atomic_write_bytes(path: str, write) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    _atomic_write_bytes(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    _atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    def __init__(self, root: str, *, rank: int, world_size: int, keep_last: int = 3) -> None:
+        self.root = root
+        self.rank = rank
+        self.world_size = world_size
+        self.keep_last = max(1, keep_last)
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            import deepspeed.comm as dist
+
+            dist.barrier()
+
+    def complete_tags(self) -> list[str]:
+        if not os.path.isdir(self.root):
+            return []
+        return sorted(t for t in os.listdir(self.root) if os.path.exists(os.path.join(self.root, t, COMPLETE)))
+
+    def latest_tag(self) -> str | None:
+        path = os.path.join(self.root, LATEST)
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            tag = f.read().strip()
+        if not os.path.exists(os.path.join(self.root, tag, COMPLETE)):
+            raise RuntimeError(f"{path} names {tag!r}, which is not a complete checkpoint")
+        return tag
+
+    def save(self, engine, teacher: torch.nn.Module, step: int, *, run_state: dict[str, Any],
+             rank_state: dict[str, Any]) -> str:
+        """Every rank calls this. Returns the tag written."""
+        tag = tag_for(step)
+        tag_dir = os.path.join(self.root, tag)
+        if self.rank == 0:
+            os.makedirs(self.root, exist_ok=True)
+            if os.path.isdir(tag_dir):  # leftovers of an interrupted save of the same step
+                shutil.rmtree(tag_dir)
+        self._barrier()
+        engine.save_checkpoint(self.root, tag=tag, client_state={"d2v_step": step}, save_latest=False)
+        os.makedirs(tag_dir, exist_ok=True)
+        atomic_torch_save({"rng": rng_state(), **rank_state}, os.path.join(tag_dir, f"rank_{self.rank:05d}.pt"))
+        if self.rank == 0:
+            atomic_torch_save(teacher.state_dict(), os.path.join(tag_dir, "teacher.pt"))
+            state = {"step": step, "world_size": self.world_size, **run_state}
+            atomic_write_text(os.path.join(tag_dir, "d2v_state.json"), json.dumps(state, indent=2))
+        self._barrier()
+        if self.rank == 0:
+            atomic_write_text(os.path.join(tag_dir, COMPLETE), "")
+            atomic_write_text(os.path.join(self.root, LATEST), tag)
+            self._prune(keep=tag)
+        self._barrier()
+        return tag
+
+    def _prune(self, keep: str) -> None:
+        tags = self.complete_tags()
+        for old in tags[: max(0, len(tags) - self.keep_last)]:
+            if old != keep:
+                shutil.rmtree(os.path.join(self.root, old), ignore_errors=True)
+
+    def load(self, engine, teacher: torch.nn.Module, tag: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Restores engine and teacher; returns (run_state, this rank's side state or None if the
+        world size changed, in which case the data restarts at the recorded epoch boundary)."""
+        tag_dir = os.path.join(self.root, tag)
+        if not os.path.exists(os.path.join(tag_dir, COMPLETE)):
+            raise FileNotFoundError(f"{tag_dir} is not a complete checkpoint")
+        with open(os.path.join(tag_dir, "d2v_state.json")) as f:
+            run_state = json.load(f)
+        path, _ = engine.load_checkpoint(self.root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load {tag_dir}")
+        teacher.load_state_dict(torch.load(os.path.join(tag_dir, "teacher.pt"), map_location="cpu", weights_only=False))
+        side = None
+        if run_state["world_size"] == self.world_size:
+            side = torch.load(os.path.join(tag_dir, f"rank_{self.rank:05d}.pt"), weights_only=False)
+            set_rng_state(side["rng"])
+        return run_state, side

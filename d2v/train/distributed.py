@@ -1,0 +1,80 @@
+"""Process-group setup for every launcher: the deepspeed launcher (--local_rank and env),
+OpenMPI and Slurm (environment only), and a plain single process (world size 1).
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def map_launcher_env() -> None:
+    """Fills RANK/LOCAL_RANK/WORLD_SIZE from OpenMPI or Slurm variables when the launcher set none."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return
+    if "OMPI_COMM_WORLD_RANK" in env:
+        env["RANK"] = env["OMPI_COMM_WORLD_RANK"]
+        env["WORLD_SIZE"] = env["OMPI_COMM_WORLD_SIZE"]
+        env["LOCAL_RANK"] = env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        env["RANK"] = env["SLURM_PROCID"]
+        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    else:
+        env.setdefault("RANK", "0")
+        env.setdefault("WORLD_SIZE", "1")
+        env.setdefault("LOCAL_RANK", "0")
+    if env["WORLD_SIZE"] == "1":
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in env]
+    if missing:
+        raise RuntimeError(f"multi-process launch without {missing}: set them (the Slurm example derives "
+                           f"MASTER_ADDR from `scontrol show hostnames` and picks a port)")
+
+
+def on_cpu() -> bool:
+    return not torch.cuda.is_available() or os.environ.get("DS_ACCELERATOR") == "cpu"
+
+
+def init_distributed() -> tuple[int, int]:
+    """Initialises deepspeed.comm (gloo on CPU, nccl on GPU); returns (rank, world_size)."""
+    import deepspeed
+    import deepspeed.comm as dist
+
+    map_launcher_env()
+    if on_cpu():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl", auto_mpi_discovery=False)
+    if not on_cpu():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def device() -> torch.device:
+    if on_cpu():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def global_count_normalizer(world_size: int):
+    """count -> (count summed over ranks) / world size; DeepSpeed's gradient mean then gives sum/N."""
+    import deepspeed.comm as dist
+
+    def normalize(count: int) -> float:
+        if world_size == 1:
+            return float(max(count, 1))
+        t = torch.tensor([float(count)], dtype=torch.float64, device=device())
+        dist.all_reduce(t)
+        return max(float(t.item()), 1.0) / world_size
+
+    return normalize

@@ -1,0 +1,50 @@
+"""Learning-rate schedules as multipliers of the peak LR (for torch's LambdaLR)."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from d2v.config.schema import OptimConfig
+
+
+def tri_stage(max_steps: int, phase_ratios: tuple[float, float, float], init_scale: float,
+              final_scale: float) -> Callable[[int], float]:
+    """fairseq's tri-stage: linear warmup from init_scale, hold at the peak, exponential decay to final_scale."""
+    warmup = int(round(phase_ratios[0] * max_steps))
+    hold = int(round(phase_ratios[1] * max_steps))
+    decay = max(max_steps - warmup - hold, 1)
+    decay_rate = -math.log(final_scale) / decay
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return init_scale + (1.0 - init_scale) * step / warmup
+        if step < warmup + hold:
+            return 1.0
+        return math.exp(-decay_rate * min(step - warmup - hold, decay))
+
+    return factor
+
+
+def cosine(max_steps: int, warmup: int, min_scale: float) -> Callable[[int], float]:
+    """Linear warmup from 0, then a half cosine down to min_scale at max_steps."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(warmup, 1)
+        progress = min((step - warmup) / max(max_steps - warmup, 1), 1.0)
+        return min_scale + (1.0 - min_scale) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def constant(warmup: int) -> Callable[[int], float]:
+    return lambda step: min(1.0, step / warmup) if warmup > 0 else 1.0
+
+
+def lr_factor(opt: OptimConfig, max_steps: int) -> Callable[[int], float]:
+    if opt.schedule == "tri_stage":
+        return tri_stage(max_steps, opt.phase_ratios, opt.init_lr_scale, opt.final_lr_scale)
+    if opt.schedule == "cosine":
+        return cosine(max_steps, opt.warmup_steps, opt.min_lr / opt.lr)
+    if opt.schedule == "constant":
+        return constant(opt.warmup_steps)
+    raise ValueError(f"unknown schedule {opt.schedule!r}")

@@ -1,0 +1,105 @@
+"""The engine loop (STYLE.md 5): backward, optimizer step, EMA update, metrics.
+
+Everything a batch computes lives in `d2v.task`; checkpoints, logging sinks and the data
+pipeline are composed around this class by the launcher.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from d2v.batch import Batch
+from d2v.config import fill_ds_config
+from d2v.config.schema import D2vConfig
+from d2v.models import Data2Vec, build_model
+from d2v.task import Data2VecTask
+from d2v.teacher import Teacher
+from d2v.train import distributed
+from d2v.train.schedule import lr_factor
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def param_groups(model: torch.nn.Module, no_decay_1d: bool, weight_decay: float) -> list[dict[str, Any]]:
+    """One group, or two with biases and other 1-D parameters exempt from weight decay."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not no_decay_1d:
+        return [{"params": [p for _, p in params], "weight_decay": weight_decay}]
+    decay = [p for _, p in params if p.ndim >= 2]
+    other = [p for _, p in params if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+
+
+@dataclass
+class StepMetrics:
+    step: int
+    loss: float
+    values: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    """Owns the DeepSpeed engine, the teacher and the task for one run."""
+
+    def __init__(self, cfg: D2vConfig, ds_template: dict[str, Any], *, student: Data2Vec | None = None) -> None:
+        import deepspeed
+
+        self.cfg = cfg
+        self.rank, self.world_size = distributed.init_distributed()
+        self.device = distributed.device()
+        torch.manual_seed(cfg.train.seed)
+        student = student if student is not None else build_model(cfg)
+        # The teacher is copied from the fp32 student before DeepSpeed casts it.
+        self.teacher = Teacher(student, cfg.teacher).to(self.device)
+        self.ds_config = fill_ds_config(ds_template, cfg, self.world_size, on_cpu=distributed.on_cpu())
+        factor = lr_factor(cfg.optim, cfg.train.max_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=student,
+            model_parameters=param_groups(student, cfg.optim.no_decay_1d, cfg.optim.weight_decay),
+            config=self.ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
+        )
+        self.student: Data2Vec = self.engine.module
+        self.teacher.bind(self.student)
+        self.dtype = DTYPES[cfg.train.precision]
+        self.task = Data2VecTask(self.student, self.teacher, cfg,
+                                 normalizer=distributed.global_count_normalizer(self.world_size),
+                                 compute_dtype=self.dtype)
+        self.step = 0  # optimizer updates done
+
+    def train_step(self, micro_batches: list[Batch]) -> StepMetrics:
+        """One optimizer update over `grad_accum` micro-batches, then the EMA update."""
+        if len(micro_batches) != self.cfg.train.grad_accum:
+            raise ValueError(f"got {len(micro_batches)} micro-batches for grad_accum={self.cfg.train.grad_accum}")
+        t0 = time.perf_counter()
+        self.student.train()
+        lr = float(self.scheduler.get_last_lr()[0])
+        losses, sums = [], {}
+        samples = 0
+        for batch in micro_batches:
+            out = self.task(batch.to(self.device, self.dtype), step=self.step)
+            self.engine.backward(out.loss)
+            self.engine.step()
+            losses.append(float(out.loss.detach()))
+            samples += batch.batch_size
+            for k, v in out.metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+        grad_norm = self.engine.get_global_grad_norm()
+        tau = self.teacher.update(self.step)
+        self.step += 1
+        n = len(micro_batches)
+        values = {k: v / n for k, v in sums.items()}
+        values.update(ema_decay=tau, lr=lr, samples=float(samples), step_time=time.perf_counter() - t0,
+                      grad_norm=float(grad_norm) if grad_norm is not None else float("nan"))
+        return StepMetrics(self.step, sum(losses) / n, values)
+
+    def fit(self, batches: Iterator[Batch], max_steps: int | None = None) -> list[StepMetrics]:
+        """Runs updates until max_steps (default train.max_steps); returns every step's metrics."""
+        history = []
+        stop = max_steps if max_steps is not None else self.cfg.train.max_steps
+        while self.step < stop:
+            micro = [next(batches) for _ in range(self.cfg.train.grad_accum)]
+            history.append(self.train_step(micro))
+        return history

@@ -1,0 +1,92 @@
+"""Config tree: presets, overrides, validation messages, DeepSpeed JSON filling."""
+import dataclasses
+
+import pytest
+
+from d2v.config import (
+    DeepSpeedConfigError, apply_overrides, fill_ds_config, from_dict, get_preset, list_presets, load_yaml, resolve,
+    to_dict,
+)
+from d2v.config import schema
+
+
+def test_every_field_has_a_doc_line():
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(schema))
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        body = cls.body
+        for i, node in enumerate(body):
+            if isinstance(node, ast.AnnAssign):
+                nxt = body[i + 1] if i + 1 < len(body) else None
+                assert isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant), \
+                    f"{cls.name}.{node.target.id} has no docstring line"
+
+
+def test_presets_validate_and_large_differs_from_base():
+    assert {"audio_tiny", "audio_base", "audio_large"} <= set(list_presets())
+    for name in list_presets():
+        get_preset(name).validate()
+    base, large = get_preset("audio_base"), get_preset("audio_large")
+    assert (large.model.embed_dim, large.model.depth, large.model.num_heads) == (1024, 24, 16)
+    assert large.optim == base.optim and large.masking == base.masking
+    assert base.masking.mask_prob == 0.65 and base.masking.mask_length == 10
+    assert (base.teacher.ema_start, base.teacher.ema_end, base.teacher.ema_anneal_steps) == (0.999, 0.9999, 30_000)
+    assert base.teacher.top_k == 8 and base.teacher.layer_norm == "instance" and base.teacher.final_norm is None
+    assert (base.optim.lr, base.optim.betas, base.optim.eps, base.optim.weight_decay) == (5e-4, (0.9, 0.98), 1e-6, 0.01)
+    assert base.optim.phase_ratios == (0.03, 0.90, 0.07)
+
+
+def test_overrides_coerce_types_and_reject_unknown_keys():
+    cfg = apply_overrides(get_preset("audio_tiny"), [
+        "optim.lr=3e-4", "optim.betas=[0.9, 0.95]", "masking.equalize=null", "model.audio.conv_pos_depth=3",
+        "train.precision=fp32", "data.pad=true"])
+    assert cfg.optim.lr == 3e-4 and cfg.optim.betas == (0.9, 0.95) and cfg.masking.equalize is None
+    assert cfg.model.audio.conv_pos_depth == 3 and cfg.train.precision == "fp32" and cfg.data.pad is True
+    with pytest.raises(KeyError, match="did you mean lr"):
+        apply_overrides(cfg, ["optim.lrr=1"])
+    with pytest.raises(ValueError, match="integer"):
+        apply_overrides(cfg, ["model.depth=2.5"])
+    with pytest.raises(ValueError, match="key=value"):
+        apply_overrides(cfg, ["optim.lr"])
+
+
+def test_yaml_carries_differences(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("optim:\n  lr: 0.0002\nmodel:\n  audio:\n    conv_pos_kernel: 17\n")
+    cfg = load_yaml(get_preset("audio_tiny"), str(f))
+    assert cfg.optim.lr == 2e-4 and cfg.model.audio.conv_pos_kernel == 17
+    f.write_text("optim:\n  learning_rate: 1\n")
+    with pytest.raises(KeyError, match="learning_rate"):
+        load_yaml(get_preset("audio_tiny"), str(f))
+
+
+def test_round_trip_through_dict():
+    cfg = resolve("audio_tiny", overrides=["optim.lr=1e-4"])
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_validate_names_what_to_change():
+    with pytest.raises(ValueError) as e:
+        resolve("audio_tiny", overrides=["teacher.top_k=5", "model.num_heads=5", "train.precision=fp8"])
+    msg = str(e.value)
+    assert "teacher.top_k=5" in msg and "model.num_heads=5" in msg and "train.precision" in msg
+
+
+def test_ds_template_is_filled_and_contradictions_are_errors():
+    cfg = resolve("audio_tiny", overrides=["train.micro_batch_size=3", "train.grad_accum=2", "optim.clip_norm=5"])
+    ds = fill_ds_config({"zero_optimization": {"stage": 2}}, cfg, 4, on_cpu=True)
+    assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 5.0
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert ds["optimizer"]["params"]["lr"] == cfg.optim.lr and ds["zero_optimization"] == {"stage": 2}
+    for bad, match in [({"train_batch_size": 16}, "train_batch_size"), ({"bf16": {"enabled": False}}, "bf16.enabled"),
+                       ({"optimizer": {"type": "Adam"}}, "optim"), ({"gradient_clipping": 1.0}, "optim.clip_norm")]:
+        with pytest.raises(DeepSpeedConfigError, match=match):
+            fill_ds_config(bad, cfg, 4, on_cpu=True)
+    cfg.train.global_batch_size = 10
+    with pytest.raises(DeepSpeedConfigError, match="global_batch_size"):
+        fill_ds_config({}, cfg, 4, on_cpu=True)
+    fp16 = fill_ds_config({}, resolve("audio_tiny", overrides=["train.precision=fp16"]), 1, on_cpu=False)
+    assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0 and "torch_adam" not in fp16["optimizer"]["params"]
