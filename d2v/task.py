@@ -68,6 +68,7 @@ class Data2VecTask:
         loss = loss_sum / self.normalizer(count)
         metrics = {
             "loss_sum": float(loss_sum.detach()),
+            "loss_count": float(count),
             "target_std": per_dim_std(target_ND),
             "pred_std": per_dim_std(pred_ND),
             "mask_rate": mask_rate(mask, padding),

@@ -76,6 +76,10 @@ class Teacher(nn.Module):
         self._copy_pairs = [(mine[n], params[n]) for n in self.copy_names]
         self.model.eval()
 
+    def ema_parameters(self) -> list[Tensor]:
+        """The averaged (fp32) parameters, in a fixed order."""
+        return [t for t, _ in self._ema_pairs]
+
     def train(self, mode: bool = True) -> "Teacher":
         """The teacher always runs in eval mode (no dropout, no LayerDrop)."""
         super().train(False)

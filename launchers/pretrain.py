@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""data2vec pretraining: the one entry point from a laptop CPU to a GPU cluster.
+
+  deepspeed --num_gpus 8 launchers/pretrain.py --ds_config ds_configs/zero2.json --preset audio_base \
+      --data 'shards/train-{000000..000511}.tar' --val-data 'shards/valid-{000000..000003}.tar' --out runs/ab
+
+  DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launchers/pretrain.py --ds_config ds_configs/cpu.json \
+      --preset audio_tiny --data 'demo_data/audio/shards/train-{000000..000007}.tar' train.max_steps=300
+
+Ranks come from the deepspeed launcher (--local_rank plus environment), OpenMPI or Slurm
+(environment only; see d2v.train.distributed). Positional `key=value` arguments override the
+config (e.g. optim.lr=2e-4); `--config run.yaml` carries a file of differences.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ds_config", required=True, help="DeepSpeed JSON template (ds_configs/*.json)")
+    ap.add_argument("--preset", default="audio_tiny", help="preset name (python -m d2v describe lists sizes)")
+    ap.add_argument("--config", default=None, help="YAML file of config differences")
+    ap.add_argument("--data", default=None, help="brace-expanded training shard pattern (default: synthetic data)")
+    ap.add_argument("--val-data", default=None, help="brace-expanded validation shard pattern")
+    ap.add_argument("--out", default=None, help="run directory (logs, resolved config, checkpoints)")
+    ap.add_argument("--resume", default="none", help="auto | none | a checkpoint tag (step_00001000)")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    from d2v.config import load_template, resolve
+    from d2v.train.launch import build_run
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.train_shards={args.data}")
+    if args.val_data:
+        overrides.append(f"data.val_shards={args.val_data}")
+    if args.out:
+        overrides.append(f"train.out_dir={args.out}")
+    cfg = resolve(args.preset, args.config, overrides)
+    run = build_run(cfg, load_template(args.ds_config), resume=args.resume)
+    try:
+        summary = run.train()
+    finally:
+        run.close()
+    if run.rank == 0:
+        print(f"done: {summary.steps} steps; loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}")
+        print(f"logs: {os.path.join(summary.out_dir, 'metrics.jsonl')} and {os.path.join(summary.out_dir, 'tensorboard')}")
+        print(f"checkpoints: {os.path.join(summary.out_dir, 'checkpoints')} (latest: {summary.checkpoint})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
