@@ -30,6 +30,11 @@ def describe(preset: str, overrides: list[str] | None = None, seconds: float = 1
         info["sample_seconds"] = seconds
         info["frames_per_sample"] = conv_output_length(int(seconds * sr), cfg.model.audio.conv_layers)
         info["flops_per_second_of_audio"] = flops_per_sample(cfg, 1.0).as_dict()
+    elif cfg.model.modality == "image":
+        im = cfg.model.image
+        info["patches_per_sample"] = (im.image_size // im.patch_size) ** 2
+    else:
+        info["tokens_per_sample"] = cfg.model.text.max_positions
     info["flops_per_sample"] = flops_per_sample(cfg, seconds).as_dict()
     return info
 

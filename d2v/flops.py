@@ -70,7 +70,32 @@ def audio_flops(cfg: D2vConfig, num_samples: int) -> FlopCount:
     return FlopCount(feature, pos, blocks, head_flops(cfg, masked), teacher)
 
 
+def image_flops(cfg: D2vConfig) -> FlopCount:
+    """Per image: patch embedding, blocks over patches + CLS, head at the masked patches."""
+    m, im = cfg.model, cfg.model.image
+    patches = (im.image_size // im.patch_size) ** 2
+    feature = 2.0 * im.in_chans * im.patch_size**2 * m.embed_dim * patches
+    blocks = m.depth * block_flops(patches + 1, m.embed_dim, m.ffn_dim)
+    teacher = blocks + (feature if cfg.teacher.input == "source" else 0.0)
+    return FlopCount(feature, 0.0, blocks, head_flops(cfg, cfg.masking.num_mask_patches), teacher)
+
+
+def text_flops(cfg: D2vConfig, tokens: int | None = None) -> FlopCount:
+    """Per sequence of `tokens` (default max_positions): embeddings are look-ups (0 FLOPs)."""
+    m = cfg.model
+    t = tokens if tokens is not None else m.text.max_positions
+    blocks = m.depth * block_flops(t, m.embed_dim, m.ffn_dim)
+    mk = cfg.masking
+    masked = expected_span_rate(mk.mask_prob, mk.mask_length) * t
+    return FlopCount(0.0, 0.0, blocks, head_flops(cfg, masked), blocks)
+
+
 def flops_per_sample(cfg: D2vConfig, seconds: float = 1.0) -> FlopCount:
+    """Audio: per utterance of `seconds`; image: per image; text: per max_positions-token sequence."""
     if cfg.model.modality == "audio":
         return audio_flops(cfg, int(round(seconds * cfg.model.audio.sample_rate)))
+    if cfg.model.modality == "image":
+        return image_flops(cfg)
+    if cfg.model.modality == "text":
+        return text_flops(cfg)
     raise ValueError(f"no FLOP count for modality {cfg.model.modality!r}")

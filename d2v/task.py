@@ -50,7 +50,10 @@ class Data2VecTask:
 
     def __call__(self, batch: Batch, *, step: int = 0) -> StepOutput:
         student = self.student
-        feats = student.features(batch.source, batch.source_lengths)
+        # Text builds the student's view in collate (<mask> tokens); audio and images mask
+        # features with a learned embedding inside the model.
+        token_view = batch.masked_source is not None
+        feats = student.features(batch.masked_source if token_view else batch.source, batch.source_lengths)
         padding = feats.padding_mask
         mask = batch.mask.to(feats.x.device)
         if mask.shape != feats.x.shape[:2]:
@@ -59,9 +62,10 @@ class Data2VecTask:
         if padding is not None and bool((mask & padding).any()):
             raise ValueError("the mask marks padded positions; masks must respect padding")
         # The teacher runs first: its activations are freed before the student's are allocated.
-        teacher_in = feats.x.detach() if self.cfg.teacher.input == "features" else batch.source
-        y_BTD = self.teacher.targets(teacher_in, padding, compute_dtype=self.compute_dtype)
-        h_BTD = student.encode(feats.x, padding, mask, layer_seed=layer_seed(self.cfg.train.seed, step))
+        y_BTD = self.teacher.targets(self._teacher_input(batch, feats.x, token_view), padding,
+                                     compute_dtype=self.compute_dtype)
+        h_BTD = student.encode(feats.x, padding, None if token_view else mask,
+                               layer_seed=layer_seed(self.cfg.train.seed, step))
         pred_ND = student.head(h_BTD[mask])
         target_ND = y_BTD[mask]
         loss_sum, count = regression_loss(pred_ND, target_ND, self.cfg.loss)
@@ -74,3 +78,14 @@ class Data2VecTask:
             "mask_rate": mask_rate(mask, padding),
         }
         return StepOutput(loss, int(mask.sum()), metrics)
+
+    def _teacher_input(self, batch: Batch, student_features: Tensor, token_view: bool) -> Tensor:
+        """The clean view: the student's features (detached, before dropout and masking), the
+        student's embedding of the clean tokens, or the raw source for a teacher with its own
+        feature encoder."""
+        if self.cfg.teacher.input == "source":
+            return batch.source
+        if not token_view:
+            return student_features.detach()
+        with torch.no_grad():
+            return self.student.features(batch.source, batch.source_lengths).x

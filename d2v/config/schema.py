@@ -27,6 +27,46 @@ class AudioFeatureConfig:
 
 
 @dataclass(kw_only=True)
+class ImageFeatureConfig:
+    """Patch embedding and BEiT-style positions (DESIGN.md 3.2, vision)."""
+
+    image_size: int = 224
+    """Input height and width in pixels."""
+    patch_size: int = 16
+    """Patch height and width; image_size / patch_size patches per side."""
+    in_chans: int = 3
+    """Input channels."""
+    layer_scale_init: float = 1e-4
+    """Initial value of the per-block layer-scale vectors (0 disables layer scale)."""
+    drop_path: float = 0.25
+    """Stochastic-depth rate, rising linearly over the blocks to this value."""
+    rel_pos_bias: bool = True
+    """A relative position bias shared by all blocks (BEiT; the only position signal)."""
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    """Per-channel mean used to normalise pixels (ImageNet)."""
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    """Per-channel std used to normalise pixels (ImageNet)."""
+
+
+@dataclass(kw_only=True)
+class TextFeatureConfig:
+    """Token embedding in the RoBERTa layout (DESIGN.md 3.2, 8)."""
+
+    vocab_size: int = 50_265
+    """Embedding rows, `<mask>` (the last id) included."""
+    max_positions: int = 512
+    """Longest sequence; the position table has max_positions + pad_id + 1 rows (RoBERTa counts from the pad id)."""
+    pad_id: int = 1
+    """Padding token id (`<pad>`); positions are counted from it."""
+    bos_id: int = 0
+    """`<s>` id."""
+    eos_id: int = 2
+    """`</s>` id."""
+    unk_id: int = 3
+    """`<unk>` id."""
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     """The student: feature encoder, shared Transformer encoder and regression head."""
 
@@ -60,6 +100,10 @@ class ModelConfig:
     """Std of the normal initialisation of linear and embedding weights (BERT init)."""
     audio: AudioFeatureConfig = field(default_factory=AudioFeatureConfig)
     """Audio feature-encoder settings (used when modality is audio)."""
+    image: ImageFeatureConfig = field(default_factory=ImageFeatureConfig)
+    """Image feature-encoder settings (used when modality is image)."""
+    text: TextFeatureConfig = field(default_factory=TextFeatureConfig)
+    """Text feature-encoder settings (used when modality is text)."""
 
 
 @dataclass(kw_only=True)
@@ -67,7 +111,7 @@ class MaskingConfig:
     """How the student's view is masked; masks are made in the collate step (DESIGN.md 2)."""
 
     kind: str = "span"
-    """Mask generator: span (wav2vec 2.0, audio 1.0)."""
+    """Mask generator: span (wav2vec 2.0, audio 1.0) | block_2d (BEiT, image 1.0) | text_span (spans of <mask>, text 1.0) | bert (15%, 80/10/10)."""
     mask_prob: float = 0.65
     """Span-start probability p (span masking): p=0.65 with length 10 masks ~49% of frames."""
     mask_length: int = 10
@@ -76,6 +120,20 @@ class MaskingConfig:
     """Minimum number of spans per row."""
     equalize: str | None = "min"
     """Equal masked counts per row: min (the reference: trim to the batch minimum) | target (hit round(p_eff*T)) | None."""
+    num_mask_patches: int = 120
+    """block_2d: patches to mask per image (120 of 196 in the reference)."""
+    min_block_patches: int = 16
+    """block_2d: smallest block, in patches."""
+    max_block_patches: int | None = None
+    """block_2d: largest block, in patches (None: no limit beyond the target)."""
+    min_aspect: float = 0.3
+    """block_2d: blocks have aspect ratios in [min_aspect, 1/min_aspect]."""
+    top_up: bool = True
+    """block_2d: add random patches when the block generator stops short, so every image has exactly num_mask_patches."""
+    random_token_prob: float = 0.0
+    """Text: fraction of selected tokens replaced by a random token (bert: 0.1)."""
+    leave_unmasked_prob: float = 0.0
+    """Text: fraction of selected tokens left unchanged (bert: 0.1); the loss still covers them."""
 
 
 @dataclass(kw_only=True)

@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from d2v.config.schema import D2vConfig
 
-MODALITIES = ("audio",)
+MODALITIES = ("audio", "image", "text")
+MASKS = {"audio": ("span",), "image": ("block_2d",), "text": ("text_span", "bert")}
 NORMS = ("instance", "layer", None)
 
 
@@ -39,8 +40,20 @@ def _problems(cfg: "D2vConfig") -> list[str]:
         p.append(f"need 0 <= teacher.ema_start ({t.ema_start}) <= teacher.ema_end ({t.ema_end}) <= 1")
     if t.ema_anneal_steps < 0:
         p.append("teacher.ema_anneal_steps must be >= 0")
-    if mk.kind != "span":
-        p.append(f"masking.kind={mk.kind!r} is not available for {m.modality}; use span")
+    if mk.kind not in MASKS.get(m.modality, ()):
+        p.append(f"masking.kind={mk.kind!r} does not fit model.modality={m.modality!r}; use one of {MASKS.get(m.modality)}")
+    if m.modality == "image":
+        im = m.image
+        if im.image_size % im.patch_size:
+            p.append(f"model.image.image_size={im.image_size} is not a multiple of model.image.patch_size={im.patch_size}")
+        elif not 0 <= mk.num_mask_patches <= (im.image_size // im.patch_size) ** 2:
+            p.append(f"masking.num_mask_patches={mk.num_mask_patches} exceeds the {(im.image_size // im.patch_size) ** 2} patches")
+        if t.input != "source":
+            p.append("image models need teacher.input=source (the teacher has its own patch embedding)")
+    if m.modality == "text" and not 0 <= m.text.pad_id < m.text.vocab_size:
+        p.append(f"model.text.pad_id={m.text.pad_id} is outside the vocabulary of {m.text.vocab_size}")
+    if mk.random_token_prob + mk.leave_unmasked_prob > 1:
+        p.append("masking.random_token_prob + masking.leave_unmasked_prob must be <= 1")
     if not 0.0 <= mk.mask_prob <= 1.0:
         p.append(f"masking.mask_prob={mk.mask_prob} must be in [0, 1]")
     if mk.mask_length < 1:

@@ -2,6 +2,8 @@
 
 Called in the data loader's collate step; every function returns a bool tensor, True = masked.
 """
+from d2v.masking.block2d import block_mask_2d
 from d2v.masking.span import mask_rate, span_mask
+from d2v.masking.text import apply_token_mask, text_span_mask
 
-__all__ = ["span_mask", "mask_rate"]
+__all__ = ["apply_token_mask", "block_mask_2d", "mask_rate", "span_mask", "text_span_mask"]

@@ -32,14 +32,18 @@ class Data2Vec(nn.Module):
         return self.frontend(source, source_lengths)
 
     def encode(self, x_BTD: Tensor, padding_mask_BT: Tensor | None = None, mask_BT: Tensor | None = None, *,
-               layer_seed: int | None = None, tap: Tap | None = None) -> Tensor:
-        """Encodes features; masked positions are replaced by the learned mask embedding first."""
+               layer_seed: int | None = None, tap: Tap | None = None, keep_extra_tokens: bool = False) -> Tensor:
+        """Encodes features; masked positions are replaced by the learned mask embedding first.
+
+        Returns B×T×D (or B×(E+T)×D with the E extra tokens such as CLS first, if asked).
+        """
         x_BTD = self.feature_dropout(x_BTD)
         if mask_BT is not None:
             if self.mask_embedding is None:
                 raise RuntimeError("a mask was given but this model has no mask embedding")
             x_BTD = torch.where(mask_BT.unsqueeze(-1), self.mask_embedding.to(x_BTD.dtype), x_BTD)
-        return self.encoder(x_BTD, padding_mask_BT, layer_seed=layer_seed, tap=tap)
+        out = self.encoder(x_BTD, padding_mask_BT, layer_seed=layer_seed, tap=tap)
+        return out if keep_extra_tokens else out[:, self.encoder.num_extra_tokens:]
 
     def num_parameters(self, trainable_only: bool = True) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

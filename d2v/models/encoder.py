@@ -20,9 +20,14 @@ Tap = Callable[[int, BlockOutput], None]
 class TransformerEncoder(nn.Module):
     def __init__(self, blocks: list[nn.Module], *, pos_conv: nn.Module | None = None,
                  layer_norm: nn.Module | None = None, final_norm: nn.Module | None = None,
-                 dropout: float = 0.0, layerdrop: float = 0.0) -> None:
+                 dropout: float = 0.0, layerdrop: float = 0.0, cls_token: bool = False,
+                 rel_pos_bias: nn.Module | None = None) -> None:
         super().__init__()
+        dim = blocks[0].attention.q_proj.in_features
         self.pos_conv = pos_conv
+        # A learned token prepended after masking (vision); outputs and taps exclude it.
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim).normal_(std=0.02)) if cls_token else None
+        self.rel_pos_bias = rel_pos_bias
         self.layer_norm = layer_norm
         self.dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(blocks)
@@ -40,16 +45,27 @@ class TransformerEncoder(nn.Module):
 
     def forward(self, x_BTD: Tensor, padding_mask_BT: Tensor | None = None, *,
                 layer_seed: int | None = None, tap: Tap | None = None) -> Tensor:
+        """Returns B×(E+T)×D with the E extra tokens (CLS) first; taps see only the T positions."""
         if self.pos_conv is not None:
             x_BTD = x_BTD + self.pos_conv(x_BTD, padding_mask_BT)
+        extra = self.num_extra_tokens
+        if self.cls_token is not None:
+            x_BTD = torch.cat([self.cls_token.expand(x_BTD.shape[0], -1, -1).to(x_BTD.dtype), x_BTD], dim=1)
+            if padding_mask_BT is not None:
+                padding_mask_BT = torch.cat([padding_mask_BT.new_zeros(x_BTD.shape[0], 1), padding_mask_BT], dim=1)
         if self.layer_norm is not None:
             x_BTD = self.layer_norm(x_BTD)
         x_BTD = self.dropout(x_BTD)
+        bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
         for i in self.kept_blocks(layer_seed):
-            out = self.blocks[i](x_BTD, padding_mask_BT)
+            out = self.blocks[i](x_BTD, padding_mask_BT, bias)
             if tap is not None:
-                tap(i, out)
+                tap(i, out if extra == 0 else BlockOutput(out.x[:, extra:], out.ffn[:, extra:]))
             x_BTD = out.x
         if self.final_norm is not None:
             x_BTD = self.final_norm(x_BTD)
         return x_BTD
+
+    @property
+    def num_extra_tokens(self) -> int:
+        return 0 if self.cls_token is None else 1

@@ -1,10 +1,13 @@
 """The one factory that assembles a Data2Vec student from a ModelConfig (STYLE.md 4)."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from d2v.config.schema import D2vConfig, ModelConfig
 from d2v.models.audio import AudioFeatureEncoder, ConvPositionalEncoder
+from d2v.models.text import TextEmbedding
+from d2v.models.vision import PatchEmbed, RelativePositionBias
 from d2v.models.blocks import TransformerBlock
 from d2v.models.data2vec import Data2Vec
 from d2v.models.encoder import TransformerEncoder
@@ -18,12 +21,16 @@ def build_head(m: ModelConfig) -> nn.Module:
     raise ValueError(f"unknown head {m.head!r}")
 
 
-def build_blocks(m: ModelConfig) -> list[nn.Module]:
+def build_blocks(m: ModelConfig, *, drop_path: float = 0.0, layer_scale_init: float = 0.0,
+                 qkv_bias: tuple[bool, bool, bool] = (True, True, True)) -> list[nn.Module]:
+    """`drop_path` rises linearly from 0 at the first block to the given rate at the last."""
+    rates = [drop_path * i / max(m.depth - 1, 1) for i in range(m.depth)]
     return [
         TransformerBlock(m.embed_dim, m.num_heads, m.ffn_dim, layer_norm_first=m.layer_norm_first, eps=m.norm_eps,
                          dropout=m.dropout, attention_dropout=m.attention_dropout,
-                         activation_dropout=m.activation_dropout)
-        for _ in range(m.depth)
+                         activation_dropout=m.activation_dropout, drop_path=rates[i],
+                         layer_scale_init=layer_scale_init, qkv_bias=qkv_bias)
+        for i in range(m.depth)
     ]
 
 
@@ -53,7 +60,54 @@ def build_audio(m: ModelConfig) -> Data2Vec:
     return Data2Vec(frontend, encoder, head, embed_dim=m.embed_dim, feature_dropout=m.feature_dropout)
 
 
-BUILDERS = {"audio": build_audio}
+def build_image(m: ModelConfig) -> Data2Vec:
+    """BEiT-style pre-LN ViT: q and v biases, no k bias, layer scale, drop path, shared relative
+    position bias, CLS token, final LayerNorm (transformers' Data2VecVisionModel, pretraining flags)."""
+    im = m.image
+    patch = PatchEmbed(im.image_size, im.patch_size, im.in_chans, m.embed_dim)
+    blocks = build_blocks(m, drop_path=im.drop_path, layer_scale_init=im.layer_scale_init, qkv_bias=(True, False, True))
+    encoder = TransformerEncoder(
+        blocks, final_norm=nn.LayerNorm(m.embed_dim, eps=m.norm_eps), dropout=m.dropout, layerdrop=m.layerdrop,
+        cls_token=True, rel_pos_bias=RelativePositionBias(patch.grid, m.num_heads) if im.rel_pos_bias else None)
+    for module in (encoder, patch):
+        _trunc_init(module, m.init_std)
+    head = build_head(m)
+    _trunc_init(head, m.init_std)
+    model = Data2Vec(patch, encoder, head, embed_dim=m.embed_dim, feature_dropout=m.feature_dropout)
+    nn.init.trunc_normal_(model.mask_embedding, std=m.init_std)
+    return model
+
+
+def _trunc_init(module: nn.Module, std: float) -> None:
+    """BEiT's init: truncated-normal weights, zero biases, then each block's output projections
+    rescaled by 1/sqrt(2·layer) so deep residual streams start small."""
+    for mod in module.modules():
+        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(mod.weight, std=std)
+            if mod.bias is not None:
+                nn.init.zeros_(mod.bias)
+    for layer, block in enumerate(getattr(module, "blocks", []), start=1):
+        block.attention.out_proj.weight.data.div_((2.0 * layer) ** 0.5)
+        block.ffn.fc2.weight.data.div_((2.0 * layer) ** 0.5)
+
+
+def build_text(m: ModelConfig) -> Data2Vec:
+    """RoBERTa layout: embeddings + LayerNorm, then post-LN blocks; the embedding dropout is the
+    model's feature dropout, so the encoder adds none of its own."""
+    t = m.text
+    embed = TextEmbedding(t.vocab_size, t.max_positions, t.pad_id, m.embed_dim, m.norm_eps)
+    encoder = TransformerEncoder(build_blocks(m), dropout=0.0, layerdrop=m.layerdrop)
+    head = build_head(m)
+    for module in (embed, encoder, head):
+        _bert_init(module, m.init_std)
+    with torch.no_grad():
+        embed.word_embeddings.weight[t.pad_id].zero_()
+        embed.position_embeddings.weight[t.pad_id].zero_()
+    return Data2Vec(embed, encoder, head, embed_dim=m.embed_dim, feature_dropout=m.feature_dropout,
+                    mask_embedding=False)
+
+
+BUILDERS = {"audio": build_audio, "image": build_image, "text": build_text}
 
 
 def build_model(cfg: D2vConfig | ModelConfig) -> Data2Vec:
