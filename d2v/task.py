@@ -1,7 +1,7 @@
 """The data2vec task (STYLE.md 5): what one micro-batch computes, and nothing about the loop.
 
-student(masked view) -> head -> prediction at masked positions
-teacher(clean view, no grad) -> targets (streaming top-K average)      => loss
+student(masked view) -> head -> prediction at masked positions     (the engine's module call)
+teacher(clean view, no grad) -> targets (streaming top-K average)  => loss
 The loss is `sum / normalizer(count)`: one process divides by its own count; the training loop
 passes a normaliser that all-reduces the count over ranks and multiplies by the world size, so
 DeepSpeed's gradient averaging yields the one-process gradient of sum/N (DESIGN.md 4).
@@ -49,24 +49,14 @@ class Data2VecTask:
         self.compute_dtype = compute_dtype
 
     def __call__(self, batch: Batch, *, step: int = 0) -> StepOutput:
-        student = self.student
-        # Text builds the student's view in collate (<mask> tokens); audio and images mask
-        # features with a learned embedding inside the model.
         token_view = batch.masked_source is not None
-        feats = student.features(batch.masked_source if token_view else batch.source, batch.source_lengths)
-        padding = feats.padding_mask
-        mask = batch.mask.to(feats.x.device)
-        if mask.shape != feats.x.shape[:2]:
-            raise ValueError(f"mask is {tuple(mask.shape)} but the model produced {tuple(feats.x.shape[:2])} "
-                             f"positions; masks must be made for the feature encoder's frame count")
-        if padding is not None and bool((mask & padding).any()):
-            raise ValueError("the mask marks padded positions; masks must respect padding")
-        # The teacher runs first: its activations are freed before the student's are allocated.
-        y_BTD = self.teacher.targets(self._teacher_input(batch, feats.x, token_view), padding,
+        out = self.student(batch.source, batch.mask, batch.source_lengths, masked_source=batch.masked_source,
+                           layer_seed=layer_seed(self.cfg.train.seed, step))
+        padding = out.features.padding_mask
+        mask = batch.mask
+        y_BTD = self.teacher.targets(self._teacher_input(batch, out.features.x, token_view), padding,
                                      compute_dtype=self.compute_dtype)
-        h_BTD = student.encode(feats.x, padding, None if token_view else mask,
-                               layer_seed=layer_seed(self.cfg.train.seed, step))
-        pred_ND = student.head(h_BTD[mask])
+        pred_ND = out.prediction
         target_ND = y_BTD[mask]
         loss_sum, count = regression_loss(pred_ND, target_ND, self.cfg.loss)
         loss = loss_sum / self.normalizer(count)

@@ -28,7 +28,7 @@ def test_audio_base_parameter_count_and_layout():
     assert names["frontend.conv_layers.0.conv.weight"].shape == (512, 1, 10)
     assert "frontend.conv_layers.0.conv.bias" not in names
     assert names["encoder.pos_conv.layers.4.conv.weight"].shape == (768, 48, 19)
-    assert names["mask_embedding"].shape == (768,)
+    assert names["mask_embedding.weight"].shape == (768,)
     assert "encoder.pos_conv.layers.0.layer_norm.weight" not in names  # no affine in positional LNs
 
 

@@ -56,7 +56,7 @@ def test_teacher_has_no_cnn_head_or_mask_embedding_and_gets_no_gradient():
     student = build_model(cfg)
     teacher = Teacher(student, cfg.teacher)
     names = [n for n, _ in teacher.named_parameters()]
-    assert not any(n.startswith(("model.frontend", "model.head", "model.mask_embedding")) for n in names)
+    assert names and not any(n.startswith(("model.frontend", "model.head", "model.mask_embedding")) for n in names)
     assert all(not p.requires_grad for p in teacher.parameters())
     feats = student.features(torch.randn(2, 16_000))
     y = teacher.targets(feats.x)

@@ -75,9 +75,15 @@ def fill_ds_config(template: dict[str, Any], cfg: D2vConfig, world_size: int, *,
     ds["gradient_clipping"] = float(opt.clip_norm)
     params: dict[str, Any] = {"lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay}
     if on_cpu:
-        # DeepSpeed's FusedAdam is CUDA-only; torch's AdamW (foreach) is the CPU path.
+        # DeepSpeed's FusedAdam and CPU-Adam need compiled ops; torch's AdamW (foreach) is the
+        # CPU path, also for ZeRO offload, and host memory cannot be pinned without CUDA.
         params["torch_adam"] = True
         params["foreach"] = True
+        ds["zero_force_ds_cpu_optimizer"] = False
+        for key in ("offload_optimizer", "offload_param"):
+            section = ds.get("zero_optimization", {}).get(key)
+            if isinstance(section, dict) and section.get("pin_memory"):
+                section["pin_memory"] = False
     ds["optimizer"] = {"type": "AdamW", "params": params}
     ds.setdefault("steps_per_print", 10**9)  # d2v logs; keep DeepSpeed's own prints quiet
     ds.setdefault("wall_clock_breakdown", False)

@@ -74,7 +74,7 @@ def build_image(m: ModelConfig) -> Data2Vec:
     head = build_head(m)
     _trunc_init(head, m.init_std)
     model = Data2Vec(patch, encoder, head, embed_dim=m.embed_dim, feature_dropout=m.feature_dropout)
-    nn.init.trunc_normal_(model.mask_embedding, std=m.init_std)
+    nn.init.trunc_normal_(model.mask_embedding.weight, std=m.init_std)
     return model
 
 

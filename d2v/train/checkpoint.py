@@ -89,8 +89,7 @@ class Checkpointer:
             raise RuntimeError(f"{path} names {tag!r}, which is not a complete checkpoint")
         return tag
 
-    def save(self, engine, teacher: torch.nn.Module, step: int, *, run_state: dict[str, Any],
-             rank_state: dict[str, Any]) -> str:
+    def save(self, engine, teacher, step: int, *, run_state: dict[str, Any], rank_state: dict[str, Any]) -> str:
         """Every rank calls this. Returns the tag written."""
         tag = tag_for(step)
         tag_dir = os.path.join(self.root, tag)
@@ -102,8 +101,9 @@ class Checkpointer:
         engine.save_checkpoint(self.root, tag=tag, client_state={"d2v_step": step}, save_latest=False)
         os.makedirs(tag_dir, exist_ok=True)
         atomic_torch_save({"rng": rng_state(), **rank_state}, os.path.join(tag_dir, f"rank_{self.rank:05d}.pt"))
+        teacher_state = teacher.export_state()  # collective under ZeRO-3
         if self.rank == 0:
-            atomic_torch_save(teacher.state_dict(), os.path.join(tag_dir, "teacher.pt"))
+            atomic_torch_save(teacher_state, os.path.join(tag_dir, "teacher.pt"))
             state = {"step": step, "world_size": self.world_size, **run_state}
             atomic_write_text(os.path.join(tag_dir, "d2v_state.json"), json.dumps(state, indent=2))
         self._barrier()
@@ -120,7 +120,7 @@ class Checkpointer:
             if old != keep:
                 shutil.rmtree(os.path.join(self.root, old), ignore_errors=True)
 
-    def load(self, engine, teacher: torch.nn.Module, tag: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    def load(self, engine, teacher, tag: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Restores engine and teacher; returns (run_state, this rank's side state or None if the
         world size changed, in which case the data restarts at the recorded epoch boundary)."""
         tag_dir = os.path.join(self.root, tag)
@@ -131,7 +131,7 @@ class Checkpointer:
         path, _ = engine.load_checkpoint(self.root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {tag_dir}")
-        teacher.load_state_dict(torch.load(os.path.join(tag_dir, "teacher.pt"), map_location="cpu", weights_only=False))
+        teacher.load_state(torch.load(os.path.join(tag_dir, "teacher.pt"), map_location="cpu", weights_only=True))
         side = None
         if run_state["world_size"] == self.world_size:
             side = torch.load(os.path.join(tag_dir, f"rank_{self.rank:05d}.pt"), weights_only=False)

@@ -59,10 +59,6 @@ def _all_sum(values: list[float], world_size: int) -> list[float]:
     return t.tolist()
 
 
-def _norm(params) -> float:
-    return float(torch.sqrt(sum(p.detach().float().square().sum() for p in params)))
-
-
 class Run:
     def __init__(self, cfg: D2vConfig, ds_template: dict[str, Any], make_stream: StreamFactory, *,
                  make_val_stream: StreamFactory | None = None, resume: str = "none", console: bool = True) -> None:
@@ -163,9 +159,9 @@ class Run:
                 samples = _all_sum([window_samples], self.world_size)[0]
                 counters = {k: float(v) for k, v in self.stream.counters().items()}
                 counters = {k: v * self.world_size for k, v in _all_mean(counters, self.world_size).items()}
+                model_norm, ema_norm = trainer.norms()
                 values.update(ema_decay=m.values["ema_decay"], lr=m.values["lr"], grad_norm=m.values["grad_norm"],
-                              model_norm=_norm(trainer.student.parameters()),
-                              ema_norm=_norm(trainer.teacher.ema_parameters()),
+                              model_norm=model_norm, ema_norm=ema_norm,
                               samples_per_s=samples / max(elapsed, 1e-9), **counters)
                 self.sink.log(step, values, console=self.console)
                 self._guard(step, values)

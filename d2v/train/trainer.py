@@ -51,8 +51,8 @@ class Trainer:
         self.device = distributed.device()
         torch.manual_seed(cfg.train.seed)
         student = student if student is not None else build_model(cfg)
-        # The teacher is copied from the fp32 student before DeepSpeed casts it.
-        self.teacher = Teacher(student, cfg.teacher).to(self.device)
+        # The teacher is copied from the fp32 student before DeepSpeed casts or partitions it.
+        self.teacher = Teacher(student, cfg.teacher).place(self.device)
         self.ds_config = fill_ds_config(ds_template, cfg, self.world_size, on_cpu=distributed.on_cpu())
         factor = lr_factor(cfg.optim, cfg.train.max_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -62,7 +62,11 @@ class Trainer:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
         )
         self.student: Data2Vec = self.engine.module
-        self.teacher.bind(self.student)
+        self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        if self.zero_stage == 3:
+            self.teacher.attach_zero3(self.student, self.ds_config)
+        else:
+            self.teacher.bind(self.student)
         self.dtype = DTYPES[cfg.train.precision]
         self.task = Data2VecTask(self.student, self.teacher, cfg,
                                  normalizer=distributed.global_count_normalizer(self.world_size),
@@ -94,6 +98,25 @@ class Trainer:
         values.update(ema_decay=tau, lr=lr, samples=float(samples), step_time=time.perf_counter() - t0,
                       grad_norm=float(grad_norm) if grad_norm is not None else float("nan"))
         return StepMetrics(self.step, sum(losses) / n, values)
+
+    def norms(self) -> tuple[float, float]:
+        """L2 norms of the student's fp32 weights and of the teacher's EMA (all ranks call this)."""
+        if self.zero_stage == 3:
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            student = [safe_get_local_fp32_param(p) for p in self.student.parameters() if p.requires_grad]
+            sq = [sum(float(t.float().square().sum()) for t in ts if t is not None)
+                  for ts in (student, self.teacher.ema_parameters())]
+            if self.world_size > 1:
+                import deepspeed.comm as dist
+
+                t = torch.tensor(sq, dtype=torch.float64)
+                dist.all_reduce(t)
+                sq = t.tolist()
+        else:
+            sq = [sum(float(p.detach().float().square().sum()) for p in ps)
+                  for ps in (self.student.parameters(), self.teacher.ema_parameters())]
+        return sq[0] ** 0.5, sq[1] ** 0.5
 
     def fit(self, batches: Iterator[Batch], max_steps: int | None = None) -> list[StepMetrics]:
         """Runs updates until max_steps (default train.max_steps); returns every step's metrics."""

@@ -1,0 +1,176 @@
+"""The Teacher: tracked scope, EMA schedule and update, placement, targets, checkpoint form.
+
+The teacher is a copy of the student's tracked parts. Parameters named by `copy_modules` are
+copied from the student after every update (shared, not averaged); those named by `ema_modules`
+are averaged in fp32 (a bf16 EMA at tau=0.9999 barely moves: updates fall below half a bf16
+ulp); parts neither names (the head, the mask embedding, and the feature encoder when the
+teacher consumes the student's features) are not in the teacher at all. It runs in eval mode
+without gradients, and builds the targets while it runs (streaming accumulate/finalize).
+
+Placement (DESIGN.md 4):
+* replicated (student under ZeRO 0/1/2): an fp32 module on every rank, updated with foreach
+  lerp from the student's weights (bf16 module weights cast to fp32 in DeepSpeed's bf16 mode);
+* ZeRO-3 (`attach_zero3`): partitioned like the student, fp32 EMA per local slice, updated from
+  the local fp32 master slices without communication (see `zero3.py`);
+* `offload: cpu`: the weights stay in host memory and are streamed to the device a block at a
+  time (`offload.py`; under ZeRO-3 the teacher engine offloads its partitions instead).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import kernels
+from d2v.config.schema import TeacherConfig
+from d2v.models.blocks import BlockOutput
+from d2v.models.data2vec import Data2Vec, TeacherNet
+from d2v.teacher.offload import LayerStreamer
+from d2v.teacher.schedule import ema_decay
+
+
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+class Teacher(nn.Module):
+    def __init__(self, student: Data2Vec, cfg: TeacherConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        # Without a feature encoder of its own it consumes the student's features (audio: no CNN).
+        frontend = copy.deepcopy(student.frontend) if cfg.input == "source" else None
+        model = TeacherNet(frontend, copy.deepcopy(student.encoder))
+        self.model = model.float().eval().requires_grad_(False)
+        self.ema_names, self.copy_names = self._classify()
+        self.zero3 = None  # a ShardedEMA once attach_zero3 ran
+        self.bind(student)
+
+    def _classify(self) -> tuple[list[str], list[str]]:
+        ema, cp, orphans = [], [], []
+        for name, _ in self.model.named_parameters():
+            if _under(name, self.cfg.copy_modules):
+                cp.append(name)
+            elif _under(name, self.cfg.ema_modules):
+                ema.append(name)
+            else:
+                orphans.append(name)
+        if orphans:
+            raise ValueError(
+                f"teacher parameters neither averaged nor copied: {orphans[:5]}{'...' if len(orphans) > 5 else ''}; "
+                f"add their modules to teacher.ema_modules or teacher.copy_modules")
+        if not ema:
+            raise ValueError(f"teacher.ema_modules={self.cfg.ema_modules} match no parameter")
+        return ema, cp
+
+    # -- placement ---------------------------------------------------------------------------
+    def bind(self, student: nn.Module) -> None:
+        """Points the update at `student`'s parameters (call again after DeepSpeed wraps it)."""
+        if self.zero3 is not None:
+            self.zero3.bind(student)
+            return
+        params = dict(student.named_parameters())
+        mine = dict(self.model.named_parameters())
+        missing = [n for n in self.ema_names + self.copy_names if n not in params]
+        if missing:
+            raise ValueError(f"student lacks teacher parameters {missing[:5]}")
+        # Plain lists of tensors: registering the student as a submodule would make its
+        # parameters part of the teacher's.
+        self._ema_pairs = [(mine[n], params[n]) for n in self.ema_names]
+        self._copy_pairs = [(mine[n], params[n]) for n in self.copy_names]
+        self.model.eval()
+
+    def attach_zero3(self, student: nn.Module, student_ds_config: dict[str, Any]) -> None:
+        """Re-homes the teacher as a partitioned ZeRO-3 engine next to a ZeRO-3 student."""
+        from d2v.teacher.zero3 import ShardedEMA
+
+        self.zero3 = ShardedEMA(self.model, self.ema_names, self.copy_names, student, student_ds_config,
+                                offload=self.cfg.offload == "cpu")
+        self.model = self.zero3.module
+        self._ema_pairs = self._copy_pairs = []
+
+    @property
+    def offloaded(self) -> bool:
+        return self.cfg.offload == "cpu" and self.zero3 is None
+
+    def place(self, device: torch.device) -> "Teacher":
+        """Moves a replicated teacher to `device`, or keeps it on the host when offloaded."""
+        if self.zero3 is None and not self.offloaded:
+            self.model.to(device)
+        return self
+
+    def train(self, mode: bool = True) -> "Teacher":
+        """The teacher always runs in eval mode (no dropout, no LayerDrop)."""
+        super().train(False)
+        return self
+
+    # -- update ------------------------------------------------------------------------------
+    def ema_parameters(self) -> list[Tensor]:
+        """The averaged fp32 parameters (local slices under ZeRO-3), in a fixed order."""
+        if self.zero3 is not None:
+            return list(self.zero3.shards)
+        return [t for t, _ in self._ema_pairs]
+
+    @torch.no_grad()
+    def update(self, step: int) -> float:
+        """One EMA step after optimizer update `step` (0-based count of updates done before it)."""
+        tau = ema_decay(step, self.cfg.ema_start, self.cfg.ema_end, self.cfg.ema_anneal_steps)
+        if self.zero3 is not None:
+            self.zero3.update(tau)
+            return tau
+        if tau < 1.0:
+            targets = [t for t, _ in self._ema_pairs]
+            # bf16 students: cast to fp32; an offloaded teacher pulls the student to the host.
+            sources = [s.detach().to(device=t.device, dtype=torch.float32) for t, s in self._ema_pairs]
+            torch._foreach_lerp_(targets, sources, 1.0 - tau)
+        for t, s in self._copy_pairs:
+            t.copy_(s.detach())
+        return tau
+
+    # -- targets -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def targets(self, inputs: Tensor, padding_mask_BT: Tensor | None = None, *,
+                compute_dtype: torch.dtype | None = None) -> Tensor:
+        """fp32 B×T×D targets from the clean view: features (B×T×D) or the raw source."""
+        cfg = self.cfg
+        first = len(self.model.encoder.blocks) - cfg.top_k
+        acc: list[Tensor | None] = [None]
+
+        def tap(index: int, out: BlockOutput) -> None:
+            if index >= first:
+                layer = out.ffn if cfg.tap == "ffn" else out.x
+                acc[0] = kernels.accumulate(acc[0], layer, layer_norm=cfg.layer_norm, padding_mask=padding_mask_BT)
+
+        dtype = compute_dtype or torch.float32
+        use_amp = self.zero3 is None and dtype != torch.float32
+        amp = torch.autocast(inputs.device.type, dtype=dtype) if use_amp else contextlib.nullcontext()
+        stream = (LayerStreamer(self.model, inputs.device, dtype if not use_amp else torch.float32)
+                  if self.offloaded else contextlib.nullcontext())
+        if self.zero3 is not None and inputs.is_floating_point():
+            inputs = inputs.to(dtype)  # a ZeRO-3 teacher holds weights in the compute dtype
+        with amp, stream:
+            self.model(inputs, padding_mask_BT, tap=tap)
+        assert acc[0] is not None
+        return kernels.finalize(acc[0], top_k=cfg.top_k, final_norm=cfg.final_norm, padding_mask=padding_mask_BT)
+
+    # -- checkpoint form ---------------------------------------------------------------------
+    def export_state(self) -> dict[str, Tensor]:
+        """Full fp32 weights, independent of the world size. Under ZeRO-3 every rank must call."""
+        if self.zero3 is not None:
+            return self.zero3.gather_full()
+        return {n: p.detach().float().cpu().clone() for n, p in self.model.named_parameters()}
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        """Loads `export_state` output written at any world size and ZeRO stage."""
+        expected = set(self.ema_names + self.copy_names)
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise KeyError(f"teacher state does not fit: missing {missing[:5]}, unexpected {extra[:5]}")
+        if self.zero3 is not None:
+            self.zero3.load_full(state)
+            return
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                p.copy_(state[n])

@@ -1,0 +1,152 @@
+"""The ZeRO-3 teacher (DESIGN.md 4): partitioned like the student, fp32 EMA per shard.
+
+Each ZeRO-3 parameter is flattened, padded to a multiple of the world size and split in equal
+slices; rank r holds slice r in `p.ds_tensor`, and DeepSpeed's fp32 master slice of that
+parameter (`safe_get_local_fp32_param`) lines up with it element for element. The teacher is a
+second, optimizer-less ZeRO-3 engine over a copy of the tracked modules, so its partitions line
+up with the student's too. Every rank keeps the fp32 EMA of its own slices and updates them from
+its local fp32 master slices with no communication, then writes them (in the compute dtype) into
+the teacher's `ds_tensor`. Parameters under `stage3_param_persistence_threshold` stay gathered
+after their first use: their full copies are refreshed with one all-gather after each update.
+The forward pass gathers layer by layer through the engine's hooks (prefetching the next).
+With `teacher.offload: cpu` the teacher engine offloads its parameters to host memory.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def partition_size(numel: int, world_size: int) -> int:
+    return -(-numel // world_size)
+
+
+def local_slice(full: Tensor, rank: int, world_size: int) -> Tensor:
+    """Rank `rank`'s zero-padded slice of a full parameter, as ZeRO-3 lays it out."""
+    flat = full.reshape(-1)
+    size = partition_size(flat.numel(), world_size)
+    out = torch.zeros(size, dtype=flat.dtype)
+    start = rank * size
+    chunk = flat[start:start + size]
+    out[: chunk.numel()] = chunk
+    return out
+
+
+def teacher_engine_config(student_config: dict[str, Any], offload: bool, pin_memory: bool) -> dict[str, Any]:
+    """The student's ZeRO-3 settings without optimizer, scheduler or clipping; optional offload."""
+    zero = copy.deepcopy(student_config.get("zero_optimization", {}))
+    zero.pop("offload_optimizer", None)
+    zero["stage"] = 3
+    if offload:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin_memory}
+    else:
+        zero.pop("offload_param", None)
+    keep = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "bf16", "fp16",
+            "steps_per_print", "wall_clock_breakdown")
+    cfg = {k: copy.deepcopy(student_config[k]) for k in keep if k in student_config}
+    cfg["zero_optimization"] = zero
+    return cfg
+
+
+class ShardedEMA:
+    """Per-rank fp32 EMA slices of a ZeRO-3 teacher engine's parameters."""
+
+    def __init__(self, model: nn.Module, ema_names: list[str], copy_names: list[str], student: nn.Module,
+                 student_config: dict[str, Any], *, offload: bool) -> None:
+        import deepspeed
+        import deepspeed.comm as dist
+
+        self.world_size = dist.get_world_size()
+        self.rank = dist.get_rank()
+        pin = offload and torch.cuda.is_available()
+        self.engine, *_ = deepspeed.initialize(model=model, config=teacher_engine_config(student_config, offload, pin))
+        self.module = self.engine.module
+        self.ema_names, self.copy_names = ema_names, copy_names
+        self.bind(student)
+        mine = dict(self.module.named_parameters())
+        # The teacher starts equal to the student: its EMA starts from the student's fp32 masters.
+        self.shards = [self._source(s).detach().float().clone().to(mine[n].ds_tensor.device)
+                       for n, (_, s) in zip(self.ema_names, self.ema_pairs)]
+
+    def bind(self, student: nn.Module) -> None:
+        params = dict(student.named_parameters())
+        mine = dict(self.module.named_parameters())
+        self.ema_pairs = [(mine[n], params[n]) for n in self.ema_names]
+        self.copy_pairs = [(mine[n], params[n]) for n in self.copy_names]
+        for t, s in self.ema_pairs + self.copy_pairs:
+            if t.ds_tensor.numel() != s.ds_tensor.numel():
+                raise RuntimeError("teacher and student ZeRO-3 partitions differ; both engines must use the "
+                                   "same world size and partitioning")
+
+    @staticmethod
+    def _source(p: Tensor) -> Tensor:
+        """The student's local fp32 master slice (None for frozen parameters: use the bf16 slice)."""
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        master = safe_get_local_fp32_param(p) if p.requires_grad else None
+        return master if master is not None else p.ds_tensor
+
+    @torch.no_grad()
+    def update(self, tau: float) -> None:
+        if tau < 1.0:
+            for ema, (t, s) in zip(self.shards, self.ema_pairs):
+                src = self._source(s).detach().to(device=ema.device, dtype=torch.float32).view(-1)
+                ema.lerp_(src, 1.0 - tau)
+                t.ds_tensor.copy_(ema.view_as(t.ds_tensor))
+        for t, s in self.copy_pairs:
+            t.ds_tensor.copy_(s.ds_tensor.to(t.ds_tensor.device))
+        self._refresh_gathered()
+
+    def _refresh_gathered(self) -> None:
+        """Parameters that stay gathered (persistent, or still available) get their full copy rebuilt."""
+        import deepspeed.comm as dist
+
+        live = [t for t, _ in self.ema_pairs + self.copy_pairs if t.data.numel() == t.ds_numel]
+        if not live:
+            return
+        local = torch.cat([t.ds_tensor.reshape(-1) for t in live])
+        gathered = torch.empty(local.numel() * self.world_size, dtype=local.dtype, device=local.device)
+        dist.all_gather_into_tensor(gathered, local)
+        parts = gathered.view(self.world_size, -1)
+        offset = 0
+        for t in live:
+            n = t.ds_tensor.numel()
+            full = parts[:, offset:offset + n].reshape(-1)[: t.ds_numel]
+            t.data.copy_(full.view(t.ds_shape).to(t.data.device))
+            offset += n
+
+    def gather_full(self) -> dict[str, Tensor]:
+        """Full fp32 EMA weights (copied parameters in their own dtype, cast to fp32). Every rank
+        must call this; every rank gets the result (small models) — callers save on rank 0."""
+        import deepspeed.comm as dist
+
+        out: dict[str, Tensor] = {}
+        items = [(n, ema, t) for n, ema, (t, _) in zip(self.ema_names, self.shards, self.ema_pairs)]
+        items += [(n, t.ds_tensor.float().view(-1), t) for n, (t, _) in zip(self.copy_names, self.copy_pairs)]
+        for name, local, t in items:
+            buf = torch.empty(local.numel() * self.world_size, dtype=torch.float32, device=local.device)
+            dist.all_gather_into_tensor(buf, local.float().contiguous())
+            out[name] = buf[: t.ds_numel].view(t.ds_shape).cpu().clone()
+        return out
+
+    @torch.no_grad()
+    def load_full(self, state: dict[str, Tensor]) -> None:
+        """Loads full fp32 weights written at any world size: each rank takes its own slices."""
+        for i, (name, (t, _)) in enumerate(zip(self.ema_names, self.ema_pairs)):
+            mine = local_slice(state[name].float(), self.rank, self.world_size)
+            self.shards[i].copy_(mine.to(self.shards[i].device))
+            t.ds_tensor.copy_(self.shards[i].view_as(t.ds_tensor))
+        for name, (t, _) in zip(self.copy_names, self.copy_pairs):
+            t.ds_tensor.copy_(local_slice(state[name], self.rank, self.world_size).view_as(t.ds_tensor))
+        self._refresh_gathered()
+
+    def device_bytes(self) -> int:
+        """Bytes of teacher weights this rank holds on its device (partitions, plus gathered copies)."""
+        total = 0
+        for t, _ in self.ema_pairs + self.copy_pairs:
+            if t.ds_tensor.device.type != "cpu" or not torch.cuda.is_available():
+                total += t.ds_tensor.numel() * t.ds_tensor.element_size()
+        return total
