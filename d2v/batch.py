@@ -49,3 +49,13 @@ class Batch:
                 value = value.to(device=device, dtype=cast, non_blocking=True)
             moved[f.name] = value
         return replace(self, **moved)
+
+    def rows(self, start: int, end: int) -> "Batch":
+        """Rows [start, end) of every per-sample field (a rank's share of a global batch)."""
+        sliced: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor) or (isinstance(value, list) and f.name == "keys"):
+                value = value[start:end]
+            sliced[f.name] = value
+        return replace(self, **sliced)

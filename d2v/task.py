@@ -18,7 +18,7 @@ from d2v.batch import Batch
 from d2v.config.schema import D2vConfig
 from d2v.losses import per_dim_std, regression_loss
 from d2v.masking import mask_rate
-from d2v.models.data2vec import Data2Vec
+from d2v.models.data2vec import Data2Vec, StudentOutput
 from d2v.teacher import Teacher
 
 Normalizer = Callable[[int], float]
@@ -41,8 +41,13 @@ def layer_seed(seed: int, step: int) -> int:
 
 class Data2VecTask:
     def __init__(self, student: Data2Vec, teacher: Teacher, cfg: D2vConfig,
-                 normalizer: Normalizer | None = None, compute_dtype: torch.dtype | None = None) -> None:
+                 normalizer: Normalizer | None = None, compute_dtype: torch.dtype | None = None,
+                 forward: Callable[..., StudentOutput] | None = None) -> None:
+        """forward: what runs the student (the DeepSpeed engine, whose forward keeps ZeRO's
+        gradient-accumulation bookkeeping; calling the bare module loses gradients under ZeRO-3
+        with accumulation). Defaults to the student module itself."""
         self.student = student
+        self.forward = forward if forward is not None else student
         self.teacher = teacher
         self.cfg = cfg
         self.normalizer: Normalizer = normalizer or (lambda count: float(max(count, 1)))
@@ -50,7 +55,7 @@ class Data2VecTask:
 
     def __call__(self, batch: Batch, *, step: int = 0) -> StepOutput:
         token_view = batch.masked_source is not None
-        out = self.student(batch.source, batch.mask, batch.source_lengths, masked_source=batch.masked_source,
+        out = self.forward(batch.source, batch.mask, batch.source_lengths, masked_source=batch.masked_source,
                            layer_seed=layer_seed(self.cfg.train.seed, step))
         padding = out.features.padding_mask
         mask = batch.mask

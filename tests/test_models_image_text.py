@@ -30,8 +30,8 @@ def test_vision_layout():
     assert "encoder.blocks.0.attention.k_proj.bias" not in names
     assert "encoder.blocks.0.attention.q_proj.bias" in names and "encoder.blocks.0.attention.v_proj.bias" in names
     assert names["encoder.rel_pos_bias.table"].shape == (732, 12)
-    assert names["encoder.blocks.0.layer_scale_1"].shape == (768,)
-    assert float(names["encoder.blocks.0.layer_scale_1"][0].detach()) == pytest.approx(1e-4)
+    assert names["encoder.blocks.0.layer_scale_1.weight"].shape == (768,)
+    assert float(names["encoder.blocks.0.layer_scale_1.weight"][0].detach()) == pytest.approx(1e-4)
     assert model.encoder.blocks[0].attention_norm.eps == 1e-6 and model.encoder.blocks[0].layer_norm_first
     assert [round(b.drop_path, 4) for b in model.encoder.blocks][-1] == 0.25
 
@@ -51,7 +51,7 @@ def test_image_teacher_averages_everything_and_uses_block_ends():
     teacher = Teacher(student, cfg.teacher)
     assert not teacher.copy_names
     assert any(n.startswith("frontend") for n in teacher.ema_names)
-    assert "encoder.cls_token" in teacher.ema_names and "encoder.rel_pos_bias.table" in teacher.ema_names
+    assert "encoder.cls_token.weight" in teacher.ema_names and "encoder.rel_pos_bias.table" in teacher.ema_names
     images = torch.randn(2, 3, 32, 32)
     seen = []
     teacher.model(images, tap=lambda i, out: seen.append(out.x))
@@ -96,4 +96,4 @@ def test_image_task_runs_with_mean_smooth_l1():
     out = task(Batch(source=torch.randn(2, 3, 32, 32), mask=mask))
     assert out.metrics["loss_count"] == 2 * 39 * 64  # mean over all elements of the masked patches
     out.loss.backward()
-    assert student.mask_embedding.weight.grad is not None and student.encoder.cls_token.grad is not None
+    assert student.mask_embedding.weight.grad is not None and student.encoder.cls_token.weight.grad is not None

@@ -39,7 +39,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+        if type(None) in args and (value is None or (isinstance(value, str) and _parse_literal(value) is None)):
             return None
         errors = []
         for arg in (a for a in args if a is not type(None)):
@@ -73,6 +73,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ValueError(f"{key}: expected an integer, got {value!r}")
         return hint(value)
     if hint is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
         if not isinstance(value, str):
             raise ValueError(f"{key}: expected a string, got {value!r}")
         return value
@@ -130,7 +132,8 @@ def apply_overrides(cfg: D2vConfig, overrides: Iterable[str]) -> D2vConfig:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key=value (e.g. optim.lr=1e-4)")
         key, text = item.split("=", 1)
-        set_value(cfg, key.strip(), _parse_literal(text) if text.strip() else "")
+        # Raw text: each field's type decides how to read it ("none" stays a string for str fields).
+        set_value(cfg, key.strip(), text.strip())
     return cfg
 
 

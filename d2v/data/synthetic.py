@@ -61,3 +61,55 @@ def synthetic_batches_for(cfg, *, seed: int | None = None, start: int = 0):
                                     mask_prob=mk.mask_prob, mask_length=mk.mask_length, min_masks=mk.min_masks,
                                     equalize=mk.equalize, seed=s, index=i)
         i += 1
+
+
+def synthetic_image_batch(batch_size: int, *, image_size: int, patch_size: int, num_masked: int, min_block: int,
+                          seed: int = 0, index: int = 0) -> Batch:
+    """Smooth random images (low-frequency noise upsampled) with BEiT block masks."""
+    from d2v.masking import block_mask_2d
+
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    coarse = torch.randn(batch_size, 3, 4, 4, generator=gen)
+    images = torch.nn.functional.interpolate(coarse, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    images = images + 0.1 * torch.randn(images.shape, generator=gen)
+    grid = image_size // patch_size
+    mask = block_mask_2d(batch_size, (grid, grid), num_masked=num_masked, min_block=min_block, generator=gen)
+    return Batch(source=images, mask=mask, keys=[f"synthetic-{index}-{b}" for b in range(batch_size)])
+
+
+def synthetic_text_batch(batch_size: int, *, seq_len: int, vocab_size: int, mask_prob: float, mask_length: int,
+                         seed: int = 0, index: int = 0) -> Batch:
+    """Token sequences from a small Markov chain (so context predicts tokens), span-masked with `<mask>`."""
+    from d2v.masking import apply_token_mask, text_span_mask
+
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    mask_id, first = vocab_size - 1, 4
+    table = torch.Generator().manual_seed(seed)
+    successors = torch.randint(first, mask_id, (mask_id, 3), generator=table)  # each token has 3 likely successors
+    tokens = torch.empty(batch_size, seq_len, dtype=torch.long)
+    tokens[:, 0] = 0  # <s>
+    cur = torch.randint(first, mask_id, (batch_size,), generator=gen)
+    for t in range(1, seq_len):
+        pick = torch.randint(0, 3, (batch_size,), generator=gen)
+        cur = successors[cur, pick]
+        tokens[:, t] = cur
+    selected = text_span_mask(batch_size, seq_len, mask_prob=mask_prob, mask_length=mask_length, generator=gen)
+    masked = apply_token_mask(tokens, selected, mask_id=mask_id, generator=gen)
+    return Batch(source=tokens, mask=selected, masked_source=masked,
+                 keys=[f"synthetic-{index}-{b}" for b in range(batch_size)])
+
+
+def synthetic_batch(cfg, batch_size: int, *, seed: int, index: int) -> Batch:
+    """A synthetic micro-batch shaped by a D2vConfig, for any modality."""
+    m, mk = cfg.model, cfg.masking
+    if m.modality == "audio":
+        n = int(cfg.data.synthetic_seconds * m.audio.sample_rate)
+        return synthetic_audio_batch(batch_size, n, conv_layers=m.audio.conv_layers, mask_prob=mk.mask_prob,
+                                     mask_length=mk.mask_length, min_masks=mk.min_masks, equalize=mk.equalize,
+                                     seed=seed, index=index)
+    if m.modality == "image":
+        return synthetic_image_batch(batch_size, image_size=m.image.image_size, patch_size=m.image.patch_size,
+                                     num_masked=mk.num_mask_patches, min_block=mk.min_block_patches,
+                                     seed=seed, index=index)
+    return synthetic_text_batch(batch_size, seq_len=m.text.max_positions, vocab_size=m.text.vocab_size,
+                                mask_prob=mk.mask_prob, mask_length=mk.mask_length, seed=seed, index=index)

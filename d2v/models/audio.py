@@ -7,8 +7,7 @@ Module names follow transformers' Data2VecAudioModel one-to-one so that export i
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +16,9 @@ from torch import Tensor, nn
 from d2v.shapes import conv_output_length
 
 
-@dataclass
-class Features:
+class Features(NamedTuple):
+    """A NamedTuple so that ZeRO-3 sees the tensors and hooks the module's backward."""
+
     x: Tensor
     """B×T×D projected features (before masking and positions)."""
     padding_mask: Tensor | None

@@ -6,7 +6,7 @@ Pre-LN (vision 1.0, BEiT):          h = x + dp(λ1·attn(LN1(x)));  f = fc2(act(
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +15,9 @@ from torch import Tensor, nn
 from d2v.models.attention import SelfAttention
 
 
-@dataclass
-class BlockOutput:
+class BlockOutput(NamedTuple):
+    """A NamedTuple, not a dataclass: ZeRO-3 must see the tensors a module returns to hook its backward."""
+
     x: Tensor
     """B×T×D block output (the residual stream after the block)."""
     ffn: Tensor
@@ -32,6 +33,17 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.activation_dropout(F.gelu(self.fc1(x))))
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch (BEiT's gamma, transformers' lambda)."""
+
+    def __init__(self, dim: int, init: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.weight
 
 
 def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
@@ -56,8 +68,8 @@ class TransformerBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.drop_path = drop_path
         if layer_scale_init > 0:
-            self.layer_scale_1 = nn.Parameter(torch.full((dim,), layer_scale_init))
-            self.layer_scale_2 = nn.Parameter(torch.full((dim,), layer_scale_init))
+            self.layer_scale_1 = LayerScale(dim, layer_scale_init)
+            self.layer_scale_2 = LayerScale(dim, layer_scale_init)
         else:
             self.layer_scale_1 = self.layer_scale_2 = None
 
@@ -65,12 +77,12 @@ class TransformerBlock(nn.Module):
         if self.layer_norm_first:
             a = self.dropout(self.attention(self.attention_norm(x), padding_mask, bias))
             if self.layer_scale_1 is not None:
-                a = a * self.layer_scale_1
+                a = self.layer_scale_1(a)
             h = x + drop_path(a, self.drop_path, self.training)
             f = self.ffn(self.ffn_norm(h))
             g = self.dropout(f)
             if self.layer_scale_2 is not None:
-                g = g * self.layer_scale_2
+                g = self.layer_scale_2(g)
             return BlockOutput(h + drop_path(g, self.drop_path, self.training), f)
         h = self.attention_norm(x + self.dropout(self.attention(x, padding_mask, bias)))
         f = self.ffn(h)

@@ -8,7 +8,7 @@ Legend: B batch, T sequence, D width, N masked positions in the batch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -28,8 +28,7 @@ class MaskEmbedding(nn.Module):
         return torch.where(mask_BT.unsqueeze(-1), self.weight.to(x_BTD.dtype), x_BTD)
 
 
-@dataclass
-class StudentOutput:
+class StudentOutput(NamedTuple):
     features: Features
     """The feature encoder's output on the student's input, before dropout and masking."""
     prediction: Tensor

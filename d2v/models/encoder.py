@@ -17,6 +17,18 @@ from d2v.models.blocks import BlockOutput
 Tap = Callable[[int, BlockOutput], None]
 
 
+class ClsToken(nn.Module):
+    """Prepends a learned token. A module of its own (not a bare parameter of the encoder) so that
+    ZeRO-3 gathers it around its own forward and backward."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, 1, dim).normal_(std=0.02))
+
+    def forward(self, x_BTD: Tensor) -> Tensor:
+        return torch.cat([self.weight.expand(x_BTD.shape[0], -1, -1).to(x_BTD.dtype), x_BTD], dim=1)
+
+
 class TransformerEncoder(nn.Module):
     def __init__(self, blocks: list[nn.Module], *, pos_conv: nn.Module | None = None,
                  layer_norm: nn.Module | None = None, final_norm: nn.Module | None = None,
@@ -26,7 +38,7 @@ class TransformerEncoder(nn.Module):
         dim = blocks[0].attention.q_proj.in_features
         self.pos_conv = pos_conv
         # A learned token prepended after masking (vision); outputs and taps exclude it.
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim).normal_(std=0.02)) if cls_token else None
+        self.cls_token = ClsToken(dim) if cls_token else None
         self.rel_pos_bias = rel_pos_bias
         self.layer_norm = layer_norm
         self.dropout = nn.Dropout(dropout)
@@ -50,7 +62,7 @@ class TransformerEncoder(nn.Module):
             x_BTD = x_BTD + self.pos_conv(x_BTD, padding_mask_BT)
         extra = self.num_extra_tokens
         if self.cls_token is not None:
-            x_BTD = torch.cat([self.cls_token.expand(x_BTD.shape[0], -1, -1).to(x_BTD.dtype), x_BTD], dim=1)
+            x_BTD = self.cls_token(x_BTD)
             if padding_mask_BT is not None:
                 padding_mask_BT = torch.cat([padding_mask_BT.new_zeros(x_BTD.shape[0], 1), padding_mask_BT], dim=1)
         if self.layer_norm is not None:

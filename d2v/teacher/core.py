@@ -150,8 +150,9 @@ class Teacher(nn.Module):
                   if self.offloaded else contextlib.nullcontext())
         if self.zero3 is not None and inputs.is_floating_point():
             inputs = inputs.to(dtype)  # a ZeRO-3 teacher holds weights in the compute dtype
+        run = self.zero3.engine if self.zero3 is not None else self.model
         with amp, stream:
-            self.model(inputs, padding_mask_BT, tap=tap)
+            run(inputs, padding_mask_BT, tap=tap)
         assert acc[0] is not None
         return kernels.finalize(acc[0], top_k=cfg.top_k, final_norm=cfg.final_norm, padding_mask=padding_mask_BT)
 

@@ -18,7 +18,7 @@ def streaming_units(model: nn.Module) -> list[nn.Module]:
     units: list[nn.Module] = []
     if getattr(model, "frontend", None) is not None:
         units.append(model.frontend)
-    units += [m for m in (enc.pos_conv, enc.rel_pos_bias, enc.layer_norm) if m is not None]
+    units += [m for m in (enc.pos_conv, enc.cls_token, enc.rel_pos_bias, enc.layer_norm) if m is not None]
     units += list(enc.blocks)
     if enc.final_norm is not None:
         units.append(enc.final_norm)
@@ -33,7 +33,7 @@ class LayerStreamer:
         self.device, self.dtype = device, dtype
         self.units = streaming_units(model)
         self.order = {id(u): i for i, u in enumerate(self.units)}
-        # Direct parameters of the encoder (e.g. the CLS token) are tiny: they stay resident.
+        # Parameters owned directly by container modules (none today) would stay resident.
         self.resident_params = [p for p in model.encoder.parameters(recurse=False)]
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._staged: dict[int, list[Tensor]] = {}

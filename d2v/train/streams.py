@@ -10,7 +10,7 @@ from typing import Any, Iterator, Protocol
 
 from d2v.batch import Batch
 from d2v.config.schema import D2vConfig
-from d2v.data.synthetic import synthetic_audio_batch
+from d2v.data.synthetic import synthetic_batch
 
 
 class BatchStream(Protocol):
@@ -24,7 +24,7 @@ class BatchStream(Protocol):
 
 
 class SyntheticStream:
-    """Synthetic speech-like batches; rank r of W draws indices r, r+W, ... so ranks differ."""
+    """Synthetic batches of the config's modality; rank r of W draws indices r, r+W, ... so ranks differ."""
 
     def __init__(self, cfg: D2vConfig, *, rank: int = 0, world_size: int = 1, seed: int | None = None) -> None:
         self.cfg = cfg
@@ -33,12 +33,8 @@ class SyntheticStream:
         self.position = 0
 
     def next_batch(self) -> Batch:
-        m, mk = self.cfg.model, self.cfg.masking
-        n = int(self.cfg.data.synthetic_seconds * m.audio.sample_rate)
-        batch = synthetic_audio_batch(
-            self.cfg.train.micro_batch_size, n, conv_layers=m.audio.conv_layers, mask_prob=mk.mask_prob,
-            mask_length=mk.mask_length, min_masks=mk.min_masks, equalize=mk.equalize, seed=self.seed,
-            index=self.position * self.world_size + self.rank)
+        batch = synthetic_batch(self.cfg, self.cfg.train.micro_batch_size, seed=self.seed,
+                                index=self.position * self.world_size + self.rank)
         self.position += 1
         return batch
 

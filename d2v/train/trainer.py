@@ -70,7 +70,7 @@ class Trainer:
         self.dtype = DTYPES[cfg.train.precision]
         self.task = Data2VecTask(self.student, self.teacher, cfg,
                                  normalizer=distributed.global_count_normalizer(self.world_size),
-                                 compute_dtype=self.dtype)
+                                 compute_dtype=self.dtype, forward=self.engine)
         self.step = 0  # optimizer updates done
 
     def train_step(self, micro_batches: list[Batch]) -> StepMetrics:
