@@ -71,3 +71,28 @@ def test_fp32_engine_step_matches_a_manual_step():
     assert metrics.loss == pytest.approx(float(out.loss.detach()), rel=1e-5)
     for (n, a), b in zip(trainer.student.named_parameters(), manual.parameters()):
         assert torch.allclose(a, b, atol=1e-6), n
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    cfg = resolve("audio_tiny", overrides=["model.dropout=0.1", "model.attention_dropout=0.1"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    batch = next(synthetic_batches_for(cfg))
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.encoder.checkpoint_blocks = ckpt
+        teacher = Teacher(model, cfg.teacher)
+        torch.manual_seed(1)  # same dropout draws; non-reentrant checkpointing replays them
+        Data2VecTask(model, teacher, cfg)(batch).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_fp16_on_a_cpu_is_a_clear_error():
+    from d2v.train.trainer import Trainer
+
+    cfg = resolve("audio_tiny", overrides=["train.precision=fp16"])
+    with pytest.raises(ValueError, match="bf16"):
+        Trainer(cfg, load_template(os.path.join(ROOT, "ds_configs", "cpu.json")))

@@ -98,3 +98,39 @@ def test_zero3_updates_land_in_what_the_forward_gathers(distributed):
             assert landed["persistent"] == 0 and landed["partitioned"] > 0, key
         else:  # tiny presets fall entirely under the default persistence threshold
             assert landed["persistent"] > 0, key
+
+
+def test_describe_memory_matches_measured_tensor_sizes(distributed):
+    from d2v.memory import per_rank_memory
+    from equivalence_common import equivalence_config
+
+    _, ranks = distributed
+    checked = 0
+    for rank, results in enumerate(ranks):
+        for key, entry in results.items():
+            preset, case, precision = key.split("|")
+            ds_file, zero, offload = CASES[case]
+            stage = {"zero1.json": 1, "zero2.json": 2, "zero3.json": 3}[ds_file]
+            cfg = equivalence_config(preset, precision, offload)
+            want = per_rank_memory(cfg, world_size=2, stage=stage, teacher_offload=offload,
+                                   persistence_threshold=zero.get("stage3_param_persistence_threshold", 100_000))
+            got = entry["bytes"]
+            for name, predicted in (("student_params", want.student_params), ("optimizer_state", want.optimizer_state),
+                                    ("teacher", want.teacher_device + want.teacher_host if stage == 3 or not offload
+                                     else want.teacher_host)):
+                slack = 0.01 * predicted + 4096  # DeepSpeed aligns flat buffers to a few elements
+                assert abs(got[name] - predicted) <= slack, f"rank {rank} {key} {name}: {got[name]} vs {predicted}"
+                checked += 1
+    assert checked == 2 * len(ranks[0]) * 3
+
+
+def test_teacher_device_bytes_fall_as_one_over_n_under_zero3():
+    from d2v.config import get_preset
+    from d2v.memory import per_rank_memory
+
+    cfg = get_preset("audio_base")
+    sizes = [per_rank_memory(cfg, world_size=n, stage=3, persistence_threshold=0).teacher_device for n in (1, 2, 4, 8)]
+    for n, size in zip((1, 2, 4, 8), sizes):
+        assert abs(size * n - sizes[0]) <= 6 * 8 * 1000, (n, size)  # padding of at most W-1 elements a tensor
+    replicated = per_rank_memory(cfg, world_size=8, stage=2)
+    assert replicated.teacher_device > 5 * sizes[3]  # a full fp32 copy on every rank

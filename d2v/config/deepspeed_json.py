@@ -68,7 +68,7 @@ def fill_ds_config(template: dict[str, Any], cfg: D2vConfig, world_size: int, *,
             section.setdefault("initial_scale_power", 16)
             section.setdefault("loss_scale_window", 1000)
             section.setdefault("hysteresis", 2)
-            section.setdefault("min_loss_scale", 1e-6)
+            section.setdefault("min_loss_scale", 1)  # DeepSpeed takes an integer here
         ds[mode] = section
 
     _agree(ds, "gradient_clipping", float(opt.clip_norm), "optim.clip_norm")

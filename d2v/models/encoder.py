@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from d2v.models.blocks import BlockOutput
 
@@ -45,6 +46,8 @@ class TransformerEncoder(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.final_norm = final_norm
         self.layerdrop = layerdrop
+        # Recompute each block in backward instead of storing its activations (set by the trainer).
+        self.checkpoint_blocks = False
 
     def kept_blocks(self, layer_seed: int | None) -> list[int]:
         """Indices of blocks run in this forward (all of them outside training)."""
@@ -70,7 +73,10 @@ class TransformerEncoder(nn.Module):
         x_BTD = self.dropout(x_BTD)
         bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
         for i in self.kept_blocks(layer_seed):
-            out = self.blocks[i](x_BTD, padding_mask_BT, bias)
+            if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
+                out = checkpoint(self.blocks[i], x_BTD, padding_mask_BT, bias, use_reentrant=False)
+            else:
+                out = self.blocks[i](x_BTD, padding_mask_BT, bias)
             if tap is not None:
                 tap(i, out if extra == 0 else BlockOutput(out.x[:, extra:], out.ffn[:, extra:]))
             x_BTD = out.x

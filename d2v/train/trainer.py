@@ -51,6 +51,13 @@ class Trainer:
         self.device = distributed.device()
         torch.manual_seed(cfg.train.seed)
         student = student if student is not None else build_model(cfg)
+        student.encoder.checkpoint_blocks = cfg.train.activation_checkpointing
+        if cfg.train.precision == "fp16":
+            from deepspeed.accelerator import get_accelerator
+
+            if not get_accelerator().is_fp16_supported():
+                raise ValueError("train.precision=fp16 is not supported by DeepSpeed on this device (its CPU "
+                                 "accelerator runs bf16 and fp32 only); use train.precision=bf16")
         # The teacher is copied from the fp32 student before DeepSpeed casts or partitions it.
         self.teacher = Teacher(student, cfg.teacher).place(self.device)
         self.ds_config = fill_ds_config(ds_template, cfg, self.world_size, on_cpu=distributed.on_cpu())
@@ -91,7 +98,11 @@ class Trainer:
             for k, v in out.metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
         grad_norm = self.engine.get_global_grad_norm()
-        tau = self.teacher.update(self.step)
+        applied = getattr(self.engine, "was_step_applied", lambda: True)()
+        if applied:
+            tau = self.teacher.update(self.step)
+        else:  # fp16 overflow: DeepSpeed skipped the update, so the teacher stays where it is
+            tau = float("nan")
         self.step += 1
         n = len(micro_batches)
         values = {k: v / n for k, v in sums.items()}

@@ -48,7 +48,7 @@ def main() -> None:
                     losses.append(float(t[0] / t[1]))
                 state = trainer.teacher.export_state()
                 key = f"{preset}|{case}|{precision}"
-                entry = {"losses": losses}
+                entry = {"losses": losses, "bytes": measure_bytes(trainer)}
                 if trainer.zero_stage == 3:
                     entry["landed"] = check_forward_sees_ema(trainer, state)
                     entry["teacher_device_bytes"] = trainer.teacher.zero3.device_bytes()
@@ -57,6 +57,38 @@ def main() -> None:
                 results[key] = entry
     with open(os.path.join(args.out, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump(results, f)
+
+
+def _bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or t.numel() == 0 or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def measure_bytes(trainer) -> dict:
+    """Tensor sizes this rank really holds after a step: student weights, the optimizer's fp32
+    masters and Adam moments, and the teacher's stored weights and EMA."""
+    params = []
+    for p in trainer.student.parameters():
+        params.append(p.data)
+        if hasattr(p, "ds_tensor"):
+            params.append(p.ds_tensor)
+    inner = getattr(trainer.engine.optimizer, "optimizer", trainer.engine.optimizer)
+    # ZeRO-3 swaps its flat fp32 partitions out of param_groups between steps.
+    masters = [p for g in inner.param_groups for p in g["params"]]
+    masters += list(getattr(trainer.engine.optimizer, "fp32_partitioned_groups_flat", []))
+    moments = [t for st in inner.state.values() for t in st.values() if hasattr(t, "numel") and t.dim() > 0]
+    teacher = trainer.teacher
+    if teacher.zero3 is not None:
+        t_tensors = [t for p in teacher.model.parameters() for t in (p.data, p.ds_tensor)] + list(teacher.zero3.shards)
+    else:
+        t_tensors = list(teacher.model.parameters())
+    return {"student_params": _bytes(params), "optimizer_state": _bytes(masters + moments),
+            "teacher": _bytes(t_tensors)}
 
 
 def check_forward_sees_ema(trainer, state) -> dict:
