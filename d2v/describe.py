@@ -11,7 +11,9 @@ from d2v.models import build_model
 from d2v.shapes import conv_output_length
 
 
-def describe(preset: str, overrides: list[str] | None = None, seconds: float = 10.0) -> dict[str, Any]:
+def describe(preset: str, overrides: list[str] | None = None, seconds: float = 10.0, *,
+             world_size: int | None = None, zero: int | None = None, teacher_offload: bool = False,
+             persistence_threshold: int = 100_000) -> dict[str, Any]:
     from d2v.teacher import Teacher
 
     cfg = apply_overrides(get_preset(preset), overrides or []).validate()
@@ -36,6 +38,14 @@ def describe(preset: str, overrides: list[str] | None = None, seconds: float = 1
     else:
         info["tokens_per_sample"] = cfg.model.text.max_positions
     info["flops_per_sample"] = flops_per_sample(cfg, seconds).as_dict()
+    if world_size is not None or zero is not None:
+        from d2v.memory import per_rank_memory
+
+        mem = per_rank_memory(cfg, world_size=world_size or 1, stage=zero if zero is not None else 0,
+                              teacher_offload=teacher_offload, persistence_threshold=persistence_threshold)
+        info["memory_per_rank"] = {"world_size": world_size or 1, "zero_stage": zero or 0,
+                                   "teacher_offload": teacher_offload, "precision": cfg.train.precision,
+                                   **mem.as_dict()}
     return info
 
 
@@ -52,13 +62,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     ap.add_argument("--seconds", type=float, default=10.0, help="audio: utterance length for per-sample numbers")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--world-size", type=int, default=None, help="per-rank memory for this many data-parallel ranks")
+    ap.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=None, help="ZeRO stage for the memory table")
+    ap.add_argument("--teacher-offload", action="store_true", help="teacher weights in host memory")
+    ap.add_argument("--persistence-threshold", type=int, default=100_000,
+                    help="ZeRO-3 stage3_param_persistence_threshold (parameters below it stay gathered)")
     args = ap.parse_args(argv)
-    info = describe(args.preset, args.overrides, args.seconds)
+    info = describe(args.preset, args.overrides, args.seconds, world_size=args.world_size, zero=args.zero,
+                    teacher_offload=args.teacher_offload, persistence_threshold=args.persistence_threshold)
     if args.json:
         print(json.dumps(info, indent=2))
         return
     for key, value in info.items():
-        if isinstance(value, dict):
+        if key == "memory_per_rank":
+            print(f"{key}:")
+            for k, v in value.items():
+                shown = f"{v / 2**20:,.1f} MiB" if isinstance(v, int) and not isinstance(v, bool) and k not in (
+                    "world_size", "zero_stage") else v
+                print(f"  {k:<22} {shown}")
+        elif isinstance(value, dict):
             print(f"{key}:")
             for k, v in value.items():
                 print(f"  {k:<18} {_fmt(v)}FLOP")
