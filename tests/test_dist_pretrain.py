@@ -19,7 +19,10 @@ def _port() -> int:
 
 def launch_two_ranks(script: str, out: str, *extra: str, timeout: int = 900) -> list[dict]:
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    # In-process tests of this session may have set a world-size-1 rendezvous in os.environ.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(_port()), os.path.join(ROOT, script), "--out", out, *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if proc.returncode != 0:

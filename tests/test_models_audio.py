@@ -99,3 +99,17 @@ def test_describe_cli_json():
     assert info["frames_per_second"] == 49
     assert info["flops_per_sample"]["blocks"] == hand_count_tiny(16_000)["blocks"]
     assert info["student_trainable_parameters"] == 115_264
+
+
+def test_layerdrop_draws_depend_only_on_the_seed():
+    cfg = get_preset("audio_base")
+    model = build_model(cfg).train()
+    enc = model.encoder
+    torch.manual_seed(123)  # the global RNG must not matter: every rank draws the same blocks
+    a = enc.kept_blocks(42)
+    torch.manual_seed(456)
+    assert enc.kept_blocks(42) == a
+    draws = [len(enc.kept_blocks(s)) for s in range(400)]
+    assert abs(1 - sum(draws) / (400 * 12) - cfg.model.layerdrop) < 0.015
+    assert len({tuple(enc.kept_blocks(s)) for s in range(50)}) > 1
+    assert enc.eval().kept_blocks(42) == list(range(12))
