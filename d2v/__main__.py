@@ -5,6 +5,7 @@ import sys
 
 COMMANDS = {
     "describe": "d2v.describe",
+    "export": "d2v.export",
 }
 
 

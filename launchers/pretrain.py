@@ -49,13 +49,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         overrides.append(f"train.out_dir={args.out}")
     cfg = resolve(args.preset, args.config, overrides)
+    from d2v.train.preemption import EXIT_PREEMPTED
+    from d2v.train.run import EXIT_NONFINITE, NonFiniteError
+
     run = build_run(cfg, load_template(args.ds_config), resume=args.resume)
     try:
         summary = run.train()
+    except NonFiniteError as e:
+        print(f"rank {run.rank}: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
     finally:
         run.close()
+    if summary.preempted:
+        if run.rank == 0:
+            print(f"preempted at step {summary.steps}: checkpoint {summary.checkpoint}; "
+                  f"exit {EXIT_PREEMPTED} (resume with --resume auto)")
+        return EXIT_PREEMPTED
     if run.rank == 0:
-        print(f"done: {summary.steps} steps; loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}")
+        first = f"{summary.first_loss:.4f}" if summary.first_loss is not None else "n/a"
+        last = f"{summary.last_loss:.4f}" if summary.last_loss is not None else "n/a"
+        print(f"done: {summary.steps} steps ({summary.skipped_steps} skipped); loss {first} -> {last}")
         print(f"logs: {os.path.join(summary.out_dir, 'metrics.jsonl')} and {os.path.join(summary.out_dir, 'tensorboard')}")
         print(f"checkpoints: {os.path.join(summary.out_dir, 'checkpoints')} (latest: {summary.checkpoint})")
     return 0

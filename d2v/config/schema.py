@@ -270,6 +270,8 @@ class TrainConfig:
     """Directory for logs, the resolved config and checkpoints."""
     threads: int = 0
     """torch intra-op threads per rank (0: leave torch's default)."""
+    max_consecutive_skips: int = 10
+    """Stop (with a checkpoint) after this many updates in a row were skipped for a NaN/inf loss or gradient."""
     wandb: str = "disabled"
     """wandb mode: disabled | offline | online (online only when asked; never needed)."""
 

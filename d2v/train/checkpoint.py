@@ -7,8 +7,13 @@ Layout of `ROOT/TAG/` (TAG = step_00001234):
                     ZeRO-1/2 DeepSpeed keeps `client_state` from rank 0 only),
   d2v_state.json    step, world size, preset and the resolved config,
   COMPLETE          written last, after a barrier: only complete tags are ever loaded.
-`ROOT/latest` names the newest complete tag and is replaced atomically (write + rename) after
-every rank has finished. Older tags beyond `keep_last` are pruned afterwards.
+Everything is first written into `ROOT/TAG.partial/`, which is renamed to `ROOT/TAG` once
+complete; `ROOT/latest` names the newest complete tag and is replaced atomically (write +
+rename) only after that. A failure at any point of a save therefore leaves the previous
+checkpoint loadable and `latest` pointing at it; leftovers of a failed save are removed by the
+next one. Older tags beyond `keep_last` are pruned last.
+
+`fault_hook(stage)` is called at every stage of a save (tests raise from it to inject faults).
 """
 from __future__ import annotations
 
@@ -23,6 +28,9 @@ import torch
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
+PARTIAL = ".partial"
+UNIVERSAL = ".universal"
+SAVE_STAGES = ("start", "deepspeed", "rank_state", "teacher", "run_state", "complete", "rename", "latest", "prune")
 
 
 def tag_for(step: int) -> str:
@@ -67,6 +75,11 @@ class Checkpointer:
         self.rank = rank
         self.world_size = world_size
         self.keep_last = max(1, keep_last)
+        self.fault_hook = None  # callable(stage) for fault-injection tests
+
+    def _stage(self, name: str) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(name)
 
     def _barrier(self) -> None:
         if self.world_size > 1:
@@ -77,7 +90,15 @@ class Checkpointer:
     def complete_tags(self) -> list[str]:
         if not os.path.isdir(self.root):
             return []
-        return sorted(t for t in os.listdir(self.root) if os.path.exists(os.path.join(self.root, t, COMPLETE)))
+        return sorted(t for t in os.listdir(self.root)
+                      if not t.endswith(PARTIAL) and os.path.exists(os.path.join(self.root, t, COMPLETE)))
+
+    def _latest_name(self) -> str | None:
+        path = os.path.join(self.root, LATEST)
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return f.read().strip()
 
     def latest_tag(self) -> str | None:
         path = os.path.join(self.root, LATEST)
@@ -92,43 +113,88 @@ class Checkpointer:
     def save(self, engine, teacher, step: int, *, run_state: dict[str, Any], rank_state: dict[str, Any]) -> str:
         """Every rank calls this. Returns the tag written."""
         tag = tag_for(step)
-        tag_dir = os.path.join(self.root, tag)
+        final = os.path.join(self.root, tag)
+        if os.path.exists(os.path.join(final, COMPLETE)) and self._latest_name() == tag:
+            return tag  # this step is the current checkpoint already (a run resumed and stopped at once)
+        partial = final + PARTIAL
+        self._stage("start")
         if self.rank == 0:
             os.makedirs(self.root, exist_ok=True)
-            if os.path.isdir(tag_dir):  # leftovers of an interrupted save of the same step
-                shutil.rmtree(tag_dir)
+            # Leftovers of an interrupted save of this step; a complete one that `latest` never
+            # named belongs to a history that was rolled back.
+            for stale in (partial, final):
+                if os.path.isdir(stale):
+                    shutil.rmtree(stale)
         self._barrier()
-        engine.save_checkpoint(self.root, tag=tag, client_state={"d2v_step": step}, save_latest=False)
-        os.makedirs(tag_dir, exist_ok=True)
-        atomic_torch_save({"rng": rng_state(), **rank_state}, os.path.join(tag_dir, f"rank_{self.rank:05d}.pt"))
+        self._stage("deepspeed")
+        engine.save_checkpoint(self.root, tag=tag + PARTIAL, client_state={"d2v_step": step}, save_latest=False)
+        os.makedirs(partial, exist_ok=True)
+        self._stage("rank_state")
+        atomic_torch_save({"rng": rng_state(), **rank_state}, os.path.join(partial, f"rank_{self.rank:05d}.pt"))
         teacher_state = teacher.export_state()  # collective under ZeRO-3
+        self._stage("teacher")
         if self.rank == 0:
-            atomic_torch_save(teacher_state, os.path.join(tag_dir, "teacher.pt"))
+            atomic_torch_save(teacher_state, os.path.join(partial, "teacher.pt"))
+            self._stage("run_state")
             state = {"step": step, "world_size": self.world_size, **run_state}
-            atomic_write_text(os.path.join(tag_dir, "d2v_state.json"), json.dumps(state, indent=2))
+            atomic_write_text(os.path.join(partial, "d2v_state.json"), json.dumps(state, indent=2))
         self._barrier()
         if self.rank == 0:
-            atomic_write_text(os.path.join(tag_dir, COMPLETE), "")
+            self._stage("complete")
+            atomic_write_text(os.path.join(partial, COMPLETE), "")
+            self._stage("rename")
+            os.rename(partial, final)
+            self._stage("latest")
             atomic_write_text(os.path.join(self.root, LATEST), tag)
+            self._stage("prune")
             self._prune(keep=tag)
         self._barrier()
         return tag
 
     def _prune(self, keep: str) -> None:
+        for name in os.listdir(self.root):
+            if name.endswith(PARTIAL):
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
         tags = self.complete_tags()
         for old in tags[: max(0, len(tags) - self.keep_last)]:
             if old != keep:
                 shutil.rmtree(os.path.join(self.root, old), ignore_errors=True)
+                shutil.rmtree(os.path.join(self.root, old + UNIVERSAL), ignore_errors=True)
 
-    def load(self, engine, teacher, tag: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """Restores engine and teacher; returns (run_state, this rank's side state or None if the
-        world size changed, in which case the data restarts at the recorded epoch boundary)."""
+    def run_state(self, tag: str) -> dict[str, Any]:
+        """The d2v state of a complete tag (read before any engine exists)."""
         tag_dir = os.path.join(self.root, tag)
         if not os.path.exists(os.path.join(tag_dir, COMPLETE)):
             raise FileNotFoundError(f"{tag_dir} is not a complete checkpoint")
         with open(os.path.join(tag_dir, "d2v_state.json")) as f:
-            run_state = json.load(f)
-        path, _ = engine.load_checkpoint(self.root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+            return json.load(f)
+
+    def universal_tag(self, tag: str) -> str:
+        """DeepSpeed's world-size-independent ("universal") form of a ZeRO checkpoint, converted
+        once by rank 0 and cached beside it; every rank calls this."""
+        target = os.path.join(self.root, tag + UNIVERSAL)
+        if self.rank == 0 and not os.path.exists(os.path.join(target, COMPLETE)):
+            import argparse
+
+            from deepspeed.checkpoint import ds_to_universal
+
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            ds_to_universal.main(argparse.Namespace(
+                input_folder=os.path.join(self.root, tag), output_folder=target, num_extract_workers=1,
+                num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+            atomic_write_text(os.path.join(target, COMPLETE), "")
+        self._barrier()
+        return tag + UNIVERSAL
+
+    def load(self, engine, teacher, tag: str, *, universal: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Restores engine and teacher; returns (run_state, this rank's side state or None if the
+        world size changed, in which case the data restarts at the recorded epoch boundary).
+        universal: load the student and optimizer from the converted form (another world size)."""
+        run_state = self.run_state(tag)
+        tag_dir = os.path.join(self.root, tag)
+        path, _ = engine.load_checkpoint(self.root, tag=self.universal_tag(tag) if universal else tag,
+                                         load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {tag_dir}")
         teacher.load_state(torch.load(os.path.join(tag_dir, "teacher.pt"), map_location="cpu", weights_only=True))

@@ -18,6 +18,8 @@ from d2v.config import to_dict
 from d2v.config.schema import D2vConfig
 from d2v.train.checkpoint import Checkpointer
 from d2v.train.metrics import MetricsSink
+from d2v.train import distributed
+from d2v.train.preemption import PreemptionFlag
 from d2v.train.streams import BatchStream
 from d2v.train.trainer import Trainer
 
@@ -28,9 +30,18 @@ class CollapseError(RuntimeError):
     pass
 
 
+class NonFiniteError(RuntimeError):
+    """Too many updates in a row were skipped for NaN/inf; a checkpoint of the last good state exists."""
+
+
+EXIT_NONFINITE = 3
+
+
 @dataclass
 class RunSummary:
     steps: int
+    preempted: bool
+    skipped_steps: int
     first_loss: float | None
     last_loss: float | None
     out_dir: str
@@ -63,17 +74,23 @@ class Run:
     def __init__(self, cfg: D2vConfig, ds_template: dict[str, Any], make_stream: StreamFactory, *,
                  make_val_stream: StreamFactory | None = None, resume: str = "none", console: bool = True) -> None:
         self.cfg = cfg
-        self.trainer = Trainer(cfg, ds_template)
-        self.rank, self.world_size = self.trainer.rank, self.trainer.world_size
         self.out_dir = cfg.train.out_dir
-        self.stream = make_stream(self.rank, self.world_size)
-        self.make_val_stream = make_val_stream
+        self.rank, self.world_size = distributed.init_distributed()
         self.checkpointer = Checkpointer(os.path.join(self.out_dir, "checkpoints"), rank=self.rank,
                                          world_size=self.world_size, keep_last=cfg.train.keep_last)
+        # Everything about the resume is checked before any engine is built.
+        self.resume_tag, resume_state = self._plan_resume(resume)
+        reshard = resume_state is not None and self._needs_universal(resume_state)
+        if reshard:
+            ds_template = {**ds_template, "checkpoint": {**ds_template.get("checkpoint", {}), "load_universal": True}}
+        self.trainer = Trainer(cfg, ds_template)
+        self.stream = make_stream(self.rank, self.world_size)
+        self.make_val_stream = make_val_stream
         self.console = console
         self.last_checkpoint: str | None = None
-        if resume != "none":
-            self._resume(resume)
+        self.preemption = PreemptionFlag(self.world_size).install()
+        if self.resume_tag is not None:
+            self._resume(self.resume_tag, universal=reshard)
         self.sink = MetricsSink(self.out_dir, rank=self.rank, max_steps=cfg.train.max_steps,
                                 wandb_mode=cfg.train.wandb, run_config=to_dict(cfg), start_step=self.trainer.step)
         if self.rank == 0:
@@ -82,14 +99,30 @@ class Run:
                 json.dump(to_dict(cfg), f, indent=2)
 
     # -- checkpoints -------------------------------------------------------------------------
-    def _resume(self, resume: str) -> None:
+    def _plan_resume(self, resume: str) -> tuple[str | None, dict[str, Any] | None]:
+        if resume == "none":
+            return None, None
         tag = self.checkpointer.latest_tag() if resume == "auto" else resume
         if tag is None:
-            return  # nothing saved yet: start from scratch
-        run_state, side = self.checkpointer.load(self.trainer.engine, self.trainer.teacher, tag)
-        if run_state.get("preset") != self.cfg.name:
-            raise ValueError(f"checkpoint {tag} in {self.out_dir} was written by preset {run_state.get('preset')!r}, "
+            return None, None  # nothing saved yet: start from scratch
+        state = self.checkpointer.run_state(tag)
+        if state.get("preset") != self.cfg.name:
+            raise ValueError(f"checkpoint {tag} in {self.out_dir} was written by preset {state.get('preset')!r}, "
                              f"this run is {self.cfg.name!r}: use another --out or the same preset")
+        return tag, state
+
+    def _needs_universal(self, state: dict[str, Any]) -> bool:
+        """A ZeRO checkpoint written at another world size is loaded through DeepSpeed's
+        universal form (a stage-0 checkpoint holds whole tensors and loads anywhere)."""
+        import glob
+
+        if state["world_size"] == self.world_size:
+            return False
+        tag_dir = os.path.join(self.checkpointer.root, self.resume_tag or "")
+        return bool(glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*optim_states.pt")))
+
+    def _resume(self, tag: str, *, universal: bool) -> None:
+        run_state, side = self.checkpointer.load(self.trainer.engine, self.trainer.teacher, tag, universal=universal)
         self.trainer.step = int(run_state["step"])
         if side is not None:
             self.stream.load_state_dict(side["data"])
@@ -142,10 +175,24 @@ class Run:
         window: dict[str, float] = {}
         window_steps, window_samples, t_window = 0, 0.0, time.perf_counter()
         while trainer.step < stop:
+            if self.preemption.should_stop():
+                self.sink.message(f"step {trainer.step}: {self.preemption.signal_name or 'a signal on another rank'}"
+                                  f" -> checkpoint and exit for requeue")
+                self.save()
+                return self._summary(history, preempted=True)
             micro = [self.stream.next_batch() for _ in range(cfg.train.grad_accum)]
             m = trainer.train_step(micro)
             step = trainer.step
             history.append({"step": step, "loss": m.loss, **m.values})
+            if m.values.get("skipped"):
+                self.sink.log(step, {"skipped_steps": m.values["skipped_steps"]}, prefix="skip", console=self.console)
+                if trainer.consecutive_skips >= cfg.train.max_consecutive_skips:
+                    tag = self.save()
+                    raise NonFiniteError(
+                        f"{trainer.consecutive_skips} updates in a row had a NaN/inf loss or gradient (at step {step}); "
+                        f"stopped with checkpoint {tag} of the last good state: lower optim.lr, check the data, "
+                        f"or raise train.max_consecutive_skips")
+                continue
             for k in ("target_std", "pred_std", "mask_rate"):
                 window[k] = window.get(k, 0.0) + m.values[k]
             window["loss"] = window.get("loss", 0.0) + m.loss
@@ -159,6 +206,7 @@ class Run:
                 samples = _all_sum([window_samples], self.world_size)[0]
                 counters = {k: float(v) for k, v in self.stream.counters().items()}
                 counters = {k: v * self.world_size for k, v in _all_mean(counters, self.world_size).items()}
+                counters["skipped_steps"] = float(trainer.skipped_steps)
                 model_norm, ema_norm = trainer.norms()
                 values.update(ema_decay=m.values["ema_decay"], lr=m.values["lr"], grad_norm=m.values["grad_norm"],
                               model_norm=model_norm, ema_norm=ema_norm,
@@ -174,8 +222,13 @@ class Run:
                 self.save()
         if self.last_checkpoint != f"step_{trainer.step:08d}":
             self.save()
-        return RunSummary(trainer.step, history[0]["loss"] if history else None,
-                          history[-1]["loss"] if history else None, self.out_dir, self.last_checkpoint, history)
+        return self._summary(history, preempted=False)
+
+    def _summary(self, history: list[dict[str, Any]], *, preempted: bool) -> RunSummary:
+        losses = [h["loss"] for h in history if not h.get("skipped")]
+        return RunSummary(self.trainer.step, preempted, self.trainer.skipped_steps, losses[0] if losses else None,
+                          losses[-1] if losses else None, self.out_dir, self.last_checkpoint, history)
 
     def close(self) -> None:
+        self.preemption.uninstall()
         self.sink.close()

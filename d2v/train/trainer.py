@@ -18,19 +18,27 @@ from d2v.models import Data2Vec, build_model
 from d2v.task import Data2VecTask
 from d2v.teacher import Teacher
 from d2v.train import distributed
+from d2v.train.ds_checks import check_ds_config
 from d2v.train.schedule import lr_factor
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def param_groups(model: torch.nn.Module, no_decay_1d: bool, weight_decay: float) -> list[dict[str, Any]]:
-    """One group, or two with biases and other 1-D parameters exempt from weight decay."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+def param_group_names(model: torch.nn.Module, no_decay_1d: bool) -> list[list[str]]:
+    """Names of the optimizer's parameter groups, in order: one group, or two with biases and
+    other 1-D parameters exempt from weight decay. Export relies on this order too."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
     if not no_decay_1d:
-        return [{"params": [p for _, p in params], "weight_decay": weight_decay}]
-    decay = [p for _, p in params if p.ndim >= 2]
-    other = [p for _, p in params if p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+        return [names]
+    shapes = dict(model.named_parameters())
+    return [[n for n in names if shapes[n].ndim >= 2], [n for n in names if shapes[n].ndim < 2]]
+
+
+def param_groups(model: torch.nn.Module, no_decay_1d: bool, weight_decay: float) -> list[dict[str, Any]]:
+    params = dict(model.named_parameters())
+    groups = param_group_names(model, no_decay_1d)
+    decays = [weight_decay, 0.0]
+    return [{"params": [params[n] for n in names], "weight_decay": decays[i]} for i, names in enumerate(groups)]
 
 
 @dataclass
@@ -61,6 +69,7 @@ class Trainer:
         # The teacher is copied from the fp32 student before DeepSpeed casts or partitions it.
         self.teacher = Teacher(student, cfg.teacher).place(self.device)
         self.ds_config = fill_ds_config(ds_template, cfg, self.world_size, on_cpu=distributed.on_cpu())
+        check_ds_config(self.ds_config)
         factor = lr_factor(cfg.optim, cfg.train.max_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=student,
@@ -79,6 +88,26 @@ class Trainer:
                                  normalizer=distributed.global_count_normalizer(self.world_size),
                                  compute_dtype=self.dtype, forward=self.engine)
         self.step = 0  # optimizer updates done
+        self.skipped_steps = 0  # updates skipped for a non-finite loss or gradient
+        self.consecutive_skips = 0
+        self._grad_finite = torch.ones((), dtype=torch.bool)
+        for p in self.student.parameters():
+            if p.requires_grad:
+                p.register_hook(self._check_grad)
+
+    def _check_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        # Runs in autograd before DeepSpeed's own gradient hooks; a flag, no host sync here.
+        self._grad_finite = self._grad_finite.to(grad.device) & torch.isfinite(grad).all()
+        return grad
+
+    def _all_finite(self, value: torch.Tensor) -> bool:
+        """True when `value` (a bool tensor) holds on every rank."""
+        flag = value.detach().float().reshape(1).cpu()
+        if self.world_size > 1:
+            import deepspeed.comm as dist
+
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() > 0)
 
     def train_step(self, micro_batches: list[Batch]) -> StepMetrics:
         """One optimizer update over `grad_accum` micro-batches, then the EMA update."""
@@ -88,15 +117,25 @@ class Trainer:
         self.student.train()
         lr = float(self.scheduler.get_last_lr()[0])
         losses, sums = [], {}
-        samples = 0
+        samples, finite = 0, True
+        self._grad_finite = torch.ones((), dtype=torch.bool)
         for batch in micro_batches:
             out = self.task(batch.to(self.device, self.dtype), step=self.step)
-            self.engine.backward(out.loss)
+            # Every rank agrees before backward, so a NaN on one rank skips the update on all.
+            finite = finite and self._all_finite(torch.isfinite(out.loss.detach()))
+            if finite:
+                self.engine.backward(out.loss)
+                finite = self._all_finite(self._grad_finite)
+            if not finite:
+                break
             self.engine.step()
             losses.append(float(out.loss.detach()))
             samples += batch.batch_size
             for k, v in out.metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
+        if not finite:
+            return self._skip_update(len(micro_batches), t0, lr)
+        self.consecutive_skips = 0
         grad_norm = self.engine.get_global_grad_norm()
         applied = getattr(self.engine, "was_step_applied", lambda: True)()
         if applied:
@@ -110,13 +149,26 @@ class Trainer:
                       grad_norm=float(grad_norm) if grad_norm is not None else float("nan"))
         return StepMetrics(self.step, sum(losses) / n, values)
 
+    def _skip_update(self, window: int, t0: float, lr: float) -> StepMetrics:
+        """Drops the accumulated gradients of a window that produced a NaN/inf, keeps DeepSpeed's
+        micro-step count aligned with the window, and leaves weights and teacher untouched."""
+        self.engine.zero_grad()
+        done = self.engine.micro_steps % self.cfg.train.grad_accum
+        if done:
+            self.engine.micro_steps += self.cfg.train.grad_accum - done
+        self.skipped_steps += 1
+        self.consecutive_skips += 1  # the step count does not advance: the next batch retries it
+        values = {"skipped": 1.0, "skipped_steps": float(self.skipped_steps), "lr": lr,
+                  "step_time": time.perf_counter() - t0, "samples": 0.0}
+        return StepMetrics(self.step, float("nan"), values)
+
     def norms(self) -> tuple[float, float]:
         """L2 norms of the student's fp32 weights and of the teacher's EMA (all ranks call this)."""
         if self.zero_stage == 3:
             from deepspeed.utils import safe_get_local_fp32_param
 
             student = [safe_get_local_fp32_param(p) for p in self.student.parameters() if p.requires_grad]
-            sq = [sum(float(t.float().square().sum()) for t in ts if t is not None)
+            sq = [sum(float(t.detach().float().square().sum()) for t in ts if t is not None)
                   for ts in (student, self.teacher.ema_parameters())]
             if self.world_size > 1:
                 import deepspeed.comm as dist
