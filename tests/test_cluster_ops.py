@@ -262,3 +262,25 @@ def test_sigterm_to_a_two_rank_run_checkpoints_and_resume_continues(tmp_path):
     assert resumed.returncode == 0, output[-4000:]
     steps = _logged_steps(out)
     assert steps[-3:] == [step + 1, step + 2, step + 3]
+
+
+def test_slurm_and_openmpi_environments_map_to_ranks(monkeypatch):
+    from d2v.train.distributed import map_launcher_env
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("MASTER_ADDR", "node-001")
+    monkeypatch.setenv("MASTER_PORT", "23456")
+    map_launcher_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("5", "8", "1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "3")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "3")
+    with pytest.raises(RuntimeError, match="MASTER_ADDR"):
+        map_launcher_env()
+    assert os.environ["RANK"] == "3" and os.environ["WORLD_SIZE"] == "4"
