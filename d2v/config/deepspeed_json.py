@@ -78,7 +78,7 @@ def fill_ds_config(template: dict[str, Any], cfg: D2vConfig, world_size: int, *,
         # DeepSpeed's FusedAdam and CPU-Adam need compiled ops; torch's AdamW (foreach) is the
         # CPU path, also for ZeRO offload, and host memory cannot be pinned without CUDA.
         params["torch_adam"] = True
-        params["foreach"] = True
+        params["fused"] = True
         ds["zero_force_ds_cpu_optimizer"] = False
         for key in ("offload_optimizer", "offload_param"):
             section = ds.get("zero_optimization", {}).get(key)
