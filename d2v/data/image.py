@@ -1,0 +1,73 @@
+"""Image decoding, augmentation and collation for vision pretraining (DESIGN.md 3.2), with
+Pillow and torch only (torchvision is not installable beside torch 2.13 CPU).
+
+RandomResizedCrop (area fraction in `scale`, aspect ratio log-uniform in `ratio`, 10 tries then
+a centre crop), horizontal flip, per-channel normalisation. Every random draw comes from a
+torch.Generator the loader seeds from (seed, epoch, rank, worker, position), so a batch is a
+function of its position. BEiT block masks are made here, in the collate step.
+"""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+from d2v.batch import Batch
+from d2v.masking import block_mask_2d
+
+
+def decode_image(sample: dict) -> Image.Image:
+    """RGB PIL image from a shard sample's jpg/png bytes; raises on corrupt data."""
+    for ext in ("jpg", "jpeg", "png"):
+        if ext in sample:
+            im = Image.open(io.BytesIO(sample[ext]))
+            im.load()
+            return im.convert("RGB")
+    raise KeyError(f"sample {sample.get('__key__')} has no jpg/png field (fields: {sorted(sample)})")
+
+
+def random_resized_crop_box(width: int, height: int, g: torch.Generator, scale=(0.08, 1.0),
+                            ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(left, top, w, h) of a crop with area fraction in `scale` and aspect ratio in `ratio`."""
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand((), generator=g).item())
+        aspect = math.exp(log_lo + (log_hi - log_lo) * torch.rand((), generator=g).item())
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(torch.randint(0, width - w + 1, (), generator=g))
+            top = int(torch.randint(0, height - h + 1, (), generator=g))
+            return left, top, w, h
+    side = min(width, height)  # fallback: the largest centred square
+    return (width - side) // 2, (height - side) // 2, side, side
+
+
+class ImageTransform:
+    def __init__(self, size: int, mean, std, *, scale=(0.08, 1.0), train: bool = True) -> None:
+        self.size, self.scale, self.train = size, scale, train
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __call__(self, image: Image.Image, g: torch.Generator) -> torch.Tensor:
+        if self.train:
+            left, top, w, h = random_resized_crop_box(image.width, image.height, g, self.scale)
+            image = image.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
+            if torch.rand((), generator=g).item() < 0.5:
+                image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        else:
+            image = image.resize((self.size, self.size), Image.BICUBIC)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+        return (x - self.mean) / self.std
+
+
+def image_collate(images: list[torch.Tensor], labels: list[int], keys: list[str], *, grid: tuple[int, int],
+                  num_masked: int, min_block: int, max_block: int | None, min_aspect: float, top_up: bool,
+                  g: torch.Generator) -> Batch:
+    mask = block_mask_2d(len(images), grid, num_masked=num_masked, min_block=min_block, max_block=max_block,
+                         min_aspect=min_aspect, top_up=top_up, generator=g)
+    return Batch(source=torch.stack(images), mask=mask, keys=keys, extras={"labels": torch.tensor(labels)})

@@ -1,0 +1,113 @@
+"""`python -m d2v.data.prepare text SRC OUT [--vocab-size N | --tokenizer FILE] [--block-size 512]`:
+plain-text files into WebDataset shards of fixed-length token blocks.
+
+SRC is a text file or a folder of them; blank lines separate documents. With --vocab-size a
+SentencePiece model is trained on SRC (RoBERTa special ids); with --tokenizer an existing
+SentencePiece .model or a GPT-2 BPE tokenizer.json is used. Documents are encoded, each ended
+with `</s>`, concatenated and cut into blocks of block_size - 1 tokens, each prefixed with
+`<s>` (the reference's 512 = 511 + `<s>`); the last partial block is padded with `<pad>`.
+`tokenizer.json` (d2v's metadata) beside the shards records the tokenizer kind, vocabulary size,
+special ids and file hash; training refuses shards whose tokenizer disagrees with the model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+from typing import Any, Iterator
+
+import numpy as np
+
+from d2v.data.tokenizer import Tokenizer, train_sentencepiece
+
+
+def read_documents(src: str) -> Iterator[str]:
+    paths = [src] if os.path.isfile(src) else sorted(
+        os.path.join(root, n) for root, _, names in os.walk(src) for n in names if n.endswith((".txt", ".text")))
+    if not paths:
+        raise ValueError(f"{src}: no .txt files")
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            doc: list[str] = []
+            for line in f:
+                if line.strip():
+                    doc.append(line.strip())
+                elif doc:
+                    yield " ".join(doc)
+                    doc = []
+            if doc:
+                yield " ".join(doc)
+
+
+def pack_blocks(docs: list[list[int]], block_size: int, *, bos: int, eos: int, pad: int) -> np.ndarray:
+    """N×block_size int32 blocks: `<s>` + block_size-1 tokens of the `</s>`-separated stream."""
+    stream = [t for doc in docs for t in doc + [eos]]
+    body = block_size - 1
+    n = -(-len(stream) // body)
+    blocks = np.full((n, block_size), pad, dtype=np.int32)
+    blocks[:, 0] = bos
+    for i in range(n):
+        chunk = stream[i * body:(i + 1) * body]
+        blocks[i, 1:1 + len(chunk)] = chunk
+    return blocks
+
+
+def prepare_text(src: str, out: str, *, vocab_size: int | None = None, tokenizer: str | None = None,
+                 block_size: int = 512, val_fraction: float = 0.05, samples_per_shard: int = 1000,
+                 seed: int = 0) -> dict[str, Any]:
+    import webdataset as wds
+
+    if (vocab_size is None) == (tokenizer is None):
+        raise ValueError("give exactly one of --vocab-size (train SentencePiece) or --tokenizer FILE")
+    os.makedirs(out, exist_ok=True)
+    docs = list(read_documents(src))
+    if tokenizer is None:
+        tokenizer = train_sentencepiece(docs, os.path.join(out, "spm"), vocab_size, seed=seed)
+    else:
+        shutil.copy(tokenizer, os.path.join(out, os.path.basename(tokenizer)))
+        tokenizer = os.path.join(out, os.path.basename(tokenizer))
+    tok = Tokenizer(tokenizer)
+    info = tok.info
+    rng = random.Random(seed)
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    n_val = max(1, int(len(docs) * val_fraction)) if len(docs) > 1 else 0
+    splits = {"valid": [docs[i] for i in order[:n_val]], "train": [docs[i] for i in order[n_val:]]}
+    counts, patterns = {}, {}
+    for name, texts in splits.items():
+        blocks = pack_blocks([tok.encode(t) for t in texts], block_size, bos=info.bos_id, eos=info.eos_id,
+                             pad=info.pad_id)
+        with wds.ShardWriter(os.path.join(out, f"{name}-%06d.tar"), maxcount=samples_per_shard, verbose=0) as sink:
+            for i, block in enumerate(blocks):
+                sink.write({"__key__": f"{name}{i:08d}", "tokens.npy": block})
+        n_shards = len([f for f in os.listdir(out) if f.startswith(name + "-") and f.endswith(".tar")])
+        counts[name] = len(blocks)
+        patterns[name] = os.path.join(out, f"{name}-{{000000..{n_shards - 1:06d}}}.tar")
+    meta = {**info.as_dict(), "block_size": block_size, "documents": len(docs), "blocks": counts, "patterns": patterns}
+    with open(os.path.join(out, "tokenizer.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    return meta
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(prog="python -m d2v.data.prepare text", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("src")
+    ap.add_argument("out")
+    ap.add_argument("--vocab-size", type=int, default=None, help="train a SentencePiece model of this size")
+    ap.add_argument("--tokenizer", default=None, help="an existing SentencePiece .model or tokenizers .json")
+    ap.add_argument("--block-size", type=int, default=512)
+    ap.add_argument("--val-fraction", type=float, default=0.05)
+    ap.add_argument("--samples-per-shard", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    meta = prepare_text(args.src, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+                        block_size=args.block_size, val_fraction=args.val_fraction,
+                        samples_per_shard=args.samples_per_shard, seed=args.seed)
+    print(f"{meta['documents']} documents -> {meta['blocks']} blocks of {meta['block_size']} tokens; "
+          f"{meta['kind']} vocabulary of {meta['vocab_size']} (mask id {meta['mask_id']})")
+    for name, pattern in meta["patterns"].items():
+        print(f"{name}: {pattern}")
+    return meta

@@ -1,0 +1,65 @@
+"""Token blocks to masked text batches (DESIGN.md 3.2): the collate step selects spans (or BERT's
+15%) and writes the student's view (`<mask>`, random or unchanged tokens); the clean tokens stay
+the teacher's input. Padding is never selected.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import torch
+
+from d2v.batch import Batch
+from d2v.masking import apply_token_mask, text_span_mask
+
+
+def decode_tokens(sample: dict) -> torch.Tensor:
+    data = sample.get("tokens.npy")
+    if data is None:
+        raise KeyError(f"sample {sample.get('__key__')} has no tokens.npy field (fields: {sorted(sample)})")
+    arr = np.load(io.BytesIO(data)) if isinstance(data, (bytes, bytearray)) else np.asarray(data)
+    return torch.from_numpy(arr.astype(np.int64))
+
+
+def load_tokenizer_meta(shard_pattern: str) -> dict:
+    """The tokenizer.json written beside the shards by `prepare text`."""
+    first = shard_pattern.split("{")[0]
+    path = os.path.join(os.path.dirname(first), "tokenizer.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: text shards must be written by `python -m d2v.data.prepare text`")
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_tokenizer(meta: dict, text_cfg, block_size: int | None = None) -> None:
+    """The shards' tokenizer must be the one the model's embedding was sized for."""
+    want = {"vocab_size": text_cfg.vocab_size, "pad_id": text_cfg.pad_id, "bos_id": text_cfg.bos_id,
+            "eos_id": text_cfg.eos_id, "unk_id": text_cfg.unk_id}
+    got = {k: meta.get(k) for k in want}
+    if got != want:
+        raise ValueError(f"tokenizer/vocabulary mismatch: the shards were tokenized with {meta.get('kind')} "
+                         f"{got}, the model expects {want}; set model.text.vocab_size={meta.get('vocab_size')} "
+                         f"(and the special ids) or re-tokenize the data")
+    if meta.get("mask_id") != text_cfg.vocab_size - 1:
+        raise ValueError(f"the shards' <mask> id {meta.get('mask_id')} is not the last id {text_cfg.vocab_size - 1}")
+    if block_size is not None and meta.get("block_size", block_size) > text_cfg.max_positions:
+        raise ValueError(f"blocks of {meta['block_size']} tokens exceed model.text.max_positions={text_cfg.max_positions}")
+
+
+def text_collate(blocks: list[torch.Tensor], keys: list[str], *, pad_id: int, mask_id: int, kind: str,
+                 mask_prob: float, mask_length: int, random_token_prob: float, leave_unmasked_prob: float,
+                 g: torch.Generator) -> Batch:
+    tokens = torch.stack(blocks)
+    padding = tokens.eq(pad_id)
+    if kind == "bert":
+        selected = text_span_mask(tokens.shape[0], tokens.shape[1], mask_prob=mask_prob, mask_length=1,
+                                  padding_mask=padding, generator=g)
+    else:
+        selected = text_span_mask(tokens.shape[0], tokens.shape[1], mask_prob=mask_prob, mask_length=mask_length,
+                                  padding_mask=padding, generator=g)
+    masked = apply_token_mask(tokens, selected, mask_id=mask_id, random_token_prob=random_token_prob,
+                              leave_unmasked_prob=leave_unmasked_prob, generator=g)
+    return Batch(source=tokens, mask=selected, masked_source=masked,
+                 padding_mask=padding if bool(padding.any()) else None, keys=keys)
