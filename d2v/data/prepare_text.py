@@ -70,6 +70,9 @@ def prepare_text(src: str, out: str, *, vocab_size: int | None = None, tokenizer
         tokenizer = os.path.join(out, os.path.basename(tokenizer))
     tok = Tokenizer(tokenizer)
     info = tok.info
+    if vocab_size is not None and info.vocab_size != vocab_size:
+        print(f"note: the corpus supports {info.vocab_size - 1} pieces, so the vocabulary has {info.vocab_size} "
+              f"entries (asked for {vocab_size}); set model.text.vocab_size={info.vocab_size}")
     rng = random.Random(seed)
     order = list(range(len(docs)))
     rng.shuffle(order)

@@ -1,0 +1,122 @@
+"""Image and text preparation, tokenizers, augmentation and collation."""
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from d2v.config import get_preset
+from d2v.data.image import ImageTransform, decode_image, image_collate, random_resized_crop_box
+from d2v.data.prepare_image import prepare_image
+from d2v.data.prepare_text import pack_blocks, prepare_text
+from d2v.data.text import check_tokenizer, decode_tokens, load_tokenizer_meta, text_collate
+from d2v.data.tokenizer import Tokenizer
+
+
+def _image_tree(root, corrupt=True):
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        os.makedirs(root / cls)
+        for i in range(6):
+            arr = rng.integers(0, 255, (20 + i, 30, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / cls / f"{cls}.{i}.{'png' if i % 2 else 'jpg'}")
+    if corrupt:
+        (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / "cat" / "odd.bmp")
+
+
+def test_prepare_image_keeps_labels_and_reports_unreadable_files(tmp_path):
+    _image_tree(tmp_path / "tree")
+    report = prepare_image(str(tmp_path / "tree"), str(tmp_path / "shards"), samples_per_shard=4, val_fraction=0.2)
+    assert [s["path"] for s in report["skipped"]] == [os.path.join("dog", "broken.jpg")]
+    assert report["samples"]["train"] + report["samples"]["valid"] == 13
+    assert json.load(open(tmp_path / "shards" / "classes.json")) == ["cat", "dog"]
+    names = []
+    for shard in sorted(os.listdir(tmp_path / "shards")):
+        if shard.endswith(".tar"):
+            with tarfile.open(tmp_path / "shards" / shard) as tar:
+                names += tar.getnames()
+    keys = {n.rsplit(".", 1)[0] for n in names}
+    assert all("." not in k for k in keys) and len(keys) == 13
+    assert any(n.endswith(".png") for n in names if n.startswith("cat_odd_bmp"))  # re-encoded bmp
+    assert all(n.rsplit(".", 1)[1] in ("jpg", "png", "cls", "json") for n in names)
+
+
+def test_random_resized_crop_and_transform():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        left, top, w, h = random_resized_crop_box(40, 30, g, scale=(0.2, 1.0))
+        assert 0 <= left and left + w <= 40 and 0 <= top and top + h <= 30
+        assert w * h >= 0.2 * 40 * 30 * 0.8
+    im = Image.fromarray(np.full((30, 40, 3), 128, dtype=np.uint8))
+    t = ImageTransform(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    x = t(im, torch.Generator().manual_seed(1))
+    assert x.shape == (3, 32, 32) and torch.allclose(x, torch.full_like(x, (128 / 255 - 0.5) / 0.25), atol=1e-5)
+    a, b = (t(decode_image({"png": _png(i)}), torch.Generator().manual_seed(7)) for i in (0, 0))
+    assert torch.equal(a, b)
+
+
+def _png(seed):
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_image_collate_masks_every_image_exactly():
+    cfg = get_preset("image_tiny")
+    g = torch.Generator().manual_seed(0)
+    batch = image_collate([torch.randn(3, 32, 32) for _ in range(5)], [0, 1, 2, 3, 4], list("abcde"), grid=(8, 8),
+                          num_masked=39, min_block=4, max_block=None, min_aspect=0.3, top_up=True, g=g)
+    assert batch.source.shape == (5, 3, 32, 32) and (batch.mask.sum(1) == 39).all()
+    assert batch.extras["labels"].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_prepare_text_trains_sentencepiece_with_roberta_ids_and_packs_blocks(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    words = "the quick brown fox jumps over the lazy dog while python parses every source file".split()
+    rng = np.random.default_rng(0)
+    corpus.write_text("\n\n".join(" ".join(rng.choice(words, 30)) for _ in range(300)))
+    meta = prepare_text(str(corpus), str(tmp_path / "shards"), vocab_size=60, block_size=32, samples_per_shard=50)
+    assert (meta["bos_id"], meta["pad_id"], meta["eos_id"], meta["unk_id"]) == (0, 1, 2, 3)
+    # A corpus this small supports fewer pieces than asked for; the real size is what is recorded.
+    assert meta["mask_id"] == meta["vocab_size"] - 1 and meta["vocab_size"] <= 60
+    tok = Tokenizer(str(tmp_path / "shards" / "spm.model"))
+    assert tok.info.vocab_size == meta["vocab_size"] and max(tok.encode("the lazy dog")) < meta["mask_id"]
+    assert load_tokenizer_meta(meta["patterns"]["train"])["sha256"] == tok.info.sha256
+    with tarfile.open(tmp_path / "shards" / "train-000000.tar") as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("tokens.npy"))
+        block = decode_tokens({"tokens.npy": tar.extractfile(member).read()})
+    assert block.shape == (32,) and block[0] == 0
+
+
+def test_pack_blocks_by_hand():
+    blocks = pack_blocks([[5, 6, 7], [8]], 4, bos=0, eos=2, pad=1)
+    assert blocks.tolist() == [[0, 5, 6, 7], [0, 2, 8, 2]]
+    blocks = pack_blocks([[5, 6, 7, 8]], 4, bos=0, eos=2, pad=1)
+    assert blocks.tolist() == [[0, 5, 6, 7], [0, 8, 2, 1]]
+
+
+def test_tokenizer_mismatch_is_a_clear_error():
+    cfg = get_preset("text_tiny")
+    meta = {"kind": "sentencepiece", "vocab_size": 3000, "pad_id": 1, "bos_id": 0, "eos_id": 2, "unk_id": 3,
+            "mask_id": 2999, "block_size": 128}
+    with pytest.raises(ValueError, match="model.text.vocab_size=3000"):
+        check_tokenizer(meta, cfg.model.text)
+    check_tokenizer({**meta, "vocab_size": 2000, "mask_id": 1999}, cfg.model.text)
+
+
+def test_text_collate_selects_and_masks_but_keeps_the_clean_view():
+    tokens = [torch.randint(4, 99, (64,)) for _ in range(8)]
+    tokens[3][40:] = 1
+    batch = text_collate(tokens, [str(i) for i in range(8)], pad_id=1, mask_id=99, kind="text_span",
+                         mask_prob=0.35, mask_length=4, random_token_prob=0.0, leave_unmasked_prob=0.0,
+                         g=torch.Generator().manual_seed(0))
+    assert torch.equal(batch.source, torch.stack(tokens))
+    assert (batch.masked_source[batch.mask] == 99).all()
+    assert torch.equal(batch.masked_source[~batch.mask], batch.source[~batch.mask])
+    assert not (batch.mask & batch.padding_mask).any()
