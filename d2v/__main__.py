@@ -6,6 +6,7 @@ import sys
 COMMANDS = {
     "describe": "d2v.describe",
     "export": "d2v.export",
+    "probe": "d2v.probe",
 }
 
 

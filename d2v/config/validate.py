@@ -70,8 +70,6 @@ def _problems(cfg: "D2vConfig") -> list[str]:
         p.append(f"optim.schedule={o.schedule!r}: use tri_stage, cosine or constant")
     if o.schedule == "tri_stage" and abs(sum(o.phase_ratios) - 1.0) > 1e-6:
         p.append(f"optim.phase_ratios={o.phase_ratios} must sum to 1")
-    if o.warmup_steps > tr.max_steps:
-        p.append(f"optim.warmup_steps={o.warmup_steps} exceeds train.max_steps={tr.max_steps}")
     if o.lr <= 0:
         p.append("optim.lr must be > 0")
     if o.clip_norm < 0:
