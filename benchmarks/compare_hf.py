@@ -20,9 +20,10 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The script's own folder would shadow the `kernels` package with benchmarks/kernels.py.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from common import ROOT, machine, table, write_record  # noqa: E402
+from benchmarks.common import ROOT, machine, table, write_record  # noqa: E402
 
 PRESETS = {"audio": ("audio_base", ["--seconds", "4"]), "vision": ("image_base", []), "text": ("text_base", [])}
 HF_TOOL = os.path.join(os.path.dirname(ROOT), "shared", "tools", "hf_reference_step.py")

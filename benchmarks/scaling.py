@@ -20,10 +20,10 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The script's own folder would shadow the `kernels` package with benchmarks/kernels.py.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from common import RESULTS, ROOT, machine, table, write_record  # noqa: E402
+from benchmarks.common import RESULTS, ROOT, machine, table, write_record  # noqa: E402
 
 TEMPLATES = {1: "zero1.json", 2: "zero2.json", 3: "zero3.json"}
 

@@ -22,12 +22,12 @@ import time
 from collections import defaultdict
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The script's own folder would shadow the `kernels` package with benchmarks/kernels.py.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import machine, matmul_peak_tflops, peak_memory_bytes, sync, table, write_record  # noqa: E402
+from benchmarks.common import machine, matmul_peak_tflops, peak_memory_bytes, sync, table, write_record  # noqa: E402
 
 PHASES = ("data", "student_fwd", "student_bwd", "teacher_fwd", "targets", "optimizer", "ema")
 
