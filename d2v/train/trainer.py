@@ -90,14 +90,15 @@ class Trainer:
         self.step = 0  # optimizer updates done
         self.skipped_steps = 0  # updates skipped for a non-finite loss or gradient
         self.consecutive_skips = 0
-        self._grad_finite = torch.ones((), dtype=torch.bool)
+        self._grad_sum = torch.zeros(())
         for p in self.student.parameters():
             if p.requires_grad:
                 p.register_hook(self._check_grad)
 
     def _check_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        # Runs in autograd before DeepSpeed's own gradient hooks; a flag, no host sync here.
-        self._grad_finite = self._grad_finite.to(grad.device) & torch.isfinite(grad).all()
+        # Runs in autograd before DeepSpeed's own gradient hooks. A NaN/inf anywhere makes the
+        # running sum non-finite: one reduction per gradient, no host sync until the step.
+        self._grad_sum = self._grad_sum.to(grad.device) + grad.sum(dtype=torch.float32)
         return grad
 
     def _all_finite(self, value: torch.Tensor) -> bool:
@@ -118,14 +119,14 @@ class Trainer:
         lr = float(self.scheduler.get_last_lr()[0])
         losses, sums = [], {}
         samples, finite = 0, True
-        self._grad_finite = torch.ones((), dtype=torch.bool)
+        self._grad_sum = torch.zeros(())
         for batch in micro_batches:
             out = self.task(batch.to(self.device, self.dtype), step=self.step)
             # Every rank agrees before backward, so a NaN on one rank skips the update on all.
             finite = finite and self._all_finite(torch.isfinite(out.loss.detach()))
             if finite:
                 self.engine.backward(out.loss)
-                finite = self._all_finite(self._grad_finite)
+                finite = self._all_finite(torch.isfinite(self._grad_sum))
             if not finite:
                 break
             self.engine.step()
