@@ -2,8 +2,10 @@
 
 Called in the data loader's collate step; every function returns a bool tensor, True = masked.
 """
+from d2v.masking.block import block_mask_1d, inverse_block_mask_2d, random_mask
 from d2v.masking.block2d import block_mask_2d
 from d2v.masking.span import mask_rate, span_mask
 from d2v.masking.text import apply_token_mask, text_span_mask
 
-__all__ = ["apply_token_mask", "block_mask_2d", "mask_rate", "span_mask", "text_span_mask"]
+__all__ = ["apply_token_mask", "block_mask_1d", "block_mask_2d", "inverse_block_mask_2d", "mask_rate", "random_mask",
+           "span_mask", "text_span_mask"]
