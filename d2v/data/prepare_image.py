@@ -72,7 +72,7 @@ def prepare_image(src: str, out: str, *, samples_per_shard: int = 1000, val_frac
         split["valid"] += [(p, idx) for p in paths[:n_val]]
         split["train"] += [(p, idx) for p in paths[n_val:]]
     os.makedirs(out, exist_ok=True)
-    skipped, counts, patterns = [], {}, {}
+    skipped, counts, patterns, index = [], {}, {}, {}
     for name, items in split.items():
         rng.shuffle(items)
         if not items:
@@ -88,10 +88,14 @@ def prepare_image(src: str, out: str, *, samples_per_shard: int = 1000, val_frac
                     skipped.append({"path": rel, "reason": f"{type(e).__name__}: {e}"})
                     continue
                 sink.write({"__key__": _key(rel), ext: data, "cls": idx, "json": {"path": rel, "class": classes[idx]}})
+                shard = f"{name}-{written // samples_per_shard:06d}.tar"
+                index[shard] = index.get(shard, 0) + 1
                 written += 1
         n_shards = len([f for f in os.listdir(out) if f.startswith(name + "-") and f.endswith(".tar")])
         counts[name] = written
         patterns[name] = os.path.join(out, f"{name}-{{000000..{n_shards - 1:06d}}}.tar")
+    with open(os.path.join(out, "index.json"), "w") as f:
+        json.dump(index, f, indent=1)  # samples per shard: ranks plan their epochs from it
     with open(os.path.join(out, "classes.json"), "w") as f:
         json.dump(classes, f, indent=1)
     report = {"source": os.path.abspath(src), "classes": len(classes), "samples": counts, "patterns": patterns,

@@ -78,17 +78,21 @@ def prepare_text(src: str, out: str, *, vocab_size: int | None = None, tokenizer
     rng.shuffle(order)
     n_val = max(1, int(len(docs) * val_fraction)) if len(docs) > 1 else 0
     splits = {"valid": [docs[i] for i in order[:n_val]], "train": [docs[i] for i in order[n_val:]]}
-    counts, patterns = {}, {}
+    counts, patterns, index = {}, {}, {}
     for name, texts in splits.items():
         blocks = pack_blocks([tok.encode(t) for t in texts], block_size, bos=info.bos_id, eos=info.eos_id,
                              pad=info.pad_id)
         with wds.ShardWriter(os.path.join(out, f"{name}-%06d.tar"), maxcount=samples_per_shard, verbose=0) as sink:
             for i, block in enumerate(blocks):
                 sink.write({"__key__": f"{name}{i:08d}", "tokens.npy": block})
+                shard = f"{name}-{i // samples_per_shard:06d}.tar"
+                index[shard] = index.get(shard, 0) + 1
         n_shards = len([f for f in os.listdir(out) if f.startswith(name + "-") and f.endswith(".tar")])
         counts[name] = len(blocks)
         patterns[name] = os.path.join(out, f"{name}-{{000000..{n_shards - 1:06d}}}.tar")
     meta = {**info.as_dict(), "block_size": block_size, "documents": len(docs), "blocks": counts, "patterns": patterns}
+    with open(os.path.join(out, "index.json"), "w") as f:
+        json.dump(index, f, indent=1)  # samples per shard: ranks plan their epochs from it
     with open(os.path.join(out, "tokenizer.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return meta

@@ -1,0 +1,168 @@
+"""Epoch plans: which samples every (rank, worker) stream batches together, from lengths alone.
+
+DESIGN.md 4. A plan is a pure function of (sidecar lengths, seed, epoch, world size, workers per
+rank, batching options), so every rank computes every rank's plan identically without
+communication or decoding, and a resumed run recomputes where it stopped.
+
+Training epoch, step by step:
+1. shards are ordered by a permutation of (seed, epoch);
+2. samples shorter than `min_length` are dropped (counted); the rest, in that shard order, form
+   the epoch's sequence;
+3. stream s = rank · workers + worker takes the contiguous slice s of that sequence;
+4. each stream cuts its slice into chunks of `buffer` samples; a chunk is sorted by length
+   (ties broken at random) and cut greedily into batches whose size × padded length stays within
+   `budget` (fairseq's max_tokens); the chunk's batches are then shuffled. Randomness comes
+   from a generator seeded by (seed, epoch, rank, worker, chunk);
+5. every stream yields the same number of batches, the smallest any stream of any rank has, so
+   all ranks run `workers × that` steps; the batches beyond it are dropped and counted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from d2v.data.shards import Item, ShardIndex, epoch_shard_order, slice_bounds, stream_seed
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    """How samples are grouped into batches (lengths in samples, e.g. audio samples at 16 kHz)."""
+
+    budget: int  # batch size × padded length must not exceed this (max_tokens)
+    max_length: int  # longer samples are cropped to this, so it is their padded length
+    min_length: int = 0  # shorter samples are skipped
+    buffer: int = 512  # samples sorted together by the length-bucketing buffer
+    max_batch_size: int | None = None
+
+    def validate(self) -> None:
+        if self.max_length > self.budget:
+            raise ValueError(
+                f"max_samples_per_batch ({self.budget}) is smaller than max_sample_size ({self.max_length}): "
+                "raise the budget or lower max_sample_size so that one cropped sample fits")
+        if self.min_length > self.max_length:
+            raise ValueError(f"min_sample_size ({self.min_length}) exceeds max_sample_size ({self.max_length})")
+        if self.buffer < 1:
+            raise ValueError(f"bucket buffer must be >= 1, got {self.buffer}")
+
+
+def bucket_batches(items: list[Item], lengths: np.ndarray, options: BatchingOptions,
+                   rng: np.random.Generator | None) -> list[list[Item]]:
+    """Sorts `items` by (capped) length and cuts them into batches within the budget.
+
+    rng None keeps the input order for ties and the batch order sorted (validation).
+    """
+    capped = np.minimum(lengths, options.max_length)
+    order = np.arange(len(items)) if rng is None else rng.permutation(len(items))
+    order = order[np.argsort(capped[order], kind="stable")]
+    batches: list[list[Item]] = []
+    current: list[Item] = []
+    for i in order.tolist():
+        # Ascending order: the newcomer is the longest, so it sets the padded length.
+        too_many = options.max_batch_size is not None and len(current) >= options.max_batch_size
+        if current and (too_many or (len(current) + 1) * int(capped[i]) > options.budget):
+            batches.append(current)
+            current = []
+        current.append(items[i])
+    if current:
+        batches.append(current)
+    if rng is not None:
+        batches = [batches[j] for j in rng.permutation(len(batches)).tolist()]
+    return batches
+
+
+@dataclass(frozen=True)
+class PlannedBatch:
+    """The items of one batch and the read group they come from (a bucketing chunk): a worker
+    reads a whole group's raw samples at once, in shard order, then cuts its batches from them."""
+
+    items: list[Item]
+    group: int
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Batches of every stream (stream = rank · workers + worker) for one epoch."""
+
+    epoch: int
+    world_size: int
+    workers: int
+    streams: list[list[PlannedBatch]]
+    too_short: int
+
+    @property
+    def batches_per_stream(self) -> int:
+        return min(len(s) for s in self.streams)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps every rank runs this epoch (the same on all ranks)."""
+        return self.workers * self.batches_per_stream
+
+    def stream(self, rank: int, worker: int) -> list[PlannedBatch]:
+        """The batches that (rank, worker) yields, already cut to the common length."""
+        return self.streams[rank * self.workers + worker][: self.batches_per_stream]
+
+    def dropped_batches(self, rank: int) -> int:
+        """Batches of `rank` left out so that all ranks run the same number of steps."""
+        mine = self.streams[rank * self.workers: (rank + 1) * self.workers]
+        return sum(len(s) for s in mine) - self.steps_per_epoch
+
+
+def _eligible(index: ShardIndex, shard: int, min_length: int) -> np.ndarray:
+    return np.flatnonzero(index.lengths[shard] >= min_length)
+
+
+def train_plan(index: ShardIndex, options: BatchingOptions, *, seed: int, epoch: int,
+               world_size: int, workers: int) -> EpochPlan:
+    """The training plan of `epoch` (see the module docstring)."""
+    workers = max(1, workers)
+    sequence: list[Item] = []
+    lengths: list[int] = []
+    too_short = 0
+    for shard in epoch_shard_order(len(index.paths), seed, epoch):
+        keep = _eligible(index, shard, options.min_length)
+        too_short += len(index.lengths[shard]) - len(keep)
+        sequence.extend((shard, int(i)) for i in keep)
+        lengths.extend(index.lengths[shard][keep].tolist())
+    all_lengths = np.asarray(lengths, dtype=np.int64)
+    num_streams = world_size * workers
+    if len(sequence) < num_streams:
+        raise ValueError(f"{len(sequence)} usable samples cannot feed {world_size} ranks × {workers} workers")
+    streams: list[list[PlannedBatch]] = []
+    for s in range(num_streams):
+        start, stop = slice_bounds(len(sequence), num_streams, s)
+        rank, worker = divmod(s, workers)
+        batches: list[PlannedBatch] = []
+        for chunk, c0 in enumerate(range(start, stop, options.buffer)):
+            c1 = min(c0 + options.buffer, stop)
+            rng = np.random.default_rng(stream_seed(seed, epoch, rank, worker, chunk, 0xB0C))
+            cut = bucket_batches(sequence[c0:c1], all_lengths[c0:c1], options, rng)
+            batches.extend(PlannedBatch(items, chunk) for items in cut)
+        streams.append(batches)
+    return EpochPlan(epoch, world_size, workers, streams, too_short)
+
+
+def validation_plan(index: ShardIndex, options: BatchingOptions, *,
+                    world_size: int) -> tuple[list[list[PlannedBatch | None]], int]:
+    """A fixed validation plan: per rank, its batches padded with None to a common count.
+
+    All samples in shard order are sorted by length and batched (no randomness); batch j goes to
+    rank j mod world_size, so every rank has ceil(batches / world_size) steps; the missing last
+    ones are None (the loader yields a weight-0 filler batch there). Returns (per-rank lists of
+    batches, samples skipped as too short).
+    """
+    items: list[Item] = []
+    too_short = 0
+    for shard in range(len(index.paths)):
+        keep = _eligible(index, shard, options.min_length)
+        too_short += len(index.lengths[shard]) - len(keep)
+        items.extend((shard, int(i)) for i in keep)
+    lengths = np.asarray([index.lengths[s][i] for s, i in items], dtype=np.int64)
+    batches = [PlannedBatch(b, j) for j, b in enumerate(bucket_batches(items, lengths, options, rng=None))]
+    steps = -(-len(batches) // world_size)
+    per_rank: list[list[PlannedBatch | None]] = []
+    for rank in range(world_size):
+        mine: list[PlannedBatch | None] = list(batches[rank::world_size])
+        per_rank.append(mine + [None] * (steps - len(mine)))
+    return per_rank, too_short

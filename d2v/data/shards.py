@@ -1,0 +1,206 @@
+"""Modality-generic WebDataset shard handling: patterns, the length sidecar, epoch plans, reading.
+
+DESIGN.md 4 ("Data"). The loaders never ask WebDataset which samples a rank gets: every rank
+reads the length sidecar written by `d2v.data.prepare` and computes, without communication or
+decoding, the same epoch plan (shard order, each stream's slice, its batches). A "stream" is
+one (rank, loader worker) pair; streams read disjoint, contiguous slices of the epoch's sample
+sequence, cut at sample boundaries so that their sizes differ by at most one sample.
+
+Shards are plain tar files in the WebDataset layout (`KEY.EXT` members, members of a sample
+adjacent, keys without dots); this module reads them with `tarfile` so that it can seek past
+samples that a stream does not own and survive corrupt or truncated shards.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+from braceexpand import braceexpand
+
+SIDECAR_NAME = "lengths.json"
+
+
+def expand_pattern(pattern: str | Sequence[str]) -> list[str]:
+    """Brace-expands one pattern or several (a list, or one string split on whitespace).
+
+    Raises FileNotFoundError naming the pattern when any expanded shard does not exist: training
+    silently on part of a corpus is worse than stopping.
+    """
+    patterns = pattern.split() if isinstance(pattern, str) else list(pattern)
+    if not patterns:
+        raise ValueError("empty shard pattern: pass e.g. 'shards/train-{000000..000011}.tar'")
+    paths: list[str] = []
+    for pat in patterns:
+        expanded = list(braceexpand(pat))
+        missing = [p for p in expanded if not os.path.isfile(p)]
+        if len(missing) == len(expanded):
+            raise FileNotFoundError(f"shard pattern {pat!r} matches no existing shard (first tried: {expanded[0]})")
+        if missing:
+            shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+            raise FileNotFoundError(f"{len(missing)} of {len(expanded)} shards of {pat!r} do not exist: {shown}")
+        paths.extend(expanded)
+    if len(set(paths)) != len(paths):
+        raise ValueError(f"shard pattern {pattern!r} names some shards twice")
+    return paths
+
+
+def brace_pattern(prefix: str, count: int, suffix: str = ".tar") -> str:
+    """`train-{000000..000011}.tar` for count 12 (the pattern to pass to the launcher)."""
+    if count == 1:
+        return f"{prefix}000000{suffix}"
+    return f"{prefix}{{000000..{count - 1:06d}}}{suffix}"
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """What the sidecar says about the shards in use: paths and each shard's (key, length) list."""
+
+    paths: list[str]
+    keys: list[list[str]]
+    lengths: list[np.ndarray]  # int64 per shard, in tar order
+
+    @property
+    def num_samples(self) -> int:
+        return int(sum(len(k) for k in self.keys))
+
+
+def load_index(paths: Sequence[str], lengths_file: str | None = None) -> ShardIndex:
+    """Reads the length sidecar(s): `lengths_file`, else `lengths.json` beside each shard."""
+    tables: dict[str, dict] = {}
+    keys: list[list[str]] = []
+    lengths: list[np.ndarray] = []
+    for path in paths:
+        sidecar = lengths_file or os.path.join(os.path.dirname(path) or ".", SIDECAR_NAME)
+        if sidecar not in tables:
+            if not os.path.isfile(sidecar):
+                raise FileNotFoundError(
+                    f"no length sidecar {sidecar} for shard {path}: shards written by "
+                    "`python -m d2v.data.prepare` have one; or pass lengths_file")
+            with open(sidecar) as f:
+                tables[sidecar] = json.load(f)["shards"]
+        entry = tables[sidecar].get(os.path.basename(path))
+        if entry is None:
+            raise KeyError(f"shard {os.path.basename(path)} is not listed in {sidecar}")
+        keys.append([k for k, _ in entry])
+        lengths.append(np.asarray([n for _, n in entry], dtype=np.int64))
+    return ShardIndex(list(paths), keys, lengths)
+
+
+def stream_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, e.g. (seed, epoch, rank, worker, position).
+
+    A hash rather than arithmetic so that neighbouring tuples give unrelated generators.
+    """
+    digest = hashlib.sha256(np.asarray(parts, dtype=np.int64).tobytes()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def epoch_shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
+    """The order in which shards are read in `epoch`: a permutation seeded by (seed, epoch)."""
+    rng = np.random.default_rng(stream_seed(seed, epoch, 0x5A4D))
+    return rng.permutation(num_shards).tolist()
+
+
+def slice_bounds(total: int, num_streams: int, stream: int) -> tuple[int, int]:
+    """Contiguous slice [start, stop) of `total` items for `stream`; sizes differ by at most one."""
+    return total * stream // num_streams, total * (stream + 1) // num_streams
+
+
+# An item is (shard number in the ShardIndex, sample number inside that shard).
+Item = tuple[int, int]
+
+
+class ShardReader:
+    """Reads raw samples (`{ext: bytes}`) of given items, tolerating damaged shards.
+
+    Keeps the last shard open so that a stream walking forward through a shard does not rescan
+    its headers. A shard that ends early (truncated tar) or cannot be opened is counted in
+    `stats["bad_shards"]`; its requested samples that never appear count as `missing`.
+    """
+
+    def __init__(self, index: ShardIndex, stats: dict[str, int]):
+        self.index = index
+        self.stats = stats
+        self._shard = -1
+        self._tar: tarfile.TarFile | None = None
+        self._pending: tarfile.TarInfo | None = None
+        self._cursor = -1  # sample position of the last member read from the open shard
+        self._broken: set[int] = set()
+        self._positions: dict[int, dict[str, int]] = {}
+
+    def close(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+        self._tar, self._shard, self._pending, self._cursor = None, -1, None, -1
+
+    def _open(self, shard: int) -> None:
+        self.close()
+        try:
+            self._tar = tarfile.open(self.index.paths[shard], mode="r:")
+            self._shard = shard
+        except (OSError, tarfile.TarError, EOFError):
+            self._mark_broken(shard)
+
+    def _mark_broken(self, shard: int) -> None:
+        if shard not in self._broken:
+            self._broken.add(shard)
+            self.stats["bad_shards"] = self.stats.get("bad_shards", 0) + 1
+        self.close()
+
+    def _next_member(self) -> tarfile.TarInfo | None:
+        if self._pending is not None:
+            member, self._pending = self._pending, None
+            return member
+        assert self._tar is not None
+        try:
+            return self._tar.next()
+        except (OSError, tarfile.TarError, EOFError):
+            self._mark_broken(self._shard)
+            return None
+
+    def _key_position(self, shard: int, key: str) -> int:
+        table = self._positions.get(shard)
+        if table is None:
+            table = self._positions[shard] = {k: i for i, k in enumerate(self.index.keys[shard])}
+        return table.get(key, -1)
+
+    def read(self, items: Sequence[Item]) -> dict[Item, dict[str, bytes]]:
+        """Raw samples for `items`; samples that cannot be read are left out (and counted)."""
+        wanted: dict[int, dict[str, int]] = {}
+        for shard, sample in items:
+            wanted.setdefault(shard, {})[self.index.keys[shard][sample]] = sample
+        found: dict[Item, dict[str, bytes]] = {}
+        for shard, by_key in wanted.items():
+            if shard in self._broken:
+                continue
+            if shard != self._shard or min(by_key.values()) <= self._cursor:
+                self._open(shard)
+            last = max(by_key.values())
+            while self._tar is not None:
+                member = self._next_member()
+                if member is None:
+                    break
+                key, _, ext = member.name.rpartition("/")[2].partition(".")
+                position = self._key_position(shard, key)
+                if position > last:
+                    # First member past what this request needs: keep it for the next request.
+                    self._pending = member
+                    break
+                self._cursor = max(self._cursor, position)
+                sample = by_key.get(key)
+                if sample is None or not member.isfile():
+                    continue  # passed over without reading its data
+                try:
+                    found.setdefault((shard, sample), {})[ext] = self._tar.extractfile(member).read()
+                except (OSError, tarfile.TarError, EOFError):
+                    found.pop((shard, sample), None)
+                    self._mark_broken(shard)
+        missing = len(items) - len(found)
+        if missing:
+            self.stats["missing"] = self.stats.get("missing", 0) + missing
+        return found
