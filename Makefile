@@ -1,4 +1,4 @@
-# d2v: `make test` and `make demo` work on a fresh CPU machine with Python 3.11.
+# d2v: `make demo` and `make test` work on a fresh CPU machine with Python 3.11.
 # torch is installed first, pinned to the CPU build, so that nothing pulls a CUDA torch.
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,11 +6,13 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH ?= torch==2.13.0
 TRITON ?= triton==3.9.0
-EXTRAS ?= test,triton,demo
+EXTRAS ?= test,triton,demo,bench
 MODALITY ?= audio
+DEMO_DATA ?= demo_data
+DEMO_STEPS ?= 300
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo clean-venv
+.PHONY: venv test demo demo-data clean-venv
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,9 +28,19 @@ venv: $(VENV)/.installed
 test: venv
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q $(PYTEST_ARGS) tests
 
-demo: venv
-	DS_ACCELERATOR=cpu $(PY) launchers/pretrain.py --preset $(MODALITY)_tiny --ds_config ds_configs/cpu.json \
-		--out runs/demo-$(MODALITY)
+# The demo data is built once per modality: synthesized speech (eSpeak NG), the digits and
+# photographs scikit-learn ships, or Python's own documentation.
+$(DEMO_DATA)/%/patterns.json: | venv
+	$(PY) -m d2v.data.demo $* $(DEMO_DATA)/$*
+
+demo-data: $(DEMO_DATA)/$(MODALITY)/patterns.json
+
+demo: venv demo-data
+	DS_ACCELERATOR=cpu $(VENV)/bin/deepspeed --num_gpus 2 launchers/pretrain.py \
+		--ds_config ds_configs/cpu.json --preset $(MODALITY)_tiny \
+		--data "$$($(PY) -c 'import json,sys; print(json.load(open(sys.argv[1]))["train"])' $(DEMO_DATA)/$(MODALITY)/patterns.json)" \
+		--val-data "$$($(PY) -c 'import json,sys; print(json.load(open(sys.argv[1]))["valid"])' $(DEMO_DATA)/$(MODALITY)/patterns.json)" \
+		--out runs/demo-$(MODALITY) train.max_steps=$(DEMO_STEPS) train.val_every=100 train.log_every=25
 
 clean-venv:
 	rm -rf $(VENV)

@@ -19,11 +19,19 @@ setup(
         "safetensors",
         "tensorboard",
         "tqdm",
+        "pillow",
+        "sentencepiece",
+        "tokenizers",
+        "braceexpand",
     ],
     extras_require={
         "test": ["pytest>=8"],
         "triton": ["triton>=3.1"],
-        "demo": ["espeakng-loader>=0.2"],
+        # eSpeak NG (GPL) synthesizes the speech demo; scikit-learn ships the image demo's
+        # digits and photographs and fits the linear probe.
+        "demo": ["espeakng-loader>=0.2", "scikit-learn"],
+        "bench": ["matplotlib"],
+        "hf": ["transformers>=4.40"],
         # xformers wheels are built for one CUDA torch; install them only on GPU machines.
         "gpu": ["xformers"],
         "wandb": ["wandb"],

@@ -19,11 +19,11 @@ def read_labelled_images(pattern: str, size: int, mean, std) -> tuple[torch.Tens
     import webdataset as wds
 
     from d2v.data.image import ImageTransform, decode_image
-    from d2v.data.shards_list import expand_shards
+    from d2v.data.shards import expand_pattern
 
     transform = ImageTransform(size, mean, std, train=False)
     images, labels = [], []
-    for sample in wds.WebDataset(expand_shards(pattern), shardshuffle=False, empty_check=False):
+    for sample in wds.WebDataset(expand_pattern(pattern), shardshuffle=False, empty_check=False):
         images.append(transform(decode_image(sample), torch.Generator()))
         labels.append(int(sample["cls"]))
     if not images:

@@ -64,6 +64,11 @@ class Data2VecTask:
         pred_ND = out.prediction
         target_ND = y_BTD[mask]
         loss_sum, count = regression_loss(pred_ND, target_ND, self.cfg.loss)
+        # A filler batch (a planned batch whose samples were all unreadable) has weight 0: it
+        # keeps the ranks in step but contributes nothing.
+        weight = float(batch.extras.get("weight", 1.0))
+        if weight != 1.0:
+            loss_sum, count = loss_sum * weight, int(count * weight)
         loss = loss_sum / self.normalizer(count)
         metrics = {
             "loss_sum": float(loss_sum.detach()),

@@ -2,6 +2,7 @@
 function (DESIGN.md 5). Imports only torch and triton. `D2V_KERNELS=off` forces the references.
 """
 from kernels.attention import attention
+from kernels.attention_reference import Alibi, alibi_slopes
 from kernels.targets import accumulate, finalize, fused_targets
 
-__all__ = ["attention", "accumulate", "finalize", "fused_targets"]
+__all__ = ["attention", "Alibi", "alibi_slopes", "accumulate", "finalize", "fused_targets"]

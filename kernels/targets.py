@@ -1,36 +1,101 @@
-"""Placeholder until the fused Triton target kernels land: plain PyTorch."""
+"""Dispatch for the streaming data2vec targets (DESIGN.md 5): `accumulate`, `finalize` and the
+list form `fused_targets`, with the semantics of d2v.targets (restated in targets_reference.py).
+
+Backend, chosen per call:
+* `D2V_KERNELS=off`     → the PyTorch reference, everywhere;
+* `D2V_KERNELS=triton`  → the Triton kernels even for CPU tensors; only meaningful with
+  `TRITON_INTERPRET=1` set before kernels.targets_triton is imported (tests do this);
+* unset / anything else → Triton for CUDA tensors when triton imports, the reference otherwise.
+
+Both backends sit behind two torch.library custom ops, so torch.compile traces a teacher that
+calls them as opaque nodes (fake implementations give the shapes):
+* `d2v_kernels::normalize(x, norm, mask, scale) -> Tensor`: fp32 norm(x·scale), new tensor;
+* `d2v_kernels::accumulate_(acc!, x, norm, mask) -> ()`: acc += norm(x), in place.
+"""
 from __future__ import annotations
 
+import os
+from typing import Sequence
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from kernels import targets_reference as ref
 
-def _norm(x: Tensor, kind, pad):
-    x = x.float()
-    if kind == "instance":
-        if pad is None:
-            return F.instance_norm(x.transpose(1, 2), eps=1e-5).transpose(1, 2)
-        v = (~pad).unsqueeze(-1).float()
-        n = v.sum(1, keepdim=True).clamp_min(1)
-        m = (x * v).sum(1, keepdim=True) / n
-        var = (((x - m) * v) ** 2).sum(1, keepdim=True) / n
-        return (x - m) * torch.rsqrt(var + 1e-5) * v
-    if kind == "layer":
-        x = F.layer_norm(x, x.shape[-1:], eps=1e-5)
-    return x if pad is None else x.masked_fill(pad.unsqueeze(-1), 0.0)
+try:
+    from kernels import targets_triton as _tt  # module attribute: tests reload it interpreted
+except ImportError:  # pragma: no cover - triton missing
+    _tt = None
 
 
-def accumulate(acc, layer_output, *, layer_norm, padding_mask=None):
-    y = _norm(layer_output, layer_norm, padding_mask)
-    return y.clone() if acc is None else acc.add_(y)
+def backend(x: Tensor) -> str:
+    """'triton' or 'reference' for a tensor on x's device, following D2V_KERNELS."""
+    mode = os.environ.get("D2V_KERNELS", "auto").lower()
+    if mode == "off" or _tt is None:
+        return "reference"
+    if mode == "triton" or x.is_cuda:
+        return "triton"
+    return "reference"
 
 
-def finalize(acc, *, top_k, final_norm, padding_mask=None):
-    return _norm(acc.div_(top_k), final_norm, padding_mask)
+def _check(x: Tensor, norm: str | None, mask: Tensor | None) -> None:
+    ref.check_norm(norm)
+    if x.dim() != 3:
+        raise ValueError(f"layer outputs are B×T×D, got shape {tuple(x.shape)}")
+    if mask is not None and (mask.dtype != torch.bool or mask.shape != x.shape[:2]):
+        raise ValueError(f"padding_mask must be bool B×T={tuple(x.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
 
 
-def fused_targets(layer_outputs, *, top_k, layer_norm, final_norm, padding_mask=None):
+@torch.library.custom_op("d2v_kernels::normalize", mutates_args=())
+def _normalize_op(x: Tensor, norm: str | None, mask: Tensor | None, scale: float) -> Tensor:
+    if backend(x) == "reference":
+        return ref.normalize(x, norm, mask, scale)
+    out = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+    _tt.normalize_into(x, norm, mask, scale, out, add=False)
+    return out
+
+
+@_normalize_op.register_fake
+def _(x: Tensor, norm: str | None, mask: Tensor | None, scale: float) -> Tensor:
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("d2v_kernels::accumulate_", mutates_args=("acc",))
+def _accumulate_op(acc: Tensor, x: Tensor, norm: str | None, mask: Tensor | None) -> None:
+    if backend(x) == "reference":
+        acc.add_(ref.normalize(x, norm, mask))
+    else:
+        _tt.normalize_into(x, norm, mask, 1.0, acc, add=True)
+
+
+@_accumulate_op.register_fake
+def _(acc: Tensor, x: Tensor, norm: str | None, mask: Tensor | None) -> None:
+    return None
+
+
+def accumulate(acc: Tensor | None, layer_output: Tensor, *, layer_norm: str | None,
+               padding_mask: Tensor | None = None) -> Tensor:
+    """acc (fp32 contiguous B×T×D) += N_pre(layer_output); a new acc when None. Returns acc."""
+    _check(layer_output, layer_norm, padding_mask)
+    if acc is None:
+        return _normalize_op(layer_output, layer_norm, padding_mask, 1.0)
+    if acc.dtype != torch.float32 or acc.shape != layer_output.shape:
+        raise ValueError(f"acc must be fp32 {tuple(layer_output.shape)}, got {acc.dtype} {tuple(acc.shape)}")
+    _accumulate_op(acc, layer_output, layer_norm, padding_mask)
+    return acc
+
+
+def finalize(acc: Tensor, *, top_k: int, final_norm: str | None, padding_mask: Tensor | None = None) -> Tensor:
+    """Target = N_post(acc / top_k), fp32 B×T×D (a new tensor; unlike d2v.targets, acc is not divided in place)."""
+    _check(acc, final_norm, padding_mask)
+    return _normalize_op(acc, final_norm, padding_mask, 1.0 / top_k)
+
+
+def fused_targets(layer_outputs: Sequence[Tensor], *, top_k: int, layer_norm: str | None,
+                  final_norm: str | None, padding_mask: Tensor | None = None) -> Tensor:
+    """Same signature and result as d2v.targets.build_targets, built on accumulate/finalize."""
+    if not 1 <= top_k <= len(layer_outputs):
+        raise ValueError(f"top_k={top_k} but {len(layer_outputs)} layer outputs were given")
     acc = None
     for a in layer_outputs[-top_k:]:
         acc = accumulate(acc, a, layer_norm=layer_norm, padding_mask=padding_mask)

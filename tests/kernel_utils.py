@@ -6,7 +6,9 @@ interpreted, from TRITON_INTERPRET. One pytest session runs both the interpreter
 and the sm_80/sm_90 compile tests, so neither may set the variable globally:
 * `interpreted(*module_names)` sets TRITON_INTERPRET=1, imports or reloads the named kernel
   modules so their kernels become InterpretedFunctions, yields them, then restores the variable
-  and reloads the modules again so later tests see compiled kernels. Dispatch code must reach
+  and reloads the modules again so later tests see compiled kernels. While active it also routes
+  calls of triton.language's own @jit helpers (tl.sum, tl.zeros, ...; decorated when triton
+  was first imported, normally in compiled mode) through the interpreter. Dispatch code must reach
   kernels through the module attribute (`_tt.kernel`), which a reload updates in place.
   Use it from a module-scoped fixture.
 * `gpu_compile_results(modules)` runs `python -m kernels.gpu_compile --json` in a subprocess
@@ -31,14 +33,36 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _interpret_device_call(self, *args, **kwargs):
+    """JITFunction.__call__ while interpreting: run the function as the interpreter would."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    fn = _INTERPRETED.get(id(self))  # id: hashing a JITFunction walks its AST, which fails here
+    if fn is None:
+        fn = _INTERPRETED[id(self)] = InterpretedFunction(self.fn)
+    return fn(*args, **kwargs)
+
+
+_INTERPRETED: dict = {}  # id(JITFunction) → InterpretedFunction; triton's helpers live forever
+
+
 @contextlib.contextmanager
 def interpreted(*module_names: str) -> Iterator[list[ModuleType]]:
+    from triton.runtime.jit import JITFunction
+
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
+    # triton.language's own @jit helpers (tl.sum, tl.zeros, tl.max ...) were decorated when
+    # triton was first imported, usually in compiled mode (collection imports it); a kernel
+    # interpreted later calls them as device functions, which JITFunction refuses. Route those
+    # calls through InterpretedFunction for the duration.
+    compiled_call = JITFunction.__call__
+    JITFunction.__call__ = _interpret_device_call
     try:
         modules = [importlib.reload(importlib.import_module(name)) for name in module_names]
         yield modules
     finally:
+        JITFunction.__call__ = compiled_call
         if previous is None:
             os.environ.pop("TRITON_INTERPRET", None)
         else:

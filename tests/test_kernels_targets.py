@@ -112,11 +112,22 @@ def test_finalize_matches_float64(triton_path, gen, norm, padded):
         assert (out[pad] == 0).all()
 
 
-def test_instance_statistics_survive_a_large_offset(triton_path, gen):
-    """Sum/sum-of-squares in fp32 would lose the variance of 1e3 + N(0, 1); Chan's merge must not."""
-    x = 1e3 + torch.randn(2, 61, 48, generator=gen)
-    out = kernels.finalize(x, top_k=1, final_norm="instance")
-    assert_close(out, norm64(x, "instance", None), gen, "offset 1e3", atol=5e-4, rtol=0)
+@pytest.mark.parametrize("padded", [False, True], ids=["nopad", "pad"])
+def test_instance_statistics_merge_time_tiles(triton_path, gen, padded, monkeypatch):
+    """T=150 spans three time tiles whose means differ (a trend), on a 1e3 offset: the tile and
+    chunk merges must add the between-tile variance; sum/sum-of-squares in fp32 would lose it."""
+    T = 150
+    x = 1e3 + torch.linspace(0, 3, T)[None, :, None] + torch.randn(2, T, 48, generator=gen)
+    pad = padding(2, T, gen) if padded else None
+    if padded:
+        pad[1] = torch.arange(T) >= 100  # sample 1's last chunk below is all padding
+    want = norm64(x, "instance", pad)
+    out = kernels.finalize(x, top_k=1, final_norm="instance", padding_mask=pad)
+    assert_close(out, want, gen, "offset 1e3 + trend", atol=5e-4, rtol=0)
+    # Several time chunks (the last one fully padded when padded): the chunk merge.
+    monkeypatch.setitem(triton_path.STATS_TILE, "T_CHUNK", 64)
+    out = kernels.finalize(x, top_k=1, final_norm="instance", padding_mask=pad)
+    assert_close(out, want, gen, "three time chunks", atol=5e-4, rtol=0)
 
 
 def test_wide_rows_loop_over_column_blocks(triton_path, gen, monkeypatch):

@@ -34,7 +34,7 @@ def test_one_update_is_exact_in_fp32_and_copies_are_copies():
     before = {n: p.detach().double().clone() for n, p in teacher.model.named_parameters()}
     sp = dict(student.named_parameters())
     tau = teacher.update(0)
-    assert tau == pytest.approx(0.99)
+    assert tau == pytest.approx(cfg.teacher.ema_start)
     for name, t in teacher.model.named_parameters():
         assert t.dtype == torch.float32
         if name in teacher.copy_names:

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from d2v.batch import Batch
-from d2v.data.shards_list import expand_shards
+from d2v.data.shards import expand_pattern
 
 RawSample = dict[str, Any]
 # decode_batch(raw samples, generator) -> (Batch, number of samples skipped as corrupt)
@@ -180,7 +180,7 @@ class FixedBatchStream:
 
     def __init__(self, pattern: str, decode: BatchDecoder, *, batch_size: int, rank: int, world_size: int,
                  seed: int, num_workers: int = 0, shuffle_buffer: int = 256) -> None:
-        self.paths = expand_shards(pattern)
+        self.paths = expand_pattern(pattern)
         self.counts = shard_counts(self.paths)
         self.decode, self.batch_size = decode, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed

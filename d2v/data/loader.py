@@ -33,7 +33,7 @@ WEIGHT_KEY = "weight"  # 1.0 for real batches, 0.0 for filler batches (multiply 
 class BatchMaker(Protocol):
     """Turns raw samples into a Batch (decode, crop/pad, collate, mask); one per modality."""
 
-    def __call__(self, raw: list[tuple[Item, dict[str, bytes]]], generator: torch.Generator,
+    def __call__(self, raw: list[tuple[str, dict[str, bytes]]], generator: torch.Generator,
                  stats: dict[str, int]) -> Batch | None:
         """None when no sample of the batch could be decoded (the loader yields a filler)."""
         ...
@@ -85,7 +85,7 @@ class PlannedBatches(IterableDataset):
                         rest = [it for b in plan[position:] if b is not None and b.group == group for it in b.items]
                         rest.sort(key=lambda item: (self.shard_rank.get(item[0], item[0]), item[1]))
                         cache = reader.read(rest)
-                    raw = [(it, cache.pop(it)) for it in planned.items if it in cache]
+                    raw = [(self.index.keys[it[0]][it[1]], cache.pop(it)) for it in planned.items if it in cache]
                     batch = self.maker(raw, generator, stats) if raw else None
                     if batch is None:
                         stats["filler_batches"] = stats.get("filler_batches", 0) + 1
@@ -115,6 +115,12 @@ class TrainLoader:
     epoch, loaded into a fresh loader with the same world size and workers, continues with
     batch k + 1 of that epoch, sample-identical; with another world size or worker count the
     recorded epoch restarts from its first batch.
+
+    `stats` (this rank, cumulative since construction; read it for the logs): batches, samples,
+    corrupt (undecodable samples left out of their batch), missing (samples a shard did not
+    deliver), bad_shards (unreadable or truncated shards), filler_batches (planned batches with
+    nothing decodable: a one-row weight-0 batch stands in), too_short (samples under
+    min_sample_size, whole epoch), dropped_batches (this rank's batches beyond the common length).
     """
 
     def __init__(self, index: ShardIndex, batching: BatchingOptions, maker: BatchMaker, *,

@@ -184,6 +184,8 @@ class ShardReader:
             while self._tar is not None:
                 member = self._next_member()
                 if member is None:
+                    if any((shard, i) not in found for i in by_key.values()):
+                        self._mark_broken(shard)  # ended before samples its sidecar lists: truncated
                     break
                 key, _, ext = member.name.rpartition("/")[2].partition(".")
                 position = self._key_position(shard, key)

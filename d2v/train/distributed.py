@@ -78,3 +78,20 @@ def global_count_normalizer(world_size: int):
         return max(float(t.item()), 1.0) / world_size
 
     return normalize
+
+
+def set_cpu_threads(requested: int = 0) -> int:
+    """CPU ranks share the node's cores: without this every rank starts one thread per core and
+    the ranks of a node oversubscribe it. `requested` > 0 wins; OMP_NUM_THREADS is respected."""
+    if not on_cpu():
+        return torch.get_num_threads()
+    if requested > 0:
+        threads = requested
+    elif "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    else:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or
+                    os.environ.get("WORLD_SIZE", "1"))
+        threads = max(1, (os.cpu_count() or 1) // max(local, 1))
+    torch.set_num_threads(threads)
+    return threads

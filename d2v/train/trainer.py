@@ -57,6 +57,7 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world_size = distributed.init_distributed()
         self.device = distributed.device()
+        distributed.set_cpu_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)
         student = student if student is not None else build_model(cfg)
         student.encoder.checkpoint_blocks = cfg.train.activation_checkpointing

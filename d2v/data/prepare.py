@@ -1,0 +1,52 @@
+"""`python -m d2v.data.prepare {audio,image,text} SRC OUT ...`: raw corpora into WebDataset shards.
+
+Each modality lives in its own module (`prepare_audio`, `prepare_image`, `prepare_text`); this
+one dispatches on the first argument.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from d2v.data.prepare_audio import prepare_audio, print_summary
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m d2v.data.prepare", description=__doc__)
+    sub = parser.add_subparsers(dest="modality", required=True)
+    audio = sub.add_parser("audio", help="LibriSpeech-style tree or folder of flac/wav → 16 kHz FLAC shards")
+    audio.add_argument("src")
+    audio.add_argument("out")
+    size = audio.add_mutually_exclusive_group()
+    size.add_argument("--shard-size-mb", type=float, help="start a new shard past this size (default 256)")
+    size.add_argument("--samples-per-shard", type=int, help="utterances per shard")
+    val = audio.add_mutually_exclusive_group()
+    val.add_argument("--val-fraction", type=float, default=0.01,
+                     help="fraction of utterances held out (by a hash of the key); default 0.01")
+    val.add_argument("--val-speakers", nargs="+", default=[], help="hold out these speakers instead")
+    audio.add_argument("--workers", type=int, default=1, help="processes decoding and resampling")
+    for name in ("image", "text"):
+        other = sub.add_parser(name, help=f"see python -m d2v.data.prepare {name} --help", add_help=False)
+        other.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("image", "text"):
+        module = importlib.import_module(f"d2v.data.prepare_{argv[0]}")
+        module.main(argv[1:])
+        return 0
+    args = _parser().parse_args(argv)
+    report = prepare_audio(args.src, args.out, shard_size_mb=args.shard_size_mb,
+                           samples_per_shard=args.samples_per_shard,
+                           val_fraction=0.0 if args.val_speakers else args.val_fraction,
+                           val_speakers=args.val_speakers, workers=args.workers)
+    print_summary(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
