@@ -1,10 +1,14 @@
-"""One 2-rank DeepSpeed launch (CPU, gloo) of several pretraining scenarios (tests/dist/)."""
+"""One 2-rank DeepSpeed launch (CPU, gloo) of pretraining on the built-in demo data of every
+modality (tests/dist/pretrain_scenarios.py): loss falls, logs and checkpoints appear, ranks read
+disjoint data, a resumed run repeats the uninterrupted one exactly, a corrupt sample is counted."""
 import glob
+import io
 import json
 import os
 import socket
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
@@ -22,7 +26,7 @@ def launch_two_ranks(script: str, out: str, *extra: str, timeout: int = 900) -> 
     # In-process tests of this session may have set a world-size-1 rendezvous in os.environ.
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=ROOT)
     cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(_port()), os.path.join(ROOT, script), "--out", out, *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if proc.returncode != 0:
@@ -30,21 +34,63 @@ def launch_two_ranks(script: str, out: str, *extra: str, timeout: int = 900) -> 
     return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(2)]
 
 
+def corrupt_copy(pattern_dir: str, out_dir: str) -> None:
+    """Copies audio shards and garbles one utterance's FLAC bytes inside the first one."""
+    os.makedirs(out_dir)
+    for name in os.listdir(pattern_dir):
+        src = os.path.join(pattern_dir, name)
+        if name == "train-000000.tar":
+            with tarfile.open(src) as tar, tarfile.open(os.path.join(out_dir, name), "w") as dst:
+                broken = False
+                for member in tar.getmembers():
+                    data = tar.extractfile(member).read()
+                    if member.name.endswith(".flac") and not broken:
+                        data, broken = b"fLaC" + b"\x00garbage" * (len(data) // 8), True
+                    info = tarfile.TarInfo(member.name)
+                    info.size = len(data)
+                    dst.addfile(info, io.BytesIO(data))
+        elif os.path.isfile(src):
+            with open(src, "rb") as f, open(os.path.join(out_dir, name), "wb") as g:
+                g.write(f.read())
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
+    pytest.importorskip("espeakng_loader", reason="the speech demo needs the `demo` extra (espeakng-loader)")
+    from d2v.data.demo import make_audio_demo
+    from d2v.data.demo_image import build_image_demo
+    from d2v.data.demo_text import build_text_demo
+
+    data_dir = tmp_path_factory.mktemp("demo_data")
+    audio = make_audio_demo(str(data_dir / "audio"), utterances=120, workers=1)
+    corrupt_copy(str(data_dir / "audio" / "shards"), str(data_dir / "audio_corrupt"))
+    image = build_image_demo(str(data_dir / "image"))
+    text = build_text_demo(str(data_dir / "text"))
+    patterns = {
+        "audio": [audio["train"]["pattern"], audio["val"]["pattern"]],
+        "audio_corrupt": [audio["train"]["pattern"].replace(str(data_dir / "audio" / "shards"),
+                                                            str(data_dir / "audio_corrupt")), None],
+        "image": [image["patterns"]["train"], image["patterns"]["valid"]],
+        "text": [text["patterns"]["train"], text["patterns"]["valid"]],
+    }
     out = str(tmp_path_factory.mktemp("dist_pretrain"))
-    return out, launch_two_ranks("tests/dist/pretrain_scenarios.py", out, "--steps", "100")
+    return out, launch_two_ranks("tests/dist/pretrain_scenarios.py", out, "--steps", "100", "--data",
+                                 json.dumps(patterns))
 
 
-def test_two_ranks_ran_and_loss_falls(ranks):
+def _falls(losses):
+    return sum(losses[-20:]) / 20 < sum(losses[:20]) / 20
+
+
+def test_two_ranks_ran_and_loss_falls_for_every_modality(ranks):
     out, results = ranks
     for r, res in enumerate(results):
-        full = res["full"]
-        assert full["rank"] == r and full["world_size"] == 2
-        losses = full["losses"]
-        assert len(losses) == 100
-        assert sum(losses[-20:]) / 20 < sum(losses[:20]) / 20
-        assert min(full["target_std"]) > 0.1
+        for name in ("full", "image", "text"):
+            run = res[name]
+            assert run["rank"] == r and run["world_size"] == 2
+            assert len(run["losses"]) == 100, name
+            assert _falls(run["losses"]), (name, run["losses"][:5], run["losses"][-5:])
+            assert min(run["target_std"]) > 0.1, name
 
 
 def test_logs_and_checkpoints_appear(ranks):
@@ -53,8 +99,10 @@ def test_logs_and_checkpoints_appear(ranks):
     train = [row for row in lines if row["split"] == "train"]
     assert [row["step"] for row in train] == list(range(10, 101, 10))
     for key in ("loss", "target_std", "pred_std", "mask_rate", "ema_decay", "lr", "grad_norm", "model_norm",
-                "ema_norm", "samples_per_s"):
+                "ema_norm", "samples_per_s", "corrupt_samples"):
         assert key in train[0], key
+    valid = [row for row in lines if row["split"] == "valid"]
+    assert [row["step"] for row in valid] == [50, 100] and all(row["loss"] > 0 for row in valid)
     assert glob.glob(os.path.join(out, "full", "tensorboard", "events.out.tfevents.*"))
     ckpt = os.path.join(out, "full", "checkpoints")
     assert open(os.path.join(ckpt, "latest")).read().strip() == "step_00000100"
@@ -66,8 +114,10 @@ def test_logs_and_checkpoints_appear(ranks):
 
 def test_ranks_read_different_data(ranks):
     _, results = ranks
-    a, b = (set(res["full"]["keys"]) for res in results)
-    assert a and b and not (a & b)
+    for name in ("full", "image", "text"):
+        # Disjoint within an epoch (the first 10 batches are inside the first epoch of every demo).
+        a, b = ({k for batch in res[name]["keys"][:10] for k in batch} for res in results)
+        assert a and b and not (a & b), name
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(ranks):
@@ -77,3 +127,11 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(ranks):
         assert res["second_half"]["start"] == 50
         assert res["second_half"]["losses"] == res["full"]["losses"][50:]
         assert res["first_half"]["keys"] + res["second_half"]["keys"] == res["full"]["keys"]
+
+
+def test_a_corrupt_sample_is_skipped_counted_and_logged(ranks):
+    out, results = ranks
+    assert sum(res["corrupt"]["counters"]["corrupt_samples"] for res in results) >= 1
+    assert all(len(res["corrupt"]["losses"]) == 30 for res in results)
+    rows = [json.loads(line) for line in open(os.path.join(out, "corrupt", "metrics.jsonl"))]
+    assert rows[-1]["corrupt_samples"] >= 1

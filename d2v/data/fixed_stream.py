@@ -237,8 +237,21 @@ class FixedBatchStream:
 
 def validation_batches(pattern: str, decode: BatchDecoder, *, batch_size: int, rank: int, world_size: int,
                        seed: int) -> list[Batch]:
-    """A fixed list of batches for this rank, the same count on every rank (surplus dropped)."""
-    stream = FixedBatchStream(pattern, decode, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
-                              shuffle_buffer=1)
-    steps = stream.steps_per_epoch()
-    return [stream.next_batch() for _ in range(steps)]
+    """A fixed list of batches for this rank, the same count on every rank.
+
+    Held-out sets are small: every rank reads them whole in order, batch j goes to rank j mod W,
+    and every rank keeps floor(batches / W) of them (the few left over are not evaluated).
+    """
+    paths = expand_pattern(pattern)
+    raw: list[RawSample] = [s for p in paths for s in iter_raw(p)]
+    groups = [raw[i:i + batch_size] for i in range(0, len(raw) - batch_size + 1, batch_size)]
+    keep = len(groups) // world_size
+    if keep == 0:
+        raise ValueError(f"validation shards {pattern!r} hold {len(raw)} samples: fewer than one batch of "
+                         f"{batch_size} per rank for {world_size} ranks")
+    out = []
+    for j in range(rank, keep * world_size, world_size):
+        batch, bad = decode(groups[j], torch.Generator().manual_seed(_seed(seed, j, 3)))
+        batch.extras["corrupt"] = bad
+        out.append(batch)
+    return out

@@ -1,7 +1,8 @@
 """Run by `deepspeed --num_gpus 2` from tests/test_dist_pretrain.py: several pretraining
 scenarios in one 2-rank launch (a launch costs seconds; cases inside it cost little).
 
-Writes OUT/rank{r}.json with, per scenario, the per-step losses and what the stream read.
+Writes OUT/rank{r}.json with, per scenario, the per-step losses, what the stream read and its
+counters.
 """
 from __future__ import annotations
 
@@ -16,37 +17,33 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--data", default="")
-    ap.add_argument("--val-data", default="")
+    ap.add_argument("--data", required=True, help="JSON: modality -> [train pattern, valid pattern]")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--local_rank", type=int, default=None)
     args = ap.parse_args()
 
-    import torch
-
-    torch.set_num_threads(1)
     from d2v.config import load_template, resolve
     from d2v.train.launch import build_run
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     template = load_template(os.path.join(root, "ds_configs", "cpu.json"))
+    data = json.loads(args.data)
     half = args.steps // 2
-    common = [f"train.max_steps={args.steps}", "train.log_every=10", "data.num_workers=1"]
-    if args.data:
-        common.append(f"data.train_shards={args.data}")
-    if args.val_data:
-        common += [f"data.val_shards={args.val_data}", f"train.val_every={half}"]
     results: dict = {}
 
-    def scenario(name: str, overrides: list[str], *, stop: int | None = None, resume: str = "none") -> dict:
-        cfg = resolve("audio_tiny", overrides=common + overrides + [f"train.out_dir={os.path.join(args.out, name)}"])
+    def scenario(name: str, preset: str, patterns, overrides: list[str], *, stop: int | None = None,
+                 resume: str = "none") -> dict:
+        train, valid = patterns
+        cfg = resolve(preset, overrides=[f"train.max_steps={args.steps}", "train.log_every=10",
+                                         f"data.train_shards={train}", f"data.val_shards={valid or ''}",
+                                         f"train.out_dir={os.path.join(args.out, name)}", *overrides])
         run = build_run(cfg, template, resume=resume, console=False)
-        keys: list[str] = []
+        keys: list[list[str]] = []  # per batch
         original = run.stream.next_batch
 
         def recording_next():
             batch = original()
-            keys.extend(batch.keys)
+            keys.append(list(batch.keys))
             return batch
 
         run.stream.next_batch = recording_next
@@ -57,9 +54,13 @@ def main() -> None:
                 "target_std": [h["target_std"] for h in summary.history], "checkpoint": summary.checkpoint,
                 "counters": run.stream.counters(), "rank": run.rank, "world_size": run.world_size}
 
-    results["full"] = scenario("full", [f"train.save_every={half}"])
-    results["first_half"] = scenario("resumed", [f"train.save_every={half}"], stop=half)
-    results["second_half"] = scenario("resumed", [f"train.save_every={half}"], resume="auto")
+    audio = data["audio"]
+    results["full"] = scenario("full", "audio_tiny", audio, [f"train.save_every={half}", f"train.val_every={half}"])
+    results["first_half"] = scenario("resumed", "audio_tiny", audio, [f"train.save_every={half}"], stop=half)
+    results["second_half"] = scenario("resumed", "audio_tiny", audio, [f"train.save_every={half}"], resume="auto")
+    results["corrupt"] = scenario("corrupt", "audio_tiny", data["audio_corrupt"], ["train.max_steps=30"])
+    results["image"] = scenario("image", "image_tiny", data["image"], [f"train.val_every={args.steps}"])
+    results["text"] = scenario("text", "text_tiny", data["text"], [f"train.val_every={args.steps}"])
     rank = results["full"]["rank"]
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
