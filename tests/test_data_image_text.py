@@ -120,3 +120,22 @@ def test_text_collate_selects_and_masks_but_keeps_the_clean_view():
     assert (batch.masked_source[batch.mask] == 99).all()
     assert torch.equal(batch.masked_source[~batch.mask], batch.source[~batch.mask])
     assert not (batch.mask & batch.padding_mask).any()
+
+
+def test_a_bpe_tokenizer_json_with_roberta_ids_is_accepted_and_others_refused(tmp_path):
+    from tokenizers import Tokenizer as HfTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "a": 4, "b": 5, "ab": 6, "<mask>": 7}
+    hf = HfTokenizer(models.BPE(vocab=vocab, merges=[("a", "b")], unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    good = tmp_path / "tokenizer.json"
+    hf.save(str(good))
+    tok = Tokenizer(str(good))
+    assert tok.info.kind == "bpe" and tok.info.vocab_size == 8 and tok.info.mask_id == 7
+    assert tok.encode("ab a") == [6, 4]
+    bad_vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "a": 4, "<mask>": 5}
+    bad = HfTokenizer(models.BPE(vocab=bad_vocab, merges=[], unk_token="<unk>"))
+    bad.save(str(tmp_path / "bad.json"))
+    with pytest.raises(ValueError, match="RoBERTa"):
+        Tokenizer(str(tmp_path / "bad.json"))

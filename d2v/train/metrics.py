@@ -49,7 +49,11 @@ class MetricsSink:
                 print("tensorboard is not installed: skipping TensorBoard events", file=sys.stderr)
         if wandb_mode != "disabled":
             os.environ.setdefault("WANDB_MODE", wandb_mode)  # offline unless the user asked for online
-            import wandb
+            try:
+                import wandb
+            except ImportError:
+                raise ImportError(f"train.wandb={wandb_mode} needs wandb: pip install 'd2v[wandb]' "
+                                  f"(or leave train.wandb=disabled)") from None
 
             self._wandb = wandb.init(project="d2v", dir=out_dir, mode=wandb_mode, config=run_config or {})
         if sys.stdout.isatty():
