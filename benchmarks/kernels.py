@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", choices=sorted(CASES), help="one group of cases")
     parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--out-dir", default=None, help="where the JSON record goes (default benchmarks/results)")
     args = parser.parse_args(argv)
     record = {"machine": machine(), "groups": {}}
     on_gpu = torch.cuda.is_available()
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"\n## {group}: measured on {record['machine']['device']} (copy {peak:.0f} GB/s)\n")
             print(table(timed, gpu_columns))
         record["groups"][group] = rows
-    print("\nwrote", write_record("kernels", record))
+    print("\nwrote", write_record("kernels", record, args.out_dir))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import sys
 COMMANDS = {
     "describe": "d2v.describe",
     "export": "d2v.export",
+    "import-fairseq": "d2v.interop.fairseq_import",
     "probe": "d2v.probe",
 }
 

@@ -18,7 +18,8 @@ class Batch:
 
     source: the clean input. audio B×S float waveform (zero-padded), image B×3×H×W float,
         text B×T int64 tokens.
-    mask: B×T bool, True where the student's input is masked (targets are predicted there).
+    mask: B×T bool, True where the student's input is masked (targets are predicted there);
+        data2vec 2.0: B×M×T, M masks per sample (masked tokens are dropped from the student's input).
     padding_mask: B×T bool at the model's sequence level, True at padding; None if no row is padded.
     source_lengths: B int64 valid samples per row (audio), else None.
     masked_source: a student view built in collate (text: tokens with `<mask>`/random

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from d2v.config import apply_overrides, get_preset
-from d2v.flops import flops_per_sample
+from d2v.flops import flops_per_sample, kept_per_clone
 from d2v.models import build_model
 from d2v.shapes import conv_output_length
 
@@ -37,6 +37,11 @@ def describe(preset: str, overrides: list[str] | None = None, seconds: float = 1
         info["patches_per_sample"] = (im.image_size // im.patch_size) ** 2
     else:
         info["tokens_per_sample"] = cfg.model.text.max_positions
+    if cfg.model.v2.enabled:
+        length = info.get("frames_per_sample") or info.get("patches_per_sample") or info.get("tokens_per_sample")
+        info["v2_masks_per_sample"] = cfg.model.v2.num_masks
+        info["v2_kept_tokens_per_clone"] = kept_per_clone(cfg, length)
+        info["decoder_parameters"] = sum(p.numel() for p in student.decoder.parameters())
     info["flops_per_sample"] = flops_per_sample(cfg, seconds).as_dict()
     if world_size is not None or zero is not None:
         from d2v.memory import per_rank_memory

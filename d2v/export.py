@@ -1,5 +1,7 @@
-"""`python -m d2v export CKPT OUT`: plain fp32 safetensors of the student and the teacher plus the
-resolved config, from a checkpoint of any ZeRO stage, without a distributed launch.
+"""`python -m d2v export CKPT OUT [--format plain|hf] [--teacher]`: plain fp32 safetensors of the
+student and the teacher plus the resolved config, or (`--format hf`) a directory transformers'
+Data2Vec*Model loads (student, or the EMA teacher with --teacher), from a checkpoint of any ZeRO
+stage, without a distributed launch.
 
 The student's fp32 weights are DeepSpeed's fp32 master weights where it keeps them (ZeRO 1/2/3
 partitions, merged with DeepSpeed's zero_to_fp32 reader; the stage-0 bf16 optimizer's fp32
@@ -85,6 +87,28 @@ def export_checkpoint(path: str, out: str, tag: str | None = None) -> dict[str, 
     return info
 
 
+def export_hf_checkpoint(path: str, out: str, tag: str | None = None, *, teacher: bool = False,
+                         tokenizer: str | None = None) -> dict[str, Any]:
+    """A transformers-format directory (d2v.interop.hf_export) of the student or the EMA teacher."""
+    from d2v.interop.hf_export import write_hf
+    from d2v.interop.hf_layout import is_v2
+
+    tag_dir = resolve_tag_dir(path, tag)
+    with open(os.path.join(tag_dir, "d2v_state.json")) as f:
+        run_state = json.load(f)
+    cfg = from_dict(run_state["config"])
+    if is_v2(cfg):  # before reading any weights
+        raise ValueError(f"{cfg.name!r} is a data2vec 2.0 model: transformers has no 2.0 architecture; "
+                         f"export it with --format plain")
+    student = student_fp32(tag_dir, cfg)
+    teacher_state = None
+    if teacher:
+        teacher_state = torch.load(os.path.join(tag_dir, "teacher.pt"), map_location="cpu", weights_only=True)
+    source = {"checkpoint": os.path.abspath(tag_dir), "step": run_state["step"], "preset": cfg.name}
+    meta = write_hf(out, cfg, student, teacher=teacher_state, tokenizer=tokenizer, source=source)
+    return {k: v for k, v in meta.items() if k != "d2v_config"}
+
+
 def load_exported(out: str):
     """(student Data2Vec in fp32 with the exported weights, teacher state dict, config)."""
     from safetensors.torch import load_file
@@ -104,6 +128,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("checkpoint", help="run directory, its checkpoints/ directory, or a tag directory")
     ap.add_argument("out", help="output directory")
     ap.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+    ap.add_argument("--format", choices=("plain", "hf"), default="plain",
+                    help="plain: student and teacher safetensors + d2v config; hf: a directory transformers' "
+                         "Data2Vec{Audio,Vision,Text}Model.from_pretrained reads (1.0 models only)")
+    ap.add_argument("--teacher", action="store_true",
+                    help="--format hf: export the EMA teacher's weights instead of the student's")
+    ap.add_argument("--tokenizer", default=None,
+                    help="--format hf, text: the tokenizer file (default: the one beside the run's shards)")
     args = ap.parse_args(argv)
+    if args.format == "hf":
+        info = export_hf_checkpoint(args.checkpoint, args.out, args.tag, teacher=args.teacher,
+                                    tokenizer=args.tokenizer)
+        print(json.dumps(info, indent=2))
+        return
+    if args.teacher or args.tokenizer:
+        ap.error("--teacher and --tokenizer apply to --format hf (the plain export holds student and teacher)")
     info = export_checkpoint(args.checkpoint, args.out, args.tag)
     print(json.dumps(info, indent=2))

@@ -21,7 +21,7 @@ class FlopCount:
     blocks: float
     """Forward FLOPs of the Transformer blocks (projections, FFN, attention scores and values)."""
     head: float
-    """Forward FLOPs of the regression head at the masked positions."""
+    """Forward FLOPs of the regression head at the masked positions (2.0: the conv decoder, all positions, M clones)."""
     teacher_forward: float
     """FLOPs of the teacher's forward (what it runs of the model, on the clean input)."""
 
@@ -90,8 +90,65 @@ def text_flops(cfg: D2vConfig, tokens: int | None = None) -> FlopCount:
     return FlopCount(0.0, 0.0, blocks, head_flops(cfg, masked), blocks)
 
 
+def kept_per_clone(cfg: D2vConfig, length: int) -> int:
+    """2.0: tokens each clone's student encodes (extra tokens not counted): audio masks exactly
+    int(T·R), image and text keep exactly int(T·(1−R)) (d2v.masking.block)."""
+    R = cfg.masking.mask_prob
+    return length - int(length * R) if cfg.model.modality == "audio" else int(length * (1.0 - R))
+
+
+def student_tokens_per_sample(cfg: D2vConfig, length: int) -> int:
+    """Positions the student's blocks encode per original sample: all T (1.0), or M clones' kept tokens (2.0)."""
+    v = cfg.model.v2
+    if not v.enabled:
+        return length
+    return v.num_masks * (kept_per_clone(cfg, length) + (1 if v.cls_token else 0))
+
+
+def decoder_flops(cfg: D2vConfig, positions: int) -> float:
+    """The 2.0 conv decoder over all `positions` of one clone: grouped convs, then the projection."""
+    m, v = cfg.model, cfg.model.v2
+    taps = v.decoder_kernel ** (2 if m.modality == "image" else 1)
+    convs, c_in = 0.0, m.embed_dim
+    for _ in range(v.decoder_layers):
+        convs += 2.0 * (c_in // v.decoder_groups) * v.decoder_dim * taps * positions
+        c_in = v.decoder_dim
+    if v.decoder_projection_layers == 1:
+        proj = 2.0 * c_in * m.embed_dim * positions
+    else:
+        proj = 2.0 * (c_in * 2 * c_in + 2 * c_in * m.embed_dim) * positions
+    return convs + proj
+
+
+def v2_flops(cfg: D2vConfig, seconds: float = 1.0) -> FlopCount:
+    """data2vec 2.0 per original sample (DESIGN.md 3.3): the feature encoder once; positions, blocks
+    over the kept tokens (+ CLS) and the decoder over all positions M times; the teacher once over
+    the full sequence. `head` holds the decoder."""
+    m, v = cfg.model, cfg.model.v2
+    M, depth, extra = v.num_masks, v.prenet_depth + m.depth, 1 if v.cls_token else 0
+    if m.modality == "audio":
+        one = audio_flops(cfg, int(round(seconds * m.audio.sample_rate)))
+        T = conv_output_length(int(round(seconds * m.audio.sample_rate)), m.audio.conv_layers)
+        feature, pos = one.feature_encoder, one.positions
+    elif m.modality == "image":
+        one = image_flops(cfg)
+        T = (m.image.image_size // m.image.patch_size) ** 2
+        feature, pos = one.feature_encoder, 0.0
+    else:
+        T = m.text.max_positions
+        feature, pos = 0.0, 0.0
+    kept = kept_per_clone(cfg, T)
+    blocks = M * depth * block_flops(kept + extra, m.embed_dim, m.ffn_dim)
+    teacher = depth * block_flops(T + extra, m.embed_dim, m.ffn_dim) + pos
+    if cfg.teacher.input == "source":
+        teacher += feature
+    return FlopCount(feature, M * pos, blocks, M * decoder_flops(cfg, T), teacher)
+
+
 def flops_per_sample(cfg: D2vConfig, seconds: float = 1.0) -> FlopCount:
     """Audio: per utterance of `seconds`; image: per image; text: per max_positions-token sequence."""
+    if cfg.model.v2.enabled:
+        return v2_flops(cfg, seconds)
     if cfg.model.modality == "audio":
         return audio_flops(cfg, int(round(seconds * cfg.model.audio.sample_rate)))
     if cfg.model.modality == "image":

@@ -29,6 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--val-data", default=None, help="brace-expanded validation shard pattern")
     ap.add_argument("--out", default=None, help="run directory (logs, resolved config, checkpoints)")
     ap.add_argument("--resume", default="none", help="auto | none | a checkpoint tag (step_00001000)")
+    ap.add_argument("--init-from", default=None,
+                    help="start from pretrained weights: a transformers Data2Vec directory (export --format hf, "
+                         "public data2vec weights) or a `python -m d2v export` directory; checked key by key")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     return ap.parse_args(argv)
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from d2v.train.preemption import EXIT_PREEMPTED
     from d2v.train.run import EXIT_NONFINITE, NonFiniteError
 
-    run = build_run(cfg, load_template(args.ds_config), resume=args.resume)
+    run = build_run(cfg, load_template(args.ds_config), resume=args.resume, init_from=args.init_from)
     try:
         summary = run.train()
     except NonFiniteError as e:

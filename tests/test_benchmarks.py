@@ -74,3 +74,64 @@ def test_scaling_writes_a_table_a_plot_and_a_record(tmp_path):
     rec = json.load(open(path))
     assert [r["world_size"] for r in rec["rows"]] == [1, 2]
     assert rec["rows"][1]["comm_bytes_per_step"] > 0 == rec["rows"][0]["comm_bytes_per_step"]
+
+
+def test_kernels_benchmark_writes_the_analytic_record(tmp_path):
+    proc = _run(["benchmarks/kernels.py", "--reps", "1"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = glob.glob(str(tmp_path / "kernels-*.json"))
+    rec = json.load(open(path))
+    assert set(rec["groups"]) == {"targets", "attention"}
+    assert all(row for rows in rec["groups"].values() for row in rows)
+
+
+def test_data_loader_writes_a_record_and_a_plot(tmp_path):
+    modalities = "image,text"
+    try:
+        import espeakng_loader  # noqa: F401
+
+        modalities += ",audio"
+    except ImportError:  # the speech demo needs the `demo` extra
+        pass
+    proc = _run(["benchmarks/data_loader.py", "--modalities", modalities, "--size", "tiny", "--workers", "0,1",
+                 "--batches", "3", "--data-root", str(tmp_path / "demo"), "--audio-utterances", "16"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.path.getsize(tmp_path / "data_loader-tiny.png") > 1000
+    (path,) = glob.glob(str(tmp_path / "data_loader-*.json"))
+    rows = json.load(open(path))["rows"]
+    assert [(r["modality"], r["workers"]) for r in rows] == [(m, w) for m in modalities.split(",") for w in (0, 1)]
+    for r in rows:
+        assert r["samples"] >= 3 and r["samples_per_s"] > 0 and r["counters"]["corrupt_samples"] == 0
+
+
+def test_compiled_blocks_compute_what_eager_blocks_do():
+    import torch
+
+    from d2v.models import build_model
+    from torch._dynamo.utils import counters
+
+    from d2v.train.trainer import compile_blocks
+
+    counters.clear()
+    cfg = get_preset("text_tiny")
+    model = build_model(cfg).eval()
+    x = torch.randn(2, 16, cfg.model.embed_dim, generator=torch.Generator().manual_seed(0))
+    padding = torch.zeros(2, 16, dtype=torch.bool)
+    padding[1, 10:] = True
+    with torch.no_grad():
+        eager = model.encoder(x, padding)
+        compile_blocks(model.encoder)
+        compiled = model.encoder(x, padding)
+    assert all("forward" in vars(b) for b in model.encoder.blocks)  # replaced on the instance, hooks untouched
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo really traced the blocks
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_throughput_profile_lists_the_top_ops(tmp_path):
+    proc = _run(["benchmarks/throughput.py", "--preset", "text_tiny", "--steps", "1", "--warmup", "1",
+                 "--peak-tflops", "1.0", "--profile", "5"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = glob.glob(str(tmp_path / "throughput-*.json"))
+    ops = json.load(open(path))["profile_top_ops"]
+    assert len(ops) == 5 and all(o["op"] for o in ops)
+    assert [o["self_ms_per_step"] for o in ops] == sorted((o["self_ms_per_step"] for o in ops), reverse=True)

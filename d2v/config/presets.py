@@ -189,3 +189,187 @@ def text_tiny() -> D2vConfig:
     cfg.train.max_steps, cfg.train.micro_batch_size, cfg.train.save_every = 300, 16, 100
     cfg.data.num_workers = 0
     return cfg
+
+
+# -- data2vec 2.0 (DESIGN.md 3.3) ------------------------------------------------------------------
+
+
+def _v2_optim(cfg: D2vConfig, lr: float, warmup: int, max_steps: int) -> None:
+    """2.0 recipes: cosine with warmup, no weight decay on biases and other 1-D parameters."""
+    o = cfg.optim
+    o.lr, o.schedule, o.warmup_steps, o.no_decay_1d, o.min_lr = lr, "cosine", warmup, True, 0.0
+    cfg.train.max_steps = max_steps
+
+
+@preset
+def audio_base_v2() -> D2vConfig:
+    """data2vec 2.0 speech Base: 12x768 post-LN with ALiBi, M=8 masks of 1-D blocks, conv decoder 4x384 k7."""
+    cfg = audio_base()
+    cfg.name = "audio_base_v2"
+    m, v = cfg.model, cfg.model.v2
+    m.dropout, m.attention_dropout, m.activation_dropout, m.layerdrop = 0.1, 0.1, 0.0, 0.05
+    v.enabled, v.num_masks, v.prenet_depth, v.alibi = True, 8, 0, True
+    v.decoder_dim, v.decoder_kernel, v.decoder_layers, v.decoder_groups = 384, 7, 4, 16
+    v.decoder_residual, v.decoder_projection_layers, v.decoder_input_dropout = True, 1, 0.1
+    mk = cfg.masking
+    mk.kind, mk.mask_prob, mk.block_width, mk.mask_adjust = "block_1d", 0.5, 5, 0.05
+    t = cfg.teacher
+    # EMA of the positional conv (averaged in 2.0), ALiBi scales, LayerNorm, prenet and blocks;
+    # the teacher consumes the student's CNN features, so it has no CNN of its own.
+    t.ema_modules, t.copy_modules, t.input = ("encoder",), (), "features"
+    t.top_k, t.tap, t.layer_norm, t.final_norm = 8, "ffn", "instance", None
+    t.ema_start, t.ema_end, t.ema_anneal_steps = 0.999, 0.99999, 75_000
+    cfg.loss.kind, cfg.loss.scale, cfg.loss.reduction = "l2", None, "sum_per_position"
+    _v2_optim(cfg, 7.5e-4, 8_000, 400_000)
+    return cfg
+
+
+@preset
+def audio_large_v2() -> D2vConfig:
+    """data2vec 2.0 speech Large: 8 prenet + 16 main blocks x1024, 16 heads, M=12, R=0.55."""
+    cfg = audio_base_v2()
+    cfg.name = "audio_large_v2"
+    m, v = cfg.model, cfg.model.v2
+    m.embed_dim, m.depth, m.num_heads, m.ffn_dim = 1024, 16, 16, 4096
+    v.prenet_depth, v.num_masks, v.decoder_dim = 8, 12, 768
+    cfg.masking.mask_prob, cfg.masking.mask_adjust = 0.55, 0.10
+    t = cfg.teacher
+    t.top_k, t.ema_start, t.ema_end, t.ema_anneal_steps = 16, 0.9997, 1.0, 300_000
+    cfg.optim.lr, cfg.optim.clip_norm = 4e-4, 1.0
+    return cfg
+
+
+@preset
+def audio_tiny_v2() -> D2vConfig:
+    """audio_tiny's sizes in the 2.0 mode: M=4, a 2-layer decoder of 32; trains on the demo speech."""
+    cfg = audio_base_v2()
+    tiny = audio_tiny()
+    cfg.name = "audio_tiny_v2"
+    cfg.data, cfg.train = tiny.data, tiny.train
+    m, v = cfg.model, cfg.model.v2
+    m.embed_dim, m.depth, m.num_heads, m.ffn_dim = 64, 2, 4, 128
+    m.audio.conv_layers, m.layerdrop = tiny.model.audio.conv_layers, 0.0
+    v.num_masks, v.decoder_dim, v.decoder_layers = 4, 32, 2
+    t = cfg.teacher
+    t.top_k, t.ema_start, t.ema_end, t.ema_anneal_steps = 2, 0.999, 0.9999, 300
+    cfg.loss.guard_after = 150
+    _v2_optim(cfg, 1e-3, 30, 300)
+    return cfg
+
+
+@preset
+def image_base_v2() -> D2vConfig:
+    """data2vec 2.0 vision Base: ViT-B/16 post-LN, sin-cos positions, 2 prenet + 10 main blocks, CLS loss,
+    M=16 inverse-block masks keeping 39 of 196 patches, 2-D conv decoder 6x768 k3."""
+    cfg = image_base()
+    cfg.name = "image_base_v2"
+    m, v = cfg.model, cfg.model.v2
+    m.depth, m.layer_norm_first, m.norm_eps = 10, False, 1e-6
+    m.dropout, m.attention_dropout, m.activation_dropout, m.layerdrop = 0.0, 0.0, 0.0, 0.0
+    m.image.rel_pos_bias, m.image.layer_scale_init, m.image.drop_path = False, 0.0, 0.0
+    v.enabled, v.num_masks, v.prenet_depth = True, 16, 2
+    v.sincos_positions, v.cls_token, v.cls_loss = True, True, 0.01
+    v.decoder_dim, v.decoder_kernel, v.decoder_layers, v.decoder_groups = 768, 3, 6, 16
+    v.decoder_residual, v.decoder_projection_layers, v.decoder_input_dropout = True, 1, 0.0
+    mk = cfg.masking
+    mk.kind, mk.mask_prob, mk.block_width, mk.mask_adjust = "inverse_block_2d", 0.8, 3, 0.07
+    t = cfg.teacher
+    # EMA of everything but the decoder, patch embedding and CLS included (the sin-cos table is a buffer).
+    t.ema_modules, t.copy_modules, t.input = ("frontend", "encoder"), (), "source"
+    t.top_k, t.tap, t.layer_norm, t.final_norm = 10, "ffn", "instance", "layer"
+    t.ema_start, t.ema_end, t.ema_anneal_steps = 0.9998, 0.99999, 100_000
+    cfg.loss.kind, cfg.loss.beta, cfg.loss.scale, cfg.loss.reduction = "l2", 0.0, None, "sum_per_position"
+    o = cfg.optim
+    o.betas, o.eps, o.weight_decay, o.clip_norm = (0.9, 0.95), 1e-8, 0.05, 4.0
+    _v2_optim(cfg, 1e-3, 50_000, 500_000)
+    return cfg
+
+
+@preset
+def image_large_v2() -> D2vConfig:
+    """data2vec 2.0 vision Large: ViT-L/16, K=18 of 24, keep 49 patches, decoder 3x1024 k5."""
+    cfg = image_base_v2()
+    cfg.name = "image_large_v2"
+    m, v = cfg.model, cfg.model.v2
+    m.embed_dim, m.depth, m.num_heads, m.ffn_dim = 1024, 24, 16, 4096
+    v.prenet_depth, v.decoder_dim, v.decoder_kernel, v.decoder_layers = 0, 1024, 5, 3
+    cfg.masking.mask_prob, cfg.masking.mask_adjust = 0.75, 0.10
+    t = cfg.teacher
+    t.top_k, t.ema_start, t.ema_end, t.ema_anneal_steps = 18, 0.9998, 0.99999, 150_000
+    cfg.optim.lr = 4e-4
+    cfg.train.micro_batch_size = 64
+    return cfg
+
+
+@preset
+def image_tiny_v2() -> D2vConfig:
+    """image_tiny's 32x32 images (64 patches, 12 kept) with 1 prenet + 3 main blocks of 64, M=4."""
+    cfg = image_base_v2()
+    tiny = image_tiny()
+    cfg.name = "image_tiny_v2"
+    cfg.data, cfg.train = tiny.data, tiny.train
+    m, v = cfg.model, cfg.model.v2
+    m.embed_dim, m.depth, m.num_heads, m.ffn_dim = 64, 3, 4, 128
+    m.image.image_size, m.image.patch_size = 32, 4
+    v.num_masks, v.prenet_depth, v.decoder_dim, v.decoder_layers = 4, 1, 64, 2
+    t = cfg.teacher
+    t.top_k, t.ema_start, t.ema_end, t.ema_anneal_steps = 3, 0.998, 0.9999, 300
+    cfg.optim.clip_norm = 4.0
+    _v2_optim(cfg, 1e-3, 30, 300)
+    cfg.optim.min_lr = 1e-5
+    return cfg
+
+
+@preset
+def text_base_v2() -> D2vConfig:
+    """data2vec 2.0 text Base: RoBERTa-base layout, M=8 random 48% masks (dropped, no <mask>), conv decoder
+    5x768 k9 without groups or residuals and a 2-layer projection."""
+    cfg = text_base()
+    cfg.name = "text_base_v2"
+    v = cfg.model.v2
+    v.enabled, v.num_masks, v.prenet_depth = True, 8, 0
+    v.decoder_dim, v.decoder_kernel, v.decoder_layers, v.decoder_groups = 768, 9, 5, 1
+    v.decoder_residual, v.decoder_projection_layers, v.decoder_input_dropout = False, 2, 0.1
+    cfg.masking.kind, cfg.masking.mask_prob = "random", 0.48
+    t = cfg.teacher
+    # EMA of the blocks only; the teacher consumes the student's embedding of the clean tokens
+    # without the embedding dropout (the reference applies it to the teacher's input too).
+    t.ema_modules, t.copy_modules, t.input = ("encoder.blocks",), (), "features"
+    t.top_k, t.tap, t.layer_norm, t.final_norm = 12, "ffn", "instance", None
+    t.ema_start, t.ema_end, t.ema_anneal_steps = 0.9999, 0.99999, 100_000
+    cfg.loss.kind, cfg.loss.beta, cfg.loss.scale, cfg.loss.reduction = "l2", 0.0, 1.0, "sum_per_position"
+    cfg.optim.clip_norm = 1.0
+    _v2_optim(cfg, 2e-4, 4_000, 1_000_000)
+    return cfg
+
+
+@preset
+def text_large_v2() -> D2vConfig:
+    """data2vec 2.0 text Large: 24x1024, 16 heads; LN per layer then IN after averaging, K=24."""
+    cfg = text_base_v2()
+    cfg.name = "text_large_v2"
+    m = cfg.model
+    m.embed_dim, m.depth, m.num_heads, m.ffn_dim = 1024, 24, 16, 4096
+    t = cfg.teacher
+    t.top_k, t.layer_norm, t.final_norm = 24, "layer", "instance"
+    cfg.optim.lr, cfg.train.max_steps = 1e-4, 600_000
+    return cfg
+
+
+@preset
+def text_tiny_v2() -> D2vConfig:
+    """text_tiny's sizes (2 blocks of 64, 128 tokens, 2,000 pieces) in the 2.0 mode: M=4, decoder 2x64 k9."""
+    cfg = text_base_v2()
+    tiny = text_tiny()
+    cfg.name = "text_tiny_v2"
+    cfg.data, cfg.train = tiny.data, tiny.train
+    m, v = cfg.model, cfg.model.v2
+    m.embed_dim, m.depth, m.num_heads, m.ffn_dim = 64, 2, 4, 128
+    m.text.vocab_size, m.text.max_positions = 2_000, 128
+    v.num_masks, v.decoder_dim, v.decoder_layers = 4, 64, 2
+    t = cfg.teacher
+    t.top_k, t.ema_start, t.ema_end, t.ema_anneal_steps = 2, 0.999, 0.9999, 300
+    cfg.loss.guard_after = 150
+    _v2_optim(cfg, 1e-3, 30, 300)
+    cfg.optim.clip_norm = 1.0
+    return cfg

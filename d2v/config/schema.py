@@ -67,6 +67,44 @@ class TextFeatureConfig:
 
 
 @dataclass(kw_only=True)
+class V2Config:
+    """data2vec 2.0 (DESIGN.md 3.3): the student encodes only kept tokens, M masks per sample, conv decoder."""
+
+    enabled: bool = False
+    """Build the 2.0 student (kept tokens only, multi-mask, conv decoder) and pick the 2.0 task."""
+    num_masks: int = 8
+    """Clones M of every sample, each with its own mask (audio 8, image 16, text 8); the teacher runs once per sample."""
+    prenet_depth: int = 0
+    """Blocks before the main blocks, not tapped for targets (image 2, audio large 8); model.depth counts the main blocks."""
+    alibi: bool = False
+    """ALiBi attention bias with a learned per-head scale (audio), gathered at the kept positions."""
+    alibi_scale_init: float = 1.0
+    """Initial value of the learned per-head ALiBi scale (clamped at >= 0 in use, never weight-decayed)."""
+    sincos_positions: bool = False
+    """Fixed 2-D sin-cos patch positions added before masking (image)."""
+    cls_token: bool = False
+    """A learned CLS token prepended to the kept tokens (image)."""
+    cls_loss: float = 0.0
+    """Weight of the CLS loss: the CLS output regresses the mean target over patches (image 0.01; 0 disables)."""
+    mask_noise_std: float = 0.01
+    """Std of the Gaussian noise the decoder sees in masked slots."""
+    decoder_dim: int = 384
+    """Width of the conv decoder."""
+    decoder_kernel: int = 7
+    """Kernel size of each decoder conv (1-D for audio/text, k×k for image)."""
+    decoder_layers: int = 4
+    """Decoder conv layers: Conv -> LayerNorm(no affine) -> GELU."""
+    decoder_groups: int = 16
+    """Groups of each decoder conv."""
+    decoder_residual: bool = True
+    """Residual connections around decoder layers whose input and output widths match (text: none)."""
+    decoder_projection_layers: int = 1
+    """Linear layers after the convs: 1 (Linear to D) or 2 (Linear to 2x width, GELU, Linear to D; text)."""
+    decoder_input_dropout: float = 0.1
+    """Dropout on the encoder output before the decoder (audio, text 0.1; image 0)."""
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     """The student: feature encoder, shared Transformer encoder and regression head."""
 
@@ -104,6 +142,8 @@ class ModelConfig:
     """Image feature-encoder settings (used when modality is image)."""
     text: TextFeatureConfig = field(default_factory=TextFeatureConfig)
     """Text feature-encoder settings (used when modality is text)."""
+    v2: V2Config = field(default_factory=V2Config)
+    """data2vec 2.0 settings (used when v2.enabled)."""
 
 
 @dataclass(kw_only=True)
@@ -111,9 +151,13 @@ class MaskingConfig:
     """How the student's view is masked; masks are made in the collate step (DESIGN.md 2)."""
 
     kind: str = "span"
-    """Mask generator: span (wav2vec 2.0, audio 1.0) | block_2d (BEiT, image 1.0) | text_span (spans of <mask>, text 1.0) | bert (15%, 80/10/10)."""
+    """Mask generator: span (wav2vec 2.0, audio 1.0) | block_2d (BEiT, image 1.0) | text_span (spans of <mask>, text 1.0) | bert (15%, 80/10/10) | 2.0: block_1d (audio) | inverse_block_2d (image) | random (text)."""
     mask_prob: float = 0.65
-    """Span-start probability p (span masking): p=0.65 with length 10 masks ~49% of frames."""
+    """Span-start probability p (span masking): p=0.65 with length 10 masks ~49% of frames; 2.0 masks: the masked fraction R."""
+    block_width: int = 5
+    """2.0 block masks: block width B (1-D spans of B frames; 2-D B×B squares, of kept patches for inverse_block_2d)."""
+    mask_adjust: float = 0.05
+    """2.0 block masks: extra block centres drawn (fraction) before trimming to exactly int(T·R) masked."""
     mask_length: int = 10
     """Span length in frames."""
     min_masks: int = 1
@@ -258,6 +302,9 @@ class TrainConfig:
     """Seed of parameters, data order and masks."""
     activation_checkpointing: bool = False
     """Recompute each student block in backward instead of storing its activations (less memory, ~1/3 more compute)."""
+    compile: bool = False
+    """torch.compile each Transformer block's forward, student and teacher (inductor: a C++ compiler on CPU,
+    Triton on GPU; not with ZeRO-3, whose hooks swap the parameters under the compiled code)."""
     log_every: int = 10
     """Updates between console/JSONL log lines."""
     save_every: int = 1_000

@@ -8,6 +8,9 @@ if TYPE_CHECKING:
 
 MODALITIES = ("audio", "image", "text")
 MASKS = {"audio": ("span",), "image": ("block_2d",), "text": ("text_span", "bert")}
+# data2vec 2.0 masks: exact counts per row so kept tokens gather densely (DESIGN.md 3.3).
+MASKS_V2 = {"audio": ("block_1d",), "image": ("inverse_block_2d",), "text": ("random",)}
+TEACHER_INPUT_V2 = {"audio": "features", "image": "source", "text": "features"}
 NORMS = ("instance", "layer", None)
 
 
@@ -40,15 +43,21 @@ def _problems(cfg: "D2vConfig") -> list[str]:
         p.append(f"need 0 <= teacher.ema_start ({t.ema_start}) <= teacher.ema_end ({t.ema_end}) <= 1")
     if t.ema_anneal_steps < 0:
         p.append("teacher.ema_anneal_steps must be >= 0")
-    if mk.kind not in MASKS.get(m.modality, ()):
-        p.append(f"masking.kind={mk.kind!r} does not fit model.modality={m.modality!r}; use one of {MASKS.get(m.modality)}")
+    allowed = (MASKS_V2 if m.v2.enabled else MASKS).get(m.modality, ())
+    if mk.kind not in allowed:
+        needs_v2 = not m.v2.enabled and mk.kind in MASKS_V2.get(m.modality, ())
+        hint = " (2.0 masks need model.v2.enabled=true)" if needs_v2 else ""
+        p.append(f"masking.kind={mk.kind!r} does not fit model.modality={m.modality!r} "
+                 f"{'with' if m.v2.enabled else 'without'} model.v2.enabled; use one of {allowed}{hint}")
+    if m.v2.enabled:
+        p.extend(_v2_problems(cfg))
     if m.modality == "image":
         im = m.image
         if im.image_size % im.patch_size:
             p.append(f"model.image.image_size={im.image_size} is not a multiple of model.image.patch_size={im.patch_size}")
-        elif not 0 <= mk.num_mask_patches <= (im.image_size // im.patch_size) ** 2:
+        elif not m.v2.enabled and not 0 <= mk.num_mask_patches <= (im.image_size // im.patch_size) ** 2:
             p.append(f"masking.num_mask_patches={mk.num_mask_patches} exceeds the {(im.image_size // im.patch_size) ** 2} patches")
-        if t.input != "source":
+        if t.input != "source" and not m.v2.enabled:
             p.append("image models need teacher.input=source (the teacher has its own patch embedding)")
     if m.modality == "text" and not 0 <= m.text.pad_id < m.text.vocab_size:
         p.append(f"model.text.pad_id={m.text.pad_id} is outside the vocabulary of {m.text.vocab_size}")
@@ -85,6 +94,60 @@ def _problems(cfg: "D2vConfig") -> list[str]:
         p.append(f"data.min_sample_size={d.min_sample_size} exceeds data.max_sample_size={d.max_sample_size}")
     if d.max_samples_per_batch < d.min_sample_size:
         p.append(f"data.max_samples_per_batch={d.max_samples_per_batch} cannot hold one utterance of data.min_sample_size={d.min_sample_size}")
+    return p
+
+
+def _v2_problems(cfg: "D2vConfig") -> list[str]:
+    """Contradictions specific to data2vec 2.0 (model.v2.enabled)."""
+    p: list[str] = []
+    m, v, t, mk = cfg.model, cfg.model.v2, cfg.teacher, cfg.masking
+    if v.num_masks < 1:
+        p.append(f"model.v2.num_masks={v.num_masks} must be >= 1")
+    if v.prenet_depth < 0:
+        p.append(f"model.v2.prenet_depth={v.prenet_depth} must be >= 0")
+    if m.layer_norm_first:
+        p.append("data2vec 2.0 blocks are post-LN: set model.layer_norm_first=false")
+    if v.alibi and m.modality != "audio":
+        p.append(f"model.v2.alibi is for audio only (model.modality={m.modality!r}): set model.v2.alibi=false")
+    if v.alibi and v.cls_token:
+        p.append("model.v2.alibi and model.v2.cls_token cannot be combined (ALiBi positions have no CLS slot)")
+    if v.sincos_positions and m.modality != "image":
+        p.append("model.v2.sincos_positions is for image models only")
+    elif v.sincos_positions and m.embed_dim % 4:
+        p.append(f"2-D sin-cos positions need model.embed_dim divisible by 4, got {m.embed_dim}")
+    if v.cls_loss > 0 and not v.cls_token:
+        p.append(f"model.v2.cls_loss={v.cls_loss} needs model.v2.cls_token=true")
+    if v.cls_loss < 0 or v.mask_noise_std < 0:
+        p.append("model.v2.cls_loss and model.v2.mask_noise_std must be >= 0")
+    if m.modality == "image" and m.image.rel_pos_bias:
+        p.append("image 2.0 uses sin-cos positions: set model.image.rel_pos_bias=false")
+    if m.modality == "image" and (m.image.image_size // m.image.patch_size) ** 2 * (1.0 - mk.mask_prob) < 1:
+        p.append(f"masking.mask_prob={mk.mask_prob} keeps no patch: lower it")
+    if v.decoder_dim < 1 or v.decoder_layers < 0 or v.decoder_kernel < 1:
+        p.append("model.v2.decoder_dim, decoder_kernel must be >= 1 and decoder_layers >= 0")
+    elif v.decoder_kernel % 2 == 0:
+        p.append(f"model.v2.decoder_kernel={v.decoder_kernel} must be odd (same-length convs)")
+    for name, width in (("model.embed_dim", m.embed_dim), ("model.v2.decoder_dim", v.decoder_dim)):
+        if v.decoder_groups < 1 or width % v.decoder_groups:
+            p.append(f"{name}={width} is not divisible by model.v2.decoder_groups={v.decoder_groups}")
+    if v.decoder_projection_layers not in (1, 2):
+        p.append(f"model.v2.decoder_projection_layers={v.decoder_projection_layers}: use 1 or 2")
+    if not 0.0 <= v.decoder_input_dropout < 1.0:
+        p.append(f"model.v2.decoder_input_dropout={v.decoder_input_dropout} must be in [0, 1)")
+    if not 0.0 < mk.mask_prob < 1.0:
+        p.append(f"masking.mask_prob={mk.mask_prob} must be in (0, 1) for 2.0 masks")
+    if mk.block_width < 1 or mk.mask_adjust < 0:
+        p.append("masking.block_width must be >= 1 and masking.mask_adjust >= 0")
+    want = TEACHER_INPUT_V2.get(m.modality)
+    if want is not None and t.input != want:
+        p.append(f"2.0 {m.modality} teachers need teacher.input={want}")
+    if t.offload != "none":
+        p.append("teacher.offload=cpu is not implemented for 2.0 (prenet blocks are not streamed): "
+                 "use teacher.offload=none")
+    if t.tap != "ffn":
+        p.append("2.0 targets are the blocks' FFN outputs: set teacher.tap=ffn")
+    if m.modality == "audio" and cfg.data.pad:
+        p.append("2.0 audio masks need equal-length rows: set data.pad=false (batches are cropped to the shortest)")
     return p
 
 

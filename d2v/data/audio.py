@@ -33,6 +33,7 @@ from d2v.masking.span import span_mask
 from d2v.shapes import conv_output_length, min_samples_for_frames
 
 # mask_fn(batch_size, num_frames, padding_mask B×T bool or None, generator) -> B×T bool, True = masked
+# (2.0: B×M×T, M masks per utterance; see d2v.data.multimask)
 MaskFn = Callable[[int, int, "Tensor | None", torch.Generator], Tensor]
 
 AUDIO_EXTENSIONS = ("flac", "wav")
@@ -138,7 +139,8 @@ def collate_audio(waves: Sequence[np.ndarray], keys: Sequence[str], *, pad: bool
     else:
         mask = mask_fn(len(waves), num_frames, padding_mask, generator)
     if padding_mask is not None:
-        mask = mask & ~padding_mask  # padding is never a target, whatever mask_fn does
+        # padding is never a target, whatever mask_fn does (2.0 masks are B×M×T)
+        mask = mask & ~(padding_mask if mask.dim() == 2 else padding_mask.unsqueeze(1))
     return Batch(source=source, mask=mask, padding_mask=padding_mask,
                  source_lengths=torch.tensor(kept, dtype=torch.long), keys=list(keys))
 

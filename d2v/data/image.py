@@ -71,3 +71,10 @@ def image_collate(images: list[torch.Tensor], labels: list[int], keys: list[str]
     mask = block_mask_2d(len(images), grid, num_masked=num_masked, min_block=min_block, max_block=max_block,
                          min_aspect=min_aspect, top_up=top_up, generator=g)
     return Batch(source=torch.stack(images), mask=mask, keys=keys, extras={"labels": torch.tensor(labels)})
+
+
+def image_collate_v2(images: list[torch.Tensor], labels: list[int], keys: list[str], *, mask_fn,
+                     g: torch.Generator) -> Batch:
+    """data2vec 2.0: `mask_fn` (a d2v.data.multimask.MultiMaskFn) gives B×M×N inverse-block masks."""
+    mask = mask_fn(len(images), mask_fn.grid[0] * mask_fn.grid[1], None, g)
+    return Batch(source=torch.stack(images), mask=mask, keys=keys, extras={"labels": torch.tensor(labels)})

@@ -100,8 +100,10 @@ def synthetic_text_batch(batch_size: int, *, seq_len: int, vocab_size: int, mask
 
 
 def synthetic_batch(cfg, batch_size: int, *, seed: int, index: int) -> Batch:
-    """A synthetic micro-batch shaped by a D2vConfig, for any modality."""
+    """A synthetic micro-batch shaped by a D2vConfig, for any modality (2.0: B×M×T masks)."""
     m, mk = cfg.model, cfg.masking
+    if m.v2.enabled:
+        return _synthetic_batch_v2(cfg, batch_size, seed=seed, index=index)
     if m.modality == "audio":
         n = int(cfg.data.synthetic_seconds * m.audio.sample_rate)
         return synthetic_audio_batch(batch_size, n, conv_layers=m.audio.conv_layers, mask_prob=mk.mask_prob,
@@ -113,3 +115,25 @@ def synthetic_batch(cfg, batch_size: int, *, seed: int, index: int) -> Batch:
                                      seed=seed, index=index)
     return synthetic_text_batch(batch_size, seq_len=m.text.max_positions, vocab_size=m.text.vocab_size,
                                 mask_prob=mk.mask_prob, mask_length=mk.mask_length, seed=seed, index=index)
+
+
+def _synthetic_batch_v2(cfg, batch_size: int, *, seed: int, index: int) -> Batch:
+    """The 1.0 synthetic inputs with data2vec 2.0 masks (M per sample) made as the collate would."""
+    from dataclasses import replace as dc_replace
+
+    from d2v.data.multimask import multi_mask_fn
+
+    m = cfg.model
+    if m.modality == "audio":
+        n = int(cfg.data.synthetic_seconds * m.audio.sample_rate)
+        base = synthetic_audio_batch(batch_size, n, conv_layers=m.audio.conv_layers, mask_prob=0.5, mask_length=1,
+                                     seed=seed, index=index)
+    elif m.modality == "image":
+        base = synthetic_image_batch(batch_size, image_size=m.image.image_size, patch_size=m.image.patch_size,
+                                     num_masked=0, min_block=1, seed=seed, index=index)
+    else:
+        base = synthetic_text_batch(batch_size, seq_len=m.text.max_positions, vocab_size=m.text.vocab_size,
+                                    mask_prob=0.0, mask_length=1, seed=seed, index=index)
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + index) * 2 + 1)
+    mask = multi_mask_fn(cfg)(batch_size, base.mask.shape[1], base.padding_mask, gen)
+    return dc_replace(base, mask=mask, masked_source=None)

@@ -63,3 +63,15 @@ def text_collate(blocks: list[torch.Tensor], keys: list[str], *, pad_id: int, ma
                               leave_unmasked_prob=leave_unmasked_prob, generator=g)
     return Batch(source=tokens, mask=selected, masked_source=masked,
                  padding_mask=padding if bool(padding.any()) else None, keys=keys)
+
+
+def text_collate_v2(blocks: list[torch.Tensor], keys: list[str], *, pad_id: int, mask_fn,
+                    g: torch.Generator) -> Batch:
+    """data2vec 2.0: B×M×T random masks (`mask_fn`, a d2v.data.multimask.MultiMaskFn); masked tokens
+    are dropped from the student's input, so there is no `<mask>` view (masked_source is None).
+    Padding stays marked where the mask drops it (equal kept counts per row); the task never
+    regresses padded positions."""
+    tokens = torch.stack(blocks)
+    padding = tokens.eq(pad_id)
+    mask = mask_fn(tokens.shape[0], tokens.shape[1], padding, g)
+    return Batch(source=tokens, mask=mask, padding_mask=padding if bool(padding.any()) else None, keys=keys)

@@ -28,10 +28,13 @@ class SelfAttention(nn.Module):
         B, T, D = x_BTD.shape
         return x_BTD.view(B, T, self.num_heads, D // self.num_heads).transpose(1, 2)
 
-    def forward(self, x_BTD: Tensor, padding_mask_BT: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    def forward(self, x_BTD: Tensor, padding_mask_BT: Tensor | None = None,
+                bias: Tensor | kernels.Alibi | None = None) -> Tensor:
+        """bias: an additive tensor, or a `kernels.Alibi` (2.0 audio) that the kernel computes itself."""
         B, T, D = x_BTD.shape
         q, k, v = (self._heads(p(x_BTD)) for p in (self.q_proj, self.k_proj, self.v_proj))
+        alibi = bias if isinstance(bias, kernels.Alibi) else None
         o_BHTd = kernels.attention(
-            q, k, v, key_padding_mask=padding_mask_BT, bias=bias,
+            q, k, v, key_padding_mask=padding_mask_BT, bias=None if alibi is not None else bias, alibi=alibi,
             dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(o_BHTd.transpose(1, 2).reshape(B, T, D))

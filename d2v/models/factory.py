@@ -111,10 +111,13 @@ BUILDERS = {"audio": build_audio, "image": build_image, "text": build_text}
 
 
 def build_model(cfg: D2vConfig | ModelConfig) -> Data2Vec:
-    """The student for a config (or its model section)."""
+    """The student for a config (or its model section): 1.0, or 2.0 when model.v2.enabled."""
     m = cfg.model if isinstance(cfg, D2vConfig) else cfg
+    builders = BUILDERS
+    if m.v2.enabled:
+        from d2v.models.factory_v2 import BUILDERS_V2 as builders
     try:
-        builder = BUILDERS[m.modality]
+        builder = builders[m.modality]
     except KeyError:
         raise ValueError(f"no model for modality {m.modality!r}; available: {sorted(BUILDERS)}") from None
     return builder(m)

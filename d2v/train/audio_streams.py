@@ -19,6 +19,10 @@ def loader_options(cfg: D2vConfig):
 def mask_fn(cfg: D2vConfig):
     from d2v.data import span_mask_fn
 
+    if cfg.model.v2.enabled:
+        from d2v.data.multimask import multi_mask_fn
+
+        return multi_mask_fn(cfg)  # B×M×T 1-D block masks (data2vec 2.0)
     mk = cfg.masking
     return span_mask_fn(mask_prob=mk.mask_prob, mask_length=mk.mask_length, min_masks=mk.min_masks,
                         equalize=mk.equalize)

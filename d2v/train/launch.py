@@ -8,7 +8,8 @@ from d2v.train.run import Run
 from d2v.train.streams import SyntheticStream
 
 
-def build_run(cfg: D2vConfig, ds_template: dict[str, Any], *, resume: str = "none", console: bool = True) -> Run:
+def build_run(cfg: D2vConfig, ds_template: dict[str, Any], *, resume: str = "none", console: bool = True,
+              init_from: str | None = None) -> Run:
     if cfg.data.train_shards:
         from d2v.train.shard_streams import shard_stream_factories
 
@@ -18,4 +19,5 @@ def build_run(cfg: D2vConfig, ds_template: dict[str, Any], *, resume: str = "non
             return SyntheticStream(cfg, rank=rank, world_size=world_size)
 
         make_val = None
-    return Run(cfg, ds_template, make_stream, make_val_stream=make_val, resume=resume, console=console)
+    return Run(cfg, ds_template, make_stream, make_val_stream=make_val, resume=resume, console=console,
+               init_from=init_from)

@@ -72,7 +72,8 @@ def _all_sum(values: list[float], world_size: int) -> list[float]:
 
 class Run:
     def __init__(self, cfg: D2vConfig, ds_template: dict[str, Any], make_stream: StreamFactory, *,
-                 make_val_stream: StreamFactory | None = None, resume: str = "none", console: bool = True) -> None:
+                 make_val_stream: StreamFactory | None = None, resume: str = "none", console: bool = True,
+                 init_from: str | None = None) -> None:
         self.cfg = cfg
         self.out_dir = cfg.train.out_dir
         self.rank, self.world_size = distributed.init_distributed()
@@ -83,7 +84,10 @@ class Run:
         reshard = resume_state is not None and self._needs_universal(resume_state)
         if reshard:
             ds_template = {**ds_template, "checkpoint": {**ds_template.get("checkpoint", {}), "load_universal": True}}
-        self.trainer = Trainer(cfg, ds_template)
+        student, self.init_report = self._init_student(init_from)
+        self.trainer = Trainer(cfg, ds_template, student=student)
+        if self.init_report is not None and self.init_report.teacher is not None:
+            self.trainer.teacher.load_state(self.init_report.teacher)
         self.stream = make_stream(self.rank, self.world_size)
         self.make_val_stream = make_val_stream
         self.console = console
@@ -110,6 +114,24 @@ class Run:
             raise ValueError(f"checkpoint {tag} in {self.out_dir} was written by preset {state.get('preset')!r}, "
                              f"this run is {self.cfg.name!r}: use another --out or the same preset")
         return tag, state
+
+    def _init_student(self, init_from: str | None):
+        """The student loaded from pretrained weights (--init-from); a resumed run ignores them."""
+        if init_from is None:
+            return None, None
+        if self.resume_tag is not None:
+            if self.rank == 0:
+                print(f"--init-from {init_from} ignored: resuming from checkpoint {self.resume_tag}")
+            return None, None
+        from d2v.interop import init_from as load_pretrained
+        from d2v.models import build_model
+
+        torch.manual_seed(self.cfg.train.seed)  # the same fresh head on every rank
+        student = build_model(self.cfg)
+        report = load_pretrained(student, init_from, self.cfg)
+        if self.rank == 0:
+            print(report.summary())
+        return student, report
 
     def _needs_universal(self, state: dict[str, Any]) -> bool:
         """A ZeRO checkpoint written at another world size is loaded through DeepSpeed's

@@ -13,6 +13,11 @@ def image_decoder(cfg: D2vConfig, *, train: bool = True):
     m, mk = cfg.model, cfg.masking
     transform = ImageTransform(m.image.image_size, m.image.mean, m.image.std, train=train)
     grid = (m.image.image_size // m.image.patch_size,) * 2
+    masks_v2 = None
+    if m.v2.enabled:
+        from d2v.data.multimask import multi_mask_fn
+
+        masks_v2 = multi_mask_fn(cfg)
 
     def decode(raw: list[RawSample], g: torch.Generator):
         images, labels, keys, bad = [], [], [], 0
@@ -26,6 +31,10 @@ def image_decoder(cfg: D2vConfig, *, train: bool = True):
             keys.append(sample["__key__"])
         if not images:
             raise RuntimeError(f"a whole batch of {len(raw)} images failed to decode (shard {raw[0]['__shard__']})")
+        if masks_v2 is not None:
+            from d2v.data.image import image_collate_v2
+
+            return image_collate_v2(images, labels, keys, mask_fn=masks_v2, g=g), bad
         return image_collate(images, labels, keys, grid=grid, num_masked=mk.num_mask_patches,
                              min_block=mk.min_block_patches, max_block=mk.max_block_patches,
                              min_aspect=mk.min_aspect, top_up=mk.top_up, g=g), bad
@@ -37,6 +46,11 @@ def text_decoder(cfg: D2vConfig):
     from d2v.data.text import decode_tokens, text_collate
 
     t, mk = cfg.model.text, cfg.masking
+    masks_v2 = None
+    if cfg.model.v2.enabled:
+        from d2v.data.multimask import multi_mask_fn
+
+        masks_v2 = multi_mask_fn(cfg)
 
     def decode(raw: list[RawSample], g: torch.Generator):
         blocks, keys, bad = [], [], 0
@@ -52,6 +66,10 @@ def text_decoder(cfg: D2vConfig):
             keys.append(sample["__key__"])
         if not blocks:
             raise RuntimeError(f"a whole batch of {len(raw)} text blocks failed to decode (shard {raw[0]['__shard__']})")
+        if masks_v2 is not None:
+            from d2v.data.text import text_collate_v2
+
+            return text_collate_v2(blocks, keys, pad_id=t.pad_id, mask_fn=masks_v2, g=g), bad
         return text_collate(blocks, keys, pad_id=t.pad_id, mask_id=t.vocab_size - 1, kind=mk.kind,
                             mask_prob=mk.mask_prob, mask_length=mk.mask_length,
                             random_token_prob=mk.random_token_prob, leave_unmasked_prob=mk.leave_unmasked_prob,

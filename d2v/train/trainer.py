@@ -48,6 +48,12 @@ class StepMetrics:
     values: dict[str, float] = field(default_factory=dict)
 
 
+def compile_blocks(encoder: torch.nn.Module) -> None:
+    """torch.compile each block's forward only: module hooks (DeepSpeed's) stay outside the graph."""
+    for block in encoder.blocks:
+        block.forward = torch.compile(block.forward)
+
+
 class Trainer:
     """Owns the DeepSpeed engine, the teacher and the task for one run."""
 
@@ -84,8 +90,17 @@ class Trainer:
             self.teacher.attach_zero3(self.student, self.ds_config)
         else:
             self.teacher.bind(self.student)
+        if cfg.train.compile:
+            if self.zero_stage == 3:
+                raise ValueError("train.compile=true does not work with ZeRO stage 3 (its hooks gather and release "
+                                 "parameters around each block); use stage 1 or 2, or train.compile=false")
+            compile_blocks(self.student.encoder)
+            compile_blocks(self.teacher.model.encoder)
         self.dtype = DTYPES[cfg.train.precision]
-        self.task = Data2VecTask(self.student, self.teacher, cfg,
+        task_class = Data2VecTask
+        if cfg.model.v2.enabled:
+            from d2v.task_v2 import Data2VecV2Task as task_class  # DESIGN.md 3.3
+        self.task = task_class(self.student, self.teacher, cfg,
                                  normalizer=distributed.global_count_normalizer(self.world_size),
                                  compute_dtype=self.dtype, forward=self.engine)
         self.step = 0  # optimizer updates done

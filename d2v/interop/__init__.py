@@ -1,0 +1,10 @@
+"""Interop with transformers and fairseq: HF export, --init-from, fairseq import (issue 10).
+
+Importing this package pulls in neither transformers nor fairseq: export writes plain JSON and
+safetensors, and the fairseq importer reads pickles through a restricted unpickler.
+"""
+from d2v.interop.fairseq_import import import_fairseq
+from d2v.interop.hf_export import write_hf
+from d2v.interop.init_from import InitReport, init_from, pretrained_config, read_pretrained
+
+__all__ = ["InitReport", "import_fairseq", "init_from", "pretrained_config", "read_pretrained", "write_hf"]

@@ -1,0 +1,460 @@
+"""`python -m d2v import-fairseq CKPT OUT [--format plain|hf]`: reference data2vec checkpoints into d2v.
+
+Reads, without fairseq or omegaconf (d2v.interop.unpickle), fairseq data2vec 1.0 audio and text
+checkpoints and the BEiT-based data2vec_vision checkpoints; maps the student and the EMA teacher
+(fairseq: `model['_ema']` or `model['encoder._ema']`; BEiT: `model_ema`) into d2v's layout; writes
+a d2v plain export (student.safetensors, teacher.safetensors, config.json; `--init-from` and
+`load_exported` read it) or a transformers directory. Anything it cannot place is refused by name.
+
+Text rows follow fairseq's dict.txt order: `--dict dict.txt --encoder-json encoder.json
+--vocab-bpe vocab.bpe` (default: those files beside CKPT) are required, and the rows are moved
+to the tokenizer's ids (a given `--tokenizer` JSON, or one built from encoder.json/vocab.bpe).
+
+data2vec 2.0 (`data2vec_multi`, one modality) checkpoints map into d2v's 2.0 model (presets `*_v2`):
+fused qkv split, the learned per-head ALiBi scale, prenet and decoder included; the fixed sin-cos
+table is left behind (d2v recomputes it).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from d2v.interop.fairseq_layout import map_state, strip_prefix, to_float
+from d2v.interop.unpickle import load_checkpoint, to_plain
+
+
+class ImportRefused(ValueError):
+    pass
+
+
+def detect(ckpt: dict[str, Any]) -> tuple[str, dict[str, Tensor]]:
+    """(kind, model state): kind is audio | text | image | v2."""
+    state = ckpt.get("model")
+    if not isinstance(state, dict):
+        raise ImportRefused(f"no 'model' state dict in the checkpoint (top-level keys: {sorted(ckpt)[:10]})")
+    state = strip_prefix(state, ("w2v_encoder.w2v_model.", "module."))
+    keys = list(state)
+    if any(k.startswith("modality_encoders.") for k in keys):
+        return "v2", state
+    if any(k.startswith("feature_extractor.conv_layers.") for k in keys):
+        return "audio", state
+    if any(k.startswith("encoder.sentence_encoder.") for k in keys):
+        return "text", state
+    if "patch_embed.proj.weight" in state and any(k.endswith("attn.qkv.weight") for k in keys):
+        return "image", state
+    raise ImportRefused(f"not a data2vec checkpoint d2v can read; first keys: {keys[:8]}")
+
+
+def _find(tree: Any, *names: str) -> Any:
+    """The first value under any of `names` (dotted paths allowed) anywhere in a nested dict."""
+    if isinstance(tree, dict):
+        for name in names:
+            node: Any = tree
+            for part in name.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is not None:
+                return node
+        for value in tree.values():
+            found = _find(value, *names)
+            if found is not None:
+                return found
+    return None
+
+
+def _literal(expr: str) -> Any:
+    """Evaluates fairseq's conv spec strings ("[(512, 10, 5)] + [(512, 3, 2)] * 4") without eval."""
+    def ev(node: ast.AST) -> Any:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return node.value
+        if isinstance(node, (ast.List, ast.Tuple)):
+            items = [ev(e) for e in node.elts]
+            return items if isinstance(node, ast.List) else tuple(items)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            a, b = ev(node.left), ev(node.right)
+            return a + b if isinstance(node.op, ast.Add) else a * b
+        raise ImportRefused(f"cannot read the conv spec {expr!r}")
+
+    return ev(ast.parse(expr, mode="eval"))
+
+
+def _count(state: dict[str, Tensor], prefix: str) -> int:
+    idx = {int(k[len(prefix):].split(".")[0]) for k in state if k.startswith(prefix)}
+    return max(idx) + 1 if idx else 0
+
+
+def _heads(model_cfg: dict[str, Any], what: str) -> int:
+    heads = _find(model_cfg, "encoder_attention_heads", "transformer.encoder.attention_heads", "num_heads")
+    if heads is None:
+        raise ImportRefused(f"the checkpoint's cfg does not give the number of attention heads of the {what} "
+                            f"model (encoder_attention_heads); d2v cannot infer it from the weights")
+    return int(heads)
+
+
+def build_config(kind: str, student: dict[str, Tensor], cfg_tree: dict[str, Any], *, vocab_size: int | None = None):
+    """The d2v config whose student has exactly these weights (sizes read from the weights)."""
+    from d2v.config import get_preset
+
+    model_cfg = cfg_tree.get("model", cfg_tree) if isinstance(cfg_tree, dict) else {}
+    width = student["encoder.blocks.0.ffn.fc1.weight"].shape[1]
+    # The recipe (masking, teacher, loss, optimizer) of the nearest preset; sizes from the weights.
+    cfg = get_preset(f"{kind}_{ {768: 'base', 1024: 'large'}.get(width, 'tiny') }")
+    m = cfg.model
+    m.depth = _count(student, "encoder.blocks.")
+    m.ffn_dim, m.embed_dim = student["encoder.blocks.0.ffn.fc1.weight"].shape
+    cfg.teacher.top_k = min(cfg.teacher.top_k, m.depth)
+    if kind == "audio":
+        if _find(model_cfg, "layer_norm_first"):
+            raise ImportRefused("the checkpoint has layer_norm_first=true (pre-LN); d2v's audio model is post-LN")
+        spec = _find(model_cfg, "conv_feature_layers")
+        convs = _literal(spec) if isinstance(spec, str) else [tuple(c) for c in m.audio.conv_layers]
+        n_conv = _count(student, "frontend.conv_layers.")
+        if len(convs) != n_conv:
+            raise ImportRefused(f"cfg conv_feature_layers has {len(convs)} layers, the weights {n_conv}")
+        for i, (c, k, _) in enumerate(convs):
+            w = student[f"frontend.conv_layers.{i}.conv.weight"]
+            if (w.shape[0], w.shape[2]) != (c, k):
+                raise ImportRefused(f"conv layer {i}: cfg says {c} channels, kernel {k}; the weights are {tuple(w.shape)}")
+        m.audio.conv_layers = tuple(tuple(int(v) for v in c) for c in convs)
+        pos = student["encoder.pos_conv.layers.0.conv.weight"]
+        m.audio.conv_pos_depth = _count(student, "encoder.pos_conv.layers.")
+        m.audio.conv_pos_kernel, m.audio.conv_pos_groups = pos.shape[2], m.embed_dim // pos.shape[1]
+        m.num_heads = _heads(model_cfg, "audio")
+    elif kind == "text":
+        m.num_heads = _heads(model_cfg, "text")
+        m.text.vocab_size = vocab_size if vocab_size is not None else student["frontend.word_embeddings.weight"].shape[0]
+        m.text.max_positions = student["frontend.position_embeddings.weight"].shape[0] - m.text.pad_id - 1
+        if "head.0.weight" not in student:
+            raise ImportRefused("the checkpoint's regression head is not the 2-layer head d2v's text model uses")
+    else:
+        proj = student["frontend.projection.weight"]
+        table = student["encoder.rel_pos_bias.table"] if "encoder.rel_pos_bias.table" in student else None
+        if table is None:
+            raise ImportRefused("the vision checkpoint has no shared relative position bias "
+                                "(rel_pos_bias.relative_position_bias_table); d2v pretrains with one")
+        m.num_heads = table.shape[1]
+        grid = round(((table.shape[0] - 3) ** 0.5 + 1) / 2)
+        m.image.patch_size, m.image.in_chans = proj.shape[2], proj.shape[1]
+        m.image.image_size = grid * proj.shape[2]
+        if "encoder.blocks.0.layer_scale_1.weight" not in student:
+            m.image.layer_scale_init = 0.0
+    return cfg.validate()
+
+
+def _fairseq_ema(ckpt: dict[str, Any], state: dict[str, Tensor], kind: str) -> dict[str, Tensor] | None:
+    """The EMA teacher's fp32 weights under the student model's fairseq names, if stored."""
+    ema = state.pop("_ema", None)
+    if ema is None:
+        ema = state.pop("encoder._ema", None)
+    if ema is None:
+        ema = ckpt.get("_ema")
+    if ema is None:
+        return None
+    ema = dict(ema)
+    ema.pop("__sq_mom", None)
+    ema = strip_prefix(ema, ("module.",))
+    # fairseq averages a sub-module (audio: the encoder; text: the sentence encoder); its keys are
+    # relative to that module unless the whole model was averaged.
+    if kind == "audio" and not any(k.startswith(("encoder.", "feature_extractor.")) for k in ema):
+        ema = {"encoder." + k: v for k, v in ema.items()}
+    if kind == "text" and not any(k.startswith("encoder.") for k in ema):
+        ema = {"encoder.sentence_encoder." + k: v for k, v in ema.items()}
+    return ema
+
+
+def teacher_from(cfg: Any, student: dict[str, Tensor], mapped_ema: dict[str, Tensor] | None
+                 ) -> tuple[dict[str, Tensor], list[str]]:
+    """The d2v teacher state: averaged parts from the EMA, copied parts from the student. Notes say which."""
+    from d2v.models import build_model
+    from d2v.teacher import Teacher
+
+    model = build_model(cfg)
+    teacher = Teacher(model, cfg.teacher)
+    notes = []
+    state: dict[str, Tensor] = {}
+    if mapped_ema is None:
+        notes.append("the checkpoint has no EMA teacher: the teacher is a copy of the student")
+    from_student = []
+    for name in teacher.ema_names + teacher.copy_names:
+        if mapped_ema is not None and name in mapped_ema and name in teacher.ema_names:
+            state[name] = mapped_ema[name].float()
+        else:
+            state[name] = student[name].float()
+            if mapped_ema is not None:
+                from_student.append(name)
+    if from_student:
+        mods = sorted({".".join(n.split(".")[:2]) for n in from_student})
+        notes.append(f"teacher parameters taken from the student (d2v copies them from the student every step, "
+                     f"or the EMA lacks them): {mods}")
+    if mapped_ema is not None:
+        unused = sorted(set(mapped_ema) - set(state))
+        if unused:
+            mods = sorted({".".join(n.split(".")[:2]) for n in unused})
+            notes.append(f"EMA weights of modules the d2v teacher does not hold (not written): {mods}")
+    return state, notes
+
+
+def _check_complete(cfg: Any, student: dict[str, Tensor]) -> None:
+    from d2v.models import build_model
+
+    expected = build_model(cfg).state_dict()
+    missing = sorted(set(expected) - set(student))
+    unexpected = sorted(set(student) - set(expected))
+    mismatched = [f"{k}: {tuple(student[k].shape)} vs {tuple(expected[k].shape)}"
+                  for k in expected if k in student and student[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        raise ImportRefused(f"the mapped weights do not form a d2v {cfg.model.modality} model: missing {missing}, "
+                            f"unexpected {unexpected}, mismatched {mismatched}")
+
+
+def convert(path: str, *, dict_path: str | None = None, encoder_json: str | None = None,
+            vocab_bpe: str | None = None, tokenizer: str | None = None) -> dict[str, Any]:
+    """Reads and maps a reference checkpoint: {cfg, student, teacher, notes, tokenizer_json}."""
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict):
+        raise ImportRefused(f"{path} does not hold a checkpoint dict")
+    kind, state = detect(ckpt)
+    cfg_tree = to_plain(ckpt.get("cfg")) or to_plain(ckpt.get("args")) or {}
+    if not isinstance(cfg_tree, dict):
+        cfg_tree = {}
+    text_files = {"dict_path": dict_path, "encoder_json": encoder_json, "vocab_bpe": vocab_bpe,
+                  "tokenizer": tokenizer}
+    if kind == "v2":
+        return _convert_v2(path, ckpt, state, cfg_tree, text_files)
+    state = dict(state)
+    if kind == "image":
+        ema_state = ckpt.get("model_ema")
+        ema = strip_prefix(dict(ema_state), ("module.",)) if isinstance(ema_state, dict) else None
+    else:
+        ema = _fairseq_ema(ckpt, state, kind)
+    student, unused, unmapped = map_state(kind, state)
+    if unmapped:
+        raise ImportRefused(f"{path}: keys d2v cannot map into its {kind} model: {unmapped}")
+    notes = [f"left behind (buffers d2v recomputes): {unused}"] if unused else []
+    mapped_ema = None
+    if ema is not None:
+        mapped_ema, _, ema_unmapped = map_state(kind, ema)
+        if ema_unmapped:
+            raise ImportRefused(f"{path}: EMA keys d2v cannot map: {ema_unmapped}")
+    tokenizer_json = None
+    vocab_size = None
+    if kind == "text":
+        student, tokenizer_json, text_notes = _remap_text(path, student, **text_files)
+        notes += text_notes
+        vocab_size = student["frontend.word_embeddings.weight"].shape[0]
+        # fairseq's RoBERTa layout has no token-type embedding; d2v's single one is zero (no effect).
+        student["frontend.token_type_embeddings.weight"] = torch.zeros(1, student["frontend.word_embeddings.weight"].shape[1])
+        notes.append("frontend.token_type_embeddings set to zeros (fairseq has none)")
+    student = to_float(student)
+    cfg = build_config(kind, student, cfg_tree, vocab_size=vocab_size)
+    _check_complete(cfg, student)
+    teacher, teacher_notes = teacher_from(cfg, student, mapped_ema)
+    return {"cfg": cfg, "student": student, "teacher": teacher, "notes": notes + teacher_notes,
+            "tokenizer_json": tokenizer_json, "kind": kind}
+
+
+def _beside(path: str, given: str | None, name: str) -> str | None:
+    if given is not None:
+        return given
+    candidate = os.path.join(os.path.dirname(os.path.abspath(path)), name)
+    return candidate if os.path.isfile(candidate) else None
+
+
+def _remap_text(path, student, *, dict_path, encoder_json, vocab_bpe, tokenizer):
+    from d2v.interop.gpt2_dict import build_gpt2_tokenizer, fairseq_symbols, remap_rows
+
+    dict_path = _beside(path, dict_path, "dict.txt")
+    encoder_json = _beside(path, encoder_json, "encoder.json")
+    vocab_bpe = _beside(path, vocab_bpe, "vocab.bpe")
+    if dict_path is None or encoder_json is None or (vocab_bpe is None and tokenizer is None):
+        raise ImportRefused("a fairseq text checkpoint indexes its embedding by dict.txt order: pass --dict dict.txt "
+                            "--encoder-json encoder.json --vocab-bpe vocab.bpe (or put them beside the checkpoint) "
+                            "so the rows can be moved to the tokenizer's ids; d2v will not pair them unmapped")
+    rows = student["frontend.word_embeddings.weight"]
+    symbols = fairseq_symbols(dict_path, rows.shape[0])
+    if tokenizer is not None:
+        with open(tokenizer, encoding="utf-8") as f:
+            tokenizer_json = f.read()
+    else:
+        tokenizer_json = build_gpt2_tokenizer(encoder_json, vocab_bpe)
+    remap = remap_rows(rows, symbols, encoder_json, tokenizer_json)
+    student = dict(student)
+    student["frontend.word_embeddings.weight"] = remap.rows
+    notes = [f"word embedding rows moved from {os.path.basename(dict_path)} order to the tokenizer's ids "
+             f"({rows.shape[0]} -> {remap.rows.shape[0]} rows)"]
+    if remap.dropped_symbols:
+        notes.append(f"dict.txt symbols the tokenizer cannot produce, rows not kept: {remap.dropped_symbols[:10]}"
+                     f"{'...' if len(remap.dropped_symbols) > 10 else ''} ({len(remap.dropped_symbols)})")
+    if remap.filled_from_unk:
+        notes.append(f"tokenizer tokens without a dict.txt row, given the <unk> row: {remap.filled_from_unk[:10]}"
+                     f"{'...' if len(remap.filled_from_unk) > 10 else ''} ({len(remap.filled_from_unk)})")
+    return student, tokenizer_json, notes
+
+
+def _convert_v2(path: str, ckpt: dict[str, Any], state: dict[str, Tensor], cfg_tree: dict[str, Any],
+                text_files: dict[str, Any]) -> dict[str, Any]:
+    from d2v.config import list_presets
+    from d2v.interop.fairseq_layout import map_v2_state
+
+    encoders = sorted({k.split(".")[1] for k in state if k.startswith("modality_encoders.")})
+    if not any(p.endswith("_v2") for p in list_presets()):
+        raise ImportRefused(f"a data2vec 2.0 checkpoint (data2vec_multi, modality encoders {encoders}): importing "
+                            f"2.0 needs d2v's 2.0 model (presets *_v2), which this tree does not have")
+    if len(encoders) != 1:
+        raise ImportRefused(f"a data2vec 2.0 checkpoint with modality encoders {encoders}: d2v's models have one "
+                            f"modality; it imports checkpoints with exactly one")
+    state = dict(state)
+    ema = state.pop("_ema", None)
+    if ema is None:
+        ema = ckpt.get("_ema")
+    modality, student, unused, unmapped = map_v2_state(state)
+    if unmapped:
+        raise ImportRefused(f"{path}: keys d2v cannot map into its 2.0 {modality} model: {unmapped}")
+    notes = [f"left behind (d2v recomputes them): {unused}"] if unused else []
+    mapped_ema = None
+    if ema is not None:
+        ema = dict(ema)
+        ema.pop("__sq_mom", None)
+        _, mapped_ema, _, ema_unmapped = map_v2_state(ema, encoders[0])
+        if ema_unmapped:
+            raise ImportRefused(f"{path}: EMA keys d2v cannot map: {ema_unmapped}")
+    model_cfg = cfg_tree.get("model", cfg_tree)
+    heads = _heads(model_cfg, "2.0")
+    positions = [v for k, v in state.items() if k.endswith("fixed_positional_encoder.positions")]
+    for target in (student, mapped_ema):
+        if target is not None and "encoder.alibi.scale" in target:
+            target["encoder.alibi.scale"] = _alibi_scale(target["encoder.alibi.scale"], heads)
+    tokenizer_json, vocab_size = None, None
+    if modality == "text":
+        student, tokenizer_json, text_notes = _remap_text(path, student, **text_files)
+        notes += text_notes
+        vocab_size = student["frontend.word_embeddings.weight"].shape[0]
+        student["frontend.token_type_embeddings.weight"] = torch.zeros(1, student["frontend.word_embeddings.weight"].shape[1])
+        notes.append("frontend.token_type_embeddings set to zeros (fairseq has none)")
+    student = to_float(student)
+    cfg = build_v2_config(modality, student, model_cfg, heads, vocab_size=vocab_size,
+                          num_patches=positions[0].shape[1] if positions else None)
+    _check_complete(cfg, student)
+    teacher, teacher_notes = teacher_from(cfg, student, mapped_ema)
+    return {"cfg": cfg, "student": student, "teacher": teacher, "notes": notes + teacher_notes,
+            "tokenizer_json": tokenizer_json, "kind": f"{modality}_v2"}
+
+
+def _alibi_scale(scale: Tensor, heads: int) -> Tensor:
+    """fairseq's L'×1×H'×1×1 learned ALiBi scale -> d2v's per-head vector (H)."""
+    if scale.shape[0] != 1:
+        raise ImportRefused(f"the checkpoint learns an ALiBi scale per layer ({tuple(scale.shape)}); d2v's 2.0 model "
+                            f"has one per head")
+    flat = scale.reshape(-1).float()
+    return flat.expand(heads).clone() if flat.numel() == 1 else flat
+
+
+def build_v2_config(modality: str, student: dict[str, Tensor], model_cfg: dict[str, Any], heads: int, *,
+                    vocab_size: int | None = None, num_patches: int | None = None):
+    """The d2v 2.0 config whose student has exactly these weights."""
+    from d2v.config import get_preset
+
+    width = student["encoder.blocks.0.ffn.fc1.weight"].shape[1]
+    cfg = get_preset(f"{modality}_{ {768: 'base', 1024: 'large'}.get(width, 'tiny') }_v2")
+    m, v = cfg.model, cfg.model.v2
+    m.depth = _count(student, "encoder.blocks.")
+    m.ffn_dim, m.embed_dim = student["encoder.blocks.0.ffn.fc1.weight"].shape
+    m.num_heads = heads
+    eps = _find(model_cfg, "norm_eps")
+    if eps is not None:
+        m.norm_eps = float(eps)
+    v.prenet_depth = _count(student, "encoder.prenet.")
+    conv = student["decoder.layers.0.conv.weight"]
+    v.decoder_layers = _count(student, "decoder.layers.")
+    v.decoder_dim, v.decoder_kernel, v.decoder_groups = conv.shape[0], conv.shape[-1], m.embed_dim // conv.shape[1]
+    v.decoder_projection_layers = 2 if "decoder.proj.0.weight" in student else 1
+    residual = _find(model_cfg, "decoder_residual")
+    if residual is not None:
+        v.decoder_residual = bool(residual)
+    v.alibi = "encoder.alibi.scale" in student
+    cfg.teacher.top_k = min(cfg.teacher.top_k, m.depth)
+    if modality == "audio":
+        spec = _find(model_cfg, "feature_encoder_spec")
+        convs = _literal(spec) if isinstance(spec, str) else [tuple(c) for c in m.audio.conv_layers]
+        m.audio.conv_layers = tuple(tuple(int(x) for x in c) for c in convs)
+        pos = student["encoder.pos_conv.layers.0.conv.weight"]
+        m.audio.conv_pos_depth = _count(student, "encoder.pos_conv.layers.")
+        m.audio.conv_pos_kernel, m.audio.conv_pos_groups = pos.shape[2], m.embed_dim // pos.shape[1]
+    elif modality == "image":
+        proj = student["frontend.projection.weight"]
+        m.image.patch_size, m.image.in_chans = proj.shape[2], proj.shape[1]
+        size = _find(model_cfg, "input_size")
+        if size is not None:
+            m.image.image_size = int(size)
+        elif num_patches is not None:  # the sin-cos table has one row per patch
+            m.image.image_size = round(num_patches ** 0.5) * m.image.patch_size
+        v.cls_token = "encoder.cls_token.weight" in student
+    else:
+        m.text.vocab_size = vocab_size
+        m.text.max_positions = student["frontend.position_embeddings.weight"].shape[0] - m.text.pad_id - 1
+    return cfg.validate()
+
+
+def write_plain(out: str, cfg: Any, student: dict[str, Tensor], teacher: dict[str, Tensor], info: dict[str, Any]) -> None:
+    """The layout of `python -m d2v export` (load_exported and --init-from read it)."""
+    from safetensors.torch import save_file
+
+    from d2v.config import to_dict
+
+    os.makedirs(out, exist_ok=True)
+    meta = {"format": "pt", "d2v_preset": cfg.name, "source": "fairseq import"}
+    save_file({k: v.contiguous() for k, v in student.items()}, os.path.join(out, "student.safetensors"), metadata=meta)
+    save_file({k: v.contiguous() for k, v in teacher.items()}, os.path.join(out, "teacher.safetensors"), metadata=meta)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(to_dict(cfg), f, indent=2)
+    with open(os.path.join(out, "export.json"), "w") as f:
+        json.dump(info, f, indent=2)
+
+
+def import_fairseq(path: str, out: str, *, fmt: str = "plain", teacher: bool = False, **text_files: Any) -> dict[str, Any]:
+    result = convert(path, **text_files)
+    cfg = result["cfg"]
+    tok_file = None
+    if result["tokenizer_json"] is not None:
+        os.makedirs(out, exist_ok=True)
+        tok_file = os.path.join(out, "tokenizer.json")
+        with open(tok_file, "w", encoding="utf-8") as f:
+            f.write(result["tokenizer_json"])
+    info = {"source": os.path.abspath(path), "kind": result["kind"], "preset": cfg.name, "notes": result["notes"],
+            "student_tensors": len(result["student"]), "teacher_tensors": len(result["teacher"])}
+    if fmt == "hf":
+        from d2v.interop.hf_export import write_hf
+
+        meta = write_hf(out, cfg, result["student"], teacher=result["teacher"] if teacher else None,
+                        tokenizer=tok_file, source={"imported_from": info["source"], "import_notes": result["notes"]})
+        info["taken_from_student"] = meta.get("taken_from_student", [])
+    else:
+        if teacher:
+            raise ValueError("--teacher applies to --format hf (the plain layout holds student and teacher)")
+        write_plain(out, cfg, result["student"], result["teacher"], info)
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m d2v import-fairseq", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", help="fairseq data2vec checkpoint (.pt) or data2vec_vision (BEiT) checkpoint")
+    ap.add_argument("out", help="output directory")
+    ap.add_argument("--format", choices=("plain", "hf"), default="plain", help="d2v plain export or transformers")
+    ap.add_argument("--teacher", action="store_true", help="--format hf: write the EMA teacher's weights")
+    ap.add_argument("--dict", dest="dict_path", default=None, help="text: fairseq dict.txt (default: beside CKPT)")
+    ap.add_argument("--encoder-json", default=None, help="text: GPT-2 encoder.json (default: beside CKPT)")
+    ap.add_argument("--vocab-bpe", default=None, help="text: GPT-2 vocab.bpe (default: beside CKPT)")
+    ap.add_argument("--tokenizer", default=None,
+                    help="text: a tokenizers JSON to remap the rows to (default: built from encoder.json/vocab.bpe)")
+    args = ap.parse_args(argv)
+    info = import_fairseq(args.checkpoint, args.out, fmt=args.format, teacher=args.teacher, dict_path=args.dict_path,
+                          encoder_json=args.encoder_json, vocab_bpe=args.vocab_bpe, tokenizer=args.tokenizer)
+    print(json.dumps(info, indent=2))

@@ -1,0 +1,183 @@
+"""A transformers-format directory from d2v weights (`python -m d2v export CKPT OUT --format hf`).
+
+Writes what `Data2Vec{Audio,Vision,Text}Model.from_pretrained(OUT)` reads: config.json (every
+structural field explicit), model.safetensors; the preprocessing settings (feature extractor or
+image processor JSON) or the tokenizer (text); and d2v_export.json, which records where every
+weight came from and the full d2v config, so `--init-from OUT` restores the exact run settings.
+
+The text model is written without transformers' pooler (d2v has none): load it with
+`Data2VecTextModel.from_pretrained(OUT, add_pooling_layer=False)`, as transformers' own task
+models (masked LM, classification) do.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import torch
+
+from d2v.interop.hf_layout import HF_SHAPES, d2v_to_hf_name, hf_config, is_v2
+
+WEIGHTS = "model.safetensors"
+META = "d2v_export.json"
+
+
+def _module_of(name: str) -> str:
+    """'encoder.pos_conv.layers.0.conv.weight' -> 'encoder.pos_conv'; 'frontend.x.y' -> 'frontend'."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "encoder" else parts[0]
+
+
+def to_hf_state(cfg: Any, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor] | None = None
+                ) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """(transformers state dict, d2v modules taken from the student, d2v parameters not exported).
+
+    With `teacher`, its weights replace the student's; the parts the teacher lacks (the audio
+    CNN and projection, the text embeddings, the mask embedding) come from the student.
+    """
+    modality = cfg.model.modality
+    merged = dict(student)
+    from_student: list[str] = []
+    if teacher is not None:
+        unknown = sorted(set(teacher) - set(student))
+        if unknown:
+            raise KeyError(f"teacher weights {unknown[:5]} are not student parameters: the checkpoint does not fit "
+                           f"its config")
+        merged.update(teacher)
+    out, dropped = {}, []
+    for name, tensor in merged.items():
+        hf_name = d2v_to_hf_name(modality, name)
+        if hf_name is None:
+            if name.split(".")[0] != "head":
+                raise KeyError(f"d2v parameter {name!r} has no transformers counterpart; the {modality} layout "
+                               f"in d2v/interop/hf_layout.py is out of date")
+            dropped.append(name)
+            continue
+        shape = HF_SHAPES.get(modality, {}).get(hf_name)
+        t = tensor.detach().float().cpu()
+        out[hf_name] = (t.reshape(shape) if shape else t).contiguous()
+        if teacher is not None and name not in teacher:
+            module = _module_of(name)
+            if module not in from_student:
+                from_student.append(module)
+    return out, from_student, dropped
+
+
+def preprocessing(cfg: Any) -> tuple[str, dict[str, Any]] | None:
+    """(file name, JSON) of transformers' preprocessing settings for audio and images."""
+    m = cfg.model
+    if m.modality == "audio":
+        return "preprocessor_config.json", {
+            "feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1,
+            "sampling_rate": m.audio.sample_rate, "padding_value": 0.0, "padding_side": "right",
+            # d2v normalises every utterance to zero mean and unit variance (data.normalize).
+            "do_normalize": bool(cfg.data.normalize), "return_attention_mask": True}
+    if m.modality == "image":
+        im = m.image
+        # d2v's evaluation transform: bicubic resize to image_size, /255, per-channel mean/std.
+        return "preprocessor_config.json", {
+            "image_processor_type": "BeitImageProcessor", "do_resize": True,
+            "size": {"height": im.image_size, "width": im.image_size}, "resample": 3, "do_center_crop": False,
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": list(im.mean), "image_std": list(im.std), "do_reduce_labels": False}
+    return None
+
+
+def find_tokenizer(cfg: Any) -> str | None:
+    """The tokenizer file the run's text shards were made with (recorded beside them), if still there."""
+    pattern = cfg.data.train_shards
+    if not pattern:
+        return None
+    from d2v.data.text import load_tokenizer_meta
+
+    try:
+        meta = load_tokenizer_meta(pattern)
+    except FileNotFoundError:
+        return None
+    path = os.path.join(os.path.dirname(pattern.split("{")[0]), meta.get("file", ""))
+    return path if os.path.isfile(path) else None
+
+
+def tokenizer_info(cfg: Any, path: str) -> Any:
+    """d2v's TokenizerInfo of `path`; raises unless it fits the model's embedding and special ids."""
+    from d2v.data.tokenizer import Tokenizer
+
+    t = cfg.model.text
+    info = Tokenizer(path).info
+    want = (t.vocab_size, t.pad_id, t.bos_id, t.eos_id, t.unk_id, t.vocab_size - 1)
+    got = (info.vocab_size, info.pad_id, info.bos_id, info.eos_id, info.unk_id, info.mask_id)
+    if got != want:
+        raise ValueError(f"tokenizer {path} has (vocab, pad, bos, eos, unk, mask) = {got}, the model {want}: "
+                         f"pass the tokenizer the run was trained with")
+    return info
+
+
+def write_tokenizer(cfg: Any, path: str, out: str) -> dict[str, Any]:
+    """Copies the tokenizer and writes tokenizer_config.json (transformers' loader reads it)."""
+    t = cfg.model.text
+    info = tokenizer_info(cfg, path)
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+                "mask_token": "<mask>", "model_max_length": t.max_positions}
+    if info.kind == "bpe":
+        shutil.copyfile(path, os.path.join(out, "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials}
+    else:
+        from d2v.interop.spm_json import equivalent_tokenizer_json
+
+        # The SentencePiece model itself (its ids are d2v's: no fairseq offset, <mask> one past the
+        # last piece), plus a tokenizer.json transformers can load when it encodes identically.
+        shutil.copyfile(path, os.path.join(out, "sentencepiece.model"))
+        config = {"d2v_tokenizer": "sentencepiece.model: ids are the SentencePiece ids, <mask> is id "
+                                   f"{info.mask_id} (one past the last piece)", **specials}
+        text = equivalent_tokenizer_json(path, info.mask_id)
+        if text is not None:
+            with open(os.path.join(out, "tokenizer.json"), "w", encoding="utf-8") as f:
+                f.write(text)
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return info.as_dict()
+
+
+def write_hf(out: str, cfg: Any, student: dict[str, torch.Tensor], *, teacher: dict[str, torch.Tensor] | None = None,
+             tokenizer: str | None = None, source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Writes a transformers directory; with `teacher`, the EMA teacher's weights. Returns the metadata."""
+    from safetensors.torch import save_file
+
+    from d2v.config import to_dict
+
+    if is_v2(cfg):
+        raise ValueError(f"{cfg.name!r} is a data2vec 2.0 model: transformers has no 2.0 architecture, so it "
+                         f"exports only as plain state dicts (--format plain)")
+    config = hf_config(cfg)
+    tok_path = None
+    if cfg.model.modality == "text":
+        tok_path = tokenizer or find_tokenizer(cfg)
+        if tok_path is None:
+            raise FileNotFoundError(f"the tokenizer of this text run was not found beside "
+                                    f"data.train_shards={cfg.data.train_shards!r}: pass --tokenizer FILE")
+        tokenizer_info(cfg, tok_path)  # before anything is written
+    state, from_student, dropped = to_hf_state(cfg, student, teacher)
+    os.makedirs(out, exist_ok=True)
+    weights = "teacher" if teacher is not None else "student"
+    save_file(state, os.path.join(out, WEIGHTS), metadata={"format": "pt", "d2v_weights": weights})
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    pre = preprocessing(cfg)
+    if pre is not None:
+        with open(os.path.join(out, pre[0]), "w") as f:
+            json.dump(pre[1], f, indent=2)
+    meta: dict[str, Any] = {"format": "hf", "weights": weights, "architecture": config["architectures"][0],
+                            "not_exported": dropped, **(source or {})}
+    if teacher is not None:
+        meta["taken_from_student"] = from_student
+        meta["note"] = ("the EMA teacher has no copy of these modules (it consumes the student's output or shares "
+                        "them with the student), so the student's weights were written for them")
+    if tok_path is not None:
+        meta["tokenizer"] = write_tokenizer(cfg, tok_path, out)
+    meta["d2v_config"] = to_dict(cfg)
+    with open(os.path.join(out, META), "w") as f:
+        json.dump(meta, f, indent=2)
+    return meta

@@ -1,0 +1,220 @@
+"""Start a run from pretrained weights on disk (`launchers/pretrain.py --init-from DIR`, and the
+fine-tuning launcher through `init_from`).
+
+DIR is either a transformers directory (what `export --format hf` writes, or public data2vec 1.0
+weights: config.json + model.safetensors or pytorch_model.bin) or a d2v plain export
+(student.safetensors, teacher.safetensors, config.json). Nothing is loaded unless everything
+fits: the architecture the directory describes must be the run's (the fields that differ are
+named with the override that fixes them), and every weight must have a home of the right shape
+(missing, unexpected and mismatched keys are named). Task heads of transformers checkpoints
+(pooler, lm_head, classifier) have no d2v counterpart: they are listed in the report, not loaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from d2v.interop.hf_layout import HF_IGNORABLE, HF_PREFIXES, hf_to_d2v_name, is_v2, model_fields_from_hf
+
+
+@dataclass
+class Pretrained:
+    """Weights read from a directory, under d2v's student names."""
+
+    kind: str
+    """hf | plain"""
+    student: dict[str, Tensor]
+    """d2v student name -> tensor."""
+    teacher: dict[str, Tensor] | None
+    """The EMA teacher's state (plain exports), else None."""
+    fields: dict[str, Any]
+    """Structural `model.*` settings the directory fixes (dotted keys)."""
+    source_names: dict[str, str] = field(default_factory=dict)
+    """d2v name -> the name in the directory (for messages)."""
+    ignored: list[str] = field(default_factory=list)
+    """Directory keys with no d2v counterpart that are safe to skip (task heads, old buffers)."""
+    unmapped: list[str] = field(default_factory=list)
+    """Directory keys with no d2v counterpart that are not known to be safe: refused."""
+
+
+@dataclass
+class InitReport:
+    path: str
+    kind: str
+    loaded: int
+    """Tensors loaded into the model."""
+    kept_init: list[str]
+    """Model parameters the directory has none for and the caller allowed (e.g. a fresh head)."""
+    ignored: list[str]
+    teacher: dict[str, Tensor] | None
+    """The teacher state to load after the teacher is built (None: the teacher copies the student)."""
+
+    def summary(self) -> str:
+        kept = sorted({n.split(".")[0] for n in self.kept_init})
+        return (f"init from {self.path} ({self.kind}): {self.loaded} tensors; freshly initialised: "
+                f"{', '.join(kept) or 'nothing'}; skipped from the directory: {len(self.ignored)} "
+                f"({', '.join(self.ignored[:4])}{'...' if len(self.ignored) > 4 else ''}); teacher: "
+                f"{'its own weights' if self.teacher is not None else 'a copy of the loaded student'}")
+
+
+def structural_fields(model_cfg: Any) -> dict[str, Any]:
+    """The `model.*` settings that decide the architecture (dropouts and init values do not)."""
+    m = model_cfg
+    out: dict[str, Any] = {"model.modality": m.modality, "model.embed_dim": m.embed_dim, "model.depth": m.depth,
+                           "model.num_heads": m.num_heads, "model.ffn_dim": m.ffn_dim, "model.norm_eps": m.norm_eps,
+                           "model.layer_norm_first": m.layer_norm_first}
+    if m.modality == "audio":
+        out.update({"model.audio.conv_layers": tuple(tuple(c) for c in m.audio.conv_layers),
+                    "model.audio.conv_pos_depth": m.audio.conv_pos_depth,
+                    "model.audio.conv_pos_kernel": m.audio.conv_pos_kernel,
+                    "model.audio.conv_pos_groups": m.audio.conv_pos_groups})
+    elif m.modality == "image":
+        out.update({"model.image.image_size": m.image.image_size, "model.image.patch_size": m.image.patch_size,
+                    "model.image.in_chans": m.image.in_chans, "model.image.rel_pos_bias": m.image.rel_pos_bias,
+                    # only whether layer-scale parameters exist; their initial value is overwritten
+                    "model.image.layer_scale_init": m.image.layer_scale_init > 0})
+    elif m.modality == "text":
+        t = m.text
+        out.update({"model.text.vocab_size": t.vocab_size, "model.text.max_positions": t.max_positions,
+                    "model.text.pad_id": t.pad_id, "model.text.bos_id": t.bos_id, "model.text.eos_id": t.eos_id})
+    return out
+
+
+def _load_weights(directory: str) -> dict[str, Tensor]:
+    path = os.path.join(directory, "model.safetensors")
+    if os.path.isfile(path):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    path = os.path.join(directory, "pytorch_model.bin")
+    if os.path.isfile(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    if any(f.endswith(".index.json") for f in os.listdir(directory)):
+        raise ValueError(f"{directory} holds a sharded checkpoint; d2v reads one model.safetensors or "
+                         f"pytorch_model.bin (re-save it with max_shard_size large enough)")
+    raise FileNotFoundError(f"{directory} has no model.safetensors or pytorch_model.bin")
+
+
+def read_pretrained(directory: str) -> Pretrained:
+    """Reads a transformers directory or a d2v plain export into d2v names."""
+    from d2v.config import from_dict
+
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{directory} has no config.json: --init-from takes a transformers directory or "
+                                f"a `python -m d2v export` directory")
+    with open(config_path) as f:
+        config = json.load(f)
+    if os.path.isfile(os.path.join(directory, "student.safetensors")):
+        from safetensors.torch import load_file
+
+        cfg = from_dict(config)
+        teacher_path = os.path.join(directory, "teacher.safetensors")
+        teacher = load_file(teacher_path) if os.path.isfile(teacher_path) else None
+        fields = structural_fields(cfg.model)
+        fields["model.v2.enabled"] = is_v2(cfg)
+        return Pretrained("plain", load_file(os.path.join(directory, "student.safetensors")), teacher, fields)
+    fields = model_fields_from_hf(config)
+    fields["model.v2.enabled"] = False
+    if "model.image.layer_scale_init" in fields:
+        fields["model.image.layer_scale_init"] = fields["model.image.layer_scale_init"] > 0
+    modality = fields["model.modality"]
+    state = _load_weights(directory)
+    prefix = HF_PREFIXES[modality]
+    student, names, ignored, unmapped = {}, {}, [], []
+    for key, tensor in state.items():
+        base = key[len(prefix):] if key.startswith(prefix) else key  # a task model's backbone
+        name = hf_to_d2v_name(modality, base)
+        if name is None:
+            (ignored if HF_IGNORABLE.search(base) else unmapped).append(key)
+            continue
+        student[name] = tensor.reshape(-1) if name == "mask_embedding.weight" else tensor
+        names[name] = key
+    return Pretrained("hf", student, None, fields, names, sorted(ignored), sorted(unmapped))
+
+
+def pretrained_config(directory: str) -> Any:
+    """The d2v config a pretrained directory describes: the run's own config for d2v exports (plain,
+    or transformers format written by d2v), else the nearest 1.0 preset of the modality with the
+    architecture of the transformers config.json (public weights). Validated."""
+    from d2v.config import from_dict, get_preset, set_value
+
+    for name, key in (("d2v_export.json", "d2v_config"), ("config.json", None)):
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            data = json.load(f)
+        if key is not None and key in data:
+            return from_dict(data[key]).validate()
+        if key is None and "model_type" not in data:
+            return from_dict(data).validate()
+    with open(os.path.join(directory, "config.json")) as f:
+        fields = model_fields_from_hf(json.load(f))
+    size = {768: "base", 1024: "large"}.get(fields["model.embed_dim"], "tiny")
+    cfg = get_preset(f"{fields['model.modality']}_{size}")
+    for key, value in fields.items():
+        set_value(cfg, key, value)
+    cfg.teacher.top_k = min(cfg.teacher.top_k, cfg.model.depth)
+    return cfg.validate()
+
+
+def check_fits(cfg: Any, pre: Pretrained, directory: str) -> None:
+    """Raises ValueError naming every architecture setting where the directory and the run differ."""
+    mine = structural_fields(cfg.model)
+    mine["model.v2.enabled"] = is_v2(cfg)
+    diffs = [(k, pre.fields[k], mine[k]) for k in mine if k in pre.fields and pre.fields[k] != mine[k]]
+    if diffs:
+        lines = "; ".join(f"{k}: directory {a!r}, run {b!r}" for k, a, b in diffs)
+        fix = " ".join(f"{k}={_override(a)}" for k, a, _ in diffs if k != "model.modality")
+        raise ValueError(f"{directory} does not fit this run's architecture: {lines}. Use a preset of the same "
+                         f"modality and override: {fix}")
+
+
+def _override(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return json.dumps(value).replace(" ", "")
+    return str(value)
+
+
+def init_from(model: nn.Module, directory: str, cfg: Any | None = None, *,
+              allow_missing: tuple[str, ...] = ("head",)) -> InitReport:
+    """Loads pretrained weights into a d2v model (the student, or any module with its names).
+
+    cfg: the run's config; when given, the directory's architecture is checked against it.
+    allow_missing: module prefixes that may keep their fresh initialisation when the directory
+    has no weights for them (transformers checkpoints never hold d2v's regression head).
+    Raises before touching the model if anything does not fit.
+    """
+    pre = read_pretrained(directory)
+    if cfg is not None:
+        check_fits(cfg, pre, directory)
+    expected = model.state_dict()
+    allowed = tuple(p.rstrip(".") for p in allow_missing)
+
+    def _allowed(name: str) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in allowed)
+
+    def label(name: str) -> str:  # the directory's own name for a weight, in messages
+        return pre.source_names.get(name, name)
+
+    missing = [n for n in expected if n not in pre.student and not _allowed(n)]
+    unexpected = [label(n) for n in pre.student if n not in expected] + pre.unmapped
+    mismatched = [f"{label(n)}: directory {tuple(pre.student[n].shape)}, model {tuple(expected[n].shape)}"
+                  for n in pre.student if n in expected and pre.student[n].shape != expected[n].shape]
+    if missing or unexpected or mismatched:
+        raise KeyError(f"{directory} does not fit the model: missing {missing}, unexpected {unexpected}, "
+                       f"mismatched {mismatched}")
+    with torch.no_grad():
+        for name, tensor in expected.items():
+            if name in pre.student:
+                tensor.copy_(pre.student[name].to(tensor.dtype))
+    kept = [n for n in expected if n not in pre.student]
+    return InitReport(directory, pre.kind, len(pre.student), kept, pre.ignored, pre.teacher)

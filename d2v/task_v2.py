@@ -1,0 +1,89 @@
+"""The data2vec 2.0 task (DESIGN.md 3.3; STYLE.md 5): what one micro-batch computes.
+
+student(M clones, kept tokens only) -> decoder -> predictions at the masked positions of all B·M rows
+teacher(clean view, once per sample, no grad) -> targets B×T×D, indexed per clone (never recomputed)
+loss = Σ L2 × scale over masked positions  (+ cls_loss × count × Σ_rows L2(CLS, mean target), image)
+The sum is divided by `normalizer(count)` as in 1.0 (all-reduced count on several ranks). The CLS
+term is weighted by the count as the reference does, so after the division it is cls_loss times
+the per-row CLS loss summed over rows.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from d2v.batch import Batch
+from d2v.config.schema import D2vConfig
+from d2v.losses import per_dim_std, regression_loss
+from d2v.models.data2vec_v2 import Data2VecV2, StudentOutputV2
+from d2v.task import Normalizer, StepOutput, layer_seed
+from d2v.teacher import Teacher
+
+
+def clone_targets(y_BTD: Tensor, mask_BMT: Tensor, padding_mask_BT: Tensor | None) -> Tensor:
+    """P×D targets at the masked non-padded positions of the B·M rows, in the row-major order of the
+    (B·M)×T mask: row r takes sample r // M's targets (indexed, not repeated in memory)."""
+    B, M, T = mask_BMT.shape
+    valid = mask_BMT if padding_mask_BT is None else mask_BMT & ~padding_mask_BT.unsqueeze(1)
+    rows, cols = valid.reshape(B * M, T).nonzero(as_tuple=True)
+    return y_BTD[rows // M, cols]
+
+
+def mean_target(y_BTD: Tensor, padding_mask_BT: Tensor | None) -> Tensor:
+    """B×D mean of the targets over the real positions (the CLS target)."""
+    if padding_mask_BT is None:
+        return y_BTD.mean(dim=1)
+    valid = (~padding_mask_BT).unsqueeze(-1).to(y_BTD.dtype)
+    return (y_BTD * valid).sum(dim=1) / valid.sum(dim=1).clamp_min(1.0)
+
+
+class Data2VecV2Task:
+    def __init__(self, student: Data2VecV2, teacher: Teacher, cfg: D2vConfig,
+                 normalizer: Normalizer | None = None, compute_dtype: torch.dtype | None = None,
+                 forward: Callable[..., StudentOutputV2] | None = None) -> None:
+        """forward: what runs the student (the DeepSpeed engine); defaults to the module itself."""
+        self.student = student
+        self.forward = forward if forward is not None else student
+        self.teacher = teacher
+        self.cfg = cfg
+        self.normalizer: Normalizer = normalizer or (lambda count: float(max(count, 1)))
+        self.compute_dtype = compute_dtype
+
+    def __call__(self, batch: Batch, *, step: int = 0) -> StepOutput:
+        if batch.masked_source is not None:
+            raise ValueError("2.0 batches carry no masked view (masked tokens are dropped); make them with the "
+                             "2.0 collate (model.v2.enabled)")
+        out = self.forward(batch.source, batch.mask, batch.source_lengths,
+                           layer_seed=layer_seed(self.cfg.train.seed, step))
+        padding = out.features.padding_mask
+        inputs = batch.source if self.cfg.teacher.input == "source" else out.features.x.detach()
+        # Once per original sample: the M clones share these targets.
+        y_BTD = self.teacher.targets(inputs, padding, compute_dtype=self.compute_dtype)
+        target_PD = clone_targets(y_BTD, batch.mask, padding)
+        pred_PD = out.prediction
+        loss_sum, count = regression_loss(pred_PD, target_PD, self.cfg.loss)
+        metrics = {}
+        weight_cls = self.cfg.model.v2.cls_loss
+        if weight_cls > 0 and out.cls is not None:
+            M = batch.mask.shape[1]
+            cls_target = mean_target(y_BTD, padding).repeat_interleave(M, dim=0)
+            cls_sum, _ = regression_loss(out.cls, cls_target, self.cfg.loss)
+            loss_sum = loss_sum + weight_cls * count * cls_sum
+            metrics["cls_loss"] = float(cls_sum.detach()) / max(cls_target.shape[0], 1)
+        # A filler batch (all samples unreadable) has weight 0: it keeps ranks in step, adds nothing.
+        weight = float(batch.extras.get("weight", 1.0))
+        if weight != 1.0:
+            loss_sum, count = loss_sum * weight, int(count * weight)
+        loss = loss_sum / self.normalizer(count)
+        valid = batch.mask if padding is None else batch.mask & ~padding.unsqueeze(1)
+        real = batch.mask.numel() if padding is None else int((~padding).sum()) * batch.mask.shape[1]
+        metrics.update({
+            "loss_sum": float(loss_sum.detach()),
+            "loss_count": float(count),
+            "target_std": per_dim_std(target_PD),
+            "pred_std": per_dim_std(pred_PD),
+            "mask_rate": float(valid.sum()) / max(real, 1),
+        })
+        return StepOutput(loss, int(valid.sum()), metrics)
