@@ -8,6 +8,8 @@ TORCH ?= torch==2.13.0
 TRITON ?= triton==3.9.0
 EXTRAS ?= test,triton,demo,bench,hf
 MODALITY ?= audio
+# e.g. PRESET=image_tiny_v2 MODALITY=image for the data2vec 2.0 demo
+PRESET ?= $(MODALITY)_tiny
 DEMO_DATA ?= demo_data
 DEMO_STEPS ?= 300
 PYTEST_ARGS ?=
@@ -39,10 +41,10 @@ demo-data: $(DEMO_DATA)/$(MODALITY)/patterns.json
 
 demo: venv demo-data
 	DS_ACCELERATOR=cpu $(VENV)/bin/deepspeed --num_gpus 2 --master_port $(MASTER_PORT) launchers/pretrain.py \
-		--ds_config ds_configs/cpu.json --preset $(MODALITY)_tiny \
+		--ds_config ds_configs/cpu.json --preset $(PRESET) \
 		--data "$$($(PY) -c 'import json,sys; print(json.load(open(sys.argv[1]))["train"])' $(DEMO_DATA)/$(MODALITY)/patterns.json)" \
 		--val-data "$$($(PY) -c 'import json,sys; print(json.load(open(sys.argv[1]))["valid"])' $(DEMO_DATA)/$(MODALITY)/patterns.json)" \
-		--out runs/demo-$(MODALITY) train.max_steps=$(DEMO_STEPS) train.val_every=100 train.log_every=25
+		--out runs/demo-$(PRESET:_tiny=) train.max_steps=$(DEMO_STEPS) train.val_every=100 train.log_every=25
 
 clean-venv:
 	rm -rf $(VENV)

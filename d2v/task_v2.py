@@ -9,17 +9,11 @@ the per-row CLS loss summed over rows.
 """
 from __future__ import annotations
 
-from typing import Callable
-
-import torch
 from torch import Tensor
 
 from d2v.batch import Batch
-from d2v.config.schema import D2vConfig
 from d2v.losses import per_dim_std, regression_loss
-from d2v.models.data2vec_v2 import Data2VecV2, StudentOutputV2
-from d2v.task import Normalizer, StepOutput, layer_seed
-from d2v.teacher import Teacher
+from d2v.task import Data2VecTask, StepOutput, layer_seed
 
 
 def clone_targets(y_BTD: Tensor, mask_BMT: Tensor, padding_mask_BT: Tensor | None) -> Tensor:
@@ -39,17 +33,8 @@ def mean_target(y_BTD: Tensor, padding_mask_BT: Tensor | None) -> Tensor:
     return (y_BTD * valid).sum(dim=1) / valid.sum(dim=1).clamp_min(1.0)
 
 
-class Data2VecV2Task:
-    def __init__(self, student: Data2VecV2, teacher: Teacher, cfg: D2vConfig,
-                 normalizer: Normalizer | None = None, compute_dtype: torch.dtype | None = None,
-                 forward: Callable[..., StudentOutputV2] | None = None) -> None:
-        """forward: what runs the student (the DeepSpeed engine); defaults to the module itself."""
-        self.student = student
-        self.forward = forward if forward is not None else student
-        self.teacher = teacher
-        self.cfg = cfg
-        self.normalizer: Normalizer = normalizer or (lambda count: float(max(count, 1)))
-        self.compute_dtype = compute_dtype
+class Data2VecV2Task(Data2VecTask):
+    """Same construction as the 1.0 task (student, teacher, normalizer, engine forward)."""
 
     def __call__(self, batch: Batch, *, step: int = 0) -> StepOutput:
         if batch.masked_source is not None:

@@ -18,6 +18,16 @@ from d2v.models.blocks import BlockOutput
 Tap = Callable[[int, BlockOutput], None]
 
 
+def layerdrop_kept(num_blocks: int, layerdrop: float, layer_seed: int | None) -> list[int]:
+    """Indices of the blocks LayerDrop keeps: one draw per block from a generator seeded by the
+    caller, so every rank drops the same blocks."""
+    if layerdrop == 0.0:
+        return list(range(num_blocks))
+    gen = torch.Generator().manual_seed(layer_seed) if layer_seed is not None else None
+    draws = torch.rand(num_blocks, generator=gen)
+    return [i for i in range(num_blocks) if draws[i] >= layerdrop]
+
+
 class ClsToken(nn.Module):
     """Prepends a learned token. A module of its own (not a bare parameter of the encoder) so that
     ZeRO-3 gathers it around its own forward and backward."""
@@ -51,12 +61,7 @@ class TransformerEncoder(nn.Module):
 
     def kept_blocks(self, layer_seed: int | None) -> list[int]:
         """Indices of blocks run in this forward (all of them outside training)."""
-        n = len(self.blocks)
-        if not self.training or self.layerdrop == 0.0:
-            return list(range(n))
-        gen = torch.Generator().manual_seed(layer_seed) if layer_seed is not None else None
-        draws = torch.rand(n, generator=gen)
-        return [i for i in range(n) if draws[i] >= self.layerdrop]
+        return layerdrop_kept(len(self.blocks), self.layerdrop if self.training else 0.0, layer_seed)
 
     def forward(self, x_BTD: Tensor, padding_mask_BT: Tensor | None = None, *,
                 layer_seed: int | None = None, tap: Tap | None = None) -> Tensor:

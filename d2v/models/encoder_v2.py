@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 import kernels
 from d2v.models.blocks import BlockOutput
-from d2v.models.encoder import ClsToken, Tap
+from d2v.models.encoder import ClsToken, Tap, layerdrop_kept
 
 
 class AlibiScale(nn.Module):
@@ -106,12 +106,8 @@ class EncoderV2(nn.Module):
 
     def kept_blocks(self, layer_seed: int | None) -> list[int]:
         """Indices over prenet + main blocks run in this forward (one draw per block, same on every rank)."""
-        n = len(self.prenet) + len(self.blocks)
-        if not self.training or self.layerdrop == 0.0:
-            return list(range(n))
-        gen = torch.Generator().manual_seed(layer_seed) if layer_seed is not None else None
-        draws = torch.rand(n, generator=gen)
-        return [i for i in range(n) if draws[i] >= self.layerdrop]
+        return layerdrop_kept(len(self.prenet) + len(self.blocks), self.layerdrop if self.training else 0.0,
+                              layer_seed)
 
     def _run(self, x_BTD: Tensor, padding_mask_BT: Tensor | None, positions_BT: Tensor | None,
              layer_seed: int | None, tap: Tap | None) -> Tensor:
