@@ -55,6 +55,6 @@ clean-venv:
 EVAL_ARGS ?=
 eval: venv
 	@for m in audio image text; do \
-		test -e runs/demo-$$m/checkpoints/latest || $(MAKE) demo MODALITY=$$m || exit 1; \
+		test -e runs/demo-$$m/checkpoints/latest || $(MAKE) demo MODALITY=$$m PRESET=$${m}_tiny || exit 1; \
 	done
 	DS_ACCELERATOR=cpu $(PY) -m d2v.finetune.evaluate --data $(DEMO_DATA) --runs runs --out runs/eval $(EVAL_ARGS)

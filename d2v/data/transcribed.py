@@ -1,0 +1,48 @@
+"""Transcribed speech from prepared shards (`KEY.flac` + `KEY.txt`, as `d2v.data.prepare audio`
+writes them for a LibriSpeech-style tree) for CTC fine-tuning (issue 10, item 4). Small sets only:
+everything is decoded into memory.
+"""
+from __future__ import annotations
+
+import io
+from typing import NamedTuple
+
+import numpy as np
+import soundfile
+
+
+class Utterance(NamedTuple):
+    key: str
+    wav: np.ndarray
+    """float32 mono waveform at the shards' rate."""
+    text: str
+
+
+def read_transcribed(pattern: str, *, sample_rate: int = 16_000) -> list[Utterance]:
+    """Every sample of the shards, in shard order; a sample without a transcript or at another rate
+    is an error naming it."""
+    import webdataset as wds
+
+    from d2v.data.shards import expand_pattern
+
+    out = []
+    # Every rank reads every shard on purpose (the fine-tuning loop splits batches, not shards).
+    every_shard = lambda urls: urls  # noqa: E731
+    for sample in wds.WebDataset(expand_pattern(pattern), shardshuffle=False, empty_check=False,
+                                 nodesplitter=every_shard, workersplitter=every_shard):
+        key = sample["__key__"]
+        if "txt" not in sample:
+            raise ValueError(f"{pattern}: sample {key} has no transcript (.txt); prepare the data from a tree with "
+                             f"*.trans.txt files")
+        audio = sample.get("flac") or sample.get("wav")
+        if audio is None:
+            raise ValueError(f"{pattern}: sample {key} has no flac/wav field")
+        wav, rate = soundfile.read(io.BytesIO(audio), dtype="float32", always_2d=True)
+        if rate != sample_rate:
+            raise ValueError(f"{pattern}: sample {key} is at {rate} Hz, the model expects {sample_rate} Hz; "
+                             f"prepare the data with `python -m d2v.data.prepare audio`")
+        text = sample["txt"].decode("utf-8") if isinstance(sample["txt"], bytes) else str(sample["txt"])
+        out.append(Utterance(key, wav.mean(axis=1), text.strip()))
+    if not out:
+        raise ValueError(f"{pattern}: no samples")
+    return out

@@ -1,0 +1,194 @@
+"""`python -m d2v.finetune.evaluate` (what `make eval` runs; issue 10, item 7): the three demo
+evaluations, each for the pretrained demo checkpoint (runs/demo-<modality>) and for the same
+architecture at random initialisation, as one table.
+
+* speech: CTC fine-tuning on the labelled eSpeak demo (d2v.data.demo_asr), WER and CER on two
+  held-out voices saying held-out sentences;
+* images: linear probe and full fine-tuning on the digits as an ImageFolder tree;
+* text: linear probe and full fine-tuning on the docstring-topic TSV (d2v.data.demo_text_cls).
+
+Labelled data are built under DATA when missing. Fine-tuning runs go through
+`deepspeed launchers/finetune.py` (2 CPU ranks by default) with identical settings for both
+inits; probes run in this process. Writes OUT/results.json and OUT/results.md (a re-run with
+--tasks replaces those tasks and keeps the others). It reports what the numbers show and asserts
+nothing about which init wins.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def ensure_data(data: str) -> dict[str, dict[str, str]]:
+    """Paths of the three labelled demo sets, built when missing."""
+    asr = os.path.join(data, "asr")
+    if not os.path.exists(os.path.join(asr, "patterns.json")):
+        from d2v.data.demo_asr import make_asr_demo
+
+        make_asr_demo(asr)
+    with open(os.path.join(asr, "patterns.json")) as f:
+        patterns = json.load(f)
+    digits = os.path.join(data, "digits")
+    if not os.path.isdir(os.path.join(digits, "val")):
+        from d2v.data.imagefolder import export_digits
+
+        export_digits(digits)
+    text = os.path.join(data, "text_cls")
+    if not os.path.exists(os.path.join(text, "test.tsv")):
+        from d2v.data.demo_text_cls import build_text_cls_demo
+
+        build_text_cls_demo(text)
+    return {"asr": {"train": patterns["train"], "eval": patterns["valid"]},
+            "image_cls": {"train": os.path.join(digits, "train"), "eval": os.path.join(digits, "val")},
+            "text_cls": {"train": os.path.join(text, "train.tsv"), "eval": os.path.join(text, "test.tsv")}}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def finetune(task: str, init: str, data: dict[str, str], out: str, *, random_init: bool, ranks: int,
+             overrides: list[str]) -> dict[str, Any]:
+    """One launcher run; returns its result record (the last JSON line it prints)."""
+    deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    cmd = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(_port()),
+           os.path.join(ROOT, "launchers", "finetune.py"), "--ds_config", os.path.join(ROOT, "ds_configs", "cpu.json"),
+           "--task", task, "--init", init, "--train-data", data["train"], "--eval-data", data["eval"], "--out", out,
+           *(["--random-init"] if random_init else []), *overrides]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "launch.log"), "w") as log:
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT)
+        log.write(proc.stdout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"fine-tuning {task} ({'random' if random_init else 'pretrained'}) failed with exit "
+                           f"{proc.returncode}; see {os.path.join(out, 'launch.log')}")
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def linear_probe(task: str, init: str, data: dict[str, str]) -> dict[str, float]:
+    from d2v.finetune.config import resolve_finetune
+    from d2v.finetune.probe import probe
+
+    cfg, _ = resolve_finetune(task, init=init, overrides=[f"finetune.train_data={data['train']}",
+                                                          f"finetune.eval_data={data['eval']}"])
+    return probe(cfg)["accuracy"]
+
+
+ROWS = (  # (task, metric, what, pipeline)
+    ("asr", "wer", "speech recognition, held-out voices (CTC fine-tuning)", "finetune"),
+    ("asr", "cer", "speech recognition, held-out voices (CTC fine-tuning)", "finetune"),
+    ("image_cls", "accuracy", "digits (linear probe)", "probe"),
+    ("image_cls", "accuracy", "digits (fine-tuning)", "finetune"),
+    ("text_cls", "accuracy", "docstring topics (linear probe)", "probe"),
+    ("text_cls", "accuracy", "docstring topics (fine-tuning)", "finetune"),
+)
+MODALITY = {"asr": "audio", "image_cls": "image", "text_cls": "text"}
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| task | metric | pretrained | random init |", "|---|---|---|---|"]
+    for r in rows:
+        arrow = " (lower is better)" if r["metric"] in ("wer", "cer") else ""
+        lines.append(f"| {r['what']} | {r['metric'].upper() if r['metric'] != 'accuracy' else 'accuracy'}{arrow} | "
+                     f"{r['pretrained']:.1%} | {r['random init']:.1%} |")
+    return "\n".join(lines)
+
+
+def evaluate(data: str, runs: str, out: str, *, ranks: int, steps: dict[str, int], tasks: list[str]) -> dict:
+    paths = ensure_data(data)
+    inits = {}
+    for task in tasks:
+        run = os.path.join(runs, f"demo-{MODALITY[task]}")
+        if not os.path.exists(os.path.join(run, "checkpoints", "latest")):
+            raise FileNotFoundError(f"{run} has no checkpoint: run `make demo MODALITY={MODALITY[task]}` first "
+                                    f"(make eval does)")
+        inits[task] = run
+    results: dict[str, Any] = {"tasks": {}, "seconds": {}}
+    previous = os.path.join(out, "results.json")
+    if os.path.exists(previous):  # re-running some tasks (--tasks) keeps the others' results
+        with open(previous) as f:
+            old = json.load(f)
+        results["tasks"], results["seconds"] = old.get("tasks", {}), old.get("seconds", {})
+    for task in tasks:
+        record: dict[str, Any] = {"steps": steps[task], "init": inits[task], "data": paths[task],
+                                  "overrides": EXTRA_OVERRIDES.get(task, [])}
+        t0 = time.perf_counter()
+        for name, random_init in (("pretrained", False), ("random init", True)):
+            record[name] = finetune(task, inits[task], paths[task], os.path.join(out, task, name.replace(" ", "_")),
+                                    random_init=random_init, ranks=ranks,
+                                    overrides=[f"train.max_steps={steps[task]}", *EXTRA_OVERRIDES.get(task, [])])
+            print(f"{task} {name}: {record[name]['metrics']} ({record[name]['train_seconds']} s)", flush=True)
+        results["seconds"][f"{task} fine-tuning"] = round(time.perf_counter() - t0, 1)
+        if task != "asr":
+            t0 = time.perf_counter()
+            record["probe"] = linear_probe(task, inits[task], paths[task])
+            results["seconds"][f"{task} probe"] = round(time.perf_counter() - t0, 1)
+            print(f"{task} linear probe: {record['probe']}", flush=True)
+        results["tasks"][task] = record
+        write_results(results, out, ranks)  # after every task: a later failure keeps what is done
+    return results
+
+
+def write_results(results: dict[str, Any], out: str, ranks: int) -> None:
+    rows = []
+    for task, metric, what, pipeline in ROWS:
+        if task not in results["tasks"]:
+            continue
+        rec = results["tasks"][task]
+        if pipeline == "probe":
+            values = rec["probe"]
+        else:
+            values = {k: rec[k]["metrics"][metric] for k in ("pretrained", "random init")}
+        rows.append({"task": task, "what": what, "metric": metric, **values})
+    results["rows"] = rows
+    results["ranks"] = ranks
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(markdown(rows) + "\n")
+
+
+# Settings shared by both inits of a task (tiny models, a few CPU minutes each).
+EXTRA_OVERRIDES = {
+    "asr": ["optim.lr=2e-3", "optim.phase_ratios=[0.1,0.6,0.3]", "train.log_every=50"],
+    "image_cls": ["train.log_every=100"],
+    "text_cls": ["train.log_every=100"],
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m d2v.finetune.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="demo_data", help="where the demo data live / are built")
+    ap.add_argument("--runs", default="runs", help="holds the pretrained demo runs demo-{audio,image,text}")
+    ap.add_argument("--out", default="runs/eval")
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--asr-steps", type=int, default=1000)
+    ap.add_argument("--image-steps", type=int, default=1200)
+    ap.add_argument("--text-steps", type=int, default=1000)
+    ap.add_argument("--tasks", default="asr,image_cls,text_cls")
+    args = ap.parse_args(argv)
+    start = time.perf_counter()
+    steps = {"asr": args.asr_steps, "image_cls": args.image_steps, "text_cls": args.text_steps}
+    results = evaluate(args.data, args.runs, args.out, ranks=args.ranks, steps=steps,
+                       tasks=[t for t in args.tasks.split(",") if t])
+    print(markdown(results["rows"]))
+    print(f"evaluation in {time.perf_counter() - start:.0f} s; {os.path.join(args.out, 'results.md')}, "
+          f"{os.path.join(args.out, 'results.json')}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

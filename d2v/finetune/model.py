@@ -1,0 +1,98 @@
+"""A pretrained encoder with a task head (issue 10, items 4-6).
+
+The backbone is the data2vec student without its pretraining parts (regression head, mask
+embedding). Speech recognition puts a linear CTC head on every frame; classification averages
+the encoder outputs over the real (non-padded) positions, the CLS token excluded (BEiT's
+fine-tuning pooling; it also suits the tiny text models), and applies a linear head.
+
+Legend: B batch, S waveform samples, T positions, D width, V outputs (vocabulary or classes).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from d2v.config.schema import ModelConfig
+from d2v.models import Data2Vec, build_model
+
+
+class TaskOutput(NamedTuple):
+    logits: Tensor
+    """B×T×V per position (frames=True) or B×V per example."""
+    padding_mask: Tensor | None
+    """B×T bool, True at padded positions (None when nothing is padded)."""
+
+
+class FinetuneModel(nn.Module):
+    def __init__(self, backbone: Data2Vec, num_outputs: int, *, per_frame: bool, dropout: float = 0.0) -> None:
+        super().__init__()
+        for part in ("head", "mask_embedding", "decoder"):  # pretraining-only parts (1.0 head, 2.0 decoder)
+            if getattr(backbone, part, None) is not None:
+                setattr(backbone, part, None)
+        self.backbone = backbone
+        self.per_frame = per_frame
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(backbone.embed_dim, num_outputs)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        # Set by the loop: while True the backbone runs without autograd (only the head learns).
+        self.freeze_backbone = False
+
+    def encode(self, source: Tensor, source_lengths: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """B×T×D encoder outputs (no masking) and the padding mask."""
+        feats = self.backbone.features(source, source_lengths)
+        return self.backbone.encode(feats.x, feats.padding_mask), feats.padding_mask
+
+    def forward(self, source: Tensor, source_lengths: Tensor | None = None) -> TaskOutput:
+        frozen = self.freeze_backbone and self.training
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            h_BTD, padding_BT = self.encode(source, source_lengths)
+        h_BTD = self.dropout(h_BTD)
+        if self.per_frame:
+            return TaskOutput(self.head(h_BTD), padding_BT)
+        return TaskOutput(self.head(masked_mean(h_BTD, padding_BT)), padding_BT)
+
+
+def masked_mean(h_BTD: Tensor, padding_BT: Tensor | None) -> Tensor:
+    """B×D mean over the positions that are not padding."""
+    if padding_BT is None:
+        return h_BTD.mean(dim=1)
+    keep = (~padding_BT).unsqueeze(-1).to(h_BTD.dtype)
+    return (h_BTD * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
+
+
+def freeze_feature_encoder(model: FinetuneModel) -> int:
+    """No gradient into the conv layers of a waveform encoder (fairseq's feature_grad_mult=0);
+    its LayerNorm and projection keep training. Returns the number of frozen parameters."""
+    convs = getattr(model.backbone.frontend, "conv_layers", None)
+    if convs is None:
+        raise ValueError("finetune.freeze_feature_encoder applies to speech encoders only; set it to false")
+    frozen = 0
+    for p in convs.parameters():
+        p.requires_grad_(False)
+        frozen += p.numel()
+    return frozen
+
+
+def load_backbone(init: str, model_cfg: ModelConfig, *, random_init: bool, seed: int) -> Data2Vec:
+    """The student of a d2v checkpoint or export directory; with random_init the same architecture
+    freshly initialised (seeded), so that the two differ only in their weights."""
+    torch.manual_seed(seed)
+    if random_init or not init:
+        return build_model(model_cfg)
+    from d2v.finetune.config import is_transformers_dir
+
+    if is_transformers_dir(init):  # the same key checks as pretraining's --init-from
+        from d2v.interop import init_from
+
+        student = build_model(model_cfg)
+        init_from(student, init, allow_missing=("head", "mask_embedding"))
+        return student
+    from d2v.probe import load_student  # export directory or checkpoint of any ZeRO stage
+
+    student, _ = load_student(init)
+    return student
