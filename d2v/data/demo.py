@@ -51,6 +51,24 @@ def _speaker(voice: str, pitch: int, rate: int) -> str:
     return f"{voice.replace('-', '')}p{pitch}r{rate}"
 
 
+def save_utterance(raw: str, texts: dict[str, list[str]], speaker: str, wav: np.ndarray, sample_rate: int,
+                   transcript: str) -> None:
+    """One utterance in the LibriSpeech layout (speaker/1/speaker-1-NNNN.flac); its transcript line is
+    kept in `texts` until `write_transcripts`."""
+    folder = os.path.join(raw, speaker, "1")
+    os.makedirs(folder, exist_ok=True)
+    lines = texts.setdefault(speaker, [])
+    utt = f"{speaker}-1-{len(lines):04d}"
+    soundfile.write(os.path.join(folder, f"{utt}.flac"), wav, sample_rate, subtype="PCM_16")
+    lines.append(f"{utt} {transcript}")
+
+
+def write_transcripts(raw: str, texts: dict[str, list[str]]) -> None:
+    for speaker, lines in texts.items():
+        with open(os.path.join(raw, speaker, "1", f"{speaker}-1.trans.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
 def make_audio_demo(out: str, *, utterances: int = 300, seed: int = 0, workers: int = 1) -> dict:
     """Synthesizes the tree and prepares shards; returns the prepare totals."""
     from d2v.data.espeak import Espeak
@@ -73,17 +91,10 @@ def make_audio_demo(out: str, *, utterances: int = 300, seed: int = 0, workers: 
         wav = engine.synthesize(sentence, voice=voice, rate=rate, pitch=pitch)
         if not MIN_SECONDS <= len(wav) / engine.sample_rate <= MAX_SECONDS:
             continue
-        speaker = _speaker(voice, pitch, rate)
-        folder = os.path.join(raw, speaker, "1")
-        os.makedirs(folder, exist_ok=True)
-        lines = texts.setdefault(speaker, [])
-        utt = f"{speaker}-1-{len(lines):04d}"
-        soundfile.write(os.path.join(folder, f"{utt}.flac"), wav, engine.sample_rate, subtype="PCM_16")
-        lines.append(f"{utt} {re.sub(r'[^A-Z ]', '', sentence.upper())}")
+        save_utterance(raw, texts, _speaker(voice, pitch, rate), wav, engine.sample_rate,
+                       re.sub(r'[^A-Z ]', '', sentence.upper()))
         made += 1
-    for speaker, lines in texts.items():
-        with open(os.path.join(raw, speaker, "1", f"{speaker}-1.trans.txt"), "w") as f:
-            f.write("\n".join(lines) + "\n")
+    write_transcripts(raw, texts)
     held_out = [s for s in texts if s.startswith(HELD_OUT_VOICE.replace("-", ""))]
     report = prepare_audio(raw, os.path.join(out, "shards"), samples_per_shard=max(8, utterances // 12),
                            val_speakers=held_out, workers=workers)

@@ -16,9 +16,9 @@ import time
 from typing import Sequence
 
 import numpy as np
-import soundfile
 
-from d2v.data.demo import MAX_SECONDS, MIN_SECONDS, PITCHES, RATES, VOICES, _speaker, sentences, write_patterns
+from d2v.data.demo import (MAX_SECONDS, MIN_SECONDS, PITCHES, RATES, VOICES, _speaker, save_utterance, sentences,
+                           write_patterns, write_transcripts)
 
 HELD_OUT_VOICES = ("en-gb-scotland", "en-gb-x-gbcwmd")
 MAX_ASR_SECONDS = 4.5  # shorter utterances keep CPU fine-tuning to minutes
@@ -62,17 +62,9 @@ def make_asr_demo(out: str, *, train_utterances: int = 480, eval_utterances: int
             wav = engine.synthesize(sentence, voice=voice, rate=rate, pitch=pitch)
             if not MIN_SECONDS <= len(wav) / engine.sample_rate <= min(MAX_SECONDS, MAX_ASR_SECONDS):
                 continue
-            speaker = _speaker(voice, pitch, rate)
-            folder = os.path.join(raw, speaker, "1")
-            os.makedirs(folder, exist_ok=True)
-            lines = texts.setdefault(speaker, [])
-            utt = f"{speaker}-1-{len(lines):04d}"
-            soundfile.write(os.path.join(folder, f"{utt}.flac"), wav, engine.sample_rate, subtype="PCM_16")
-            lines.append(f"{utt} {transcript(sentence)}")
+            save_utterance(raw, texts, _speaker(voice, pitch, rate), wav, engine.sample_rate, transcript(sentence))
             made += 1
-    for speaker, lines in texts.items():
-        with open(os.path.join(raw, speaker, "1", f"{speaker}-1.trans.txt"), "w") as f:
-            f.write("\n".join(lines) + "\n")
+    write_transcripts(raw, texts)
     prefixes = tuple(v.replace("-", "") + "p" for v in held_out)
     val_speakers = [s for s in texts if s.startswith(prefixes)]
     report = prepare_audio(raw, os.path.join(out, "shards"), samples_per_shard=64, val_speakers=val_speakers,
