@@ -681,3 +681,31 @@ def ema_names(cfg, student):
 
     t = Teacher(student, cfg.teacher)
     return t.ema_names + t.copy_names
+
+
+def test_data2vec_2_checkpoint_exports_as_plain_state_dicts(tmp_path):
+    """2.0 has no transformers architecture: its export is the plain one, and it loads back exactly."""
+    from safetensors.torch import load_file
+
+    from d2v.config import load_template, resolve
+    from d2v.export import export_checkpoint, load_exported
+    from d2v.train.launch import build_run
+
+    out = str(tmp_path / "run")
+    cfg = resolve("image_tiny_v2", overrides=[f"train.out_dir={out}", "train.max_steps=2", "train.save_every=0",
+                                              "train.log_every=1", "train.precision=fp32",
+                                              "train.micro_batch_size=4"])
+    run = build_run(cfg, load_template(os.path.join(ROOT, "ds_configs", "cpu.json")), console=False)
+    run.train()
+    trained = {k: v.detach().clone() for k, v in run.trainer.student.state_dict().items()}
+    run.close()
+    export_checkpoint(out, str(tmp_path / "plain"))
+    model, teacher, loaded_cfg = load_exported(str(tmp_path / "plain"))
+    assert loaded_cfg.model.v2.enabled and type(model).__name__ == "Data2VecV2"
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, trained[name].float()), name
+    assert teacher and set(teacher) == set(load_file(str(tmp_path / "plain" / "teacher.safetensors")))
+    with pytest.raises(ValueError, match="2.0"):
+        from d2v.__main__ import main
+
+        main(["export", out, str(tmp_path / "hf"), "--format", "hf"])
