@@ -93,6 +93,11 @@ def test_two_ranks_ran_and_loss_falls_for_every_modality(ranks):
             assert min(run["target_std"]) > 0.1, name
 
 
+def test_no_shared_memory_workspace_is_left_behind(ranks):
+    _, results = ranks
+    assert [res["shm_name_left"] for res in results] == [False, False]
+
+
 def test_logs_and_checkpoints_appear(ranks):
     out, _ = ranks
     lines = [json.loads(line) for line in open(os.path.join(out, "full", "metrics.jsonl"))]

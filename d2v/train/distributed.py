@@ -45,6 +45,25 @@ def on_cpu() -> bool:
     return not torch.cuda.is_available() or os.environ.get("DS_ACCELERATOR") == "cpu"
 
 
+def shm_buffer_path(rank: int) -> str:
+    """Where DeepSpeed's CPU shared-memory all-reduce keeps a rank's workspace (its shm.cpp naming)."""
+    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def release_shm_name(dist) -> None:
+    """DeepSpeed never unlinks its CPU all-reduce workspaces: every launch on a new port left 2 x 69 MB
+    in /dev/shm until memory ran out. Once every rank has mapped every peer's workspace (they do so
+    inside init, and the barrier proves all are past it) the names can go; the mappings stay valid
+    and the memory is freed when the last rank exits, however it exits."""
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    try:
+        os.unlink(shm_buffer_path(dist.get_rank()))
+    except FileNotFoundError:  # no shm op (another build of DeepSpeed, or ranks on several hosts)
+        pass
+
+
 def init_distributed() -> tuple[int, int]:
     """Initialises deepspeed.comm (gloo on CPU, nccl on GPU); returns (rank, world_size)."""
     import deepspeed
@@ -55,6 +74,8 @@ def init_distributed() -> tuple[int, int]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl", auto_mpi_discovery=False)
+        if on_cpu():
+            release_shm_name(dist)
     if not on_cpu():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()

@@ -62,6 +62,10 @@ def main() -> None:
     results["image"] = scenario("image", "image_tiny", data["image"], [f"train.val_every={args.steps}"])
     results["text"] = scenario("text", "text_tiny", data["text"], [f"train.val_every={args.steps}"])
     rank = results["full"]["rank"]
+    from d2v.train.distributed import shm_buffer_path
+
+    # DeepSpeed's CPU all-reduce workspace must not outlive the run under its /dev/shm name.
+    results["shm_name_left"] = os.path.exists(shm_buffer_path(rank))
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
 
