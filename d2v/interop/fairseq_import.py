@@ -243,15 +243,9 @@ def convert(path: str, *, dict_path: str | None = None, encoder_json: str | None
         mapped_ema, _, ema_unmapped = map_state(kind, ema)
         if ema_unmapped:
             raise ImportRefused(f"{path}: EMA keys d2v cannot map: {ema_unmapped}")
-    tokenizer_json = None
-    vocab_size = None
+    tokenizer_json, vocab_size = None, None
     if kind == "text":
-        student, tokenizer_json, text_notes = _remap_text(path, student, **text_files)
-        notes += text_notes
-        vocab_size = student["frontend.word_embeddings.weight"].shape[0]
-        # fairseq's RoBERTa layout has no token-type embedding; d2v's single one is zero (no effect).
-        student["frontend.token_type_embeddings.weight"] = torch.zeros(1, student["frontend.word_embeddings.weight"].shape[1])
-        notes.append("frontend.token_type_embeddings set to zeros (fairseq has none)")
+        student, tokenizer_json, vocab_size = _text_student(path, student, text_files, notes)
     student = to_float(student)
     cfg = build_config(kind, student, cfg_tree, vocab_size=vocab_size)
     _check_complete(cfg, student)
@@ -265,6 +259,17 @@ def _beside(path: str, given: str | None, name: str) -> str | None:
         return given
     candidate = os.path.join(os.path.dirname(os.path.abspath(path)), name)
     return candidate if os.path.isfile(candidate) else None
+
+
+def _text_student(path: str, student: dict, text_files: dict, notes: list[str]):
+    """Embedding rows moved from dict.txt order to the tokenizer's ids; (student, tokenizer json, vocab size)."""
+    student, tokenizer_json, text_notes = _remap_text(path, student, **text_files)
+    notes += text_notes
+    words = student["frontend.word_embeddings.weight"]
+    # fairseq's RoBERTa layout has no token-type embedding; d2v's single one is zero (no effect).
+    student["frontend.token_type_embeddings.weight"] = torch.zeros(1, words.shape[1])
+    notes.append("frontend.token_type_embeddings set to zeros (fairseq has none)")
+    return student, tokenizer_json, words.shape[0]
 
 
 def _remap_text(path, student, *, dict_path, encoder_json, vocab_bpe, tokenizer):
@@ -333,11 +338,7 @@ def _convert_v2(path: str, ckpt: dict[str, Any], state: dict[str, Tensor], cfg_t
             target["encoder.alibi.scale"] = _alibi_scale(target["encoder.alibi.scale"], heads)
     tokenizer_json, vocab_size = None, None
     if modality == "text":
-        student, tokenizer_json, text_notes = _remap_text(path, student, **text_files)
-        notes += text_notes
-        vocab_size = student["frontend.word_embeddings.weight"].shape[0]
-        student["frontend.token_type_embeddings.weight"] = torch.zeros(1, student["frontend.word_embeddings.weight"].shape[1])
-        notes.append("frontend.token_type_embeddings set to zeros (fairseq has none)")
+        student, tokenizer_json, vocab_size = _text_student(path, student, text_files, notes)
     student = to_float(student)
     cfg = build_v2_config(modality, student, model_cfg, heads, vocab_size=vocab_size,
                           num_patches=positions[0].shape[1] if positions else None)

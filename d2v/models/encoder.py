@@ -28,6 +28,19 @@ def layerdrop_kept(num_blocks: int, layerdrop: float, layer_seed: int | None) ->
     return [i for i in range(num_blocks) if draws[i] >= layerdrop]
 
 
+def enter_blocks(x_BTD: Tensor, padding_mask_BT: Tensor | None, cls_token: nn.Module | None,
+                 layer_norm: nn.Module | None, dropout: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """What comes between positions and the first block: the CLS token (never padded), the input
+    LayerNorm, dropout."""
+    if cls_token is not None:
+        x_BTD = cls_token(x_BTD)
+        if padding_mask_BT is not None:
+            padding_mask_BT = torch.cat([padding_mask_BT.new_zeros(x_BTD.shape[0], 1), padding_mask_BT], dim=1)
+    if layer_norm is not None:
+        x_BTD = layer_norm(x_BTD)
+    return dropout(x_BTD), padding_mask_BT
+
+
 class ClsToken(nn.Module):
     """Prepends a learned token. A module of its own (not a bare parameter of the encoder) so that
     ZeRO-3 gathers it around its own forward and backward."""
@@ -69,13 +82,7 @@ class TransformerEncoder(nn.Module):
         if self.pos_conv is not None:
             x_BTD = x_BTD + self.pos_conv(x_BTD, padding_mask_BT)
         extra = self.num_extra_tokens
-        if self.cls_token is not None:
-            x_BTD = self.cls_token(x_BTD)
-            if padding_mask_BT is not None:
-                padding_mask_BT = torch.cat([padding_mask_BT.new_zeros(x_BTD.shape[0], 1), padding_mask_BT], dim=1)
-        if self.layer_norm is not None:
-            x_BTD = self.layer_norm(x_BTD)
-        x_BTD = self.dropout(x_BTD)
+        x_BTD, padding_mask_BT = enter_blocks(x_BTD, padding_mask_BT, self.cls_token, self.layer_norm, self.dropout)
         bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
         for i in self.kept_blocks(layer_seed):
             if self.checkpoint_blocks and self.training and torch.is_grad_enabled():

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 import kernels
 from d2v.models.blocks import BlockOutput
-from d2v.models.encoder import ClsToken, Tap, layerdrop_kept
+from d2v.models.encoder import ClsToken, Tap, enter_blocks, layerdrop_kept
 
 
 class AlibiScale(nn.Module):
@@ -112,13 +112,7 @@ class EncoderV2(nn.Module):
     def _run(self, x_BTD: Tensor, padding_mask_BT: Tensor | None, positions_BT: Tensor | None,
              layer_seed: int | None, tap: Tap | None) -> Tensor:
         extra = self.num_extra_tokens
-        if self.cls_token is not None:
-            x_BTD = self.cls_token(x_BTD)
-            if padding_mask_BT is not None:
-                padding_mask_BT = torch.cat([padding_mask_BT.new_zeros(x_BTD.shape[0], 1), padding_mask_BT], dim=1)
-        if self.layer_norm is not None:
-            x_BTD = self.layer_norm(x_BTD)
-        x_BTD = self.dropout(x_BTD)
+        x_BTD, padding_mask_BT = enter_blocks(x_BTD, padding_mask_BT, self.cls_token, self.layer_norm, self.dropout)
         bias = self.alibi(positions_BT) if self.alibi is not None else None
         npre = len(self.prenet)
         for i in self.kept_blocks(layer_seed):
