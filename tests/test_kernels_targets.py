@@ -107,7 +107,9 @@ def test_finalize_matches_float64(triton_path, gen, norm, padded):
     acc = torch.randn(B, T, D, generator=gen) * K + 5.0
     want = norm64(acc / K, norm, pad)
     out = kernels.finalize(acc, top_k=K, final_norm=norm, padding_mask=pad)
-    assert_close(out, want, gen, f"finalize {norm}")
+    # A padded row may keep 1-3 frames; there instance norm divides differences of nearly equal
+    # fp32 values by a deviation close to sqrt(eps), which amplifies their rounding (seen: 3.3e-5).
+    assert_close(out, want, gen, f"finalize {norm}", atol=1e-4, rtol=1e-4)
     if pad is not None:
         assert (out[pad] == 0).all()
 
