@@ -88,6 +88,11 @@ def probe(checkpoint: str, data: str, val_data: str, *, seed: int = 0) -> dict[s
             "classes": int(len(np.unique(train_y))), "accuracy": rows}
 
 
+def accuracy_table(accuracy: dict[str, float]) -> str:
+    """Markdown: one row per encoder (pretrained, random init)."""
+    return "\n".join(["| encoder | accuracy |", "|---|---|", *(f"| {k} | {v:.1%} |" for k, v in accuracy.items())])
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m d2v probe", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,7 +108,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         print(f"linear probe: {result['train_images']} train / {result['val_images']} eval images, "
               f"{result['classes']} classes")
-        print("| encoder | accuracy |\n|---|---|")
-        for name, acc in result["accuracy"].items():
-            print(f"| {name} | {acc:.1%} |")
+        print(accuracy_table(result["accuracy"]))
     return result

@@ -18,6 +18,7 @@ import torch
 from d2v.finetune.config import FinetuneConfig, resolve_finetune
 from d2v.finetune.model import load_backbone, masked_mean
 from d2v.finetune.tasks import ClassificationTask, build_task
+from d2v.probe import accuracy_table
 
 
 @torch.no_grad()
@@ -72,9 +73,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         print(f"linear probe ({args.task}): {result['train_examples']} train / {result['eval_examples']} eval, "
               f"{result['classes']} classes")
-        print("| encoder | accuracy |\n|---|---|")
-        for name, acc in result["accuracy"].items():
-            print(f"| {name} | {acc:.1%} |")
+        print(accuracy_table(result["accuracy"]))
     return result
 
 

@@ -78,6 +78,18 @@ def _compile(pattern: str) -> re.Pattern:
 _COMPILED = {k: [(_compile(a), b) for a, b in v] for k, v in LAYOUTS.items()}
 
 
+
+def apply_rules(rules, key: str) -> str | None:
+    """The d2v name of a fairseq key: the first (pattern, target) whose pattern matches, with each
+    `#` of the target replaced by the next captured group; None when no rule matches."""
+    for pattern, target in rules:
+        m = pattern.match(key)
+        if m:
+            for g in m.groups():
+                target = target.replace("#", g, 1)
+            return target
+    return None
+
 def map_state(modality: str, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str], list[str]]:
     """(d2v-named state, keys left behind as known-unused, keys that could not be mapped)."""
     out: dict[str, Tensor] = {}
@@ -92,14 +104,9 @@ def map_state(modality: str, state: dict[str, Tensor]) -> tuple[dict[str, Tensor
             for name, part in (("q", q), ("k", k), ("v", v)):
                 out[f"encoder.blocks.{i}.attention.{name}_proj.weight"] = part.clone()
             continue
-        for pattern, target in _COMPILED[modality]:
-            m = pattern.match(key)
-            if m:
-                name = target
-                for g in m.groups():
-                    name = name.replace("#", g, 1)
-                out[name] = tensor
-                break
+        name = apply_rules(_COMPILED[modality], key)
+        if name is not None:
+            out[name] = tensor
         else:
             (unused if KNOWN_UNUSED.search(key) else unmapped).append(key)
     if "encoder.cls_token.weight" in out:
@@ -192,14 +199,9 @@ def map_v2_state(state: dict[str, Tensor], encoder_name: str | None = None
         if pos:  # entry 0 of fairseq's Sequential is a transpose: conv layer i sits at i + 1
             out[f"encoder.pos_conv.layers.{int(pos.group(1)) - 1}.conv.{pos.group(2)}"] = tensor
             continue
-        for pattern, target in rules:
-            m = pattern.match(local)
-            if m:
-                name = target
-                for g in m.groups():
-                    name = name.replace("#", g, 1)
-                out[name] = tensor
-                break
+        name = apply_rules(rules, local)
+        if name is not None:
+            out[name] = tensor
         else:
             (unused if V2_KNOWN_UNUSED.search(local) or KNOWN_UNUSED.search(local) else unmapped).append(key)
     if "encoder.cls_token.weight" in out:
