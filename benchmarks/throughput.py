@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                     ("share", "share", "{:.1%}"),
                                                     ("calls_per_step", "calls/step", "{:.0f}")]))
         print(f"record: {path}")
+    distributed.shutdown()
     return record
 
 

@@ -55,14 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     from d2v.train.preemption import EXIT_PREEMPTED
     from d2v.train.run import EXIT_NONFINITE, NonFiniteError
 
+    from d2v.train.distributed import shutdown
+
     run = build_run(cfg, load_template(args.ds_config), resume=args.resume, init_from=args.init_from)
     try:
         summary = run.train()
-    except NonFiniteError as e:
+    except NonFiniteError as e:  # every rank stops here together (the skip count is all-reduced)
         print(f"rank {run.rank}: {e}", file=sys.stderr)
+        shutdown()
         return EXIT_NONFINITE
     finally:
         run.close()
+    shutdown()
     if summary.preempted:
         if run.rank == 0:
             print(f"preempted at step {summary.steps}: checkpoint {summary.checkpoint}; "

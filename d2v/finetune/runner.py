@@ -159,11 +159,7 @@ class FinetuneRun:
     def close(self) -> None:
         """Ranks leave the process group together: one exiting while another still tears down its
         communication threads aborted that one at interpreter exit (seen once in ~10 launches)."""
-        if self.world_size > 1:
-            import deepspeed.comm as dist
-
-            dist.barrier()
-            torch.distributed.destroy_process_group()
+        distributed.shutdown()
 
     def save(self) -> str:
         """A DeepSpeed checkpoint of the fine-tuned model (all ranks take part)."""

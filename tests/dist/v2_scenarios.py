@@ -67,3 +67,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from d2v.train.distributed import shutdown
+
+    shutdown()  # leave the process group together (see shutdown)

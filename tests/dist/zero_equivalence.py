@@ -111,3 +111,6 @@ def check_forward_sees_ema(trainer, state) -> dict:
 
 if __name__ == "__main__":
     main()
+    from d2v.train.distributed import shutdown
+
+    shutdown()  # leave the process group together (see shutdown)
