@@ -13,6 +13,75 @@ from torch import Tensor
 
 
 @dataclass
+class TargetIndex:
+    """Where a micro-batch's targets are, worked out on the host before the batch moves to the
+    device: the training step then gathers with these indices instead of indexing with a mask
+    (boolean indexing and `.item()` make the host wait for the device).
+
+    M is 1 for a B×T mask (1.0), the number of clones for a B×M×T mask (2.0); rows are the B·M
+    clones in sample-major order.
+    """
+
+    targets: Tensor
+    """P int64 flattened positions (row·T + t) that are masked and not padding, row-major."""
+    num_targets: int
+    mask_rate: float
+    """Targets per real (non-padded) position."""
+    padding_mask: Tensor | None
+    """The batch's B×T padding mask (None: no row is padded)."""
+    kept: Tensor | None = None
+    """(B·M)×K int64 ascending unmasked positions of every clone (2.0), else None."""
+    kept_padding: bool = False
+    """Whether any kept position is padding (2.0)."""
+
+    def to(self, device: torch.device | str) -> "TargetIndex":
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return replace(self, targets=move(self.targets), padding_mask=move(self.padding_mask), kept=move(self.kept))
+
+    def pin_memory(self) -> "TargetIndex":
+        def pin(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.pin_memory()
+
+        return replace(self, targets=pin(self.targets), padding_mask=pin(self.padding_mask), kept=pin(self.kept))
+
+
+def kept_positions(mask_NT: Tensor) -> Tensor:
+    """N×K ascending positions of the unmasked tokens; every row must keep the same number K
+    (a data2vec 2.0 student encodes K tokens per clone)."""
+    kept = (~mask_NT).sum(dim=1)
+    if kept.numel() and bool((kept != kept[0]).any()):
+        counts = sorted(set(kept.tolist()))
+        raise ValueError(f"2.0 masks must keep the same number of tokens in every row, got {counts}; "
+                         f"make masks with the 2.0 generators (exact counts per row)")
+    K = int(kept[0]) if kept.numel() else 0
+    # A stable sort puts kept positions (0) first, in their original order.
+    return torch.sort(mask_NT.to(torch.int8), dim=1, stable=True).indices[:, :K]
+
+
+def target_index(mask: Tensor, padding_mask: Tensor | None) -> TargetIndex:
+    """The TargetIndex of a host mask (B×T, or B×M×T for 2.0) and padding mask (B×T or None)."""
+    if mask.device.type != "cpu":
+        raise ValueError("target_index works on the host copy of a batch (before Batch.to)")
+    clones = mask.dim() == 3
+    B, T = mask.shape[0], mask.shape[-1]
+    M = mask.shape[1] if clones else 1
+    mask_NT = mask.reshape(B * M, T)
+    pad_NT = None if padding_mask is None else padding_mask.repeat_interleave(M, dim=0)
+    if pad_NT is not None and not clones and bool((mask_NT & pad_NT).any()):
+        raise ValueError("the mask marks padded positions; masks must respect padding")
+    valid = mask_NT if pad_NT is None else mask_NT & ~pad_NT
+    targets = valid.flatten().nonzero().flatten()
+    real = B * M * T if padding_mask is None else int((~padding_mask).sum()) * M
+    kept, kept_padding = None, False
+    if clones:
+        kept = kept_positions(mask_NT)
+        kept_padding = pad_NT is not None and bool(torch.gather(pad_NT, 1, kept).any())
+    return TargetIndex(targets, int(targets.numel()), targets.numel() / max(real, 1), padding_mask, kept, kept_padding)
+
+
+@dataclass
 class Batch:
     """One micro-batch.
 
@@ -35,21 +104,43 @@ class Batch:
     masked_source: Tensor | None = None
     keys: list[str] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
+    index: TargetIndex | None = None
+    """Host-derived target positions (`with_index`), or None."""
 
     @property
     def batch_size(self) -> int:
         return int(self.source.shape[0])
 
+    def with_index(self) -> "Batch":
+        """This host batch with its TargetIndex (computed once)."""
+        if self.index is not None:
+            return self
+        return replace(self, index=target_index(self.mask, self.padding_mask))
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Batch":
-        """Moves tensors to `device`; floating-point `source` is cast to `dtype` when given."""
+        """Moves tensors to `device`; floating-point `source` is cast to `dtype` when given.
+        Non-blocking: from pinned memory (`pin_memory`) the copy overlaps the device's work."""
         moved: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, Tensor):
-                cast = dtype if (dtype is not None and value.is_floating_point()) else None
-                value = value.to(device=device, dtype=cast, non_blocking=True)
+                value = value.to(device=device, non_blocking=True)
+                if dtype is not None and value.is_floating_point():
+                    value = value.to(dtype)  # cast on the device: the host copy stays small and pinned
+            elif isinstance(value, TargetIndex):
+                value = value.to(device)
             moved[f.name] = value
         return replace(self, **moved)
+
+    def pin_memory(self) -> "Batch":
+        """Pinned copies of the tensors (torch's DataLoader calls this with pin_memory=True)."""
+        pinned: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (Tensor, TargetIndex)):
+                value = value.pin_memory()
+            pinned[f.name] = value
+        return replace(self, **pinned)
 
     def rows(self, start: int, end: int) -> "Batch":
         """Rows [start, end) of every per-sample field (a rank's share of a global batch)."""
@@ -58,5 +149,7 @@ class Batch:
             value = getattr(self, f.name)
             if isinstance(value, Tensor) or (isinstance(value, list) and f.name == "keys"):
                 value = value[start:end]
+            elif isinstance(value, TargetIndex):
+                value = None  # positions of the whole batch: recomputed for the slice when needed
             sliced[f.name] = value
         return replace(self, **sliced)

@@ -42,9 +42,10 @@ def regression_loss(pred_ND: Tensor, target_ND: Tensor, cfg: LossConfig) -> tupl
     return loss.sum() * scale, n
 
 
-def per_dim_std(x_ND: Tensor) -> float:
-    """Mean over dimensions of the std over positions: the collapse guard's statistic."""
+def per_dim_std(x_ND: Tensor) -> Tensor:
+    """Mean over dimensions of the std over positions: the collapse guard's statistic. A 0-dim
+    tensor on x's device (the loop reads it back with the step's other values, at no extra sync)."""
     if x_ND.shape[0] < 2:
-        return float("nan")
+        return torch.full((), float("nan"), device=x_ND.device)
     x = x_ND.detach().float()
-    return float(torch.sqrt(x.var(dim=0) + 1e-6).mean())
+    return torch.sqrt(x.var(dim=0) + 1e-6).mean()

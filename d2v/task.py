@@ -18,10 +18,11 @@ from d2v.batch import Batch
 from d2v.config.schema import D2vConfig
 from d2v.losses import per_dim_std, regression_loss
 from d2v.masking import mask_rate
+from d2v.models.audio import Known
 from d2v.models.data2vec import Data2Vec, StudentOutput
 from d2v.teacher import Teacher
 
-Normalizer = Callable[[int], float]
+Normalizer = Callable[[int], "float | Tensor"]
 
 
 @dataclass
@@ -30,8 +31,9 @@ class StepOutput:
     """Scalar loss to back-propagate (already normalised)."""
     num_targets: int
     """Masked positions regressed in this micro-batch on this rank."""
-    metrics: dict[str, float] = field(default_factory=dict)
-    """target_std, pred_std, mask_rate, loss_sum, ... (local to this rank)."""
+    metrics: dict[str, float | Tensor] = field(default_factory=dict)
+    """target_std, pred_std, mask_rate, loss_sum, ... (local to this rank). Values computed on
+    the device stay 0-dim device tensors, so that the loop reads them back once per step."""
 
 
 def layer_seed(seed: int, step: int) -> int:
@@ -55,14 +57,15 @@ class Data2VecTask:
 
     def __call__(self, batch: Batch, *, step: int = 0) -> StepOutput:
         token_view = batch.masked_source is not None
+        index = batch.index
         out = self.forward(batch.source, batch.mask, batch.source_lengths, masked_source=batch.masked_source,
-                           layer_seed=layer_seed(self.cfg.train.seed, step))
+                           layer_seed=layer_seed(self.cfg.train.seed, step), index=index)
         padding = out.features.padding_mask
         mask = batch.mask
         y_BTD = self.teacher.targets(self._teacher_input(batch, out.features.x, token_view), padding,
                                      compute_dtype=self.compute_dtype)
         pred_ND = out.prediction
-        target_ND = y_BTD[mask]
+        target_ND = y_BTD[mask] if index is None else y_BTD.flatten(0, 1).index_select(0, index.targets)
         loss_sum, count = regression_loss(pred_ND, target_ND, self.cfg.loss)
         # A filler batch (a planned batch whose samples were all unreadable) has weight 0: it
         # keeps the ranks in step but contributes nothing.
@@ -71,13 +74,13 @@ class Data2VecTask:
             loss_sum, count = loss_sum * weight, int(count * weight)
         loss = loss_sum / self.normalizer(count)
         metrics = {
-            "loss_sum": float(loss_sum.detach()),
+            "loss_sum": loss_sum.detach(),
             "loss_count": float(count),
             "target_std": per_dim_std(target_ND),
             "pred_std": per_dim_std(pred_ND),
-            "mask_rate": mask_rate(mask, padding),
+            "mask_rate": index.mask_rate if index is not None else mask_rate(mask, padding),
         }
-        return StepOutput(loss, int(mask.sum()), metrics)
+        return StepOutput(loss, index.num_targets if index is not None else int(mask.sum()), metrics)
 
     def _teacher_input(self, batch: Batch, student_features: Tensor, token_view: bool) -> Tensor:
         """The clean view: the student's features (detached, before dropout and masking), the
@@ -88,4 +91,5 @@ class Data2VecTask:
         if not token_view:
             return student_features.detach()
         with torch.no_grad():
-            return self.student.features(batch.source, batch.source_lengths).x
+            known = None if batch.index is None else Known(batch.index.padding_mask)
+            return self.student.features(batch.source, batch.source_lengths, known).x

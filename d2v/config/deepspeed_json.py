@@ -63,6 +63,10 @@ def fill_ds_config(template: dict[str, Any], cfg: D2vConfig, world_size: int, *,
                 f"DeepSpeed JSON sets {mode}.enabled={section['enabled']} but train.precision={tr.precision!r}; "
                 f"remove {mode}.enabled from the JSON or change train.precision")
         section["enabled"] = want
+        if mode == "bf16" and want:
+            # d2v decides finiteness itself before every update (and skips on all ranks); with no
+            # loss scale to adjust, DeepSpeed's own overflow check only adds a device read.
+            section.setdefault("check_grad_overflow", False)
         if mode == "fp16" and want:
             section.setdefault("loss_scale", 0)  # 0 = dynamic loss scaling
             section.setdefault("initial_scale_power", 16)

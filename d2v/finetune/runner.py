@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from d2v import collectives
+
 from d2v.config import fill_ds_config, to_dict
 from d2v.finetune.config import FinetuneConfig
 from d2v.finetune.model import FinetuneModel, freeze_feature_encoder, load_backbone
@@ -33,14 +35,8 @@ def rank_batches(n: int, batch_size: int, rank: int, world_size: int, seed: int,
 
 
 def _sum(values: dict[str, float], world_size: int) -> dict[str, float]:
-    if world_size == 1:
-        return values
-    import deepspeed.comm as dist
-
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return dict(zip(keys, t.tolist()))
+    return dict(zip(keys, collectives.all_reduce_values([values[k] for k in keys])))
 
 
 class FinetuneRun:

@@ -25,6 +25,13 @@ class Features(NamedTuple):
     """B×T bool, True at padded frames; None when no row is padded."""
 
 
+class Known(NamedTuple):
+    """What the host worked out with the batch (its padding mask, its input checked): a feature
+    encoder given this reads nothing back from the device."""
+
+    padding_mask: Tensor | None
+
+
 class ConvLayer(nn.Module):
     """Conv1d without bias -> LayerNorm over channels -> GELU."""
 
@@ -57,12 +64,15 @@ class AudioFeatureEncoder(nn.Module):
     def num_frames(self, num_samples: int) -> int:
         return conv_output_length(num_samples, self.conv_spec)
 
-    def forward(self, source_BS: Tensor, source_lengths_B: Tensor | None = None) -> Features:
+    def forward(self, source_BS: Tensor, source_lengths_B: Tensor | None = None,
+                known: Known | None = None) -> Features:
         x = source_BS.unsqueeze(1)
         for layer in self.conv_layers:
             x = layer(x)
         x_BTC = x.transpose(1, 2)
         x_BTD = self.projection(self.layer_norm(x_BTC))
+        if known is not None:
+            return Features(x_BTD, known.padding_mask)
         padding = None
         T = x_BTD.shape[1]
         if source_lengths_B is not None and bool((source_lengths_B < source_BS.shape[1]).any()):

@@ -13,7 +13,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from d2v.models.audio import Features
+from d2v.batch import TargetIndex
+from d2v.models.audio import Features, Known
 from d2v.models.encoder import Tap, TransformerEncoder
 
 
@@ -46,9 +47,11 @@ class Data2Vec(nn.Module):
         self.head = head
         self.embed_dim = embed_dim
 
-    def features(self, source: Tensor, source_lengths: Tensor | None = None) -> Features:
+    def features(self, source: Tensor, source_lengths: Tensor | None = None, known: Known | None = None) -> Features:
         """Runs the modality feature encoder once; the teacher may reuse the result."""
-        return self.frontend(source, source_lengths)
+        if known is None:
+            return self.frontend(source, source_lengths)
+        return self.frontend(source, source_lengths, known)
 
     def encode(self, x_BTD: Tensor, padding_mask_BT: Tensor | None = None, mask_BT: Tensor | None = None, *,
                layer_seed: int | None = None, tap: Tap | None = None, keep_extra_tokens: bool = False) -> Tensor:
@@ -65,21 +68,26 @@ class Data2Vec(nn.Module):
         return out if keep_extra_tokens else out[:, self.encoder.num_extra_tokens:]
 
     def forward(self, source: Tensor, mask_BT: Tensor, source_lengths: Tensor | None = None, *,
-                masked_source: Tensor | None = None, layer_seed: int | None = None) -> StudentOutput:
+                masked_source: Tensor | None = None, layer_seed: int | None = None,
+                index: TargetIndex | None = None) -> StudentOutput:
         """The student: features of the (masked) input, encoder, head at the masked positions.
 
         masked_source: a token-level student view made in collate (text); the feature-level
         mask embedding is then not applied.
+        index: the batch's host-derived target positions (training); without it the positions
+        are read from the mask, which waits for the device.
         """
-        feats = self.features(masked_source if masked_source is not None else source, source_lengths)
+        known = None if index is None else Known(index.padding_mask)
+        feats = self.features(masked_source if masked_source is not None else source, source_lengths, known)
         if mask_BT.shape != feats.x.shape[:2]:
             raise ValueError(f"mask is {tuple(mask_BT.shape)} but the model produced {tuple(feats.x.shape[:2])} "
                              f"positions; masks must be made for the feature encoder's output length")
-        if feats.padding_mask is not None and bool((mask_BT & feats.padding_mask).any()):
+        if index is None and feats.padding_mask is not None and bool((mask_BT & feats.padding_mask).any()):
             raise ValueError("the mask marks padded positions; masks must respect padding")
         h_BTD = self.encode(feats.x, feats.padding_mask, None if masked_source is not None else mask_BT,
                             layer_seed=layer_seed)
-        return StudentOutput(feats, self.head(h_BTD[mask_BT]))
+        at_mask = h_BTD[mask_BT] if index is None else h_BTD.flatten(0, 1).index_select(0, index.targets)
+        return StudentOutput(feats, self.head(at_mask))
 
     def num_parameters(self, trainable_only: bool = True) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

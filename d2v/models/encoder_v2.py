@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 import kernels
+from d2v.batch import kept_positions
 from d2v.models.blocks import BlockOutput
 from d2v.models.encoder import ClsToken, Tap, enter_blocks, layerdrop_kept
 
@@ -63,14 +64,7 @@ class SinCosPositions(nn.Module):
 
 def kept_indices(mask_BT: Tensor) -> Tensor:
     """B×K ascending positions of the unmasked tokens; every row must keep the same number K."""
-    kept = (~mask_BT).sum(dim=1)
-    if kept.numel() and bool((kept != kept[0]).any()):
-        counts = sorted(set(kept.tolist()))
-        raise ValueError(f"2.0 masks must keep the same number of tokens in every row, got {counts}; "
-                         f"make masks with the 2.0 generators (exact counts per row)")
-    K = int(kept[0]) if kept.numel() else 0
-    # A stable sort puts kept positions (0) first, in their original order.
-    return torch.sort(mask_BT.to(torch.int8), dim=1, stable=True).indices[:, :K]
+    return kept_positions(mask_BT)
 
 
 def gather_rows(x_BT_: Tensor, idx_BK: Tensor) -> Tensor:
@@ -136,7 +130,8 @@ class EncoderV2(nn.Module):
         return self._run(x_BTD, padding_mask_BT, None, layer_seed, tap)
 
     def encode_kept(self, x_BTD: Tensor, mask_BT: Tensor, padding_mask_BT: Tensor | None = None, *,
-                    layer_seed: int | None = None) -> tuple[Tensor, Tensor]:
+                    layer_seed: int | None = None, kept_BK: Tensor | None = None,
+                    kept_padding: bool | None = None) -> tuple[Tensor, Tensor]:
         """The student: positions over the full sequence, then only the unmasked tokens are encoded.
 
         Returns (B×(E+K)×D encoder output with the extra tokens first, B×K kept positions).
@@ -146,10 +141,13 @@ class EncoderV2(nn.Module):
             x_BTD = x_BTD + self.pos_conv(x_BTD.masked_fill(mask_BT.unsqueeze(-1), 0.0), padding_mask_BT)
         if self.sincos is not None:
             x_BTD = self.sincos(x_BTD)
-        keep_BK = kept_indices(mask_BT)
+        # kept_BK / kept_padding: worked out on the host with the batch (no device read here).
+        keep_BK = kept_indices(mask_BT) if kept_BK is None else kept_BK
         x_BKD = gather_rows(x_BTD, keep_BK)
         padding_BK = gather_rows(padding_mask_BT, keep_BK) if padding_mask_BT is not None else None
-        if padding_BK is not None and not bool(padding_BK.any()):
+        if kept_padding is None:
+            kept_padding = padding_BK is not None and bool(padding_BK.any())
+        if not kept_padding:
             padding_BK = None
         positions = keep_BK if self.alibi is not None else None
         return self._run(x_BKD, padding_BK, positions, layer_seed, None), keep_BK

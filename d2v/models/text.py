@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from d2v.models.audio import Features
+from d2v.models.audio import Features, Known
 
 
 def position_ids(tokens_BT: Tensor, pad_id: int) -> Tensor:
@@ -27,13 +27,21 @@ class TextEmbedding(nn.Module):
         self.token_type_embeddings = nn.Embedding(1, dim)
         self.LayerNorm = nn.LayerNorm(dim, eps=eps)
 
-    def forward(self, tokens_BT: Tensor, lengths: Tensor | None = None) -> Features:
+    def check_input(self, tokens_BT: Tensor) -> None:
+        """Raises on token ids the embedding cannot take (run on the host copy in training)."""
         if tokens_BT.shape[1] > self.max_positions:
             raise ValueError(f"sequence of {tokens_BT.shape[1]} tokens exceeds max_positions={self.max_positions}")
-        if int(tokens_BT.max()) >= self.word_embeddings.num_embeddings or int(tokens_BT.min()) < 0:
+        if tokens_BT.numel() and (int(tokens_BT.max()) >= self.word_embeddings.num_embeddings
+                                  or int(tokens_BT.min()) < 0):
             raise ValueError(f"token ids outside [0, {self.word_embeddings.num_embeddings}): tokenizer and "
                              f"model.text.vocab_size disagree")
+
+    def forward(self, tokens_BT: Tensor, lengths: Tensor | None = None, known: Known | None = None) -> Features:
+        if known is None:
+            self.check_input(tokens_BT)
         x = self.word_embeddings(tokens_BT) + self.position_embeddings(position_ids(tokens_BT, self.pad_id))
         x = self.LayerNorm(x + self.token_type_embeddings.weight[0])
+        if known is not None:
+            return Features(x, known.padding_mask)
         padding = tokens_BT.eq(self.pad_id)
         return Features(x, padding if bool(padding.any()) else None)

@@ -27,7 +27,7 @@ class PatchEmbed(nn.Module):
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
 
-    def forward(self, images: Tensor, lengths: Tensor | None = None) -> Features:
+    def forward(self, images: Tensor, lengths: Tensor | None = None, known=None) -> Features:
         if images.shape[-2:] != (self.grid[0] * self.projection.stride[0], self.grid[1] * self.projection.stride[1]):
             raise ValueError(f"images are {tuple(images.shape[-2:])}, the model expects "
                              f"{self.grid[0] * self.projection.stride[0]}x{self.grid[1] * self.projection.stride[1]}")

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from d2v import collectives
+
 
 def partition_size(numel: int, world_size: int) -> int:
     return -(-numel // world_size)
@@ -57,10 +59,9 @@ class ShardedEMA:
     def __init__(self, model: nn.Module, ema_names: list[str], copy_names: list[str], student: nn.Module,
                  student_config: dict[str, Any], *, offload: bool) -> None:
         import deepspeed
-        import deepspeed.comm as dist
 
-        self.world_size = dist.get_world_size()
-        self.rank = dist.get_rank()
+        self.world_size = collectives.world_size()
+        self.rank = collectives.rank()
         pin = offload and torch.cuda.is_available()
         self.engine, *_ = deepspeed.initialize(model=model, config=teacher_engine_config(student_config, offload, pin))
         self.module = self.engine.module
@@ -102,14 +103,12 @@ class ShardedEMA:
 
     def _refresh_gathered(self) -> None:
         """Parameters that stay gathered (persistent, or still available) get their full copy rebuilt."""
-        import deepspeed.comm as dist
-
         live = [t for t, _ in self.ema_pairs + self.copy_pairs if t.data.numel() == t.ds_numel]
         if not live:
             return
         local = torch.cat([t.ds_tensor.reshape(-1) for t in live])
         gathered = torch.empty(local.numel() * self.world_size, dtype=local.dtype, device=local.device)
-        dist.all_gather_into_tensor(gathered, local)
+        collectives.all_gather_into_(gathered, local)
         parts = gathered.view(self.world_size, -1)
         offset = 0
         for t in live:
@@ -121,14 +120,12 @@ class ShardedEMA:
     def gather_full(self) -> dict[str, Tensor]:
         """Full fp32 EMA weights (copied parameters in their own dtype, cast to fp32). Every rank
         must call this; every rank gets the result (small models) — callers save on rank 0."""
-        import deepspeed.comm as dist
-
         out: dict[str, Tensor] = {}
         items = [(n, ema, t) for n, ema, (t, _) in zip(self.ema_names, self.shards, self.ema_pairs)]
         items += [(n, t.ds_tensor.float().view(-1), t) for n, (t, _) in zip(self.copy_names, self.copy_pairs)]
         for name, local, t in items:
             buf = torch.empty(local.numel() * self.world_size, dtype=torch.float32, device=local.device)
-            dist.all_gather_into_tensor(buf, local.float().contiguous())
+            collectives.all_gather_into_(buf, local.float().contiguous())
             out[name] = buf[: t.ds_numel].view(t.ds_shape).cpu().clone()
         return out
 

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from d2v import collectives
+
 LATEST = "latest"
 COMPLETE = "COMPLETE"
 PARTIAL = ".partial"
@@ -83,9 +85,7 @@ class Checkpointer:
 
     def _barrier(self) -> None:
         if self.world_size > 1:
-            import deepspeed.comm as dist
-
-            dist.barrier()
+            collectives.barrier()
 
     def complete_tags(self) -> list[str]:
         if not os.path.isdir(self.root):

@@ -56,8 +56,9 @@ def release_shm_name(dist) -> None:
     in /dev/shm until memory ran out. Once every rank has mapped every peer's workspace (they do so
     inside init, and the barrier proves all are past it) the names can go; the mappings stay valid
     and the memory is freed when the last rank exits, however it exits."""
-    if dist.get_world_size() > 1:
-        dist.barrier()
+    from d2v import collectives
+
+    collectives.barrier()
     try:
         os.unlink(shm_buffer_path(dist.get_rank()))
     except FileNotFoundError:  # no shm op (another build of DeepSpeed, or ranks on several hosts)
@@ -72,12 +73,12 @@ def init_distributed() -> tuple[int, int]:
     map_launcher_env()
     if on_cpu():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    else:
+        torch.cuda.set_device(device())  # before NCCL starts: its communicators bind to this device
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl", auto_mpi_discovery=False)
         if on_cpu():
             release_shm_name(dist)
-    if not on_cpu():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -89,31 +90,32 @@ def shutdown() -> None:
     stuck elsewhere."""
     import deepspeed.comm as dist
 
+    from d2v import collectives
+
     if not dist.is_initialized():
         return
-    if dist.get_world_size() > 1:
-        dist.barrier()
+    collectives.barrier()
     torch.distributed.destroy_process_group()
 
 
 def device() -> torch.device:
+    """This rank's device. LOCAL_RANK indexes the visible GPUs; where the launcher binds one GPU
+    per task (Slurm's --gpus-per-task, CUDA_VISIBLE_DEVICES set per rank) only ordinal 0 exists."""
     if on_cpu():
         return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cuda", local_device_index(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()))
 
 
-def global_count_normalizer(world_size: int):
-    """count -> (count summed over ranks) / world size; DeepSpeed's gradient mean then gives sum/N."""
-    import deepspeed.comm as dist
-
-    def normalize(count: int) -> float:
-        if world_size == 1:
-            return float(max(count, 1))
-        t = torch.tensor([float(count)], dtype=torch.float64, device=device())
-        dist.all_reduce(t)
-        return max(float(t.item()), 1.0) / world_size
-
-    return normalize
+def local_device_index(local_rank: int, visible: int) -> int:
+    if visible <= 0:
+        raise RuntimeError("no CUDA device is visible to this rank: check CUDA_VISIBLE_DEVICES and the "
+                           "scheduler's GPU binding, or run on the CPU with DS_ACCELERATOR=cpu")
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise RuntimeError(f"LOCAL_RANK={local_rank} but only {visible} GPUs are visible to this rank: start "
+                           f"at most {visible} ranks per node, or bind one GPU per rank")
+    return local_rank
 
 
 def set_cpu_threads(requested: int = 0) -> int:

@@ -1,5 +1,5 @@
-"""Preemption (DESIGN.md 4): a signal only sets a flag; the run loop all-reduces it once per step
-so every rank stops at the same step, fetches nothing more, checkpoints and exits with
+"""Preemption: a signal only sets a flag; the training step agrees on it across ranks (with its
+skip decision, no extra synchronisation) so every rank stops at the same step, fetches nothing more, checkpoints and exits with
 EXIT_PREEMPTED. The deepspeed launcher sends SIGTERM to each rank's process tree and SIGKILLs
 after about 30 s; Slurm can send SIGUSR1 ahead of time (`--signal=USR1@90`).
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import signal
 import threading
 
-import torch
+from d2v import collectives
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the Slurm example requeues on it
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -37,11 +37,6 @@ class PreemptionFlag:
         self.signal_name = signal.Signals(signum).name
 
     def should_stop(self) -> bool:
-        """True on every rank once any rank got a signal (one small all-reduce per step)."""
-        if self.world_size == 1:
-            return self.requested
-        import deepspeed.comm as dist
-
-        t = torch.tensor([1.0 if self.requested else 0.0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
+        """True on every rank once any rank got a signal (a collective: all ranks call it). The
+        training loop does not call this: the request travels in the step's own decision."""
+        return collectives.any_rank(self.requested)

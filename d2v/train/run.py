@@ -14,11 +14,12 @@ from typing import Any, Callable
 
 import torch
 
+from d2v import collectives
 from d2v.config import to_dict
 from d2v.config.schema import D2vConfig
 from d2v.train.checkpoint import Checkpointer
 from d2v.train.metrics import MetricsSink
-from d2v.train import distributed
+from d2v.train import distributed, host_sync
 from d2v.train.preemption import PreemptionFlag
 from d2v.train.streams import BatchStream
 from d2v.train.trainer import Trainer
@@ -47,27 +48,6 @@ class RunSummary:
     out_dir: str
     checkpoint: str | None
     history: list[dict[str, Any]]
-
-
-def _all_mean(values: dict[str, float], world_size: int) -> dict[str, float]:
-    if world_size == 1 or not values:
-        return values
-    import deepspeed.comm as dist
-
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: float(v) / world_size for k, v in zip(keys, t.tolist())}
-
-
-def _all_sum(values: list[float], world_size: int) -> list[float]:
-    if world_size == 1:
-        return values
-    import deepspeed.comm as dist
-
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.tolist()
 
 
 class Run:
@@ -169,13 +149,13 @@ class Run:
         stream = self.make_val_stream(self.rank, self.world_size)
         task, trainer = self.trainer.task, self.trainer
         trainer.student.eval()
-        total, count = 0.0, 0.0
+        total, count = torch.zeros((), dtype=torch.float64, device=trainer.device), 0.0
         for batch in stream:
-            out = task(batch.to(trainer.device, trainer.dtype), step=trainer.step)
-            total += out.metrics["loss_sum"]
+            out = task(trainer.stage(batch), step=trainer.step)
+            total += out.metrics["loss_sum"].double()
             count += out.metrics["loss_count"]
         trainer.student.train()
-        total, count = _all_sum([total, count], self.world_size)
+        total, count = collectives.all_reduce_values([float(total), count])
         return {"loss": total / max(count, 1.0), "targets": count}
 
     # -- the loop ----------------------------------------------------------------------------
@@ -197,15 +177,17 @@ class Run:
         window: dict[str, float] = {}
         window_steps, window_samples, t_window = 0, 0.0, time.perf_counter()
         while trainer.step < stop:
-            if self.preemption.should_stop():
+            with host_sync.host_work():  # the data stream works on host memory only
+                micro = [self.stream.next_batch() for _ in range(cfg.train.grad_accum)]
+            # The stop request rides on the step's one synchronisation: every rank learns it there.
+            m = trainer.train_step(micro, stop_requested=self.preemption.requested)
+            step = trainer.step
+            history.append({"step": step, "loss": m.loss, **m.values})
+            if trainer.stop_agreed:
                 self.sink.message(f"step {trainer.step}: {self.preemption.signal_name or 'a signal on another rank'}"
                                   f" -> checkpoint and exit for requeue")
                 self.save()
                 return self._summary(history, preempted=True)
-            micro = [self.stream.next_batch() for _ in range(cfg.train.grad_accum)]
-            m = trainer.train_step(micro)
-            step = trainer.step
-            history.append({"step": step, "loss": m.loss, **m.values})
             if m.values.get("skipped"):
                 self.sink.log(step, {"skipped_steps": m.values["skipped_steps"]}, prefix="skip", console=self.console)
                 if trainer.consecutive_skips >= cfg.train.max_consecutive_skips:
@@ -223,14 +205,19 @@ class Run:
             self.sink.progress(step)
             if step % cfg.train.log_every == 0 or step == stop:
                 values = {k: v / window_steps for k, v in window.items()}
-                values = _all_mean(values, self.world_size)
                 elapsed = time.perf_counter() - t_window
-                samples = _all_sum([window_samples], self.world_size)[0]
                 counters = {k: float(v) for k, v in self.stream.counters().items()}
-                counters = {k: v * self.world_size for k, v in _all_mean(counters, self.world_size).items()}
+                # One collective for the window: means of the metrics, sums of samples and counters.
+                keys = sorted(values)
+                ckeys = sorted(counters)
+                summed = collectives.all_reduce_values([values[k] for k in keys] + [window_samples] +
+                                                       [counters[k] for k in ckeys])
+                values = {k: v / self.world_size for k, v in zip(keys, summed)}
+                samples = summed[len(keys)]
+                counters = dict(zip(ckeys, summed[len(keys) + 1:]))
                 counters["skipped_steps"] = float(trainer.skipped_steps)
                 model_norm, ema_norm = trainer.norms()
-                values.update(ema_decay=m.values["ema_decay"], lr=m.values["lr"], grad_norm=m.values["grad_norm"],
+                values.update(ema_decay=m.values["ema_decay"], lr=m.values["lr"], grad_norm=trainer.grad_norm(),
                               model_norm=model_norm, ema_norm=ema_norm,
                               samples_per_s=samples / max(elapsed, 1e-9), **counters)
                 self.sink.log(step, values, console=self.console)

@@ -6,7 +6,7 @@ pipeline are composed around this class by the launcher.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import torch
@@ -17,7 +17,8 @@ from d2v.config.schema import D2vConfig
 from d2v.models import Data2Vec, build_model
 from d2v.task import Data2VecTask
 from d2v.teacher import Teacher
-from d2v.train import distributed
+from d2v import collectives
+from d2v.train import distributed, host_sync
 from d2v.train.ds_checks import check_ds_config
 from d2v.train.schedule import lr_factor
 
@@ -46,6 +47,29 @@ class StepMetrics:
     step: int
     loss: float
     values: dict[str, float] = field(default_factory=dict)
+
+
+def host_padding(batch: Batch, frontend: torch.nn.Module) -> Batch:
+    """The frame-level padding mask of a waveform batch that gives lengths but no mask."""
+    num_frames = getattr(frontend, "num_frames", None)
+    if batch.padding_mask is not None or batch.source_lengths is None or num_frames is None:
+        return batch
+    lengths = batch.source_lengths.tolist()
+    S = batch.source.shape[1]
+    if all(n >= S for n in lengths):
+        return batch
+    frames = torch.tensor([num_frames(n) for n in lengths])
+    return replace(batch, padding_mask=torch.arange(num_frames(S))[None, :] >= frames[:, None])
+
+
+def drop_redundant_overflow_check(engine, precision: str) -> None:
+    """DeepSpeed's bf16 optimizer without ZeRO (its fp16 "unfused" wrapper) checks every
+    parameter's gradient for inf/NaN, one device read per parameter, and has no setting to turn
+    that off. In bf16 there is no loss scale to adjust, and the training step has already skipped
+    any non-finite update on every rank before `engine.step()`, so the check can only answer no."""
+    checker = getattr(engine.optimizer, "overflow_checker", None)
+    if precision == "bf16" and checker is not None:
+        checker.check = lambda *args, **kwargs: False
 
 
 def compile_blocks(encoder: torch.nn.Module) -> None:
@@ -84,6 +108,7 @@ class Trainer:
             config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
         )
+        drop_redundant_overflow_check(self.engine, cfg.train.precision)
         self.student: Data2Vec = self.engine.module
         self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         if self.zero_stage == 3:
@@ -101,12 +126,13 @@ class Trainer:
         if cfg.model.v2.enabled:
             from d2v.task_v2 import Data2VecV2Task as task_class  # DESIGN.md 3.3
         self.task = task_class(self.student, self.teacher, cfg,
-                                 normalizer=distributed.global_count_normalizer(self.world_size),
+                                 normalizer=collectives.count_normalizer(),
                                  compute_dtype=self.dtype, forward=self.engine)
         self.step = 0  # optimizer updates done
         self.skipped_steps = 0  # updates skipped for a non-finite loss or gradient
         self.consecutive_skips = 0
-        self._grad_sum = torch.zeros(())
+        self.stop_agreed = False  # a rank asked to stop (preemption): agreed in the step's decision
+        self._grad_sum = torch.zeros((), device=self.device)
         for p in self.student.parameters():
             if p.requires_grad:
                 p.register_hook(self._check_grad)
@@ -114,46 +140,61 @@ class Trainer:
     def _check_grad(self, grad: torch.Tensor) -> torch.Tensor:
         # Runs in autograd before DeepSpeed's own gradient hooks. A NaN/inf anywhere makes the
         # running sum non-finite: one reduction per gradient, no host sync until the step.
-        self._grad_sum = self._grad_sum.to(grad.device) + grad.sum(dtype=torch.float32)
+        self._grad_sum = self._grad_sum + grad.sum(dtype=torch.float32)
         return grad
 
-    def _all_finite(self, value: torch.Tensor) -> bool:
-        """True when `value` (a bool tensor) holds on every rank."""
-        flag = value.detach().float().reshape(1).cpu()
-        if self.world_size > 1:
-            import deepspeed.comm as dist
+    def stage(self, batch: Batch) -> Batch:
+        """Host work on a micro-batch, then its move to the device: the input checked, the padding
+        and target positions worked out from the host copy, the copy itself non-blocking (from
+        pinned memory on a GPU). Nothing in the step after this reads the batch back."""
+        with host_sync.host_work():
+            check = getattr(self.student.frontend, "check_input", None)
+            if check is not None:
+                check(batch.source if batch.masked_source is None else batch.masked_source)
+            batch = host_padding(batch, self.student.frontend).with_index()
+            if self.device.type == "cuda":
+                batch = batch.pin_memory()
+        return batch.to(self.device, self.dtype)
 
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item() > 0)
+    def train_step(self, micro_batches: list[Batch], *, stop_requested: bool = False) -> StepMetrics:
+        """One optimizer update over `grad_accum` micro-batches, then the EMA update.
 
-    def train_step(self, micro_batches: list[Batch]) -> StepMetrics:
-        """One optimizer update over `grad_accum` micro-batches, then the EMA update."""
+        The host waits for the device once: for the decision, agreed by every rank, whether the
+        loss and gradients are finite (else the update is skipped everywhere) and whether any rank
+        was asked to stop; the step's metrics come back in the same read."""
         if len(micro_batches) != self.cfg.train.grad_accum:
             raise ValueError(f"got {len(micro_batches)} micro-batches for grad_accum={self.cfg.train.grad_accum}")
         t0 = time.perf_counter()
         self.student.train()
         lr = float(self.scheduler.get_last_lr()[0])
-        losses, sums = [], {}
-        samples, finite = 0, True
-        self._grad_sum = torch.zeros(())
-        for batch in micro_batches:
-            out = self.task(batch.to(self.device, self.dtype), step=self.step)
-            # Every rank agrees before backward, so a NaN on one rank skips the update on all.
-            finite = finite and self._all_finite(torch.isfinite(out.loss.detach()))
-            if finite:
-                self.engine.backward(out.loss)
-                finite = self._all_finite(torch.isfinite(self._grad_sum))
-            if not finite:
-                break
-            self.engine.step()
-            losses.append(float(out.loss.detach()))
-            samples += batch.batch_size
+        staged = [self.stage(b) for b in micro_batches]
+        self._grad_sum = torch.zeros((), device=self.device)
+        losses = torch.zeros((), device=self.device)
+        device_sums: dict[str, torch.Tensor] = {}
+        host_sums: dict[str, float] = {}
+        for i, batch in enumerate(staged):
+            out = self.task(batch, step=self.step)
+            self.engine.backward(out.loss)
+            if i + 1 < len(staged):
+                self.engine.step()  # inside the accumulation window: DeepSpeed only counts it
+            losses = losses + out.loss.detach().float()
             for k, v in out.metrics.items():
-                sums[k] = sums.get(k, 0.0) + v
-        if not finite:
+                if isinstance(v, torch.Tensor):
+                    device_sums[k] = device_sums.get(k, 0.0) + v.float()
+                else:
+                    host_sums[k] = host_sums.get(k, 0.0) + float(v)
+        keys = sorted(device_sums)
+        local = torch.stack([losses] + [device_sums[k] for k in keys])
+        # A NaN/inf loss makes the gradients non-finite too; the sum over all of them decides.
+        bad = (~torch.isfinite(self._grad_sum) | ~torch.isfinite(losses)).float().reshape(1)
+        (nonfinite, stop), values = collectives.agree_and_read(
+            torch.cat([bad, collectives.to_group_device([float(stop_requested)], torch.float32, self.device)]),
+            local)
+        self.stop_agreed = stop > 0
+        if nonfinite > 0:
             return self._skip_update(len(micro_batches), t0, lr)
+        self.engine.step()
         self.consecutive_skips = 0
-        grad_norm = self.engine.get_global_grad_norm()
         applied = getattr(self.engine, "was_step_applied", lambda: True)()
         if applied:
             tau = self.teacher.update(self.step)
@@ -161,10 +202,16 @@ class Trainer:
             tau = float("nan")
         self.step += 1
         n = len(micro_batches)
-        values = {k: v / n for k, v in sums.items()}
-        values.update(ema_decay=tau, lr=lr, samples=float(samples), step_time=time.perf_counter() - t0,
-                      grad_norm=float(grad_norm) if grad_norm is not None else float("nan"))
-        return StepMetrics(self.step, sum(losses) / n, values)
+        metrics = {k: v / n for k, v in zip(keys, values[1:])}
+        metrics.update({k: v / n for k, v in host_sums.items()})
+        metrics.update(ema_decay=tau, lr=lr, samples=float(sum(b.batch_size for b in micro_batches)),
+                       step_time=time.perf_counter() - t0)
+        return StepMetrics(self.step, values[0] / n, metrics)
+
+    def grad_norm(self) -> float:
+        """The last update's global gradient norm (read at log steps: it may wait for the device)."""
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
 
     def _skip_update(self, window: int, t0: float, lr: float) -> StepMetrics:
         """Drops the accumulated gradients of a window that produced a NaN/inf, keeps DeepSpeed's
@@ -180,23 +227,22 @@ class Trainer:
         return StepMetrics(self.step, float("nan"), values)
 
     def norms(self) -> tuple[float, float]:
-        """L2 norms of the student's fp32 weights and of the teacher's EMA (all ranks call this)."""
+        """L2 norms of the student's fp32 weights and of the teacher's EMA (all ranks call this).
+        Summed on the device and read back once."""
+        def square_sum(tensors) -> torch.Tensor:
+            parts = [t.detach().float().square().sum().double().to(self.device) for t in tensors if t is not None]
+            return torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64, device=self.device)
+
         if self.zero_stage == 3:
             from deepspeed.utils import safe_get_local_fp32_param
 
             student = [safe_get_local_fp32_param(p) for p in self.student.parameters() if p.requires_grad]
-            sq = [sum(float(t.detach().float().square().sum()) for t in ts if t is not None)
-                  for ts in (student, self.teacher.ema_parameters())]
-            if self.world_size > 1:
-                import deepspeed.comm as dist
-
-                t = torch.tensor(sq, dtype=torch.float64)
-                dist.all_reduce(t)
-                sq = t.tolist()
+            sq = torch.stack([square_sum(student), square_sum(self.teacher.ema_parameters())])
+            collectives.all_reduce_(sq)
         else:
-            sq = [sum(float(p.detach().float().square().sum()) for p in ps)
-                  for ps in (self.student.parameters(), self.teacher.ema_parameters())]
-        return sq[0] ** 0.5, sq[1] ** 0.5
+            sq = torch.stack([square_sum(self.student.parameters()), square_sum(self.teacher.ema_parameters())])
+        student_sq, ema_sq = sq.tolist()
+        return student_sq ** 0.5, ema_sq ** 0.5
 
     def fit(self, batches: Iterator[Batch], max_steps: int | None = None) -> list[StepMetrics]:
         """Runs updates until max_steps (default train.max_steps); returns every step's metrics."""

@@ -1,0 +1,95 @@
+"""Host-device synchronisations: the counter itself, and the budget of every tiny preset's
+training step (1.0 and 2.0; world size 1 in-process and 2 in one launch; ZeRO 0/2/3).
+
+On a CPU the counter works in device view: every tensor inside a step is treated as a device
+tensor (on a GPU run it is one), so a `.item()`, a boolean-mask index or a `.tolist()` that would
+stall a GPU is counted here. The budget is d2v's one decision per step, DeepSpeed's own reads
+for the configuration, and a small constant at log steps (d2v/train/sync_budget.py); nothing may
+grow with the number of parameters.
+"""
+import json
+import os
+
+import pytest
+import torch
+
+from d2v.train import host_sync
+from d2v.train.sync_budget import budget
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["audio_tiny", "image_tiny", "text_tiny", "audio_tiny_v2", "image_tiny_v2", "text_tiny_v2"]
+CASES_1 = [(p, 0) for p in TINY] + [("audio_tiny", 2), ("text_tiny_v2", 2), ("image_tiny", 3), ("audio_tiny_v2", 3)]
+CASES_2 = [("audio_tiny", 0), ("image_tiny_v2", 0), ("text_tiny", 2), ("audio_tiny_v2", 2), ("text_tiny", 3),
+           ("image_tiny_v2", 3)]
+
+
+def test_the_counter_sees_what_would_stall_a_gpu():
+    x = torch.randn(8, 4)
+    mask = x[:, 0] > 0
+    with host_sync.count_host_syncs(device_view=True) as c:
+        float(x.sum())              # .item()
+        _ = x[mask]                 # boolean-mask index
+        _ = mask.nonzero()          # data-dependent shape
+        _ = x.sum(0).tolist()       # device-to-host read
+        host = x.cpu()              # device-to-host copy ...
+        float(host[0, 0])           # ... whose host copy is then free to read
+        with host_sync.host_work():
+            float(x.max())          # marked host work: not counted
+    assert dict(c.counts) == {"scalar": 1, "boolean_index": 1, "data_dependent_shape": 1, "device_to_host": 2}
+    assert c.total == 5
+
+
+def test_gathering_with_host_indices_needs_no_sync():
+    """What the step does instead of `h[mask]`: indices made from the host copy of the mask."""
+    from d2v.batch import target_index
+
+    mask = torch.rand(3, 10) > 0.5
+    index = target_index(mask, None)
+    h = torch.randn(3, 10, 4)
+    with host_sync.count_host_syncs(device_view=True) as c:
+        gathered = h.flatten(0, 1).index_select(0, index.targets)
+    assert c.total == 0
+    assert torch.equal(gathered, h[mask])
+
+
+def _check(case, steps, groups, zero, precision):
+    assert steps, case
+    for step, log_step, count, kinds in steps:
+        limit = budget(zero, precision, log_step=log_step, param_groups=groups)
+        assert count <= limit, f"{case} step {step} ({'log' if log_step else 'plain'}): {count} > {limit}: {kinds}"
+        assert count >= 1, f"{case} step {step}: the step's own decision was not counted ({kinds})"
+
+
+@pytest.mark.parametrize("preset, zero", CASES_1)
+def test_sync_budget_one_process(tmp_path, preset, zero):
+    from d2v.config import resolve
+    from d2v.train.launch import build_run
+    from d2v.train.sync_budget import count_run_syncs
+
+    cfg = resolve(preset, overrides=["train.max_steps=8", "train.log_every=2", "train.save_every=0", "train.val_every=0",
+                                     f"train.out_dir={tmp_path}"])
+    run = build_run(cfg, {"zero_optimization": {"stage": zero}, "zero_allow_untested_optimizer": True}, console=False)
+    try:
+        run.trainer.train_step([run.stream.next_batch() for _ in range(cfg.train.grad_accum)])
+        counted, _ = count_run_syncs(run, 4)
+        groups = len(run.trainer.engine.optimizer.param_groups)
+    finally:
+        run.close()
+    _check((preset, zero), [[s.step, s.log_step, s.count, s.kinds] for s in counted], groups, zero,
+           cfg.train.precision)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    from test_dist_pretrain import launch_two_ranks
+
+    out = str(tmp_path_factory.mktemp("sync_budget"))
+    return launch_two_ranks("tests/dist/sync_scenarios.py", out, "--cases", json.dumps(CASES_2))
+
+
+@pytest.mark.parametrize("i", range(len(CASES_2)), ids=[f"{p}-z{z}" for p, z in CASES_2])
+def test_sync_budget_two_ranks(two_ranks, i):
+    for rank in two_ranks:
+        case = rank[i]
+        _check((case["preset"], case["zero"], "world 2"), case["steps"], case["groups"], case["zero"],
+               case["precision"])
