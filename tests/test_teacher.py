@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from d2v.config import get_preset
+from d2v.config import get_preset, resolve
 from d2v.models import build_model
 from d2v.teacher import Teacher, ema_decay
 
@@ -333,3 +333,29 @@ def test_offload_streamer_orders_copies_events_and_slots_like_cuda_needs(dtype):
     assert all(rec.is_pinned(dst) for dst, _ in pulls)
     syncs = [w for op, _, w in update_log if op == "sync"]
     assert syncs.count("pulled") == 1 and all(s == "pulled" or s.startswith("copied:") for s in syncs)
+
+
+def test_a_training_run_with_an_offloaded_teacher_matches_the_resident_one_bitwise():
+    # The trainer's own path: place before DeepSpeed, bind to the engine's bf16 module, targets
+    # under bf16 autocast every micro-batch, the host EMA update after every step.
+    import os
+
+    from d2v.config import load_template
+    from d2v.data.synthetic import synthetic_batch
+    from d2v.train.trainer import Trainer
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    template = load_template(os.path.join(root, "ds_configs", "zero1.json"))
+    runs = {}
+    for offload in ("none", "cpu"):
+        cfg = resolve("audio_tiny", overrides=["train.precision=bf16", "train.micro_batch_size=2", "train.grad_accum=2",
+                                               "model.dropout=0", "model.layerdrop=0", f"teacher.offload={offload}"])
+        trainer = Trainer(cfg, template)
+        losses = []
+        for step in range(2):
+            batch = synthetic_batch(cfg, 4, seed=7, index=step)
+            losses.append(trainer.train_step([batch.rows(0, 2), batch.rows(2, 4)]).loss)
+        runs[offload] = losses, trainer.teacher.export_state()
+    assert runs["cpu"][0] == runs["none"][0]
+    assert all(torch.equal(runs["cpu"][1][n], t) for n, t in runs["none"][1].items())

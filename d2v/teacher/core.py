@@ -48,7 +48,9 @@ class Teacher(nn.Module):
         self.model = model.float().eval().requires_grad_(False)
         self.ema_names, self.copy_names = self._classify()
         self.zero3 = None  # a ShardedEMA once attach_zero3 ran
-        self._host: HostWeights | None = None  # an offloaded teacher's host buffers, once placed
+        self._device: torch.device | None = None  # where an offloaded teacher streams to
+        self._copies: HostCopies | None = None
+        self._host: HostWeights | None = None  # an offloaded teacher's host buffers, once used
         self._pull: StudentPull | None = None
         self.bind(student)
 
@@ -95,30 +97,33 @@ class Teacher(nn.Module):
                                 offload=self.cfg.offload == "cpu")
         self.model = self.zero3.module
         self._ema_pairs = self._copy_pairs = []
+        self._host = self._pull = None  # the engine offloads its own partitions
 
     @property
     def offloaded(self) -> bool:
         return self.cfg.offload == "cpu" and self.zero3 is None
 
     def place(self, device: torch.device, *, copies: HostCopies | None = None) -> "Teacher":
-        """Moves a replicated teacher to `device`, or keeps it in pinned host memory when
-        offloaded. copies: the stream/copy primitives (default: CUDA's on a CUDA device)."""
+        """Moves a replicated teacher to `device`, or keeps an offloaded one in host memory and
+        streams it to `device`. copies: the stream/copy primitives (default: CUDA's on a CUDA
+        device). The host buffers are built and pinned at the first forward or update, so a
+        teacher that ZeRO-3 re-homes never pins a full copy."""
         if self.zero3 is None and not self.offloaded:
             self.model.to(device)
         elif self.offloaded:
             device = torch.device(device)
-            copies = copies if copies is not None else copies_for(device)
             if self._host is not None:
                 self._host.before_write()
-            self._host = HostWeights(self.model, copies)
-            self._copy_stream = copies.side_stream()
-            self._pull = None
+            self._host, self._pull = None, None
+            self._device, self._copies = device, (copies if copies is not None else copies_for(device))
         return self
 
     def _placed_host(self, device: torch.device) -> HostWeights:
-        if self._host is None:  # never placed: stream to where the inputs are
+        if self._copies is None:  # never placed: stream to where the inputs are
             self.place(device)
-        assert self._host is not None
+        if self._host is None:
+            self._host = HostWeights(self.model, self._copies)
+            self._copy_stream = self._copies.side_stream()
         return self._host
 
     def train(self, mode: bool = True) -> "Teacher":
@@ -190,8 +195,8 @@ class Teacher(nn.Module):
         # Offloaded: weights autocast casts stream in the compute dtype (the same rounding autocast
         # applies to a resident fp32 teacher), the rest in fp32, so the targets are bitwise the
         # resident teacher's on the same device.
-        stream = (LayerStreamer(self._placed_host(inputs.device), inputs.device, dtype if use_amp else torch.float32,
-                                self._copy_stream)
+        stream = (LayerStreamer(self._placed_host(inputs.device), inputs.device,
+                                dtype if use_amp else torch.float32, self._copy_stream)
                   if self.offloaded else contextlib.nullcontext())
         if self.zero3 is not None and inputs.is_floating_point():
             inputs = inputs.to(dtype)  # a ZeRO-3 teacher holds weights in the compute dtype

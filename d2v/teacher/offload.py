@@ -302,12 +302,6 @@ class LayerStreamer:
                 self.copies.wait(self.compute, event)
         self.slots = []
 
-    def device_bytes_peak(self) -> int:
-        """Device bytes of the two slots."""
-        b = self.host.bounds
-        low = max((e[1] - e[0] for e in b), default=0) * torch.finfo(self.dtype).bits // 8
-        return 2 * (low + 4 * max((e[2] - e[1] for e in b), default=0))
-
 
 class StudentPull:
     """The student's tracked weights brought to the host for the EMA update with non-blocking
