@@ -31,6 +31,14 @@ from torch import Tensor, nn
 # Modules whose parameters autocast casts to the compute dtype on every use (their forward calls
 # F.linear / F.convNd, both on autocast's lower-precision lists on CPU and CUDA).
 _AUTOCAST_CAST = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Every parameter starts 128 elements (256 bytes in bf16) into its piece: cuBLASLt chooses its
+# algorithm by operand alignment up to 256 bytes, and the resident teacher's weights (fresh
+# allocations) are at least that aligned, so both run the same kernels.
+_ALIGN = 128
+
+
+def _aligned(numel: int) -> int:
+    return -(-numel // _ALIGN) * _ALIGN
 
 
 def streaming_units(model: nn.Module) -> list[nn.Module]:
@@ -84,8 +92,8 @@ class HostCopies:
     def empty(self, numel: int, dtype: torch.dtype, device: torch.device, stream: Any) -> Tensor:
         return torch.empty(numel, dtype=dtype, device=device)
 
-    def pin(self, t: Tensor) -> Tensor:
-        return t
+    def host_buffer(self, numel: int, dtype: torch.dtype) -> Tensor:
+        return torch.empty(numel, dtype=dtype)
 
 
 class CudaCopies(HostCopies):
@@ -120,8 +128,8 @@ class CudaCopies(HostCopies):
         with torch.cuda.stream(stream):
             return torch.empty(numel, dtype=dtype, device=device)
 
-    def pin(self, t: Tensor) -> Tensor:
-        return t.pin_memory()
+    def host_buffer(self, numel: int, dtype: torch.dtype) -> Tensor:
+        return torch.empty(numel, dtype=dtype, pin_memory=True)
 
 
 def copies_for(device: torch.device) -> HostCopies:
@@ -148,22 +156,22 @@ class HostWeights:
                     if p is not None and id(p) not in seen:
                         seen.add(id(p))
                         pieces[0 if cast_by_autocast(module) else 1].append(p)
-            entries, offset = [], start
+            entries, sizes = [], []
             for piece, params in enumerate(pieces):
-                split = offset
+                offset = 0
                 for p in params:
-                    entries.append((p, piece, offset - (start if piece == 0 else split)))
-                    offset += p.numel()
-                if piece == 0:
-                    lp_end = offset
+                    entries.append((p, piece, offset))
+                    offset += _aligned(p.numel())
+                sizes.append(offset)
             self.layout.append(entries)
-            self.bounds.append((start, lp_end, offset))
-            start = offset
+            self.bounds.append((start, start + sizes[0], start + sizes[0] + sizes[1]))
+            start += sizes[0] + sizes[1]
         stray = [n for n, p in model.named_parameters() if id(p) not in seen]
         if stray:
             raise ValueError(f"teacher.offload=cpu streams only {type(model).__name__}'s units; parameters outside "
                              f"them: {stray[:5]}; use teacher.offload=none")
-        self.master = copies.pin(torch.empty(start, dtype=torch.float32))
+        self.master = copies.host_buffer(start, torch.float32)
+        self.master.zero_()  # the alignment gaps travel too
         self.views: list[list[Tensor]] = []
         for u, entries in enumerate(self.layout):
             views = []
@@ -203,7 +211,7 @@ class HostWeights:
         if dtype == torch.float32:
             return
         if dtype not in self.shadows:
-            self.shadows[dtype] = (self.copies.pin(torch.empty(self.master.numel(), dtype=dtype)),
+            self.shadows[dtype] = (self.copies.host_buffer(self.master.numel(), dtype),
                                    [None] * len(self.units))
         flat, stamps = self.shadows[dtype]
         for u, (start, lp_end, _) in enumerate(self.bounds):
@@ -313,7 +321,7 @@ class StudentPull:
         sizes: dict[torch.dtype, int] = {}
         for s in sources:
             sizes[s.dtype] = sizes.get(s.dtype, 0) + s.numel()
-        self.flats = {d: copies.pin(torch.empty(n, dtype=d)) for d, n in sizes.items()}
+        self.flats = {d: copies.host_buffer(n, d) for d, n in sizes.items()}
         # fp32 copies of the non-fp32 flats (an exact cast), made on the host after the wait.
         self.wide = {d: (f if d == torch.float32 else torch.empty(f.numel(), dtype=torch.float32))
                      for d, f in self.flats.items()}
