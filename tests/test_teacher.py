@@ -365,3 +365,33 @@ def test_a_training_run_with_an_offloaded_teacher_matches_the_resident_one_bitwi
         runs[offload] = losses, trainer.teacher.export_state()
     assert runs["cpu"][0] == runs["none"][0]
     assert all(torch.equal(runs["cpu"][1][n], t) for n, t in runs["none"][1].items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("preset", ["audio_tiny", "image_tiny"])
+def test_on_cuda_the_streamed_teacher_equals_the_resident_one(preset):
+    # Real streams, events and pinned copies. From the same weights the targets are bitwise
+    # equal (same kernels: same dtypes, shapes and operand alignment); the host EMA update may
+    # differ from the device one by one fp32 ulp of max(|teacher|, |student|) (FMA contraction).
+    cfg, student, resident, offloaded = _pair(preset)
+    x = _teacher_input(cfg, student)
+    device = torch.device("cuda")
+    student.to(device).to(torch.bfloat16)
+    resident.place(device).bind(student)
+    offloaded.place(device).bind(student)
+    x = x.to(device) if cfg.teacher.input == "source" else x.to(device, torch.bfloat16)
+    for step in range(3):
+        for dtype in (None, torch.bfloat16):
+            inputs = x.float() if dtype is None else x
+            a, b = resident.targets(inputs, compute_dtype=dtype), offloaded.targets(inputs, compute_dtype=dtype)
+            assert torch.equal(a, b), f"step {step}, compute {dtype}: {(a - b).abs().max()}"
+        before = {n: p.detach().double().cpu() for n, p in resident.model.named_parameters()}
+        _perturb(student)
+        resident.update(step)
+        offloaded.update(step)
+        sp = dict(student.named_parameters())
+        for (n, r), o in zip(resident.model.named_parameters(), offloaded.model.parameters()):
+            assert o.device.type == "cpu" and o.is_pinned()
+            scale = torch.maximum(before[n].abs(), sp[n].detach().double().cpu().abs()).float()
+            assert ((r.double().cpu() - o.double()).abs() <= _ulp(scale).double()).all(), n
+        offloaded.load_state(resident.export_state())  # the next step starts from the same weights

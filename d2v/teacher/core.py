@@ -48,7 +48,6 @@ class Teacher(nn.Module):
         self.model = model.float().eval().requires_grad_(False)
         self.ema_names, self.copy_names = self._classify()
         self.zero3 = None  # a ShardedEMA once attach_zero3 ran
-        self._device: torch.device | None = None  # where an offloaded teacher streams to
         self._copies: HostCopies | None = None
         self._host: HostWeights | None = None  # an offloaded teacher's host buffers, once used
         self._pull: StudentPull | None = None
@@ -115,7 +114,7 @@ class Teacher(nn.Module):
             if self._host is not None:
                 self._host.before_write()
             self._host, self._pull = None, None
-            self._device, self._copies = device, (copies if copies is not None else copies_for(device))
+            self._copies = copies if copies is not None else copies_for(device)
         return self
 
     def _placed_host(self, device: torch.device) -> HostWeights:
