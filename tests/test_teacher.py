@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from d2v.config import get_preset
+from d2v.config import get_preset, resolve
 from d2v.models import build_model
 from d2v.teacher import Teacher, ema_decay
 
@@ -107,3 +107,291 @@ def test_misconfigured_scope_is_an_error():
     cfg.teacher.ema_modules = ("encoder.blocks",)
     with pytest.raises(ValueError, match="encoder.layer_norm"):
         Teacher(build_model(cfg), cfg.teacher)
+
+
+# -- the offloaded teacher (teacher.offload=cpu) -----------------------------------------------
+
+def _teacher_input(cfg, student, batch=2):
+    """What the task feeds the teacher: the student's features, or the raw image for 'source'."""
+    g = torch.Generator().manual_seed(1)
+    if cfg.teacher.input == "source":
+        return torch.randn(batch, 3, cfg.model.image.image_size, cfg.model.image.image_size, generator=g)
+    if cfg.model.modality == "text":
+        return student.features(torch.randint(5, 100, (batch, 24), generator=g)).x.detach()
+    return student.features(torch.randn(batch, 8_000, generator=g)).x.detach()
+
+
+def _pair(preset):
+    """A resident and an offloaded teacher of the same student."""
+    import copy
+
+    cfg = get_preset(preset)
+    torch.manual_seed(0)
+    student = build_model(cfg)
+    off_cfg = copy.deepcopy(cfg.teacher)
+    off_cfg.offload = "cpu"
+    resident = Teacher(student, cfg.teacher).place(torch.device("cpu"))
+    offloaded = Teacher(student, off_cfg).place(torch.device("cpu"))
+    return cfg, student, resident, offloaded
+
+
+def _same_params(a, b):
+    return all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+
+
+@pytest.mark.parametrize("preset", ["audio_tiny", "image_tiny", "text_tiny"])
+@pytest.mark.parametrize("student_dtype", [torch.float32, torch.bfloat16])
+def test_offloaded_teacher_equals_the_resident_one_bitwise(preset, student_dtype):
+    # Same device (CPU here): targets and EMA are bitwise equal, in fp32 and under bf16 autocast,
+    # after updates, a checkpoint load and a replaced parameter. (On CUDA the host lerp differs
+    # from the device lerp by at most one fp32 ulp of max(|teacher|, |student|); see
+    # test_one_update_is_exact_in_fp32_and_copies_are_copies for that bound.)
+    cfg, student, resident, offloaded = _pair(preset)
+    x = _teacher_input(cfg, student)
+    if cfg.teacher.input != "source":
+        x = x.to(student_dtype)  # features come in the student's dtype
+    student.to(student_dtype)
+    resident.bind(student)
+    offloaded.bind(student)
+
+    def check(what):
+        for dtype in (None, torch.bfloat16):
+            inputs = x.float() if dtype is None else x
+            a, b = resident.targets(inputs, compute_dtype=dtype), offloaded.targets(inputs, compute_dtype=dtype)
+            assert torch.equal(a, b), f"{what}, compute {dtype}: {(a - b).abs().max()}"
+
+    check("initial")
+    for step in range(3):
+        _perturb(student)
+        assert resident.update(step) == offloaded.update(step)
+        assert _same_params(resident, offloaded), f"EMA differs after update {step}"
+        check(f"after update {step}")
+    state = {n: p + 0.01 * torch.randn_like(p) for n, p in resident.export_state().items()}
+    resident.load_state(state)
+    offloaded.load_state(state)
+    check("after load_state")
+    p = next(offloaded.model.encoder.blocks[0].parameters())
+    q = next(resident.model.encoder.blocks[0].parameters())
+    with torch.no_grad():
+        q.add_(1.0)
+        p.data = p.data + 1.0  # replaced, not written in place
+    check("after a replaced parameter")
+    assert p.data.data_ptr() != 0 and _in_buffer(p.data, offloaded._host.master)
+
+
+def _in_buffer(t, buf):
+    start, size = buf.data_ptr(), buf.numel() * buf.element_size()
+    return start <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= start + size
+
+
+class _Event:
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return self.name
+
+
+class RecordingCopies:
+    """A CPU stand-in for CUDA streams that logs every ordering operation (copies run at once)."""
+
+    def __init__(self):
+        from d2v.teacher.offload import HostCopies
+
+        self.plain = HostCopies()
+        self.log = []
+        self.pinned = []
+        self.allocs = []
+
+    def compute_stream(self):
+        return "compute"
+
+    def side_stream(self):
+        return "copy"
+
+    def event(self, name):
+        return _Event(name)
+
+    def record(self, event, stream):
+        self.log.append(("record", stream, event.name))
+
+    def wait(self, stream, event):
+        self.log.append(("wait", stream, event.name))
+
+    def synchronize(self, event):
+        self.log.append(("sync", None, event.name))
+
+    def copy(self, dst, src, stream):
+        self.log.append(("copy", stream, (dst, src)))
+        dst.copy_(src)
+
+    def empty(self, numel, dtype, device, stream):
+        t = torch.empty(numel, dtype=dtype, device=device)
+        self.allocs.append((t, stream))
+        return t
+
+    def host_buffer(self, numel, dtype):
+        t = torch.empty(numel, dtype=dtype)
+        self.pinned.append(t)
+        return t
+
+    def is_pinned(self, t):
+        return any(_in_buffer(t, b) for b in self.pinned)
+
+
+def _instrument(teacher, log):
+    """Logs the begin and end of each unit's own computation."""
+    from d2v.teacher.offload import streaming_units
+
+    for i, unit in enumerate(streaming_units(teacher.model)):
+        def run(*args, _i=i, _f=unit.forward, **kw):
+            log.append(("compute_begin", "compute", _i))
+            out = _f(*args, **kw)
+            log.append(("compute_end", "compute", _i))
+            return out
+        unit.forward = run
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_offload_streamer_orders_copies_events_and_slots_like_cuda_needs(dtype):
+    import copy
+
+    from d2v.teacher.offload import streaming_units
+
+    cfg = get_preset("audio_tiny")
+    torch.manual_seed(0)
+    student = build_model(cfg)
+    x = _teacher_input(cfg, student).to(dtype)
+    student.to(torch.bfloat16)
+    tcfg = copy.deepcopy(cfg.teacher)
+    tcfg.offload = "cpu"
+    rec = RecordingCopies()
+    teacher = Teacher(student, tcfg)
+    teacher.bind(student)
+    teacher.place(torch.device("cpu"), copies=rec)
+    units = streaming_units(teacher.model)
+    _instrument(teacher, rec.log)
+    teacher.targets(x, compute_dtype=dtype)
+    teacher.update(0)
+    pins = len(rec.pinned)
+    assert pins == 2 + (dtype != torch.float32)  # master, student pull, compute-dtype shadow
+    for step in range(1, 4):
+        rec.log.clear()
+        teacher.targets(x, compute_dtype=dtype)
+        forward_log = list(rec.log)
+        rec.log.clear()
+        _perturb(student)
+        teacher.update(step)
+        update_log = list(rec.log)
+    assert len(rec.pinned) == pins, "host buffers were pinned again"
+    # Every host parameter is a view of the pinned master, aligned as fresh allocations are.
+    assert all(rec.is_pinned(p.data) for p in teacher.model.parameters())
+    host = teacher._host
+    base = host.master.data_ptr()
+    assert all((p.data.data_ptr() - base) % 512 == 0 for p in teacher.model.parameters())
+    assert all(offset % 128 == 0 for entries in host.layout for _, _, offset in entries)  # in the slots
+
+    log = forward_log
+    pos = {}
+    for k, (op, stream, what) in enumerate(log):
+        key = (op, stream, what if not isinstance(what, tuple) else None)
+        pos.setdefault(key, k)
+    slots = [t for t, stream in rec.allocs[-4:]]
+    assert all(stream == "compute" for _, stream in rec.allocs), "slots must be allocated on the compute stream"
+    n = len(units)
+    for i in range(n):
+        begin = pos["compute_begin", "compute", i]
+        # Block i waits for its own copy, and for nothing else since the previous unit ended.
+        since = pos["compute_end", "compute", i - 1] if i else 0
+        waits = [w for op, s, w in log[since:begin] if op == "wait" and s == "compute"]
+        assert waits == [f"copied:{i}"], (i, waits)
+        assert pos["record", "copy", f"copied:{i}"] < pos["wait", "compute", f"copied:{i}"]
+        if i + 1 < n:  # block i+1's copy is queued before block i computes
+            assert pos["record", "copy", f"copied:{i + 1}"] < begin
+    # A slot takes unit j only after the unit before it in that slot finished on the compute stream.
+    copies = [(k, s, dst, src) for k, (op, s, w) in enumerate(log) if op == "copy" for dst, src in [w]]
+    assert copies and all(s == "copy" for _, s, _, _ in copies)
+    for k, _, dst, src in copies:
+        assert rec.is_pinned(src), "a host-to-device copy reads unpinned memory"
+        slot = next(j for j, b in enumerate(slots) if _in_buffer(dst, b)) // 2
+        unit = next(int(w.split(":")[1]) for op, s, w in log[k:] if op == "record" and s == "copy")
+        assert unit % 2 == slot
+        if unit >= 2:
+            done = pos["record", "compute", f"done:{unit - 2}"]
+            wait = pos["wait", "copy", f"done:{unit - 2}"]
+            assert pos["compute_end", "compute", unit - 2] < done < wait < k
+        # Weights autocast casts travel in the compute dtype, the rest in fp32.
+        assert src.dtype in (dtype, torch.float32)
+    streamed = sum(src.numel() * src.element_size() for _, _, _, src in copies)
+    numel = sum(p.numel() for p in teacher.model.parameters())
+    small = sum(p.numel() for p in teacher.model.parameters() if p.ndim == 1 and p.numel() == cfg.model.embed_dim)
+    gaps = 2 * 128 * len(list(teacher.model.parameters()))  # at most the alignment gaps, in elements
+    if dtype == torch.float32:
+        assert 4 * numel <= streamed <= 4 * (numel + gaps)
+    else:
+        assert 2 * numel <= streamed <= 2 * (numel + small + gaps)  # only norms and such in fp32
+    # Every copy was waited for by the compute stream (which then releases the slots).
+    assert {w for op, s, w in log if op == "wait" and s == "compute"} == {f"copied:{i}" for i in range(n)}
+
+    # The update: one non-blocking copy per source into a pinned buffer, then one wait.
+    pulls = [w for op, s, w in update_log if op == "copy"]
+    assert len(pulls) == len(teacher.ema_names) + len(teacher.copy_names)
+    assert all(rec.is_pinned(dst) for dst, _ in pulls)
+    syncs = [w for op, _, w in update_log if op == "sync"]
+    assert syncs.count("pulled") == 1 and all(s == "pulled" or s.startswith("copied:") for s in syncs)
+
+
+def test_a_training_run_with_an_offloaded_teacher_matches_the_resident_one_bitwise():
+    # The trainer's own path: place before DeepSpeed, bind to the engine's bf16 module, targets
+    # under bf16 autocast every micro-batch, the host EMA update after every step.
+    import os
+
+    from d2v.config import load_template
+    from d2v.data.synthetic import synthetic_batch
+    from d2v.train.trainer import Trainer
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    template = load_template(os.path.join(root, "ds_configs", "zero1.json"))
+    runs = {}
+    for offload in ("none", "cpu"):
+        cfg = resolve("audio_tiny", overrides=["train.precision=bf16", "train.micro_batch_size=2", "train.grad_accum=2",
+                                               "model.dropout=0", "model.layerdrop=0", f"teacher.offload={offload}"])
+        trainer = Trainer(cfg, template)
+        losses = []
+        for step in range(2):
+            batch = synthetic_batch(cfg, 4, seed=7, index=step)
+            losses.append(trainer.train_step([batch.rows(0, 2), batch.rows(2, 4)]).loss)
+        runs[offload] = losses, trainer.teacher.export_state()
+    assert runs["cpu"][0] == runs["none"][0]
+    assert all(torch.equal(runs["cpu"][1][n], t) for n, t in runs["none"][1].items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("preset", ["audio_tiny", "image_tiny"])
+def test_on_cuda_the_streamed_teacher_equals_the_resident_one(preset):
+    # Real streams, events and pinned copies. From the same weights the targets are bitwise
+    # equal (same kernels: same dtypes, shapes and operand alignment); the host EMA update may
+    # differ from the device one by one fp32 ulp of max(|teacher|, |student|) (FMA contraction).
+    cfg, student, resident, offloaded = _pair(preset)
+    x = _teacher_input(cfg, student)
+    device = torch.device("cuda")
+    student.to(device).to(torch.bfloat16)
+    resident.place(device).bind(student)
+    offloaded.place(device).bind(student)
+    x = x.to(device) if cfg.teacher.input == "source" else x.to(device, torch.bfloat16)
+    for step in range(3):
+        for dtype in (None, torch.bfloat16):
+            inputs = x.float() if dtype is None else x
+            a, b = resident.targets(inputs, compute_dtype=dtype), offloaded.targets(inputs, compute_dtype=dtype)
+            assert torch.equal(a, b), f"step {step}, compute {dtype}: {(a - b).abs().max()}"
+        before = {n: p.detach().double().cpu() for n, p in resident.model.named_parameters()}
+        _perturb(student)
+        resident.update(step)
+        offloaded.update(step)
+        sp = dict(student.named_parameters())
+        for (n, r), o in zip(resident.model.named_parameters(), offloaded.model.parameters()):
+            assert o.device.type == "cpu" and o.is_pinned()
+            scale = torch.maximum(before[n].abs(), sp[n].detach().double().cpu().abs()).float()
+            assert ((r.double().cpu() - o.double()).abs() <= _ulp(scale).double()).all(), n
+        offloaded.load_state(resident.export_state())  # the next step starts from the same weights

@@ -12,8 +12,10 @@ Placement (DESIGN.md 4):
   lerp from the student's weights (bf16 module weights cast to fp32 in DeepSpeed's bf16 mode);
 * ZeRO-3 (`attach_zero3`): partitioned like the student, fp32 EMA per local slice, updated from
   the local fp32 master slices without communication (see `zero3.py`);
-* `offload: cpu`: the weights stay in host memory and are streamed to the device a block at a
-  time (`offload.py`; under ZeRO-3 the teacher engine offloads its partitions instead).
+* `offload: cpu`: the weights stay in (pinned) host memory and are streamed to the device a
+  unit at a time in the compute dtype (`offload.py`); the EMA update runs on the host after one
+  batched pull of the student's weights. Under ZeRO-3 the teacher engine offloads its partitions
+  instead.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import kernels
 from d2v.config.schema import TeacherConfig
 from d2v.models.blocks import BlockOutput
 from d2v.models.data2vec import Data2Vec, TeacherNet
-from d2v.teacher.offload import LayerStreamer
+from d2v.teacher.offload import HostCopies, HostWeights, LayerStreamer, StudentPull, copies_for
 from d2v.teacher.schedule import ema_decay
 
 
@@ -46,6 +48,9 @@ class Teacher(nn.Module):
         self.model = model.float().eval().requires_grad_(False)
         self.ema_names, self.copy_names = self._classify()
         self.zero3 = None  # a ShardedEMA once attach_zero3 ran
+        self._copies: HostCopies | None = None
+        self._host: HostWeights | None = None  # an offloaded teacher's host buffers, once used
+        self._pull: StudentPull | None = None
         self.bind(student)
 
     def _classify(self) -> tuple[list[str], list[str]]:
@@ -80,6 +85,7 @@ class Teacher(nn.Module):
         # parameters part of the teacher's.
         self._ema_pairs = [(mine[n], params[n]) for n in self.ema_names]
         self._copy_pairs = [(mine[n], params[n]) for n in self.copy_names]
+        self._pull = None  # rebuilt for these sources at the next update
         self.model.eval()
 
     def attach_zero3(self, student: nn.Module, student_ds_config: dict[str, Any]) -> None:
@@ -90,16 +96,34 @@ class Teacher(nn.Module):
                                 offload=self.cfg.offload == "cpu")
         self.model = self.zero3.module
         self._ema_pairs = self._copy_pairs = []
+        self._host = self._pull = None  # the engine offloads its own partitions
 
     @property
     def offloaded(self) -> bool:
         return self.cfg.offload == "cpu" and self.zero3 is None
 
-    def place(self, device: torch.device) -> "Teacher":
-        """Moves a replicated teacher to `device`, or keeps it on the host when offloaded."""
+    def place(self, device: torch.device, *, copies: HostCopies | None = None) -> "Teacher":
+        """Moves a replicated teacher to `device`, or keeps an offloaded one in host memory and
+        streams it to `device`. copies: the stream/copy primitives (default: CUDA's on a CUDA
+        device). The host buffers are built and pinned at the first forward or update, so a
+        teacher that ZeRO-3 re-homes never pins a full copy."""
         if self.zero3 is None and not self.offloaded:
             self.model.to(device)
+        elif self.offloaded:
+            device = torch.device(device)
+            if self._host is not None:
+                self._host.before_write()
+            self._host, self._pull = None, None
+            self._copies = copies if copies is not None else copies_for(device)
         return self
+
+    def _placed_host(self, device: torch.device) -> HostWeights:
+        if self._copies is None:  # never placed: stream to where the inputs are
+            self.place(device)
+        if self._host is None:
+            self._host = HostWeights(self.model, self._copies)
+            self._copy_stream = self._copies.side_stream()
+        return self._host
 
     def train(self, mode: bool = True) -> "Teacher":
         """The teacher always runs in eval mode (no dropout, no LayerDrop)."""
@@ -120,14 +144,35 @@ class Teacher(nn.Module):
         if self.zero3 is not None:
             self.zero3.update(tau)
             return tau
+        if self.offloaded:
+            self._update_on_host(tau)
+            return tau
         if tau < 1.0:
             targets = [t for t, _ in self._ema_pairs]
-            # bf16 students: cast to fp32; an offloaded teacher pulls the student to the host.
+            # bf16 students: cast to fp32 (exact).
             sources = [s.detach().to(device=t.device, dtype=torch.float32) for t, s in self._ema_pairs]
             torch._foreach_lerp_(targets, sources, 1.0 - tau)
         for t, s in self._copy_pairs:
             t.copy_(s.detach())
         return tau
+
+    def _update_on_host(self, tau: float) -> None:
+        # The fp32 master has its only copy on the host, so the update runs there: one pull of
+        # the student (2 bytes a weight for a bf16 student, one wait) and the same foreach lerp
+        # as the resident update. A device-side update would move the fp32 master both ways
+        # (8 bytes a weight) every step.
+        pairs = self._ema_pairs + self._copy_pairs
+        host = self._placed_host(pairs[0][1].device)
+        host.adopt()
+        if self._pull is None:
+            self._pull = StudentPull([s for _, s in pairs], host.copies)
+        sources = self._pull.pull()
+        host.before_write()
+        n = len(self._ema_pairs)
+        if tau < 1.0:
+            torch._foreach_lerp_([t for t, _ in self._ema_pairs], sources[:n], 1.0 - tau)
+        if self._copy_pairs:
+            torch._foreach_copy_([t for t, _ in self._copy_pairs], sources[n:])
 
     # -- targets -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -146,7 +191,11 @@ class Teacher(nn.Module):
         dtype = compute_dtype or torch.float32
         use_amp = self.zero3 is None and dtype != torch.float32
         amp = torch.autocast(inputs.device.type, dtype=dtype) if use_amp else contextlib.nullcontext()
-        stream = (LayerStreamer(self.model, inputs.device, dtype if not use_amp else torch.float32)
+        # Offloaded: weights autocast casts stream in the compute dtype (the same rounding autocast
+        # applies to a resident fp32 teacher), the rest in fp32, so the targets are bitwise the
+        # resident teacher's on the same device.
+        stream = (LayerStreamer(self._placed_host(inputs.device), inputs.device,
+                                dtype if use_amp else torch.float32, self._copy_stream)
                   if self.offloaded else contextlib.nullcontext())
         if self.zero3 is not None and inputs.is_floating_point():
             inputs = inputs.to(dtype)  # a ZeRO-3 teacher holds weights in the compute dtype
@@ -172,6 +221,9 @@ class Teacher(nn.Module):
         if self.zero3 is not None:
             self.zero3.load_full(state)
             return
+        if self._host is not None:
+            self._host.adopt()
+            self._host.before_write()  # in place: the host views stay pinned
         with torch.no_grad():
             for n, p in self.model.named_parameters():
                 p.copy_(state[n])
