@@ -48,7 +48,15 @@ def _numpy_globals() -> list[tuple[Any, str]]:
     # Both spellings: numpy 1.x pickles name numpy.core, numpy 2.x numpy._core.
     for prefix in ("numpy.core.multiarray", "numpy._core.multiarray"):
         out += [(multiarray._reconstruct, f"{prefix}._reconstruct"), (multiarray.scalar, f"{prefix}.scalar")]
-    return out + [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
+    out += [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
+    # numpy 2 builds each dtype as an instance of its class in numpy.dtypes, which the state then
+    # fills in: those classes must be allowed too (they are C types with numpy's own setstate).
+    dtypes = getattr(np, "dtypes", None)
+    for name in dir(dtypes) if dtypes is not None else ():
+        cls = getattr(dtypes, name)
+        if isinstance(cls, type) and issubclass(cls, np.dtype):
+            out.append((cls, f"numpy.dtypes.{name}"))
+    return out
 
 
 def _deepspeed_globals() -> list[tuple[Any, str]]:

@@ -19,6 +19,7 @@ from d2v.task import Data2VecTask
 from d2v.teacher import Teacher
 from d2v.train import distributed
 from d2v.train.ds_checks import check_ds_config
+from d2v.train.safe_checkpoint_engine import install_safe_checkpoint_engine
 from d2v.train.schedule import lr_factor
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -84,6 +85,7 @@ class Trainer:
             config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
         )
+        install_safe_checkpoint_engine(self.engine)  # DeepSpeed reads checkpoints through d2v.safe_load
         self.student: Data2Vec = self.engine.module
         self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         if self.zero_stage == 3:
