@@ -420,3 +420,23 @@ def test_init_from_refuses_hostile_weight_files(tmp_path, canary, name, kind):
     with pytest.raises(RefusedFile) as err:
         init_from(build_model(cfg), str(directory), cfg)
     assert hostile in str(err.value)
+
+
+def test_the_trainer_engine_itself_reads_weights_only(runs, tmp_path, canary):
+    """Without d2v's Checkpointer: the engine a Trainer builds refuses a hostile file itself, and
+    a non-torch DeepSpeed checkpoint engine is refused by name."""
+    from d2v.safe_load import RefusedFile
+    from d2v.train.safe_checkpoint_engine import install_safe_checkpoint_engine
+    from d2v.train.trainer import Trainer
+
+    run_dir, hostile = _hostile_copy(runs, "zero2", tmp_path, canary, "*zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    trainer = Trainer(_config(run_dir, 4), _template("zero2.json"))
+    with pytest.raises(RefusedFile, match=hostile):
+        trainer.engine.load_checkpoint(os.path.join(run_dir, "checkpoints"), tag="step_00000004")
+
+    class OtherEngine:
+        pass
+
+    trainer.engine.checkpoint_engine = OtherEngine()
+    with pytest.raises(ValueError, match="OtherEngine checkpoint engine"):
+        install_safe_checkpoint_engine(trainer.engine)

@@ -19,7 +19,6 @@ from d2v.task import Data2VecTask
 from d2v.teacher import Teacher
 from d2v.train import distributed
 from d2v.train.ds_checks import check_ds_config
-from d2v.train.safe_checkpoint_engine import install_safe_checkpoint_engine
 from d2v.train.schedule import lr_factor
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -60,6 +59,8 @@ class Trainer:
 
     def __init__(self, cfg: D2vConfig, ds_template: dict[str, Any], *, student: Data2Vec | None = None) -> None:
         import deepspeed
+
+        from d2v.train.safe_checkpoint_engine import install_safe_checkpoint_engine
 
         self.cfg = cfg
         self.rank, self.world_size = distributed.init_distributed()
