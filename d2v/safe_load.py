@@ -37,13 +37,12 @@ _HOW = ("d2v reads only tensors and plain containers (dicts, lists, numbers, str
 def _numpy_globals() -> list[tuple[Any, str]]:
     try:
         import numpy as np
+    except ImportError:
+        return []
+    try:
         from numpy._core import multiarray
     except ImportError:  # numpy 1.x
-        try:
-            import numpy as np
-            from numpy.core import multiarray
-        except ImportError:
-            return []
+        from numpy.core import multiarray
     out = []
     # Both spellings: numpy 1.x pickles name numpy.core, numpy 2.x numpy._core.
     for prefix in ("numpy.core.multiarray", "numpy._core.multiarray"):
