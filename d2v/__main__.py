@@ -18,7 +18,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     import importlib
 
-    importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    from d2v.safe_load import RefusedFile
+
+    try:
+        importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    except RefusedFile as e:  # a file that is not plain weights: the message says which and why
+        print(f"python -m d2v {argv[0]}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from d2v import safe_load
 from d2v.config import from_dict
 from d2v.config.schema import D2vConfig
 
@@ -42,7 +43,7 @@ def _stage0_fp32(tag_dir: str, cfg: D2vConfig) -> dict[str, torch.Tensor]:
     from d2v.models import build_model
     from d2v.train.trainer import param_group_names
 
-    state = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+    state = safe_load.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"))
     module = {k: v.float() for k, v in state["module"].items()}
     groups = (state.get("optimizer") or {}).get("fp32_groups")
     if groups:  # bf16/fp16 at stage 0: the optimizer's fp32 masters, in param-group order
@@ -58,6 +59,9 @@ def student_fp32(tag_dir: str, cfg: D2vConfig) -> dict[str, torch.Tensor]:
     if glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        from d2v.train.safe_checkpoint_engine import guard_deepspeed_readers
+
+        guard_deepspeed_readers()  # zero_to_fp32 reads the partitions with torch.load itself
         root, tag = os.path.split(tag_dir.rstrip("/"))
         sd = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
         return {k: v.float().contiguous() for k, v in sd.items()}
@@ -72,7 +76,7 @@ def export_checkpoint(path: str, out: str, tag: str | None = None) -> dict[str, 
         run_state = json.load(f)
     cfg = from_dict(run_state["config"])
     student = student_fp32(tag_dir, cfg)
-    teacher = torch.load(os.path.join(tag_dir, "teacher.pt"), map_location="cpu", weights_only=True)
+    teacher = safe_load.load(os.path.join(tag_dir, "teacher.pt"))
     os.makedirs(out, exist_ok=True)
     meta = {"format": "pt", "d2v_preset": cfg.name, "step": str(run_state["step"])}
     save_file({k: v.contiguous() for k, v in student.items()}, os.path.join(out, "student.safetensors"), metadata=meta)
@@ -103,7 +107,7 @@ def export_hf_checkpoint(path: str, out: str, tag: str | None = None, *, teacher
     student = student_fp32(tag_dir, cfg)
     teacher_state = None
     if teacher:
-        teacher_state = torch.load(os.path.join(tag_dir, "teacher.pt"), map_location="cpu", weights_only=True)
+        teacher_state = safe_load.load(os.path.join(tag_dir, "teacher.pt"))
     source = {"checkpoint": os.path.abspath(tag_dir), "step": run_state["step"], "preset": cfg.name}
     meta = write_hf(out, cfg, student, teacher=teacher_state, tokenizer=tokenizer, source=source)
     return {k: v for k, v in meta.items() if k != "d2v_config"}
@@ -111,15 +115,13 @@ def export_hf_checkpoint(path: str, out: str, tag: str | None = None, *, teacher
 
 def load_exported(out: str):
     """(student Data2Vec in fp32 with the exported weights, teacher state dict, config)."""
-    from safetensors.torch import load_file
-
     from d2v.models import build_model
 
     with open(os.path.join(out, "config.json")) as f:
         cfg = from_dict(json.load(f))
     student = build_model(cfg)
-    student.load_state_dict(load_file(os.path.join(out, "student.safetensors")), strict=True)
-    return student, load_file(os.path.join(out, "teacher.safetensors")), cfg
+    student.load_state_dict(safe_load.load_safetensors(os.path.join(out, "student.safetensors")), strict=True)
+    return student, safe_load.load_safetensors(os.path.join(out, "teacher.safetensors")), cfg
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -480,8 +480,8 @@ def test_fairseq_import_refuses_keys_it_cannot_map(tmp_path):
         import_fairseq(two, str(tmp_path / "out2"))
 
 
-def test_restricted_unpickler_refuses_arbitrary_callables(tmp_path):
-    from d2v.interop.unpickle import RefusedPickle, load_checkpoint
+def test_fairseq_loader_refuses_arbitrary_callables(tmp_path):
+    from d2v.safe_load import RefusedFile, load
 
     class Evil:
         def __reduce__(self):
@@ -489,21 +489,21 @@ def test_restricted_unpickler_refuses_arbitrary_callables(tmp_path):
 
     path = str(tmp_path / "evil.pt")
     torch.save({"model": {}, "cfg": Evil()}, path)
-    with pytest.raises(RefusedPickle, match="system"):
-        load_checkpoint(path)
+    with pytest.raises(RefusedFile, match="system"):
+        load(path, records=True)
     assert not os.path.exists(tmp_path / "owned")
     legacy = str(tmp_path / "evil_legacy.pt")
     torch.save({"x": Evil()}, legacy, _use_new_zipfile_serialization=False)
-    with pytest.raises(RefusedPickle):
-        load_checkpoint(legacy)
+    with pytest.raises(RefusedFile, match="system"):
+        load(legacy, records=True)
 
     class EvalInCfg:
         def __reduce__(self):
             return (eval, ("open(" + repr(str(tmp_path / "owned")) + ", 'w')",))
 
     torch.save({"model": {}, "cfg": {"model": EvalInCfg()}}, path)
-    with pytest.raises(RefusedPickle, match="builtins.eval"):
-        load_checkpoint(path)
+    with pytest.raises(RefusedFile, match="eval"):
+        load(path, records=True)
     assert not os.path.exists(tmp_path / "owned")
 
 

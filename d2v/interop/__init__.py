@@ -1,7 +1,7 @@
-"""Interop with transformers and fairseq: HF export, --init-from, fairseq import (issue 10).
+"""Interop with transformers and fairseq: HF export, --init-from, fairseq import.
 
 Importing this package pulls in neither transformers nor fairseq: export writes plain JSON and
-safetensors, and the fairseq importer reads pickles through a restricted unpickler.
+safetensors, and every weight file is read through d2v.safe_load (no code in a file runs).
 """
 from d2v.interop.fairseq_import import import_fairseq
 from d2v.interop.hf_export import write_hf

@@ -1,7 +1,8 @@
 """`python -m d2v import-fairseq CKPT OUT [--format plain|hf]`: reference data2vec checkpoints into d2v.
 
-Reads, without fairseq or omegaconf (d2v.interop.unpickle), fairseq data2vec 1.0 audio and text
-checkpoints and the BEiT-based data2vec_vision checkpoints; maps the student and the EMA teacher
+Reads, without fairseq or omegaconf and without running any code in the file (d2v.safe_load with
+d2v.interop.unpickle's inert records), fairseq data2vec 1.0 audio and text checkpoints and the
+BEiT-based data2vec_vision checkpoints; maps the student and the EMA teacher
 (fairseq: `model['_ema']` or `model['encoder._ema']`; BEiT: `model_ema`) into d2v's layout; writes
 a d2v plain export (student.safetensors, teacher.safetensors, config.json; `--init-from` and
 `load_exported` read it) or a transformers directory. Anything it cannot place is refused by name.
@@ -25,8 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from d2v import safe_load
 from d2v.interop.fairseq_layout import map_state, strip_prefix, to_float
-from d2v.interop.unpickle import load_checkpoint, to_plain
+from d2v.interop.unpickle import to_plain
 
 
 class ImportRefused(ValueError):
@@ -217,7 +219,7 @@ def _check_complete(cfg: Any, student: dict[str, Tensor]) -> None:
 def convert(path: str, *, dict_path: str | None = None, encoder_json: str | None = None,
             vocab_bpe: str | None = None, tokenizer: str | None = None) -> dict[str, Any]:
     """Reads and maps a reference checkpoint: {cfg, student, teacher, notes, tokenizer_json}."""
-    ckpt = load_checkpoint(path)
+    ckpt = safe_load.load(path, records=True)
     if not isinstance(ckpt, dict):
         raise ImportRefused(f"{path} does not hold a checkpoint dict")
     kind, state = detect(ckpt)

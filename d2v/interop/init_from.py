@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from d2v import safe_load
 from d2v.interop.hf_layout import HF_IGNORABLE, HF_PREFIXES, hf_to_d2v_name, is_v2, model_fields_from_hf
 
 
@@ -88,12 +89,13 @@ def structural_fields(model_cfg: Any) -> dict[str, Any]:
 def _load_weights(directory: str) -> dict[str, Tensor]:
     path = os.path.join(directory, "model.safetensors")
     if os.path.isfile(path):
-        from safetensors.torch import load_file
-
-        return load_file(path)
+        return safe_load.load_safetensors(path)
     path = os.path.join(directory, "pytorch_model.bin")
     if os.path.isfile(path):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = safe_load.load(path)
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise ValueError(f"{path} is not a state dict (name -> tensor)")
+        return state
     if any(f.endswith(".index.json") for f in os.listdir(directory)):
         raise ValueError(f"{directory} holds a sharded checkpoint; d2v reads one model.safetensors or "
                          f"pytorch_model.bin (re-save it with max_shard_size large enough)")
@@ -111,14 +113,13 @@ def read_pretrained(directory: str) -> Pretrained:
     with open(config_path) as f:
         config = json.load(f)
     if os.path.isfile(os.path.join(directory, "student.safetensors")):
-        from safetensors.torch import load_file
-
         cfg = from_dict(config)
         teacher_path = os.path.join(directory, "teacher.safetensors")
-        teacher = load_file(teacher_path) if os.path.isfile(teacher_path) else None
+        teacher = safe_load.load_safetensors(teacher_path) if os.path.isfile(teacher_path) else None
         fields = structural_fields(cfg.model)
         fields["model.v2.enabled"] = is_v2(cfg)
-        return Pretrained("plain", load_file(os.path.join(directory, "student.safetensors")), teacher, fields)
+        return Pretrained("plain", safe_load.load_safetensors(os.path.join(directory, "student.safetensors")),
+                          teacher, fields)
     fields = model_fields_from_hf(config)
     fields["model.v2.enabled"] = False
     if "model.image.layer_scale_init" in fields:

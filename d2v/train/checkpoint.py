@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from d2v import collectives
+from d2v import collectives, safe_load
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
@@ -178,6 +178,10 @@ class Checkpointer:
 
             from deepspeed.checkpoint import ds_to_universal
 
+            from d2v.train.safe_checkpoint_engine import guard_deepspeed_readers
+
+            guard_deepspeed_readers()  # the converter reads every file of the tag itself
+
             if os.path.isdir(target):
                 shutil.rmtree(target)
             ds_to_universal.main(argparse.Namespace(
@@ -191,15 +195,18 @@ class Checkpointer:
         """Restores engine and teacher; returns (run_state, this rank's side state or None if the
         world size changed, in which case the data restarts at the recorded epoch boundary).
         universal: load the student and optimizer from the converted form (another world size)."""
+        from d2v.train.safe_checkpoint_engine import install_safe_checkpoint_engine
+
         run_state = self.run_state(tag)
         tag_dir = os.path.join(self.root, tag)
+        install_safe_checkpoint_engine(engine)  # idempotent: DeepSpeed's reads go through safe_load too
         path, _ = engine.load_checkpoint(self.root, tag=self.universal_tag(tag) if universal else tag,
                                          load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {tag_dir}")
-        teacher.load_state(torch.load(os.path.join(tag_dir, "teacher.pt"), map_location="cpu", weights_only=True))
+        teacher.load_state(safe_load.load(os.path.join(tag_dir, "teacher.pt")))
         side = None
         if run_state["world_size"] == self.world_size:
-            side = torch.load(os.path.join(tag_dir, f"rank_{self.rank:05d}.pt"), weights_only=False)
+            side = safe_load.load(os.path.join(tag_dir, f"rank_{self.rank:05d}.pt"))
             set_rng_state(side["rng"])
         return run_state, side

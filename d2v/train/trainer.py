@@ -84,6 +84,8 @@ class Trainer:
     def __init__(self, cfg: D2vConfig, ds_template: dict[str, Any], *, student: Data2Vec | None = None) -> None:
         import deepspeed
 
+        from d2v.train.safe_checkpoint_engine import install_safe_checkpoint_engine
+
         self.cfg = cfg
         self.rank, self.world_size = distributed.init_distributed()
         self.device = distributed.device()
@@ -109,6 +111,7 @@ class Trainer:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
         )
         drop_redundant_overflow_check(self.engine, cfg.train.precision)
+        install_safe_checkpoint_engine(self.engine)  # DeepSpeed reads checkpoints through d2v.safe_load
         self.student: Data2Vec = self.engine.module
         self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         if self.zero_stage == 3:
