@@ -33,6 +33,8 @@ class TargetIndex:
     """(B·M)×K int64 ascending unmasked positions of every clone (2.0), else None."""
     kept_padding: bool = False
     """Whether any kept position is padding (2.0)."""
+    positions: int = 0
+    """Real (non-padded) positions of the batch, counted once per sample (not per clone)."""
 
     def to(self, device: torch.device | str) -> "TargetIndex":
         def move(t: Tensor | None) -> Tensor | None:
@@ -78,7 +80,8 @@ def target_index(mask: Tensor, padding_mask: Tensor | None) -> TargetIndex:
     if clones:
         kept = kept_positions(mask_NT)
         kept_padding = pad_NT is not None and bool(torch.gather(pad_NT, 1, kept).any())
-    return TargetIndex(targets, int(targets.numel()), targets.numel() / max(real, 1), padding_mask, kept, kept_padding)
+    return TargetIndex(targets, int(targets.numel()), targets.numel() / max(real, 1), padding_mask, kept, kept_padding,
+                       real // M)
 
 
 @dataclass

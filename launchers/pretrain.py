@@ -32,6 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--init-from", default=None,
                     help="start from pretrained weights: a transformers Data2Vec directory (export --format hf, "
                          "public data2vec weights) or a `python -m d2v export` directory; checked key by key")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="peak TFLOP/s per device that the logged MFU is taken against (default: the GPU's bf16 "
+                         "dense datasheet peak; a CPU has none)")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     return ap.parse_args(argv)
@@ -51,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"data.val_shards={args.val_data}")
     if args.out:
         overrides.append(f"train.out_dir={args.out}")
+    if args.peak_tflops is not None:
+        overrides.append(f"train.peak_tflops={args.peak_tflops}")
     cfg = resolve(args.preset, args.config, overrides)
     from d2v.train.preemption import EXIT_PREEMPTED
     from d2v.train.run import EXIT_NONFINITE, NonFiniteError

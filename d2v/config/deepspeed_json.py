@@ -13,6 +13,13 @@ from typing import Any
 from d2v.config.schema import D2vConfig
 
 OWNED_BY_D2V = ("optimizer", "scheduler")
+OPTIMIZERS = {"torch_fused": "torch.optim.AdamW(fused=True)", "deepspeed": "DeepSpeed FusedAdam (JIT-built)"}
+
+
+def optimizer_description(ds: dict[str, Any]) -> str:
+    """Which AdamW kernel a filled config runs, for the run log."""
+    params = ds.get("optimizer", {}).get("params", {})
+    return OPTIMIZERS["torch_fused"] if params.get("torch_adam") else OPTIMIZERS["deepspeed"]
 
 
 class DeepSpeedConfigError(ValueError):
@@ -78,12 +85,17 @@ def fill_ds_config(template: dict[str, Any], cfg: D2vConfig, world_size: int, *,
     _agree(ds, "gradient_clipping", float(opt.clip_norm), "optim.clip_norm")
     ds["gradient_clipping"] = float(opt.clip_norm)
     params: dict[str, Any] = {"lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay}
-    if on_cpu:
-        # DeepSpeed's FusedAdam and CPU-Adam need compiled ops; torch's AdamW (foreach) is the
-        # CPU path, also for ZeRO offload, and host memory cannot be pinned without CUDA.
+    if opt.implementation not in OPTIMIZERS:
+        raise DeepSpeedConfigError(f"optim.implementation={opt.implementation!r}: use one of {sorted(OPTIMIZERS)}")
+    if on_cpu or opt.implementation == "torch_fused":
+        # DeepSpeed's FusedAdam and CPU-Adam are compiled at start-up (d2v installs DeepSpeed with
+        # DS_BUILD_OPS=0); torch's fused AdamW needs no build, on CPU and GPU alike, and also
+        # serves ZeRO's offloaded optimizer (which would otherwise insist on CPU-Adam).
         params["torch_adam"] = True
         params["fused"] = True
         ds["zero_force_ds_cpu_optimizer"] = False
+    if on_cpu:
+        # host memory cannot be pinned without CUDA
         for key in ("offload_optimizer", "offload_param"):
             section = ds.get("zero_optimization", {}).get(key)
             if isinstance(section, dict) and section.get("pin_memory"):

@@ -256,6 +256,10 @@ class OptimConfig:
     """Cosine: LR at the end of the schedule."""
     clip_norm: float = 0.0
     """Gradient clipping by global norm (0 disables)."""
+    implementation: str = "torch_fused"
+    """AdamW kernel: torch_fused (torch's fused AdamW; needs no build on any node) or deepspeed
+    (DeepSpeed's FusedAdam on GPUs, compiled just in time on every rank at start-up: needs nvcc
+    and ninja matching torch's CUDA everywhere)."""
 
 
 @dataclass(kw_only=True)
@@ -321,6 +325,8 @@ class TrainConfig:
     """Stop (with a checkpoint) after this many updates in a row were skipped for a NaN/inf loss or gradient."""
     wandb: str = "disabled"
     """wandb mode: disabled | offline | online (online only when asked; never needed)."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s per device that MFU is logged against (0: the GPU's bf16 dense datasheet peak)."""
 
 
 @dataclass(kw_only=True)

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from d2v.batch import Batch
+from d2v.data.loader import pin_batches
 from d2v.data.shards import expand_pattern
 
 RawSample = dict[str, Any]
@@ -200,7 +201,8 @@ class FixedBatchStream:
         dataset = _Epoch(self._plan, self.rank, self.epoch, skip, seed=self.seed, batch_size=self.batch_size,
                          shuffle_buffer=self.shuffle_buffer, decode=self.decode)
         if self.num_workers > 0:
-            loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=2)
+            loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=2,
+                                pin_memory=pin_batches())
             self._iter = iter(loader)
         else:
             self._iter = iter(dataset)

@@ -15,6 +15,7 @@ this module runs it:
 from __future__ import annotations
 
 import logging
+import os
 from typing import Iterator, Protocol, Sequence
 
 import torch
@@ -104,7 +105,13 @@ def _data_loader(dataset: PlannedBatches, num_workers: int, prefetch_factor: int
     extra = {"prefetch_factor": prefetch_factor} if num_workers > 0 else {}
     # batch_size=None: the dataset yields whole batches; no persistent workers, because each
     # epoch (and each resume) hands the workers a new plan.
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, **extra)
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_batches(), **extra)
+
+
+def pin_batches() -> bool:
+    """Pinned batches make the step's non-blocking host-to-device copies asynchronous (from
+    pageable memory the driver copies through a staging buffer first). Only with a GPU."""
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu"
 
 
 class TrainLoader:

@@ -15,22 +15,26 @@ CONSOLE_KEYS = (
     ("loss", "loss", "{:.4f}"), ("target_std", "tstd", "{:.3f}"), ("pred_std", "pstd", "{:.3f}"),
     ("mask_rate", "mask", "{:.3f}"), ("ema_decay", "ema", "{:.5f}"), ("lr", "lr", "{:.2e}"),
     ("grad_norm", "gnorm", "{:.3f}"), ("model_norm", "|w|", "{:.1f}"), ("ema_norm", "|ema|", "{:.1f}"),
-    ("samples_per_s", "samples/s", "{:.1f}"), ("skipped_samples", "skipped", "{:.0f}"),
+    ("samples_per_s", "samples/s", "{:.1f}"), ("positions_per_s", "{positions}/s", "{:.0f}"),
+    ("tflops_per_device", "TFLOP/s", "{:.2f}"), ("mfu", "MFU", "{:.1%}"), ("peak_mem_gib", "mem GiB", "{:.2f}"),
+    ("skipped_samples", "skipped", "{:.0f}"),
 )
 
 
-def format_line(step: int, values: dict[str, Any]) -> str:
+def format_line(step: int, values: dict[str, Any], positions_name: str = "positions") -> str:
     parts = [f"step {step:>6}"]
     for key, label, fmt in CONSOLE_KEYS:
         if key in values and values[key] is not None and not (isinstance(values[key], float) and math.isnan(values[key])):
-            parts.append(f"{label} {fmt.format(values[key])}")
+            parts.append(f"{label.format(positions=positions_name)} {fmt.format(values[key])}")
     return " | ".join(parts)
 
 
 class MetricsSink:
     def __init__(self, out_dir: str, *, rank: int, max_steps: int, wandb_mode: str = "disabled",
-                 run_config: dict[str, Any] | None = None, tensorboard: bool = True, start_step: int = 0) -> None:
+                 run_config: dict[str, Any] | None = None, tensorboard: bool = True, start_step: int = 0,
+                 positions_name: str = "positions") -> None:
         self.active = rank == 0
+        self.positions_name = positions_name
         self.out_dir = out_dir
         self._jsonl = None
         self._tb = None
@@ -78,7 +82,7 @@ class MetricsSink:
         if self._wandb is not None:
             self._wandb.log({f"{prefix}/{k}": v for k, v in values.items()}, step=step)
         if console:
-            line = format_line(step, values) if prefix == "train" else f"step {step:>6} | {prefix} " + " | ".join(
+            line = format_line(step, values, self.positions_name) if prefix == "train" else f"step {step:>6} | {prefix} " + " | ".join(
                 f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
             if self._bar is not None:
                 self._bar.write(line)

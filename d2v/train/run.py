@@ -22,6 +22,7 @@ from d2v.train.metrics import MetricsSink
 from d2v.train import distributed, host_sync
 from d2v.train.preemption import PreemptionFlag
 from d2v.train.streams import BatchStream
+from d2v.train.throughput_log import POSITION_NAMES, interval_values, peak_tflops
 from d2v.train.trainer import Trainer
 
 StreamFactory = Callable[[int, int], BatchStream]
@@ -76,7 +77,12 @@ class Run:
         if self.resume_tag is not None:
             self._resume(self.resume_tag, universal=reshard)
         self.sink = MetricsSink(self.out_dir, rank=self.rank, max_steps=cfg.train.max_steps,
-                                wandb_mode=cfg.train.wandb, run_config=to_dict(cfg), start_step=self.trainer.step)
+                                wandb_mode=cfg.train.wandb, run_config=to_dict(cfg), start_step=self.trainer.step,
+                                positions_name=POSITION_NAMES.get(cfg.model.modality, "positions"))
+        self.peak_tflops, peak_source = peak_tflops(cfg, self.trainer.device)
+        self.sink.message(f"optimizer: {self.trainer.optimizer_name}; MFU against "
+                          + (f"{self.peak_tflops:g} TFLOP/s ({peak_source})" if self.peak_tflops else
+                             f"nothing: {peak_source}"))
         if self.rank == 0:
             os.makedirs(self.out_dir, exist_ok=True)
             with open(os.path.join(self.out_dir, "config.json"), "w") as f:
@@ -175,7 +181,8 @@ class Run:
         stop = cfg.train.max_steps if max_steps is None else max_steps
         history: list[dict[str, Any]] = []
         window: dict[str, float] = {}
-        window_steps, window_samples, t_window = 0, 0.0, time.perf_counter()
+        window_steps, t_window = 0, time.perf_counter()
+        rates = {"samples": 0.0, "positions": 0.0, "flops": 0.0}  # summed over the window, then over ranks
         while trainer.step < stop:
             with host_sync.host_work():  # the data stream works on host memory only
                 micro = [self.stream.next_batch() for _ in range(cfg.train.grad_accum)]
@@ -201,7 +208,8 @@ class Run:
                 window[k] = window.get(k, 0.0) + m.values[k]
             window["loss"] = window.get("loss", 0.0) + m.loss
             window_steps += 1
-            window_samples += m.values["samples"]
+            for k in rates:
+                rates[k] += m.values[k]
             self.sink.progress(step)
             if step % cfg.train.log_every == 0 or step == stop:
                 values = {k: v / window_steps for k, v in window.items()}
@@ -210,19 +218,23 @@ class Run:
                 # One collective for the window: means of the metrics, sums of samples and counters.
                 keys = sorted(values)
                 ckeys = sorted(counters)
-                summed = collectives.all_reduce_values([values[k] for k in keys] + [window_samples] +
+                rkeys = sorted(rates)
+                summed = collectives.all_reduce_values([values[k] for k in keys] + [rates[k] for k in rkeys] +
                                                        [counters[k] for k in ckeys])
                 values = {k: v / self.world_size for k, v in zip(keys, summed)}
-                samples = summed[len(keys)]
-                counters = dict(zip(ckeys, summed[len(keys) + 1:]))
+                totals = dict(zip(rkeys, summed[len(keys):len(keys) + len(rkeys)]))
+                counters = dict(zip(ckeys, summed[len(keys) + len(rkeys):]))
                 counters["skipped_steps"] = float(trainer.skipped_steps)
                 model_norm, ema_norm = trainer.norms()
                 values.update(ema_decay=m.values["ema_decay"], lr=m.values["lr"], grad_norm=trainer.grad_norm(),
-                              model_norm=model_norm, ema_norm=ema_norm,
-                              samples_per_s=samples / max(elapsed, 1e-9), **counters)
+                              model_norm=model_norm, ema_norm=ema_norm, **counters,
+                              **interval_values(cfg, samples=totals["samples"], positions=totals["positions"],
+                                                flops=totals["flops"], elapsed=elapsed, world_size=self.world_size,
+                                                peak=self.peak_tflops, device=trainer.device))
                 self.sink.log(step, values, console=self.console)
                 self._guard(step, values)
-                window, window_steps, window_samples, t_window = {}, 0, 0.0, time.perf_counter()
+                window, window_steps, t_window = {}, 0, time.perf_counter()
+                rates = dict.fromkeys(rates, 0.0)
             if cfg.train.val_every and step % cfg.train.val_every == 0:
                 val = self.validate()
                 if val is not None:

@@ -13,6 +13,7 @@ import torch
 
 from d2v.batch import Batch
 from d2v.config import fill_ds_config
+from d2v.config.deepspeed_json import optimizer_description
 from d2v.config.schema import D2vConfig
 from d2v.models import Data2Vec, build_model
 from d2v.task import Data2VecTask
@@ -21,6 +22,7 @@ from d2v import collectives
 from d2v.train import distributed, host_sync
 from d2v.train.ds_checks import check_ds_config
 from d2v.train.schedule import lr_factor
+from d2v.train.throughput_log import StepFlops
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -136,6 +138,8 @@ class Trainer:
         self.consecutive_skips = 0
         self.stop_agreed = False  # a rank asked to stop (preemption): agreed in the step's decision
         self._grad_sum = torch.zeros((), device=self.device)
+        self.step_flops = StepFlops(cfg)
+        self.optimizer_name = optimizer_description(self.ds_config)
         for p in self.student.parameters():
             if p.requires_grad:
                 p.register_hook(self._check_grad)
@@ -171,6 +175,8 @@ class Trainer:
         self.student.train()
         lr = float(self.scheduler.get_last_lr()[0])
         staged = [self.stage(b) for b in micro_batches]
+        flops = sum(self.step_flops(b.source) for b in micro_batches)
+        positions = sum(b.index.positions for b in staged)
         self._grad_sum = torch.zeros((), device=self.device)
         losses = torch.zeros((), device=self.device)
         device_sums: dict[str, torch.Tensor] = {}
@@ -208,7 +214,7 @@ class Trainer:
         metrics = {k: v / n for k, v in zip(keys, values[1:])}
         metrics.update({k: v / n for k, v in host_sums.items()})
         metrics.update(ema_decay=tau, lr=lr, samples=float(sum(b.batch_size for b in micro_batches)),
-                       step_time=time.perf_counter() - t0)
+                       positions=float(positions), flops=float(flops), step_time=time.perf_counter() - t0)
         return StepMetrics(self.step, values[0] / n, metrics)
 
     def grad_norm(self) -> float:
