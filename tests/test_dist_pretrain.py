@@ -107,10 +107,10 @@ def test_logs_and_checkpoints_appear(ranks):
                 "ema_norm", "samples_per_s", "corrupt_samples", "positions_per_s", "tflops_per_device",
                 "peak_mem_gib"):
         assert key in train[0], key
-    # every logged interval: the rates are positive and consistent (frames per sample of 1-4 s audio)
+    # every logged interval: the rates are positive and consistent (tens to hundreds of frames a sample)
     for row in train:
         assert row["positions_per_s"] > 0 and row["tflops_per_device"] > 0 and row["peak_mem_gib"] > 0
-        assert 40 < row["positions_per_s"] / row["samples_per_s"] < 250
+        assert 10 < row["positions_per_s"] / row["samples_per_s"] < 1000
     assert "mfu" not in train[0]  # a CPU has no datasheet peak and none was given
     valid = [row for row in lines if row["split"] == "valid"]
     assert [row["step"] for row in valid] == [50, 100] and all(row["loss"] > 0 for row in valid)
