@@ -64,6 +64,7 @@ class Resources:
     num_warps: int
     num_stages: int
     blocks: dict  # the BLOCK_* constexprs
+    constexprs: str = ""  # every constexpr: NAME=value, True flags by name, False ones left out
     specialisation: str = "runtime"  # "runtime" (the JIT's attributes) or "none" (signature spec)
     used_by: str = ""
 
@@ -154,6 +155,7 @@ def compile_unit(unit: dict) -> Resources:
         shared_bytes=usage.get("SHARED", 0) + int(compiled.metadata.shared),
         num_warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages,
         blocks={k: v for k, v in constexprs.items() if k.startswith("BLOCK")},
+        constexprs=" ".join(k if v is True else f"{k}={v}" for k, v in constexprs.items() if v is not False),
         specialisation=unit["specialisation"], used_by="; ".join(unit["used_by"]))
 
 
@@ -211,13 +213,12 @@ def markdown(results: list[Resources]) -> str:
         f"(LOCAL/STACK = 0) and shared memory within {SHARED_LIMIT[80] // 1024} KB (sm_80) / "
         f"{SHARED_LIMIT[90] // 1024} KB (sm_90) per block.",
         "",
-        "| module | kernel | config | sm | regs | stack | local | shared B | warps | stages | blocks | specialisation | used by |",
+        "| module | kernel | config | sm | regs | stack | local | shared B | warps | stages | constexprs | specialisation | used by |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        blocks = " ".join(f"{k}={v}" for k, v in r.blocks.items())
         lines.append(f"| {r.module.split('.')[-1]} | {r.name} | {r.label} | {r.cc} | {r.registers} | {r.stack} "
-                     f"| {r.local} | {r.shared_bytes} | {r.num_warps} | {r.num_stages} | {blocks} "
+                     f"| {r.local} | {r.shared_bytes} | {r.num_warps} | {r.num_stages} | {r.constexprs} "
                      f"| {r.specialisation} | {r.used_by} |")
     return "\n".join(lines) + "\n"
 

@@ -46,13 +46,15 @@ def test_specs_compile_without_spills_or_excess_shared(module):
 
 
 def _table_rows(module: str) -> dict[tuple, tuple[int, int]]:
-    """{(kernel, config, cc): (registers, shared)} for `module` from kernels/RESOURCES.md."""
+    """{(kernel, config, cc, constexprs): (registers, shared)} for `module` from kernels/RESOURCES.md."""
     rows = {}
     short = module.split(".")[-1]
     for line in (REPO / "kernels" / "RESOURCES.md").read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 13 and cells[0] == short:
-            rows[(cells[1], cells[2], int(cells[3]))] = (int(cells[4]), int(cells[7]))
+            key = (cells[1], cells[2], int(cells[3]), cells[10])
+            assert key not in rows, f"two rows for {key}"
+            rows[key] = (int(cells[4]), int(cells[7]))
     return rows
 
 
@@ -60,15 +62,16 @@ def _table_rows(module: str) -> dict[tuple, tuple[int, int]]:
 def test_resources_table_matches_live_numbers(module):
     _, records, stderr = results_for(module)
     assert records, stderr[-4000:]
-    live = {(r["name"], r["label"], r["cc"]): (r["registers"], r["shared_bytes"]) for r in records}
+    live = {(r["name"], r["label"], r["cc"], r["constexprs"]): (r["registers"], r["shared_bytes"]) for r in records}
+    assert len(live) == len(records), "two compile units share a table key"
     recorded = _table_rows(module)
     assert recorded == live, ("kernels/RESOURCES.md is stale; regenerate it with "
                               "`python -m kernels.gpu_compile --markdown kernels/RESOURCES.md`")
 
 
-def test_attention_rows_are_built_with_the_runtime_specialisation():
+def test_every_row_is_built_with_the_runtime_specialisation():
     rows = [line for line in (REPO / "kernels" / "RESOURCES.md").read_text().splitlines()
-            if line.startswith("| attention_flash |")]
+            if line.startswith(("| attention_flash |", "| targets_triton |"))]
     assert rows and all(line.rstrip(" |").split("|")[-2].strip() == "runtime" for line in rows)
     assert "runtime specialisation" in (REPO / "kernels" / "RESOURCES.md").read_text()
 
@@ -154,6 +157,62 @@ def test_preset_calls_match_d2v_presets():
         assert ("dropout" in student) == (m.attention_dropout > 0), name
         assert ("bias" in student) == (m.modality == "image" and not m.v2.enabled and m.image.rel_pos_bias), name
         assert ("alibi" in student) == bool(m.v2.enabled and m.v2.alibi), name
+
+
+def test_target_calls_match_d2v_presets():
+    from d2v.config.presets import get_preset, list_presets
+    from kernels.targets_triton import PRESET_TARGETS
+
+    for name in list_presets():
+        cfg = get_preset(name)
+        m, t = cfg.model, cfg.teacher
+        rows = [row for row in PRESET_TARGETS if name in row[0].split()]
+        assert len(rows) == 1, name
+        _, D, _, extra, layer_norm, final_norm, padded = rows[0]
+        cls = m.modality == "image" and (not m.v2.enabled or m.v2.cls_token)
+        assert (D, extra, layer_norm, final_norm, padded) == (
+            m.embed_dim, int(cls), t.layer_norm, t.final_norm, m.modality != "image"), name
+
+
+@pytest.mark.parametrize("layer_norm, mask", [("instance", True), ("layer", False)])
+def test_aot_target_units_specialise_like_the_runtime_launch(layer_norm, mask, monkeypatch):
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("kernels are interpreted in this process")
+    import torch
+
+    import kernels
+    import kernels.targets_triton as tt
+    from kernels.gpu_compile import runtime_specialisation, units
+
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    monkeypatch.setenv("D2V_KERNELS", "triton")  # the Triton path for CPU tensors; nothing launches
+    launches = []
+    real = {name: getattr(tt, name) for name in ("_instance_stats", "_instance_merge", "_instance_apply", "_row_norm")}
+    for name, fn in real.items():
+        monkeypatch.setattr(tt, name, type("Grid", (), {"__getitem__": lambda _, grid, fn=fn: (
+            lambda *args, **kwargs: launches.append((fn, args, kwargs)))})())
+    D, T = 768, 999 if mask else 196
+    extra = 0 if mask else 1
+    padding = torch.zeros(2, T, dtype=torch.bool) if mask else None
+    layer = torch.empty(2, extra + T, D, dtype=torch.bfloat16)[:, extra:]
+    final_norm = None if mask else "layer"
+    acc = kernels.accumulate(None, layer, layer_norm=layer_norm, padding_mask=padding)
+    kernels.accumulate(acc, layer, layer_norm=layer_norm, padding_mask=padding)
+    kernels.finalize(acc, top_k=2, final_norm=final_norm, padding_mask=padding)
+    for name, fn in real.items():
+        monkeypatch.setattr(tt, name, fn)
+
+    spec = next(s for s in tt.GPU_COMPILE_SPECS
+                if s["label"] == f"D={D} {layer_norm}/{final_norm}{' mask' if mask else ''}")
+    for cc in CCS:
+        planned = {(u["fn"].__name__, repr(sorted(u["signature"].items())), repr(sorted(u["constexprs"].items())),
+                    repr(sorted(u["attrs"].items()))) for u in units("m", [spec], cc)}
+        live = set()
+        for fn, args, kwargs in launches:
+            signature, constexprs, attrs, _ = runtime_specialisation(fn, args, kwargs, cc)
+            live.add((fn.__name__, repr(sorted(signature.items())), repr(sorted(constexprs.items())),
+                      repr(sorted(attrs.items()))))
+        assert planned == live
 
 
 def _resources(**over) -> Resources:
