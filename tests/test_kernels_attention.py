@@ -366,6 +366,31 @@ def test_plan_gives_inf_to_ineligible_and_failing_candidates(fake_gpu):
         _plan([bucket], timer, reduce_times=lambda xs: xs[:1])
 
 
+def test_plan_runs_real_candidates_on_its_stand_in_inputs(monkeypatch):
+    """The GPU branch forced on CPU with the real runners: the stand-in inputs of every option
+    go through forward and backward of each candidate that runs on CPU tensors."""
+    monkeypatch.setattr(dispatch, "_on_gpu", lambda q: True)
+    monkeypatch.setattr(dispatch, "_capability", lambda q: (9, 0))
+    ran = []
+
+    def timer(name, run):
+        out = run()
+        ran.append(name)
+        assert out.isfinite().all()
+        return 1.0 if name == "sdpa" else 2.0
+
+    buckets = [*dispatch.buckets_for(dtype=torch.float32, head_dim=64, max_len=64, padding=True, bias=True,
+                                     bias_grad=True, dropout=True),
+               *dispatch.buckets_for(dtype=torch.float32, head_dim=64, max_len=64, padding=True, alibi=True,
+                                     alibi_positions=(True, False), alibi_grad=(True, False), grad=(True, False))]
+    dispatch.reset_plan()
+    try:
+        table = _plan(buckets, timer)
+    finally:
+        dispatch.reset_plan()
+    assert len(table) == 7 and set(table.values()) == {"sdpa"} and ran.count("sdpa") == 7
+
+
 def test_checkpointed_encoder_forward_never_times(fake_gpu):
     """Activation checkpointing recomputes each block in backward; a measurement inside the
     forward (forward + autograd.grad of the candidates) changed what was saved between the two
