@@ -2,7 +2,10 @@
 function (DESIGN.md 5). Imports only torch and triton. `D2V_KERNELS=off` forces the references.
 """
 from kernels.attention import attention
+from kernels.attention import buckets_for as attention_buckets
+from kernels.attention import describe_plan as describe_attention_plan
+from kernels.attention import plan as plan_attention
 from kernels.attention_reference import Alibi, alibi_slopes
 from kernels.targets import accumulate, finalize, fused_targets
 
-__all__ = ["attention", "Alibi", "alibi_slopes", "accumulate", "finalize", "fused_targets"]
+__all__ = ["attention", "attention_buckets", "plan_attention", "describe_attention_plan", "Alibi", "alibi_slopes", "accumulate", "finalize", "fused_targets"]

@@ -24,9 +24,11 @@ HEAD_DIMS = (64, 80, 128)
 # Production tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per (kernel, padded head block,
 # heavy). "Heavy" calls carry a bias, ALiBi or dropout: the bias tile, the distances and the
 # Philox rounds need registers, so they take smaller tiles. Every entry compiles for sm_80 and
-# sm_90 without spills (cuobjdump STACK 0; table in kernels/README.md); bigger tiles spilled.
+# sm_90 without spills (cuobjdump STACK 0) as the runtime specialises them (RESOURCES.md);
+# bigger tiles spilled, and so did 3 stages for the light Dh-64 forward on sm_80 and 4 warps
+# for the heavy Dh-128 dQ on sm_90.
 CONFIGS = {
-    ("fwd", 64, False): (128, 64, 8, 3),
+    ("fwd", 64, False): (128, 64, 8, 2),
     ("fwd", 128, False): (64, 64, 8, 2),
     ("fwd", 64, True): (128, 32, 8, 2),
     ("fwd", 128, True): (64, 32, 8, 2),
@@ -37,7 +39,7 @@ CONFIGS = {
     ("dq", 64, False): (64, 64, 8, 2),
     ("dq", 128, False): (64, 64, 8, 2),
     ("dq", 64, True): (32, 64, 4, 2),
-    ("dq", 128, True): (32, 32, 4, 2),
+    ("dq", 128, True): (32, 32, 8, 2),
 }
 # The interpreter runs each program on numpy: small tiles keep tests fast and put several
 # tile boundaries inside short test sequences.
@@ -260,36 +262,111 @@ def dropout_keep_mask(seed: int, rng_offset: int, B: int, H: int, Tq: int, Tk: i
     return out.bool()
 
 
-def _signature(fn, dtype: str) -> dict[str, str]:
-    """Runtime-argument types of an attention kernel for an ahead-of-time compile."""
-    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "COEF": "*fp32", "DBIAS": "*fp32", "DCOEF": "*fp32",
-                "KPM": "*u8", "POS": "*i64", "BIAS": f"*{dtype}"}
-    floats = ("qk_scale2", "sm_scale", "dropout_p")
-    sig = {}
-    for name in fn.arg_names:
-        if name.isupper() and name != "H":  # H is the head count
-            sig[name] = pointers.get(name, f"*{dtype}")
-        elif name in floats:
-            sig[name] = "fp32"
-        elif not name.startswith(("HEAD_DIM", "BLOCK_", "HAS_", "BIAS_GRAD", "ALIBI_GRAD", "PREC")):
-            sig[name] = "i32"
-    return sig
+class _LaunchRecorder:
+    """Stands in for the kernel module while `record_launches` runs: each `kernel[grid](...)`
+    is recorded as (kernel, args, kwargs) instead of launched."""
+
+    def __init__(self, module) -> None:
+        self.module, self.launches = module, []
+
+    def __getattr__(self, name):
+        fn = getattr(self.module, name)
+        launches = self.launches
+
+        class _Grid:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: launches.append((fn, args, kwargs))
+        return _Grid()
+
+
+def record_launches(q, k, v, *, key_padding_mask=None, bias=None, alibi=None, dropout_p=0.0,
+                    grad=True) -> list[tuple]:
+    """(kernel, args, kwargs) of every kernel launch of one call (forward, plus backward when
+    `grad`), built by the launchers themselves; nothing runs on a device. The GPU-compile
+    check hands these to Triton's own binder, so it compiles what the runtime launches."""
+    global _k
+    real, _k = _k, _LaunchRecorder(_k)
+    try:
+        slopes = scale_h = positions = None
+        if alibi is not None:
+            slopes, scale_h, positions = alibi.slopes_H, alibi.scale_H, alibi.positions_BT
+        rng = torch.tensor([12345, 0])
+        scale = q.shape[-1] ** -0.5
+        o, lse = _run_forward(q, k, v, key_padding_mask, bias, slopes, scale_h, positions, dropout_p, rng, scale)
+        if grad:
+            _run_backward(torch.empty_like(o), q, k, v, o, lse, key_padding_mask, bias, slopes, scale_h, positions,
+                          dropout_p, rng, scale, bias is not None, alibi is not None)
+        return _k.launches
+    finally:
+        _k = real
+
+
+def model_inputs(B: int, H: int, T: int, Dh: int, dtype: torch.dtype, options: tuple[str, ...]) -> dict:
+    """Stand-in inputs laid out as d2v's models pass them: q/k/v are B×T×H×Dh projections seen
+    as B×H×T×Dh, BEiT's bias is a gathered 1×H×T×T view of its (T·T)×H table, ALiBi carries
+    fp32 slopes, its learned scale and int64 kept positions. Contents are left uninitialised."""
+    def heads():
+        return torch.empty(B, T, H, Dh, dtype=dtype).transpose(1, 2)
+
+    x = dict(q=heads(), k=heads(), v=heads())
+    if "pad" in options:
+        x["key_padding_mask"] = torch.zeros(B, T, dtype=torch.bool)
+    if "bias" in options:
+        x["bias"] = torch.empty(T * T, H, dtype=dtype).view(T, T, H).permute(2, 0, 1).unsqueeze(0)
+    if "alibi" in options:
+        positions = torch.arange(T).repeat(B, 1) if "positions" in options else None
+        x["alibi"] = Alibi(torch.ones(H), torch.ones(H, dtype=dtype), positions)
+    if "dropout" in options:
+        x["dropout_p"] = 0.1
+    return x
+
+
+# Every distinct attention call of the presets whose head dim has Triton kernels (the base and
+# large presets: Dh 64; the tiny presets have Dh 16 and run SDPA): (presets, H, T, options).
+# Students train (grad, dropout); teachers run forward only without dropout. Variable-length
+# modalities (audio, text) launch with and without a padding mask (no mask when no row is
+# padded). tests/test_kernels_compile.py checks the heads and widths against d2v's presets.
+def _preset_calls() -> list[tuple[str, int, int, tuple[str, ...]]]:
+    calls = []
+    for size, H in (("base", 12), ("large", 16)):
+        families = (
+            (f"audio_{size} text_{size} text_{size}_v2", 999, (), True),
+            (f"image_{size}", 197, ("bias",), False),
+            (f"audio_{size}_v2", 999, ("alibi",), True),
+            (f"image_{size}_v2", 197, (), False),
+        )
+        for presets, T, base, variable in families:
+            v2_image = presets.startswith("image") and presets.endswith("v2")
+            student = base + (("positions",) if "alibi" in base else ()) + (() if v2_image else ("dropout",))
+            for pad in ((("pad",), ()) if variable else ((),)):
+                calls.append((presets + " student", H, T, student + pad + ("grad",)))
+                calls.append((presets + " teacher", H, T, base + pad))
+    return calls
+
+
+PRESET_CALLS = _preset_calls()
+# Head dims no preset uses, compiled at one layout with the lightest and heaviest options.
+OTHER_HEAD_DIM_CALLS = [(f"head dim {dh}, no preset", 16, 999, opts) for dh in (80, 128)
+                        for opts in (("pad", "grad"), ("pad", "bias", "alibi", "positions", "dropout", "grad"))]
+
+
+def _call_launches(H: int, T: int, Dh: int, options: tuple[str, ...]) -> list[tuple]:
+    x = model_inputs(2, H, T, Dh, torch.bfloat16, options)
+    return record_launches(**x, grad="grad" in options)
 
 
 def _specs() -> list[dict]:
-    """Production configurations compiled for sm_80/sm_90 by tests/test_kernels_compile.py:
-    each kernel × head dim × {light: key padding only, heavy: every option on} in bf16."""
-    kernels = {"fwd": _k._fwd_kernel, "dkdv": _k._bwd_dkdv_kernel, "dq": _k._bwd_dq_kernel}
+    """What the GPU-compile check compiles (tests/test_kernels_compile.py): the launches of
+    every preset call in bf16, recorded lazily (the inputs are built only when compiling)."""
     specs = []
-    for (kind, block_d, heavy), (bm, bn, warps, stages) in CONFIGS.items():
-        fn = kernels[kind]
-        for head_dim in (d for d in HEAD_DIMS if triton.next_power_of_2(d) == block_d):
-            constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, HAS_KPM=True,
-                              HAS_BIAS=heavy, HAS_ALIBI=heavy, HAS_POS=heavy, HAS_DROPOUT=heavy, PREC="tf32")
-            if kind == "dkdv":
-                constexprs.update(BIAS_GRAD=heavy, ALIBI_GRAD=heavy)
-            specs.append(dict(fn=fn, num_warps=warps, num_stages=stages, signature=_signature(fn, "bf16"),
-                              constexprs=constexprs, label=f"bf16 Dh={head_dim} {'heavy' if heavy else 'light'}"))
+    for presets, H, T, options in PRESET_CALLS:
+        specs.append(dict(label=f"bf16 Dh=64 H={H} {'+'.join(o for o in options if o != 'grad') or 'plain'}",
+                          used_by=presets,
+                          launches=lambda H=H, T=T, options=options: _call_launches(H, T, 64, options)))
+    for what, H, T, options in OTHER_HEAD_DIM_CALLS:
+        dh = int(what.split()[2].rstrip(","))
+        specs.append(dict(label=f"bf16 Dh={dh} H={H} {'+'.join(o for o in options if o != 'grad')}", used_by=what,
+                          launches=lambda H=H, T=T, options=options, dh=dh: _call_launches(H, T, dh, options)))
     return specs
 
 

@@ -22,6 +22,12 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 
+# Arguments that change from call to call (lengths, the stride that equals the key length, the
+# dropout seed): not specialised on divisibility or == 1, so one compiled variant serves every
+# batch of a run instead of a recompile whenever T % 16 or the seed changes.
+_PER_CALL = ["Tq", "Tk", "skpm_b", "spos_b", "seed", "rng_offset"]
+
+
 @triton.jit
 def _alibi_dist(POS, spos_b, b, offs_m, offs_n, Tq, Tk, HAS_POS: tl.constexpr):
     """|p_i - p_j| in fp32 for a tile; positions default to the indices themselves."""
@@ -63,7 +69,7 @@ def _keep(seed, rng_offset, bh, offs_m, offs_n, Tk, dropout_p):
     return tl.rand(seed + bh, counter) >= dropout_p
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_CALL)
 def _fwd_kernel(Q, K, V, O, LSE, KPM, BIAS, COEF, POS,
                 sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h, so_t,
                 skpm_b, sb_b, sb_h, sb_m, sb_n, spos_b,
@@ -116,7 +122,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM, BIAS, COEF, POS,
     tl.store(LSE + bh * Tq + offs_m, lse, mask=offs_m < Tq)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_CALL)
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, DCOEF, KPM, BIAS, COEF, POS,
                      sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sdo_b, sdo_h, sdo_t,
                      skpm_b, sb_b, sb_h, sb_m, sb_n, spos_b,
@@ -177,7 +183,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, DCOEF, KPM, BIAS, C
         tl.store(DCOEF + bh * tl.num_programs(0) + pid_n, tl.sum(dcoef, 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_CALL)
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, BIAS, COEF, POS,
                    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sdo_b, sdo_h, sdo_t,
                    skpm_b, sb_b, sb_h, sb_m, sb_n, spos_b,

@@ -2,15 +2,22 @@
 resource usage from the cubin (DESIGN.md 5, "Verification without a GPU").
 
 API (shared by every kernel module):
-* A kernel module declares `GPU_COMPILE_SPECS`: a list of dicts, one per production
-  configuration, with keys `fn` (the @triton.jit function), `signature` ({arg: "*bf16" | "*fp32"
-  | "*u8" | "i32" | "fp32" ...} for the non-constexpr arguments), `constexprs` ({name: value}),
-  `num_warps`, `num_stages`, and optionally `label` (a short tag for the table).
+* A kernel module declares `GPU_COMPILE_SPECS`: a list of dicts, either
+  - launch specs (what runs): `label`, `used_by` (who makes the call, e.g. preset names) and
+    `launches`, a callable returning [(kernel, args, kwargs)] exactly as the module's launchers
+    pass them (built from stand-in CPU tensors). The signature, constexprs and specialisation
+    attributes (`tt.divisibility` 16 on pointers and ints divisible by 16, ints equal to 1 as
+    constants, as the JIT does at launch) come from Triton's own binder for those arguments
+    (`runtime_specialisation`), so the check and the runtime cannot drift; or
+  - signature specs: `fn`, `signature` ({arg: "*bf16" | "i32" ...}), `constexprs`, `num_warps`,
+    `num_stages`, optional `label`; compiled without specialisation attributes (marked so in
+    the table).
 * `discover()` imports every module of the `kernels` package and returns those that have specs;
   a new kernel module is picked up without editing this file.
-* `compile_spec(spec, cc) -> Resources`: compiles for GPUTarget("cuda", cc, 32) and parses
-  `cuobjdump --dump-resource-usage` (the binary the triton wheel bundles) for REG, STACK, LOCAL
-  and SHARED; the compiled metadata on a driverless machine has no register or spill counts.
+* `units(module, specs, cc)` turns specs into compile units, merging launches that compile to
+  the same binary; `compile_unit(unit) -> Resources` compiles for GPUTarget("cuda", cc, 32) and
+  parses `cuobjdump --dump-resource-usage` (the binary the triton wheel bundles) for REG, STACK,
+  LOCAL and SHARED; the compiled metadata on a driverless machine has no register or spill counts.
 * `check(res)` raises ResourceError on spills (LOCAL or STACK > 0: local-memory traffic) or
   on shared memory (static + dynamic) above `SHARED_LIMIT[cc]`, the per-block opt-in maximum.
 * `python -m kernels.gpu_compile [--markdown PATH] [--json] [--module NAME]... [--list]` compiles
@@ -57,6 +64,9 @@ class Resources:
     num_warps: int
     num_stages: int
     blocks: dict  # the BLOCK_* constexprs
+    constexprs: str = ""  # every constexpr: NAME=value, True flags by name, False ones left out
+    specialisation: str = "runtime"  # "runtime" (the JIT's attributes) or "none" (signature spec)
+    used_by: str = ""
 
 
 def _cuobjdump() -> Path:
@@ -73,16 +83,62 @@ def _parse_usage(text: str) -> dict[str, dict[str, int]]:
     return usage
 
 
-def compile_spec(spec: dict, cc: int, module: str = "") -> Resources:
-    """Compile one GPU_COMPILE_SPECS entry for sm_<cc> and read its resources from the cubin."""
+def runtime_specialisation(fn, args: tuple, kwargs: dict, cc: int) -> tuple[dict, dict, dict, dict]:
+    """(signature, constexprs, attrs, options) that `fn[grid](*args, **kwargs)` compiles with on
+    sm_<cc>: the JIT's own binder (`create_function_from_signature`, as JITFunction.run builds
+    it) and `_pack_args`, fed the real arguments."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", cc, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return signature, constexprs, attrs, dict(options.__dict__)
+
+
+def _constexpr_names(fn, constexprs: dict) -> dict:
+    return {(fn.arg_names[k[0]] if isinstance(k, tuple) else k): v for k, v in constexprs.items()}
+
+
+def units(module: str, specs: list[dict], cc: int) -> list[dict]:
+    """Compile units for sm_<cc>: one per distinct (kernel, signature, constexprs, attributes,
+    options); launches that compile alike are merged, their labels and users joined."""
+    merged: dict[str, dict] = {}
+    for spec in specs:
+        if "launches" in spec:
+            found = []
+            for fn, args, kwargs in spec["launches"]():
+                signature, constexprs, attrs, options = runtime_specialisation(fn, args, kwargs, cc)
+                found.append(dict(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs,
+                                  options=options, specialisation="runtime"))
+        else:
+            found = [dict(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"], attrs={},
+                          options=dict(num_warps=spec["num_warps"], num_stages=spec["num_stages"]),
+                          specialisation="none")]
+        for unit in found:
+            key = repr((unit["fn"].__name__, sorted(unit["signature"].items()), sorted(map(repr, unit["constexprs"].items())),
+                        sorted(map(repr, unit["attrs"].items())), sorted(map(repr, unit["options"].items()))))
+            if key not in merged:
+                merged[key] = dict(unit, module=module, cc=cc, labels=[], used_by=[])
+            for field, value in (("labels", spec.get("label", "")), ("used_by", spec.get("used_by", ""))):
+                if value and value not in merged[key][field]:
+                    merged[key][field].append(value)
+    return list(merged.values())
+
+
+def compile_unit(unit: dict) -> Resources:
+    """Compile one unit for its cc and read its resources from the cubin."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("TRITON_INTERPRET=1 is set: kernels were decorated for the interpreter")
     import triton
     from triton.backends.compiler import GPUTarget
 
-    src = triton.compiler.ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"])
-    options = dict(num_warps=spec["num_warps"], num_stages=spec["num_stages"])
-    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
+    fn, cc = unit["fn"], unit["cc"]
+    src = triton.compiler.ASTSource(fn=fn, signature=unit["signature"], constexprs=unit["constexprs"],
+                                    attrs=unit["attrs"])
+    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=unit["options"])
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
@@ -92,12 +148,20 @@ def compile_spec(spec: dict, cc: int, module: str = "") -> Resources:
     usage = _parse_usage(text).get(name)
     if usage is None:
         raise RuntimeError(f"cuobjdump printed no resource line for {name}:\n{text}")
+    constexprs = _constexpr_names(fn, unit["constexprs"])
     return Resources(
-        module=module, name=name, label=spec.get("label", ""), cc=cc,
+        module=unit["module"], name=name, label="; ".join(unit["labels"]), cc=cc,
         registers=usage.get("REG", 0), stack=usage.get("STACK", 0), local=usage.get("LOCAL", 0),
         shared_bytes=usage.get("SHARED", 0) + int(compiled.metadata.shared),
-        num_warps=spec["num_warps"], num_stages=spec["num_stages"],
-        blocks={k: v for k, v in spec["constexprs"].items() if k.startswith("BLOCK")})
+        num_warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages,
+        blocks={k: v for k, v in constexprs.items() if k.startswith("BLOCK")},
+        constexprs=" ".join(k if v is True else f"{k}={v}" for k, v in constexprs.items() if v is not False),
+        specialisation=unit["specialisation"], used_by="; ".join(unit["used_by"]))
+
+
+def compile_spec(spec: dict, cc: int, module: str = "") -> list[Resources]:
+    """Resources of every distinct compile unit of one spec on sm_<cc>."""
+    return [compile_unit(unit) for unit in units(module, [spec], cc)]
 
 
 def check(res: Resources) -> None:
@@ -132,7 +196,7 @@ def compile_all(modules: list[str] | None = None, ccs: tuple[int, ...] = CCS) ->
         if missing:
             raise ValueError(f"no GPU_COMPILE_SPECS in {sorted(missing)}; modules with specs: {sorted(found)}")
         found = {m: found[m] for m in modules}
-    return [compile_spec(spec, cc, module) for module, specs in found.items() for spec in specs for cc in ccs]
+    return [compile_unit(unit) for module, specs in found.items() for cc in ccs for unit in units(module, specs, cc)]
 
 
 def markdown(results: list[Resources]) -> str:
@@ -141,17 +205,21 @@ def markdown(results: list[Resources]) -> str:
         "",
         "Generated by `python -m kernels.gpu_compile --markdown kernels/RESOURCES.md` (no GPU needed:",
         "triton.compile for the target, then the bundled `cuobjdump --dump-resource-usage`).",
+        "Rows with specialisation `runtime` are built with the runtime specialisation: the",
+        "signature, constexprs and `tt.divisibility`/constant attributes Triton's JIT derives from",
+        "the arguments the launchers pass for each preset's call (one row per distinct binary, its",
+        "users listed); `none` rows are signature specs compiled without attributes.",
         "`tests/test_kernels_compile.py` recompiles and checks the live numbers: no spills",
         f"(LOCAL/STACK = 0) and shared memory within {SHARED_LIMIT[80] // 1024} KB (sm_80) / "
         f"{SHARED_LIMIT[90] // 1024} KB (sm_90) per block.",
         "",
-        "| module | kernel | config | sm | regs | stack | local | shared B | warps | stages | blocks |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| module | kernel | config | sm | regs | stack | local | shared B | warps | stages | constexprs | specialisation | used by |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        blocks = " ".join(f"{k}={v}" for k, v in r.blocks.items())
         lines.append(f"| {r.module.split('.')[-1]} | {r.name} | {r.label} | {r.cc} | {r.registers} | {r.stack} "
-                     f"| {r.local} | {r.shared_bytes} | {r.num_warps} | {r.num_stages} | {blocks} |")
+                     f"| {r.local} | {r.shared_bytes} | {r.num_warps} | {r.num_stages} | {r.constexprs} "
+                     f"| {r.specialisation} | {r.used_by} |")
     return "\n".join(lines) + "\n"
 
 

@@ -37,7 +37,12 @@ MERGE_BLOCK_D = 256
 APPLY_TILE = dict(BLOCK_T=32, BLOCK_D=128, num_warps=8)
 
 
-@triton.jit
+# The sequence length and the chunk count change from batch to batch: not specialised, so
+# one compiled variant serves every batch instead of a recompile whenever T % 16 changes.
+_PER_CALL = ["T", "S"]
+
+
+@triton.jit(do_not_specialize=_PER_CALL)
 def _instance_stats(X, MASK, PART, T, D, sxb, sxt, sxd, scale,
                     HAS_MASK: tl.constexpr, T_CHUNK: tl.constexpr, BLOCK_T: tl.constexpr,
                     BLOCK_D: tl.constexpr):
@@ -78,7 +83,7 @@ def _chan_merge(n, mean, m2, n_b, mean_b, m2_b):
     return n_new, mean + delta * frac, m2 + m2_b + delta * delta * n * frac
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_CALL)
 def _instance_merge(PART, MEAN, RSTD, D, S, eps, BLOCK_D: tl.constexpr):
     """Grid (B, cdiv(D, BLOCK_D)). Merges the S chunk partials into mean and rstd (B×D fp32)."""
     b = tl.program_id(0)
@@ -98,7 +103,7 @@ def _instance_merge(PART, MEAN, RSTD, D, S, eps, BLOCK_D: tl.constexpr):
     tl.store(RSTD + b * D + offs_d, 1.0 / tl.sqrt(var + eps), mask=in_d)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_CALL)
 def _instance_apply(X, MASK, MEAN, RSTD, OUT, T, D, sxb, sxt, sxd, scale,
                     HAS_MASK: tl.constexpr, ADD: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -124,7 +129,7 @@ def _instance_apply(X, MASK, MEAN, RSTD, OUT, T, D, sxb, sxt, sxd, scale,
     tl.store(out_ptrs, y, mask=inside)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_CALL)
 def _row_norm(X, MASK, OUT, T, D, sxb, sxt, sxd, scale, eps,
               HAS_MASK: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr,
               BLOCK_D: tl.constexpr, ONE_BLOCK: tl.constexpr):
@@ -220,28 +225,84 @@ def normalize_into(x_BTD: Tensor, norm: str | None, padding_mask: Tensor | None,
                         ADD=add, NORM=NORM_CODE[norm], **row_config(D))
 
 
+class _Recorder:
+    """Stands in for one kernel while `record_launches` runs: `kernel[grid](...)` is recorded."""
+
+    def __init__(self, fn, launches: list) -> None:
+        self.fn, self.launches = fn, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.fn, args, kwargs))
+
+
+_KERNELS = ("_instance_stats", "_instance_merge", "_instance_apply", "_row_norm")
+
+
+def record_launches(x_BTD: Tensor, norm: str | None, padding_mask: Tensor | None, scale: float,
+                    out: Tensor, add: bool) -> list[tuple]:
+    """(kernel, args, kwargs) of every launch `normalize_into` makes for these arguments,
+    built by it, run nowhere: what the GPU-compile check specialises and compiles."""
+    module = globals()
+    real = {name: module[name] for name in _KERNELS}
+    launches: list[tuple] = []
+    module.update({name: _Recorder(fn, launches) for name, fn in real.items()})
+    try:
+        normalize_into(x_BTD, norm, padding_mask, scale, out, add)
+    finally:
+        module.update(real)
+    return launches
+
+
+# The teacher's target calls of every preset: (presets, D, T, extra tokens, layer norm, final
+# norm, padded). A layer output is a B×(E+T)×D bf16 block output seen without its E extra
+# (CLS) tokens; the first of the top-K layers writes the fp32 sum, the others add into it, and
+# finalize reads the sum with scale 1/K. Padded (variable-length) modalities run with and
+# without a mask. tests/test_kernels_compile.py checks these against d2v's presets.
+PRESET_TARGETS = (
+    ("audio_base audio_base_v2", 768, 999, 0, "instance", None, True),
+    ("audio_large audio_large_v2", 1024, 999, 0, "instance", None, True),
+    ("audio_tiny audio_tiny_v2", 64, 149, 0, "instance", None, True),
+    ("image_base", 768, 196, 1, "layer", "layer", False),
+    ("image_large", 1024, 196, 1, "layer", "layer", False),
+    ("image_tiny", 64, 64, 1, "layer", "layer", False),
+    ("image_base_v2", 768, 196, 1, "instance", "layer", False),
+    ("image_large_v2", 1024, 196, 1, "instance", "layer", False),
+    ("image_tiny_v2", 64, 64, 1, "instance", "layer", False),
+    ("text_base", 768, 512, 0, "layer", None, True),
+    ("text_large", 1024, 512, 0, "layer", None, True),
+    ("text_tiny", 64, 128, 0, "layer", None, True),
+    ("text_base_v2", 768, 512, 0, "instance", None, True),
+    ("text_tiny_v2", 64, 128, 0, "instance", None, True),
+    ("text_large_v2", 1024, 512, 0, "layer", "instance", True),
+)
+# Widths no preset uses: the one-block row at 2048 and the looped (multi-block) row at 8192.
+OTHER_WIDTHS = (2048, 8192)
+
+
+def _target_launches(D: int, T: int, extra: int, layer_norm: str | None, final_norm: str | None,
+                     padded: bool, top_k: int = 2) -> list[tuple]:
+    B = 2
+    mask = torch.zeros(B, T, dtype=torch.bool) if padded else None
+    layer = torch.empty(B, extra + T, D, dtype=torch.bfloat16)[:, extra:]
+    acc = torch.empty(B, T, D, dtype=torch.float32)
+    launches = record_launches(layer, layer_norm, mask, 1.0, acc, add=False)
+    launches += record_launches(layer, layer_norm, mask, 1.0, acc, add=True)
+    launches += record_launches(acc, final_norm, mask, 1.0 / top_k, torch.empty_like(acc), add=False)
+    return launches
+
+
 def _specs() -> list[dict]:
-    """Production configurations compiled for sm_80/sm_90 by tests/test_kernels_compile.py."""
-    st, ap = STATS_TILE, APPLY_TILE
-    specs = [dict(fn=_instance_merge, label="partials", num_warps=4, num_stages=3,
-                  signature={"PART": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "D": "i32", "S": "i32",
-                             "eps": "fp32"},
-                  constexprs=dict(BLOCK_D=MERGE_BLOCK_D))]
-    for dt in ("bf16", "fp32"):  # bf16: teacher layer outputs; fp32: finalize reads acc
-        x_args = {"X": f"*{dt}", "MASK": "*u8", "T": "i32", "D": "i32", "sxb": "i32", "sxt": "i32",
-                  "sxd": "i32", "scale": "fp32"}
-        specs.append(dict(fn=_instance_stats, label=f"{dt} in", num_warps=st["num_warps"], num_stages=3,
-                          signature={**x_args, "PART": "*fp32"},
-                          constexprs=dict(HAS_MASK=True, T_CHUNK=st["T_CHUNK"], BLOCK_T=st["BLOCK_T"],
-                                          BLOCK_D=st["BLOCK_D"])))
-        specs.append(dict(fn=_instance_apply, label=f"{dt} in", num_warps=ap["num_warps"], num_stages=3,
-                          signature={**x_args, "MEAN": "*fp32", "RSTD": "*fp32", "OUT": "*fp32"},
-                          constexprs=dict(HAS_MASK=True, ADD=True, BLOCK_T=ap["BLOCK_T"], BLOCK_D=ap["BLOCK_D"])))
-        for width in (768, 1024, 2048, 8192):  # base, large, 2048 and a looped (multi-block) row
-            cfg = row_config(width)
-            specs.append(dict(fn=_row_norm, label=f"{dt} in, D={width}", num_warps=cfg.pop("num_warps"),
-                              num_stages=3, signature={**x_args, "OUT": "*fp32", "eps": "fp32"},
-                              constexprs=dict(HAS_MASK=True, ADD=True, NORM=1, **cfg)))
+    """What the GPU-compile check compiles (tests/test_kernels_compile.py): the launches of
+    every preset's target calls, recorded lazily (inputs are built only when compiling)."""
+    specs = []
+    for presets, D, T, extra, layer_norm, final_norm, padded in PRESET_TARGETS:
+        for mask in ((True, False) if padded else (False,)):
+            specs.append(dict(label=f"D={D} {layer_norm}/{final_norm}{' mask' if mask else ''}", used_by=presets,
+                              launches=lambda D=D, T=T, extra=extra, ln=layer_norm, fn=final_norm, mask=mask:
+                              _target_launches(D, T, extra, ln, fn, mask)))
+    for D in OTHER_WIDTHS:
+        specs.append(dict(label=f"D={D} layer/None mask", used_by=f"width {D}, no preset",
+                          launches=lambda D=D: _target_launches(D, 999, 0, "layer", None, True)))
     return specs
 
 

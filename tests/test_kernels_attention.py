@@ -107,7 +107,10 @@ PARITY_CASES = {
     "alibi_positions_pad":  (37, 37, 64, ("alibi_pos", "pad")),
     "alibi_bias_pad_129":   (129, 129, 64, ("alibi_pos", "bias_shared", "pad")),
     "dead_row":             (37, 37, 64, ("dead_row", "bias_shared")),
+    # T % 128 == 64: the lengths where PyTorch >= 2.11's cuDNN SDPA returns NaN grad_q with a mask.
+    "cross_pad_64x192":     (64, 192, 64, ("bias_row", "pad")),
 }
+MIXED_DTYPE_CASES = {"pad_bias_192": (192, 192, 64, ("pad", "bias_shared"))}
 
 
 def _max_errors(o, grads, o_ref, grads_ref, names):
@@ -161,6 +164,28 @@ def test_triton_fp16_matches_float64_reference(case, interp, nan_fill):
         else:
             rel = (err.norm() / r.norm()).item()
             assert rel < 2e-3, f"seed {seed} {name}: relative error {rel:.1e}"
+
+
+@pytest.mark.parametrize("case", list(MIXED_DTYPE_CASES))
+def test_triton_bias_dtype_other_than_q_matches_float64_reference(case, interp, nan_fill):
+    """fp16 q/k/v with an fp32 bias (an fp32 table under autocast) at T % 128 == 64: the bias
+    gradient comes back in the bias's dtype and every gradient matches the float64 reference."""
+    tq, tk, dh, options = MIXED_DTYPE_CASES[case]
+    seed = int.from_bytes(os.urandom(4), "little")
+    gen = torch.Generator().manual_seed(seed)
+    x = _inputs(tq, tk, dh, options, gen)
+    do = torch.randn(B, H, tq, dh, generator=gen)
+    dtypes = [torch.float16] * 3 + [torch.float32]
+    leaves = [t.detach().to(dt).requires_grad_() for t, dt in zip(_leaves(x), dtypes)]
+    o = interp.flash_attention(**_with_leaves(x, leaves))
+    grads = torch.autograd.grad(o, leaves, do.half())
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    o_ref = attention_reference(**_with_leaves(x, ref_leaves))
+    grads_ref = torch.autograd.grad(o_ref, ref_leaves, do.half().double())
+    assert grads[3].dtype == torch.float32 and o.dtype == torch.float16
+    for name, g, r in zip(("out", *GRAD_NAMES), (o, *grads), (o_ref, *grads_ref)):
+        rel = ((g.double() - r).norm() / r.norm()).item()
+        assert rel < 2e-3, f"seed {seed} {case} {name}: relative error {rel:.1e}"
 
 
 def _alibi_grad_magnitude(x, do, input_dtype):
@@ -241,11 +266,16 @@ def test_dispatch_paths_agree_on_cpu(interp):
 
 
 class _FakeTimer:
-    def __init__(self, ms):
-        self.ms, self.calls = ms, []
+    """Returns fixed milliseconds per candidate; `run_it` also runs the candidate, as the CUDA
+    timer does (forward + autograd.grad), so timing inside a checkpointed forward would show."""
+
+    def __init__(self, ms, run_it=False):
+        self.ms, self.calls, self.run_it = ms, [], run_it
 
     def __call__(self, name, run):
         self.calls.append(name)
+        if self.run_it:
+            run()
         return self.ms[name]
 
 
@@ -260,62 +290,228 @@ def fake_gpu(monkeypatch):
             ran.append(_name)
             return dispatch._run_reference(*args)
         monkeypatch.setitem(dispatch.RUNNERS, name, runner)
+    dispatch.reset_plan()
     yield ran
+    dispatch.reset_plan()
     dispatch.set_timer(None)
 
 
-def test_dispatch_times_once_per_bucket_and_caches_fastest(fake_gpu):
-    timer = _FakeTimer({"triton": 2.0, "xformers": 1.0, "sdpa": 3.0})
-    dispatch.set_timer(timer)
-    q = torch.randn(2, 2, 100, 64)
-    dispatch.attention(q, q, q)
-    assert sorted(timer.calls) == ["sdpa", "triton", "xformers"] and fake_gpu == ["xformers"]
-    dispatch.attention(torch.randn(2, 2, 120, 64), q, q)  # same bucket (T rounds up to 128)
-    assert len(timer.calls) == 3 and fake_gpu == ["xformers"] * 2
-    timer.ms = {"triton": 0.5, "xformers": 1.0, "sdpa": 3.0}
-    dispatch.attention(torch.randn(2, 2, 300, 64), torch.randn(2, 2, 300, 64), torch.randn(2, 2, 300, 64))
-    assert len(timer.calls) == 6 and fake_gpu[-1] == "triton"
-    assert sorted(dispatch.cached_choices().values()) == ["triton", "xformers"]
+def _plan(buckets, timer, **kw):
+    return dispatch.plan(buckets, num_heads=2, batch=2, device="cpu", timer=timer, **kw)
 
 
-def test_dispatch_never_tries_ineligible(fake_gpu):
-    timer = _FakeTimer({"triton": 1.0, "xformers": 0.1, "sdpa": 3.0})
-    dispatch.set_timer(timer)
-    q = torch.randn(2, 2, 40, 64)
-    pos = torch.arange(40).repeat(2, 1)
-    dispatch.attention(q, q, q, alibi=Alibi(alibi_slopes(2), torch.ones(2, requires_grad=True), pos))
-    assert "xformers" not in timer.calls and fake_gpu == ["triton"]
+def test_plan_installs_fastest_and_calls_never_time(fake_gpu):
+    timer = _FakeTimer({"triton": 2.0, "xformers": 1.0, "sdpa": 3.0}, run_it=True)
+    buckets = dispatch.buckets_for(dtype=torch.float32, head_dim=64, max_len=200, grad=(True, False))
+    assert sorted({b.tq for b in buckets}) == [64, 128, 256] and len(buckets) == 6
+    table = _plan(buckets, timer)
+    assert set(table.values()) == {"xformers"} and len(timer.calls) == 3 * len(buckets)
+    assert dispatch.planned() == table
+    assert len(dispatch.describe_plan()) == 6 and dispatch.describe_plan()[0].endswith(": xformers")
     timer.calls.clear()
-    dispatch.attention(q, q, q, bias=torch.zeros(1, 2, 40, 40, requires_grad=True))
-    assert "xformers" not in timer.calls
+    fake_gpu.clear()
+    q = torch.randn(2, 2, 120, 64, requires_grad=True)
+    dispatch.attention(q, q, q).sum().backward()
+    with torch.no_grad():
+        dispatch.attention(q, q, q)
+    assert timer.calls == [] and fake_gpu == ["xformers", "xformers"]
+    dispatch.reset_plan()
+    assert dispatch.planned() == {}
+
+
+def test_unplanned_bucket_takes_the_rule_without_timing(fake_gpu):
+    timer = _FakeTimer({"triton": 0.1, "xformers": 0.2, "sdpa": 3.0})
+    dispatch.set_timer(timer)  # a default timer must not be used outside plan()
+    _plan(dispatch.buckets_for(dtype=torch.float32, head_dim=64, max_len=64), timer)
     timer.calls.clear()
-    dispatch.attention(torch.randn(2, 2, 40, 32), torch.randn(2, 2, 40, 32), torch.randn(2, 2, 40, 32))
-    assert "triton" not in timer.calls  # head dim 32 has no Triton config
-
-
-def test_dispatch_does_not_time_while_compiling(fake_gpu, monkeypatch):
-    timer = _FakeTimer({"triton": 1.0, "xformers": 2.0, "sdpa": 3.0})
-    dispatch.set_timer(timer)
-    q = torch.randn(2, 2, 40, 64)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    q = torch.randn(2, 2, 300, 64)  # bucket 512: not planned
     dispatch.attention(q, q, q)
-    assert timer.calls == [] and fake_gpu == ["sdpa"]  # nothing measured yet: SDPA
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
-    dispatch.attention(q, q, q)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    dispatch.attention(q, q, q)
-    assert fake_gpu == ["sdpa", "triton", "triton"]  # the eager measurement is reused
+    assert timer.calls == [] and fake_gpu[-1] == "sdpa" == dispatch.rule_choice(dispatch.bucket_of(q, q, q))
+    assert dispatch.bucket_of(q, q, q) not in dispatch.planned()
 
 
-def test_dispatch_on_cpu_uses_sdpa_without_timing(monkeypatch):
-    timer = _FakeTimer({})
-    dispatch.set_timer(timer)
+def test_ranks_choose_the_same_backend_from_summed_times(fake_gpu):
+    """Two simulated ranks whose own timings disagree: with a summing reduce_times both install
+    the backend with the smallest total; without it each would pick its own."""
+    buckets = dispatch.buckets_for(dtype=torch.float32, head_dim=64, max_len=64, padding=True)
+    timers = [_FakeTimer({"triton": 1.0, "xformers": 2.0, "sdpa": 9.0}),   # rank 0: Triton
+              _FakeTimer({"triton": 5.0, "xformers": 1.5, "sdpa": 9.0})]   # rank 1: xformers
+    def alone(timer):
+        seen = []
+        dispatch.reset_plan()
+        table = _plan(buckets, timer, reduce_times=lambda xs: seen.append(list(xs)) or xs)
+        return table, seen[0]
+
+    (table0, times0), (table1, times1) = alone(timers[0]), alone(timers[1])
+    assert table0 != table1  # alone, the ranks disagree
+    chosen = []
+    for timer, other in ((timers[0], times1), (timers[1], times0)):
+        dispatch.reset_plan()
+        chosen.append(_plan(buckets, timer, reduce_times=lambda xs, other=other: [a + b for a, b in zip(xs, other)]))
+    assert chosen[0] == chosen[1] and set(chosen[0].values()) == {"xformers"}  # 3.5 < 6.0
+
+
+def test_plan_gives_inf_to_ineligible_and_failing_candidates(fake_gpu):
+    """Every rank hands reduce_times one slot per candidate, eligible or not, in one order."""
+    def timer(name, run):
+        if name == "xformers":
+            raise RuntimeError("no kernel for this shape")
+        return {"triton": 4.0, "sdpa": 3.0}[name]
+
+    seen = []
+    bucket = dispatch.Bucket(torch.float32, 32, 64, 64, grad=True)  # head dim 32: no Triton
+    table = _plan([bucket], timer, reduce_times=lambda xs: (seen.append(xs), xs)[1])
+    assert seen == [[float("inf"), float("inf"), 3.0]] and table == {bucket: "sdpa"}
+    with pytest.raises(ValueError, match="element-wise"):
+        _plan([bucket], timer, reduce_times=lambda xs: xs[:1])
+
+
+def test_plan_runs_real_candidates_on_its_stand_in_inputs(monkeypatch):
+    """The GPU branch forced on CPU with the real runners: the stand-in inputs of every option
+    go through forward and backward of each candidate that runs on CPU tensors."""
+    monkeypatch.setattr(dispatch, "_on_gpu", lambda q: True)
+    monkeypatch.setattr(dispatch, "_capability", lambda q: (9, 0))
+    ran = []
+
+    def timer(name, run):
+        out = run()
+        ran.append(name)
+        assert out.isfinite().all()
+        return 1.0 if name == "sdpa" else 2.0
+
+    buckets = [*dispatch.buckets_for(dtype=torch.float32, head_dim=64, max_len=64, padding=True, bias=True,
+                                     bias_grad=True, dropout=True),
+               *dispatch.buckets_for(dtype=torch.float32, head_dim=64, max_len=64, padding=True, alibi=True,
+                                     alibi_positions=(True, False), alibi_grad=(True, False), grad=(True, False))]
+    dispatch.reset_plan()
     try:
-        q = torch.randn(1, 2, 20, 64)
-        torch.testing.assert_close(dispatch.attention(q, q, q), attention_reference(q, q, q), atol=1e-5, rtol=1e-5)
-        assert timer.calls == []
+        table = _plan(buckets, timer)
     finally:
-        dispatch.set_timer(None)
+        dispatch.reset_plan()
+    assert len(table) == 7 and set(table.values()) == {"sdpa"} and ran.count("sdpa") == 7
+
+
+def test_checkpointed_encoder_forward_never_times(fake_gpu):
+    """Activation checkpointing recomputes each block in backward; a measurement inside the
+    forward (forward + autograd.grad of the candidates) changed what was saved between the two
+    runs (CheckpointError). Planned before, the checkpointed step never calls the timer."""
+    from d2v.models.blocks import TransformerBlock
+    from d2v.models.encoder import TransformerEncoder
+
+    torch.manual_seed(0)
+    blocks = [TransformerBlock(128, 2, 256, layer_norm_first=False, eps=1e-5, dropout=0.0,
+                               attention_dropout=0.0, activation_dropout=0.0) for _ in range(2)]
+    encoder = TransformerEncoder(blocks).train()
+    encoder.checkpoint_blocks = True
+    timer = _FakeTimer({"triton": 1.0, "xformers": 2.0, "sdpa": 3.0}, run_it=True)
+    dispatch.set_timer(timer)
+    x = torch.randn(2, 70, 128, requires_grad=True)
+    pad = torch.zeros(2, 70, dtype=torch.bool)
+    pad[1, 50:] = True
+    _plan(dispatch.buckets_for(dtype=torch.float32, head_dim=64, max_len=70, padding=True), None)
+    assert timer.calls and set(dispatch.planned().values()) == {"triton"}
+    timer.calls.clear()
+    fake_gpu.clear()
+    encoder(x, pad).sum().backward()
+    assert timer.calls == []
+    assert fake_gpu == ["triton"] * 4  # 2 blocks, forward + recompute, the planned backend
+    assert x.grad.isfinite().all()
+
+
+def test_compiled_calls_read_the_planned_table(fake_gpu):
+    timer = _FakeTimer({"triton": 1.0, "xformers": 2.0, "sdpa": 3.0})
+    _plan(dispatch.buckets_for(dtype=torch.float32, head_dim=64, max_len=64, grad=False), timer)
+    timer.calls.clear()
+    dispatch.set_timer(timer)
+
+    def f(q):
+        return dispatch.attention(q, q, q).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="eager", fullgraph=True)
+    fake_gpu.clear()
+    compiled(torch.randn(2, 2, 40, 64))
+    assert fake_gpu == ["triton"] and timer.calls == []  # planned bucket, chosen while tracing
+    compiled(torch.randn(2, 2, 300, 64))  # an unplanned bucket retraces to the rule
+    assert fake_gpu[-1] == "sdpa" and timer.calls == []
+    torch._dynamo.reset()
+
+
+def test_plan_refuses_inside_compile(monkeypatch):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with pytest.raises(RuntimeError, match="outside torch.compile"):
+        dispatch.plan([], num_heads=1, batch=1, device="cpu")
+
+
+def test_eligibility_rules(fake_gpu):
+    base = dict(dtype=torch.bfloat16, head_dim=64, tq=1024, tk=1024, grad=True)
+    B = dispatch.Bucket
+    assert dispatch.eligible(B(**base)) == ["triton", "xformers", "sdpa"]
+    # A learnable bias (BEiT) or ALiBi scale needs its gradient: xformers is not relied on.
+    assert dispatch.eligible(B(**base, bias=True, bias_grad=True)) == ["triton", "sdpa"]
+    assert dispatch.eligible(B(**base, alibi=True, alibi_grad=True)) == ["triton", "sdpa"]
+    assert "xformers" in dispatch.ineligible(B(**base, alibi=True))
+    assert dispatch.eligible(B(**{**base, "head_dim": 32})) == ["xformers", "sdpa"]
+    assert dispatch.eligible(B(**{**base, "dtype": torch.float64})) == ["xformers", "sdpa"]
+    assert all(why for whys in dispatch.ineligible(B(**base, bias=True, bias_grad=True)).values() for why in whys)
+
+
+def test_sdpa_backend_rules():
+    S, call = torch.nn.attention.SDPBackend, dispatch.SdpaCall
+    efficient_math = [S.EFFICIENT_ATTENTION, S.MATH]
+    # No mask: torch's own order off Hopper, cuDNN first on Hopper.
+    assert dispatch.sdpa_backends(call(False, False, True, 1000, 1000), hopper=False) is None
+    assert dispatch.sdpa_backends(call(False, False, True, 1000, 1000), hopper=True)[0] == S.CUDNN_ATTENTION
+    # A mask that needs a gradient: cuDNN returns none, FlashAttention takes no mask.
+    for hopper in (False, True):
+        assert dispatch.sdpa_backends(call(True, True, True, 1000, 1000), hopper=hopper) == efficient_math
+    # A mask without gradient: cuDNN allowed on Hopper, except T % 128 == 64 with torch >= 2.11.
+    assert dispatch.sdpa_backends(call(True, False, True, 1000, 1000), hopper=True,
+                                  torch_version=(2, 13)) == [S.CUDNN_ATTENTION, *efficient_math]
+    for tq, tk in ((192, 192), (64, 1000), (1000, 320)):
+        assert dispatch.sdpa_backends(call(True, False, True, tq, tk), hopper=True,
+                                      torch_version=(2, 11)) == efficient_math
+        assert S.CUDNN_ATTENTION in dispatch.sdpa_backends(call(True, False, True, tq, tk), hopper=True,
+                                                           torch_version=(2, 10))
+        assert S.CUDNN_ATTENTION in dispatch.sdpa_backends(call(True, False, False, tq, tk), hopper=True,
+                                                           torch_version=(2, 11))  # forward only
+
+
+@pytest.mark.parametrize("case", ["bias_grad_192", "alibi_pad_192"])
+def test_sdpa_on_gpu_branch_restricts_backends_and_matches_reference(case, monkeypatch):
+    """The GPU branch of the SDPA runner, forced on CPU (SDPA's math backend runs): it passes
+    the restricted backend list, and outputs and gradients (a float64 bias on float32 q, so the
+    mask's dtype differs from q's) match the float64 reference at T % 128 == 64."""
+    seen = []
+
+    def spy(backends, set_priority=False):
+        seen.append(list(backends))
+        return torch.nn.attention.sdpa_kernel(backends, set_priority=set_priority)
+
+    monkeypatch.setattr(dispatch, "_on_gpu", lambda q: True)
+    monkeypatch.setattr(dispatch, "_capability", lambda q: (9, 0))
+    monkeypatch.setattr(dispatch, "sdpa_kernel", spy)
+    gen = torch.Generator().manual_seed(3)
+    if case == "bias_grad_192":
+        x = _inputs(192, 192, 64, ("pad", "bias_shared"), gen)
+        x["bias"] = x["bias"].double()
+    else:
+        x = _inputs(192, 192, 64, ("pad", "alibi"), gen)
+    do = torch.randn(B, H, 192, 64, generator=gen)
+    leaves = [t.detach().clone().requires_grad_() for t in _leaves(x)]
+    o = dispatch._run_sdpa(*_args(_with_leaves(x, leaves)))
+    grads = torch.autograd.grad(o, leaves, do)
+    o_ref, grads_ref = _run(attention_reference, x, torch.float64, do)
+    S = torch.nn.attention.SDPBackend
+    assert seen == [[S.EFFICIENT_ATTENTION, S.MATH]]
+    torch.testing.assert_close(o.double(), o_ref, atol=1e-5, rtol=1e-5)
+    for g, r, leaf in zip(grads, grads_ref, leaves):
+        assert g.dtype == leaf.dtype
+        torch.testing.assert_close(g.double(), r, atol=1e-4, rtol=1e-4)
+
+
+def _args(x):
+    return (x["q"], x["k"], x["v"], x.get("key_padding_mask"), x.get("bias"), x.get("alibi"), 0.0, None)
 
 
 def test_custom_ops_opcheck(interp):
