@@ -81,3 +81,32 @@ def test_mfu_is_taken_against_the_named_peak(monkeypatch):
     assert v["tflops_per_device"] == pytest.approx(1000.0) and v["mfu"] == pytest.approx(2.0)
     assert "mfu" not in interval_values(cfg, samples=1, positions=1, flops=1, elapsed=1, world_size=1, peak=None,
                                         device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("preset", ["audio_base", "image_base", "text_base", "audio_base_v2", "image_base_v2",
+                                    "text_base_v2"])
+def test_attention_is_planned_for_every_shape_family_of_a_gpu_run(monkeypatch, preset):
+    """On a GPU every rank plans the backends once at start-up with one summing collective; the
+    student's family needs gradients (and the bias gradient where the bias is learned)."""
+    import kernels
+    from d2v.train import attention_plan
+
+    seen = {}
+    monkeypatch.setattr(kernels, "plan_attention", lambda buckets, **kw: seen.update(buckets=buckets, **kw))
+    monkeypatch.setattr(kernels, "describe_attention_plan", lambda: ["planned"])
+    monkeypatch.setattr(attention_plan.collectives, "world_size", lambda: 8)
+    cfg = resolve(preset)
+    assert attention_plan.plan_for_run(cfg, torch.device("cuda", 0), torch.bfloat16) == ["planned"]
+    buckets = seen["buckets"]
+    assert seen["reduce_times"] is attention_plan.collectives.all_reduce_values
+    assert seen["num_heads"] == cfg.model.num_heads and seen["batch"](buckets[0]) >= 1
+    assert {b.grad for b in buckets} == {True, False}
+    assert max(b.tq for b in buckets) >= attention_plan.max_length(cfg)
+    assert all(b.dtype == torch.bfloat16 and b.head_dim == 64 for b in buckets)
+    if preset == "image_base":
+        assert all(b.bias for b in buckets) and any(b.bias_grad for b in buckets)
+    if preset == "audio_base_v2":
+        assert all(b.alibi for b in buckets) and any(b.alibi_grad for b in buckets)
+    # a CPU run, or a head width no fused kernel serves, plans nothing
+    assert attention_plan.plan_for_run(cfg, torch.device("cpu"), torch.bfloat16) == []
+    assert attention_plan.plan_for_run(resolve("audio_tiny"), torch.device("cuda", 0), torch.bfloat16) == []

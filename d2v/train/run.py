@@ -79,6 +79,8 @@ class Run:
         self.sink = MetricsSink(self.out_dir, rank=self.rank, max_steps=cfg.train.max_steps,
                                 wandb_mode=cfg.train.wandb, run_config=to_dict(cfg), start_step=self.trainer.step,
                                 positions_name=POSITION_NAMES.get(cfg.model.modality, "positions"))
+        for line in self.trainer.attention_plan:
+            self.sink.message(f"attention {line}")
         self.peak_tflops, peak_source = peak_tflops(cfg, self.trainer.device)
         self.sink.message(f"optimizer: {self.trainer.optimizer_name}; MFU against "
                           + (f"{self.peak_tflops:g} TFLOP/s ({peak_source})" if self.peak_tflops else

@@ -21,6 +21,7 @@ from d2v.teacher import Teacher
 from d2v import collectives
 from d2v.train import distributed, host_sync
 from d2v.train.ds_checks import check_ds_config
+from d2v.train.attention_plan import plan_for_run
 from d2v.train.schedule import lr_factor
 from d2v.train.throughput_log import StepFlops
 
@@ -127,6 +128,8 @@ class Trainer:
             compile_blocks(self.student.encoder)
             compile_blocks(self.teacher.model.encoder)
         self.dtype = DTYPES[cfg.train.precision]
+        # every rank, before the first step: outside activation checkpointing and compile
+        self.attention_plan = plan_for_run(cfg, self.device, self.dtype)
         task_class = Data2VecTask
         if cfg.model.v2.enabled:
             from d2v.task_v2 import Data2VecV2Task as task_class  # DESIGN.md 3.3

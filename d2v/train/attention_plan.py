@@ -1,0 +1,66 @@
+"""Chooses the attention backend of every shape a run will see, once, at start-up, the same on
+every rank (kernels.plan_attention): timing inside a forward would run under activation
+checkpointing (its recomputation then saves a different number of tensors), would let ranks pick
+different kernels, and would be invisible to torch.compile.
+"""
+from __future__ import annotations
+
+import torch
+
+import kernels
+from d2v import collectives
+from d2v.config.schema import D2vConfig
+from d2v.shapes import conv_output_length
+
+# Head dims a fused kernel serves; other widths (the tiny presets) always run SDPA.
+FUSED_HEAD_DIMS = (64, 80, 128)
+
+
+def max_length(cfg: D2vConfig) -> int:
+    """The longest self-attention sequence of the model (extra tokens such as CLS included)."""
+    m = cfg.model
+    if m.modality == "audio":
+        return conv_output_length(cfg.data.max_sample_size, m.audio.conv_layers)
+    if m.modality == "image":
+        side = m.image.image_size // m.image.patch_size
+        return side * side + 1
+    return m.text.max_positions + (1 if m.v2.enabled else 0)
+
+
+def run_buckets(cfg: D2vConfig, dtype: torch.dtype) -> list:
+    """Student (training: gradients, dropout) and teacher (no gradients) shape families."""
+    m = cfg.model
+    head_dim = m.embed_dim // m.num_heads
+    common = dict(dtype=dtype, head_dim=head_dim, max_len=max_length(cfg))
+    dropout = m.attention_dropout > 0
+    if m.modality == "image" and not m.v2.enabled:  # BEiT's learned relative position bias
+        return (kernels.attention_buckets(**common, bias=True, bias_grad=True, dropout=dropout, grad=True)
+                + kernels.attention_buckets(**common, bias=True, grad=False))
+    if m.v2.alibi:
+        return (kernels.attention_buckets(**common, padding=(True, False), alibi=True, alibi_positions=True,
+                                          alibi_grad=True, dropout=dropout, grad=True)
+                + kernels.attention_buckets(**common, padding=(True, False), alibi=True, grad=False))
+    padding = False if m.modality == "image" else (True, False)
+    return (kernels.attention_buckets(**common, padding=padding, dropout=dropout, grad=True)
+            + kernels.attention_buckets(**common, padding=padding, grad=False))
+
+
+def plan_for_run(cfg: D2vConfig, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Plans the run's attention backends on a GPU (every rank calls this); returns log lines."""
+    head_dim = cfg.model.embed_dim // cfg.model.num_heads
+    if device.type != "cuda" or head_dim not in FUSED_HEAD_DIMS:
+        return []
+    rows = cfg.train.micro_batch_size * (cfg.model.v2.num_masks if cfg.model.v2.enabled else 1)
+    if cfg.model.modality == "audio":
+        frames = conv_output_length(cfg.data.max_samples_per_batch, cfg.model.audio.conv_layers)
+
+        def batch(bucket) -> int:
+            return max(1, frames // max(bucket.tq, 1)) * (cfg.model.v2.num_masks if cfg.model.v2.enabled else 1)
+    else:
+        def batch(bucket) -> int:
+            return rows
+
+    reduce_times = collectives.all_reduce_values if collectives.world_size() > 1 else None
+    kernels.plan_attention(run_buckets(cfg, dtype), num_heads=cfg.model.num_heads, batch=batch, device=device,
+                           reduce_times=reduce_times)
+    return kernels.describe_attention_plan()
