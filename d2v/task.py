@@ -34,9 +34,11 @@ class StepOutput:
     """target_std, pred_std, mask_rate, loss_sum, ... (local to this rank)."""
 
 
-def layer_seed(seed: int, step: int) -> int:
-    """LayerDrop seed of an update: identical on every rank, different every step."""
-    return (seed * 1_000_003 + step) % (2**62)
+def layer_seed(seed: int, step: int, micro: int = 0) -> int:
+    """LayerDrop seed of one forward: identical on every rank (ZeRO-3 gathers the same blocks
+    everywhere), different for every update and every accumulated micro-batch of it, as fairseq
+    draws LayerDrop per forward. Micro-batch 0 keeps the seed of the update alone."""
+    return (seed * 1_000_003 + step + micro * 2**40) % (2**62)
 
 
 class Data2VecTask:
@@ -53,10 +55,10 @@ class Data2VecTask:
         self.normalizer: Normalizer = normalizer or (lambda count: float(max(count, 1)))
         self.compute_dtype = compute_dtype
 
-    def __call__(self, batch: Batch, *, step: int = 0) -> StepOutput:
+    def __call__(self, batch: Batch, *, step: int = 0, micro: int = 0) -> StepOutput:
         token_view = batch.masked_source is not None
         out = self.forward(batch.source, batch.mask, batch.source_lengths, masked_source=batch.masked_source,
-                           layer_seed=layer_seed(self.cfg.train.seed, step))
+                           layer_seed=layer_seed(self.cfg.train.seed, step, micro))
         padding = out.features.padding_mask
         mask = batch.mask
         y_BTD = self.teacher.targets(self._teacher_input(batch, out.features.x, token_view), padding,

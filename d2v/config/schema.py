@@ -46,6 +46,10 @@ class ImageFeatureConfig:
     """Per-channel mean used to normalise pixels (ImageNet)."""
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     """Per-channel std used to normalise pixels (ImageNet)."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """Random resized crop: range of the crop's area as a fraction of the image (BEiT 0.08-1; 2.0 0.2-1, MAE)."""
+    color_jitter: float = 0.4
+    """Brightness, contrast and saturation jitter strength, applied before flip and crop (BEiT 0.4; 0 disables, 2.0)."""
 
 
 @dataclass(kw_only=True)
@@ -250,7 +254,7 @@ class OptimConfig:
     """Tri-stage warmup/hold/decay fractions of max_steps."""
     init_lr_scale: float = 0.01
     """Tri-stage: LR at step 0 as a fraction of the peak."""
-    final_lr_scale: float = 0.05
+    final_lr_scale: float = 0.01
     """Tri-stage: LR at the end as a fraction of the peak (cosine decays to min_lr)."""
     min_lr: float = 0.0
     """Cosine: LR at the end of the schedule."""
@@ -270,8 +274,8 @@ class DataConfig:
     """Audio: utterances shorter than this many samples are skipped (2 s)."""
     max_sample_size: int = 320_000
     """Audio: longer utterances are randomly cropped to this many samples (20 s)."""
-    max_samples_per_batch: int = 1_400_000
-    """Audio: budget of total samples per micro-batch (batch size x padded length)."""
+    max_samples_per_batch: int = 3_800_000
+    """Audio: budget of total samples per micro-batch (batch size x padded length; fairseq's max_tokens)."""
     normalize: bool = True
     """Audio: normalise each utterance to zero mean and unit variance."""
     pad: bool = False
@@ -296,6 +300,13 @@ class TrainConfig:
     """Micro-batches accumulated per optimizer update."""
     global_batch_size: int | None = None
     """If set, must equal micro_batch_size x grad_accum x world size (checked)."""
+    reference_batch: int = 0
+    """Global batch per update of the reference run the preset reproduces, before the M clones: images or
+    sequences, or for audio waveform samples (a budget, like fairseq's max_tokens); 0: no reference run."""
+    reference_gpus: int = 0
+    """GPU count of that reference run; at another world size the per-rank batch and grad_accum follow
+    from reference_batch (d2v.config.batch_plan), unless train.micro_batch_size / train.grad_accum /
+    data.max_samples_per_batch were set to other values than the preset's."""
     precision: str = "bf16"
     """bf16 (DeepSpeed's bf16 mode, fp32 master weights) | fp16 (dynamic loss scaling) | fp32."""
     seed: int = 1

@@ -80,9 +80,8 @@ class PosConvLayer(nn.Module):
         self.conv = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups)
         self.trim = 1 if kernel % 2 == 0 else 0  # an even kernel yields one extra frame
         self.layer_norm = nn.LayerNorm(dim, eps=1e-5, elementwise_affine=False)
-        # fairseq's initialisation of the positional conv.
-        nn.init.normal_(self.conv.weight, mean=0.0, std=(4.0 / (kernel * dim)) ** 0.5)
-        nn.init.zeros_(self.conv.bias)
+        # PyTorch's default init: fairseq's multi-layer positional conv (pos_conv_depth > 1,
+        # `make_conv_block` in wav2vec2.py) sets none; the N(0, 4/(k·D)) init is its 1-layer variant's.
 
     def forward(self, x_BDT: Tensor) -> Tensor:
         x = self.conv(x_BDT)

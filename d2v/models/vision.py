@@ -57,9 +57,8 @@ class RelativePositionBias(nn.Module):
     def __init__(self, grid: tuple[int, int], num_heads: int) -> None:
         super().__init__()
         H, W = grid
-        self.table = nn.Parameter(torch.zeros((2 * H - 1) * (2 * W - 1) + 3, num_heads))
+        self.table = nn.Parameter(torch.zeros((2 * H - 1) * (2 * W - 1) + 3, num_heads))  # BEiT: zeros
         self.register_buffer("index", relative_position_index(grid), persistent=False)
-        nn.init.trunc_normal_(self.table, std=0.02)
 
     def forward(self) -> Tensor:
         """1×h×(N+1)×(N+1) additive attention bias."""

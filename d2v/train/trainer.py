@@ -25,13 +25,17 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def param_group_names(model: torch.nn.Module, no_decay_1d: bool) -> list[list[str]]:
-    """Names of the optimizer's parameter groups, in order: one group, or two with biases and
-    other 1-D parameters exempt from weight decay. Export relies on this order too."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    if not no_decay_1d:
+    """Names of the optimizer's parameter groups, in order: one group, or two with the exempt ones
+    second: biases and other 1-D parameters (when no_decay_1d) and parameters the model factory
+    marked (BEiT's CLS token). Export relies on this order too."""
+    from d2v.models.factory import NO_WEIGHT_DECAY
+
+    params = dict(model.named_parameters())
+    names = [n for n, p in params.items() if p.requires_grad]
+    exempt = {n for n in names if getattr(params[n], NO_WEIGHT_DECAY, False) or (no_decay_1d and params[n].ndim < 2)}
+    if not exempt and not no_decay_1d:
         return [names]
-    shapes = dict(model.named_parameters())
-    return [[n for n in names if shapes[n].ndim >= 2], [n for n in names if shapes[n].ndim < 2]]
+    return [[n for n in names if n not in exempt], [n for n in names if n in exempt]]
 
 
 def param_groups(model: torch.nn.Module, no_decay_1d: bool, weight_decay: float) -> list[dict[str, Any]]:
@@ -136,8 +140,8 @@ class Trainer:
         losses, sums = [], {}
         samples, finite = 0, True
         self._grad_sum = torch.zeros(())
-        for batch in micro_batches:
-            out = self.task(batch.to(self.device, self.dtype), step=self.step)
+        for micro, batch in enumerate(micro_batches):
+            out = self.task(batch.to(self.device, self.dtype), step=self.step, micro=micro)
             # Every rank agrees before backward, so a NaN on one rank skips the update on all.
             finite = finite and self._all_finite(torch.isfinite(out.loss.detach()))
             if finite:
