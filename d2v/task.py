@@ -37,8 +37,10 @@ class StepOutput:
 def layer_seed(seed: int, step: int, micro: int = 0) -> int:
     """LayerDrop seed of one forward: identical on every rank (ZeRO-3 gathers the same blocks
     everywhere), different for every update and every accumulated micro-batch of it, as fairseq
-    draws LayerDrop per forward. Micro-batch 0 keeps the seed of the update alone."""
-    return (seed * 1_000_003 + step + micro * 2**40) % (2**62)
+    draws LayerDrop per forward. torch's CPU generator keeps only a seed's low 32 bits, so the
+    micro index enters through an odd 32-bit multiplier: no two (update, micro) pairs collide for
+    up to 256 micro-batches and 8 M updates. Micro-batch 0 keeps the seed of the update alone."""
+    return (seed * 1_000_003 + step + micro * 0x9E3779B1) % (2**62)
 
 
 class Data2VecTask:
