@@ -45,7 +45,9 @@ def _models(modality: str, batch: int, seconds: float):
                  intermediate_size=m.ffn_dim)
     g = torch.Generator().manual_seed(0)
     if modality == "audio":
-        hf_cfg = T.Data2VecAudioConfig(**sizes, layerdrop=0.0, mask_time_prob=0.0)
+        # A non-zero mask_time_prob makes transformers create `masked_spec_embed`; the explicit
+        # mask_time_indices below replace its own SpecAugment draw, and the teacher runs in eval().
+        hf_cfg = T.Data2VecAudioConfig(**sizes, layerdrop=0.0, mask_time_prob=0.05)
         student = T.Data2VecAudioModel(hf_cfg)
         wave = torch.randn(batch, int(seconds * m.audio.sample_rate), generator=g)
         frames = int(student._get_feat_extract_output_lengths(torch.tensor(wave.shape[1])))
@@ -137,7 +139,7 @@ class NaiveStep:
             torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.student.parameters()], 1.0 - self.tau)
             for p, e in zip(self.teacher.parameters(), self.ema):
                 p.copy_(e)
-        return float(loss)
+        return float(loss.detach())
 
 
 def _median_time(fn, reps: int, warmup: int = 2) -> float:
