@@ -1,10 +1,10 @@
-"""The data2vec task (STYLE.md 5): what one micro-batch computes, and nothing about the loop.
+"""The data2vec task: what one micro-batch computes, and nothing about the loop.
 
 student(masked view) -> head -> prediction at masked positions     (the engine's module call)
 teacher(clean view, no grad) -> targets (streaming top-K average)  => loss
 The loss is `sum / normalizer(count)`: one process divides by its own count; the training loop
 passes a normaliser that all-reduces the count over ranks and multiplies by the world size, so
-DeepSpeed's gradient averaging yields the one-process gradient of sum/N (DESIGN.md 4).
+DeepSpeed's gradient averaging yields the one-process gradient of sum/N (docs/method.md §4).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The data2vec 2.0 task (DESIGN.md 3.3; STYLE.md 5): what one micro-batch computes.
+"""The data2vec 2.0 task (docs/method.md §3.3): what one micro-batch computes.
 
 student(M clones, kept tokens only) -> decoder -> predictions at the masked positions of all B·M rows
 teacher(clean view, once per sample, no grad) -> targets B×T×D, indexed per clone (never recomputed)

@@ -1,4 +1,4 @@
-"""A single-process DeepSpeed run of audio_tiny on synthetic speech-like data (issue: core)."""
+"""A single-process DeepSpeed run of audio_tiny on synthetic speech-like data (docs/method.md §3.1, §4)."""
 import os
 
 import pytest

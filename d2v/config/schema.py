@@ -1,6 +1,6 @@
 """The typed config tree: one dataclass per section, a one-line doc under every field.
 
-Standard library only (STYLE.md, dependency direction). Presets live in `presets.py`, YAML and
+Standard library only (the dependency direction: config imports nothing of d2v). Presets live in `presets.py`, YAML and
 `key=value` overrides in `overrides.py`, the DeepSpeed JSON filler in `deepspeed_json.py`.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 @dataclass(kw_only=True)
 class AudioFeatureConfig:
-    """The waveform encoder and the convolutional positional encoder (DESIGN.md 3.2, audio)."""
+    """The waveform encoder and the convolutional positional encoder (docs/method.md §3.2, audio)."""
 
     conv_layers: tuple[tuple[int, int, int], ...] = (
         (512, 10, 5), (512, 3, 2), (512, 3, 2), (512, 3, 2), (512, 3, 2), (512, 2, 2), (512, 2, 2),
@@ -28,7 +28,7 @@ class AudioFeatureConfig:
 
 @dataclass(kw_only=True)
 class ImageFeatureConfig:
-    """Patch embedding and BEiT-style positions (DESIGN.md 3.2, vision)."""
+    """Patch embedding and BEiT-style positions (docs/method.md §3.2, vision)."""
 
     image_size: int = 224
     """Input height and width in pixels."""
@@ -54,7 +54,7 @@ class ImageFeatureConfig:
 
 @dataclass(kw_only=True)
 class TextFeatureConfig:
-    """Token embedding in the RoBERTa layout (DESIGN.md 3.2, 8)."""
+    """Token embedding in the RoBERTa layout (docs/method.md §3.2, §8)."""
 
     vocab_size: int = 50_265
     """Embedding rows, `<mask>` (the last id) included."""
@@ -72,7 +72,7 @@ class TextFeatureConfig:
 
 @dataclass(kw_only=True)
 class V2Config:
-    """data2vec 2.0 (DESIGN.md 3.3): the student encodes only kept tokens, M masks per sample, conv decoder."""
+    """data2vec 2.0 (docs/method.md §3.3): the student encodes only kept tokens, M masks per sample, conv decoder."""
 
     enabled: bool = False
     """Build the 2.0 student (kept tokens only, multi-mask, conv decoder) and pick the 2.0 task."""
@@ -152,7 +152,7 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class MaskingConfig:
-    """How the student's view is masked; masks are made in the collate step (DESIGN.md 2)."""
+    """How the student's view is masked; masks are made in the collate step (docs/method.md §2)."""
 
     kind: str = "span"
     """Mask generator: span (wav2vec 2.0, audio 1.0) | block_2d (BEiT, image 1.0) | text_span (spans of <mask>, text 1.0) | bert (15%, 80/10/10) | 2.0: block_1d (audio) | inverse_block_2d (image) | random (text)."""
@@ -186,7 +186,7 @@ class MaskingConfig:
 
 @dataclass(kw_only=True)
 class TeacherConfig:
-    """The EMA teacher: what it tracks, its decay schedule and its targets (DESIGN.md 3.1)."""
+    """The EMA teacher: what it tracks, its decay schedule and its targets (docs/method.md §3.1)."""
 
     ema_start: float = 0.999
     """EMA decay tau at update 0."""
@@ -214,7 +214,7 @@ class TeacherConfig:
 
 @dataclass(kw_only=True)
 class LossConfig:
-    """The regression loss at masked positions (DESIGN.md 3.1 step 4)."""
+    """The regression loss at masked positions (docs/method.md §3.1 step 4)."""
 
     kind: str = "l2"
     """Per-element loss: l2 | smooth_l1."""

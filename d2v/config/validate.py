@@ -8,7 +8,7 @@ if TYPE_CHECKING:
 
 MODALITIES = ("audio", "image", "text")
 MASKS = {"audio": ("span",), "image": ("block_2d",), "text": ("text_span", "bert")}
-# data2vec 2.0 masks: exact counts per row so kept tokens gather densely (DESIGN.md 3.3).
+# data2vec 2.0 masks: exact counts per row so kept tokens gather densely (docs/method.md §3.3).
 MASKS_V2 = {"audio": ("block_1d",), "image": ("inverse_block_2d",), "text": ("random",)}
 TEACHER_INPUT_V2 = {"audio": "features", "image": "source", "text": "features"}
 NORMS = ("instance", "layer", None)

@@ -1,4 +1,4 @@
-"""Interop with transformers and fairseq: HF export, --init-from, fairseq import (issue 10).
+"""Interop with transformers and fairseq: HF export, --init-from, fairseq import (README, interop).
 
 Importing this package pulls in neither transformers nor fairseq: export writes plain JSON and
 safetensors, and the fairseq importer reads pickles through a restricted unpickler.

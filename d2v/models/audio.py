@@ -1,8 +1,8 @@
-"""Speech feature encoder and convolutional positional encoder (data2vec 1.0 audio, DESIGN.md 3.2).
+"""Speech feature encoder and convolutional positional encoder (data2vec 1.0 audio, docs/method.md §3.2).
 
 Legend: B batch, S waveform samples, C conv channels, T frames, D model width.
 Module names follow transformers' Data2VecAudioModel one-to-one so that export is a renaming
-(DESIGN.md 8): conv_layers.i.{conv,layer_norm} ~ feature_extractor.conv_layers.i.*,
+(docs/method.md §8): conv_layers.i.{conv,layer_norm} ~ feature_extractor.conv_layers.i.*,
 {layer_norm,projection} ~ feature_projection.*, pos_conv.layers.i.conv ~ encoder.pos_conv_embed.*.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Assembles the data2vec 2.0 student from a ModelConfig (DESIGN.md 3.3), reusing the 1.0 parts:
+"""Assembles the data2vec 2.0 student from a ModelConfig (docs/method.md §3.3), reusing the 1.0 parts:
 feature encoders, post-LN blocks, the conv positional encoder."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Image feature encoder and BEiT positions (data2vec 1.0 vision, DESIGN.md 3.2, 8).
+"""Image feature encoder and BEiT positions (data2vec 1.0 vision, docs/method.md §3.2, §8).
 
 Legend: B batch, C channels, H×W patch grid, N = H·W patches, D width, h heads.
 Names map onto transformers' Data2VecVisionModel: patch_embed.projection ~

@@ -1,4 +1,4 @@
-"""A host-resident teacher streamed to the device one unit (block) at a time (DESIGN.md 4).
+"""A host-resident teacher streamed to the device one unit (block) at a time (docs/method.md §4).
 
 The fp32 EMA weights live in host memory (pinned on CUDA machines so copies overlap compute).
 Before a unit runs, its weights are copied to the device in the compute dtype; the next unit's

@@ -1,4 +1,4 @@
-"""Preemption (DESIGN.md 4): a signal only sets a flag; the run loop all-reduces it once per step
+"""Preemption (docs/method.md §4): a signal only sets a flag; the run loop all-reduces it once per step
 so every rank stops at the same step, fetches nothing more, checkpoints and exits with
 EXIT_PREEMPTED. The deepspeed launcher sends SIGTERM to each rank's process tree and SIGKILLs
 after about 30 s; Slurm can send SIGUSR1 ahead of time (`--signal=USR1@90`).

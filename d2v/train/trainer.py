@@ -1,4 +1,4 @@
-"""The engine loop (STYLE.md 5): backward, optimizer step, EMA update, metrics.
+"""The engine loop: backward, optimizer step, EMA update, metrics.
 
 Everything a batch computes lives in `d2v.task`; checkpoints, logging sinks and the data
 pipeline are composed around this class by the launcher.
@@ -103,7 +103,7 @@ class Trainer:
         self.dtype = DTYPES[cfg.train.precision]
         task_class = Data2VecTask
         if cfg.model.v2.enabled:
-            from d2v.task_v2 import Data2VecV2Task as task_class  # DESIGN.md 3.3
+            from d2v.task_v2 import Data2VecV2Task as task_class  # docs/method.md §3.3
         self.task = task_class(self.student, self.teacher, cfg,
                                  normalizer=distributed.global_count_normalizer(self.world_size),
                                  compute_dtype=self.dtype, forward=self.engine)
