@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """d2v against what a user would build instead, side by side in one run at equal precision.
 
-For each modality, interleaved A/B: `../shared/tools/hf_reference_step.py` (a naive data2vec step
-on transformers' Data2Vec models: deep-copied teacher with FFN hooks, AdamW, fp32 EMA, bf16
+For each modality, interleaved A/B: `benchmarks/hf_baseline.py` (a naive data2vec step on
+transformers' Data2Vec models: deep-copied teacher with FFN hooks, AdamW, fp32 EMA, bf16
 autocast; and its student forward+backward alone) and `benchmarks/throughput.py` on the base
 preset with the same batch (2) and input size (4 s of audio, 224x224 images, 512 tokens) in
 DeepSpeed's bf16 mode. Reports both ratios: d2v full step / naive step and d2v full step /
@@ -26,13 +26,16 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from benchmarks.common import ROOT, machine, table, write_record  # noqa: E402
 
 PRESETS = {"audio": ("audio_base", ["--seconds", "4"]), "vision": ("image_base", []), "text": ("text_base", [])}
-HF_TOOL = os.path.join(os.path.dirname(ROOT), "shared", "tools", "hf_reference_step.py")
+HF_BASELINE = os.path.join(ROOT, "benchmarks", "hf_baseline.py")
 
 
 def hf_step(modality: str, threads: int, reps: int) -> dict:
-    out = subprocess.run([sys.executable, HF_TOOL, modality, "--bf16", "--json", "--reps", str(reps),
-                          "--threads", str(threads)], capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    """The naive transformers step in its own process (threads and memory apart from d2v's run)."""
+    done = subprocess.run([sys.executable, HF_BASELINE, modality, "--json", "--reps", str(reps), "--threads",
+                           str(threads)], capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"benchmarks/hf_baseline.py {modality} failed:\n{done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def d2v_step(modality: str, threads: int, reps: int) -> dict:
@@ -56,8 +59,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
-    if not os.path.exists(HF_TOOL):
-        raise SystemExit(f"{HF_TOOL} not found (it ships in the workspace's shared/tools)")
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        raise SystemExit("compare_hf.py needs transformers (the `hf` extra: pip install -e .[hf])")
     rows = []
     for modality in args.modalities.split(","):
         naive, student, ours, split = [], [], [], None

@@ -1,4 +1,4 @@
-"""Kernel benchmarks (DESIGN.md 5, 6): bytes and FLOPs per call counted analytically, fused vs
+"""Kernel benchmarks (docs/method.md §5, §6): bytes and FLOPs per call counted analytically, fused vs
 unfused PyTorch, at data2vec shapes; on a GPU also the measured time and the achieved GB/s
 against the device's measured copy bandwidth. On a CPU only the analytic table is printed.
 
@@ -218,7 +218,7 @@ ATTENTION_GPU_COLUMNS = [("case", "case", "{}")] + [
     for m, h, fmt in (("fwd_ms", "fwd ms", "{:.3f}"), ("ms", "fwd+bwd ms", "{:.3f}"), ("TFLOPs", "TFLOP/s", "{:.0f}"))]
 
 
-# data2vec 1.0 base shapes (DESIGN.md 3.2): audio 20 s at 50 Hz, ViT-B/16 at 224², text at 512.
+# data2vec 1.0 base shapes (docs/method.md §3.2): audio 20 s at 50 Hz, ViT-B/16 at 224², text at 512.
 CASES: dict[str, list] = {
     "targets": [
         TargetsCase("audio_base", B=8, T=999, D=768, K=8, layer_norm="instance", final_norm=None),

@@ -7,7 +7,7 @@ on synthetic batches of the preset's shape.
 
 Reports samples/s, frames|patches|tokens per second, the step split into data / student fwd /
 student bwd / teacher fwd / targets / optimizer / EMA, achieved TFLOP/s counted analytically
-(DESIGN.md 6: teacher and audio CNN included) and MFU against a measured bf16 matmul peak (or
+(docs/method.md §6: teacher and audio CNN included) and MFU against a measured bf16 matmul peak (or
 --peak-tflops), and peak memory per rank. Prints a table and writes a JSON record to
 benchmarks/results/.
 """

@@ -1,6 +1,6 @@
 """The micro-batch contract between the data pipeline (collate) and the task.
 
-Masks are made in the collate step (DESIGN.md 2), so a Batch arrives with them. Legend:
+Masks are made in the collate step (docs/method.md §2), so a Batch arrives with them. Legend:
 B batch, S waveform samples, T model sequence length (frames, patches or tokens).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Communication volume per optimizer step, counted analytically (issue: benchmarks, scaling).
+"""Communication volume per optimizer step, counted analytically.
 
 Bytes each rank sends (ring collectives: an all-reduce of S bytes sends 2(W-1)/W·S, a
 reduce-scatter or all-gather (W-1)/W·S) for the student's gradients and parameters under a ZeRO

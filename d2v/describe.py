@@ -1,4 +1,4 @@
-"""`python -m d2v describe PRESET [--json]`: sizes and analytic FLOPs of a preset (DESIGN.md 7)."""
+"""`python -m d2v describe PRESET [--json]`: sizes and analytic FLOPs of a preset (docs/method.md §7)."""
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,4 @@
-"""Analytic FLOP counts (DESIGN.md 6): matmuls and convolutions at 2 FLOPs per multiply-add;
+"""Analytic FLOP counts (docs/method.md §6): matmuls and convolutions at 2 FLOPs per multiply-add;
 norms, activations and softmax are not counted. Training = student forward + backward (3x the
 forward) + the teacher's forward. The audio CNN counts (about a third of the audio forward).
 Profilers that patch torch.nn.functional miss Triton kernels, so d2v reports these numbers.
@@ -121,7 +121,7 @@ def decoder_flops(cfg: D2vConfig, positions: int) -> float:
 
 
 def v2_flops(cfg: D2vConfig, seconds: float = 1.0) -> FlopCount:
-    """data2vec 2.0 per original sample (DESIGN.md 3.3): the feature encoder once; positions, blocks
+    """data2vec 2.0 per original sample (docs/method.md §3.3): the feature encoder once; positions, blocks
     over the kept tokens (+ CLS) and the decoder over all positions M times; the teacher once over
     the full sequence. `head` holds the decoder."""
     m, v = cfg.model, cfg.model.v2

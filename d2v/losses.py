@@ -1,8 +1,8 @@
-"""Regression losses at masked positions (DESIGN.md 3.1 step 4, 3.2).
+"""Regression losses at masked positions (docs/method.md §3.1 step 4, §3.2).
 
 Each returns (sum, count): the loss summed over the local masked positions and the number of
 units it must be divided by. The division happens once, by the global count (all ranks), in the
-task's normaliser (DESIGN.md 4 "Loss normalization"), so the gradient does not depend on how
+task's normaliser (docs/method.md §4, "Loss normalisation"), so the gradient does not depend on how
 the batch is split over ranks.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Per-rank memory of a run, counted analytically (issue: ZeRO/teacher; DESIGN.md 4).
+"""Per-rank memory of a run, counted analytically (docs/method.md §4).
 
 Bytes per rank for the student's parameters, gradients and optimizer state (fp32 master copy
 plus Adam's two moments) and for the teacher, on the device and in host memory, for a ZeRO

@@ -1,5 +1,5 @@
 """`python -m d2v probe CHECKPOINT --data 'SHARDS' --val-data 'SHARDS'`: a linear probe of frozen
-features for labelled images (issue: vision/text): logistic regression on mean-pooled student
+features for labelled images: logistic regression on mean-pooled student
 encoder outputs, for the pretrained checkpoint and for the same architecture at random
 initialisation, side by side. Reports accuracy; it does not assume that pretraining wins.
 """

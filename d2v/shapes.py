@@ -1,13 +1,13 @@
 """Sequence-length arithmetic shared by the data pipeline and the models.
 
 Pure functions of integers (standard library only), so that the loader can compute frame
-counts and masks without importing model code (DESIGN.md 2).
+counts and masks without importing model code (docs/method.md §2).
 """
 from __future__ import annotations
 
 from typing import Sequence
 
-# (channels, kernel, stride) of the wav2vec 2.0 / data2vec waveform encoder (DESIGN.md 3.2).
+# (channels, kernel, stride) of the wav2vec 2.0 / data2vec waveform encoder (docs/method.md §3.2).
 AUDIO_CONV_LAYERS: tuple[tuple[int, int, int], ...] = (
     (512, 10, 5), (512, 3, 2), (512, 3, 2), (512, 3, 2), (512, 3, 2), (512, 2, 2), (512, 2, 2),
 )

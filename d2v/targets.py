@@ -1,4 +1,4 @@
-"""Teacher targets: y = N_post(mean over the top-K blocks of N_pre(a_l))  (DESIGN.md 3.1, 5).
+"""Teacher targets: y = N_post(mean over the top-K blocks of N_pre(a_l))  (docs/method.md §3.1, §5).
 
 Norms are parameter-free and computed in fp32:
 * ``"instance"``: per sample and channel over time (B×T×D is normalised along T), padded

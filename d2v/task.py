@@ -1,10 +1,10 @@
-"""The data2vec task (STYLE.md 5): what one micro-batch computes, and nothing about the loop.
+"""The data2vec task: what one micro-batch computes, and nothing about the loop.
 
 student(masked view) -> head -> prediction at masked positions     (the engine's module call)
 teacher(clean view, no grad) -> targets (streaming top-K average)  => loss
 The loss is `sum / normalizer(count)`: one process divides by its own count; the training loop
 passes a normaliser that all-reduces the count over ranks and multiplies by the world size, so
-DeepSpeed's gradient averaging yields the one-process gradient of sum/N (DESIGN.md 4).
+DeepSpeed's gradient averaging yields the one-process gradient of sum/N (docs/method.md §4).
 """
 from __future__ import annotations
 
@@ -36,9 +36,13 @@ class StepOutput:
     the device stay 0-dim device tensors, so that the loop reads them back once per step."""
 
 
-def layer_seed(seed: int, step: int) -> int:
-    """LayerDrop seed of an update: identical on every rank, different every step."""
-    return (seed * 1_000_003 + step) % (2**62)
+def layer_seed(seed: int, step: int, micro: int = 0) -> int:
+    """LayerDrop seed of one forward: identical on every rank (ZeRO-3 gathers the same blocks
+    everywhere), different for every update and every accumulated micro-batch of it, as fairseq
+    draws LayerDrop per forward. torch's CPU generator keeps only a seed's low 32 bits, so the
+    micro index enters through an odd 32-bit multiplier: no two (update, micro) pairs collide for
+    up to 256 micro-batches and 8 M updates. Micro-batch 0 keeps the seed of the update alone."""
+    return (seed * 1_000_003 + step + micro * 0x9E3779B1) % (2**62)
 
 
 class Data2VecTask:
@@ -55,11 +59,11 @@ class Data2VecTask:
         self.normalizer: Normalizer = normalizer or (lambda count: float(max(count, 1)))
         self.compute_dtype = compute_dtype
 
-    def __call__(self, batch: Batch, *, step: int = 0) -> StepOutput:
+    def __call__(self, batch: Batch, *, step: int = 0, micro: int = 0) -> StepOutput:
         token_view = batch.masked_source is not None
         index = batch.index
         out = self.forward(batch.source, batch.mask, batch.source_lengths, masked_source=batch.masked_source,
-                           layer_seed=layer_seed(self.cfg.train.seed, step), index=index)
+                           layer_seed=layer_seed(self.cfg.train.seed, step, micro), index=index)
         padding = out.features.padding_mask
         mask = batch.mask
         y_BTD = self.teacher.targets(self._teacher_input(batch, out.features.x, token_view), padding,

@@ -1,4 +1,4 @@
-"""The data2vec 2.0 task (DESIGN.md 3.3; STYLE.md 5): what one micro-batch computes.
+"""The data2vec 2.0 task (docs/method.md §3.3): what one micro-batch computes.
 
 student(M clones, kept tokens only) -> decoder -> predictions at the masked positions of all B·M rows
 teacher(clean view, once per sample, no grad) -> targets B×T×D, indexed per clone (never recomputed)
@@ -41,13 +41,13 @@ def mean_target(y_BTD: Tensor, padding_mask_BT: Tensor | None) -> Tensor:
 class Data2VecV2Task(Data2VecTask):
     """Same construction as the 1.0 task (student, teacher, normalizer, engine forward)."""
 
-    def __call__(self, batch: Batch, *, step: int = 0) -> StepOutput:
+    def __call__(self, batch: Batch, *, step: int = 0, micro: int = 0) -> StepOutput:
         if batch.masked_source is not None:
             raise ValueError("2.0 batches carry no masked view (masked tokens are dropped); make them with the "
                              "2.0 collate (model.v2.enabled)")
         index = batch.index
         out = self.forward(batch.source, batch.mask, batch.source_lengths,
-                           layer_seed=layer_seed(self.cfg.train.seed, step), index=index)
+                           layer_seed=layer_seed(self.cfg.train.seed, step, micro), index=index)
         padding = out.features.padding_mask
         inputs = batch.source if self.cfg.teacher.input == "source" else out.features.x.detach()
         # Once per original sample: the M clones share these targets.

@@ -1,5 +1,5 @@
 """Fused GPU kernels for d2v, each beside a plain PyTorch reference and behind one dispatch
-function (DESIGN.md 5). Imports only torch and triton. `D2V_KERNELS=off` forces the references.
+function (docs/method.md §5). Imports only torch and triton. `D2V_KERNELS=off` forces the references.
 """
 from kernels.attention import attention
 from kernels.attention import buckets_for as attention_buckets

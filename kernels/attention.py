@@ -1,5 +1,5 @@
 """`kernels.attention`: the one attention entry point, dispatching between implementations
-(DESIGN.md 5).
+(docs/method.md §5).
 
 Legend: B batch, H heads, Tq/Tk query/key length, Dh head width.
 Contract: q, k, v are B×H×T×Dh (SDPA layout); key_padding_mask is B×Tk bool with True at

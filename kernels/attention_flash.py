@@ -1,4 +1,4 @@
-"""Launchers, custom ops and autograd for the Triton attention kernels (DESIGN.md 5).
+"""Launchers, custom ops and autograd for the Triton attention kernels (docs/method.md §5).
 
 Legend: B batch, H heads, Tq/Tk query/key length, Dh head width.
 `flash_attention` is what dispatch calls. The forward and backward are `torch.library` custom

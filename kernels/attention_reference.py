@@ -1,4 +1,4 @@
-"""Plain PyTorch attention: the reference every fast path is tested against (DESIGN.md 5).
+"""Plain PyTorch attention: the reference every fast path is tested against (docs/method.md §5).
 
 Legend: B batch, H heads, Tq/Tk query/key length, Dh head width.
 It materializes the Tq×Tk scores, so it costs O(T²) memory; it is the `D2V_KERNELS=off` path

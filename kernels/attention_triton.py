@@ -1,4 +1,4 @@
-"""FlashAttention-2 style Triton kernels, non-causal, forward and backward (DESIGN.md 5).
+"""FlashAttention-2 style Triton kernels, non-causal, forward and backward (docs/method.md §5).
 
 Legend: B batch, H heads, Tq/Tk query/key length, Dh head width, BH = B·H programs' axis.
 Dao 2023 (FlashAttention-2): the forward streams key tiles through an online softmax and saves

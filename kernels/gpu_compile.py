@@ -1,5 +1,5 @@
 """Compile Triton kernels for A100 (sm_80) and H100 (sm_90) without a GPU and read their
-resource usage from the cubin (DESIGN.md 5, "Verification without a GPU").
+resource usage from the cubin (docs/method.md §5, "Without a GPU").
 
 API (shared by every kernel module):
 * A kernel module declares `GPU_COMPILE_SPECS`: a list of dicts, either

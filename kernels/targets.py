@@ -1,4 +1,4 @@
-"""Dispatch for the streaming data2vec targets (DESIGN.md 5): `accumulate`, `finalize` and the
+"""Dispatch for the streaming data2vec targets (docs/method.md §5): `accumulate`, `finalize` and the
 list form `fused_targets`, with the semantics of d2v.targets (restated in targets_reference.py).
 
 Backend, chosen per call:

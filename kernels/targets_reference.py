@@ -1,4 +1,4 @@
-"""Plain PyTorch reference of the streaming target form (DESIGN.md 5; semantics of d2v/targets.py).
+"""Plain PyTorch reference of the streaming target form (docs/method.md §5; semantics of d2v/targets.py).
 
 Legend: B batch, T time, D width. `kernels` may not import `d2v`, so the semantics are restated
 here: norms are parameter-free and computed in fp32 with eps 1e-5; "instance" normalises each

@@ -1,4 +1,4 @@
-"""Triton kernels for the streaming data2vec targets (DESIGN.md 5): normalise a layer output and
+"""Triton kernels for the streaming data2vec targets (docs/method.md §5): normalise a layer output and
 add it into the fp32 running sum, and the final divide-by-K plus norm. Forward only.
 
 Legend: B batch, T time, D width. Inputs are bf16/fp16/fp32 with any strides; every statistic

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fine-tuning of a pretrained d2v encoder (issue 10): CTC speech recognition, image and text
+"""Fine-tuning of a pretrained d2v encoder (README, fine-tuning): CTC speech recognition, image and text
 classification, on the same config system and DeepSpeed launcher as pretraining.
 
   DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launchers/finetune.py --ds_config ds_configs/cpu.json \

@@ -1,4 +1,4 @@
-"""Benchmarks (issue: benchmarks): FLOP counts by hand, and short runs of each script that write
+"""Benchmarks: FLOP counts by hand, and short runs of each script that write
 a valid record (and a plot)."""
 import glob
 import json

@@ -1,4 +1,4 @@
-"""Cluster operations (issue: cluster ops): resharded resume, export, fault-safe saves, NaN skips,
+"""Cluster operations: resharded resume, export, fault-safe saves, NaN skips,
 preemption and bad-input errors."""
 import json
 import os

@@ -59,6 +59,31 @@ def test_random_resized_crop_and_transform():
     assert torch.equal(a, b)
 
 
+def test_color_jitter_matches_hand_computed_brightness_contrast_saturation():
+    """BEiT's ColorJitter(0.4, 0.4, 0.4): each factor uniform in [0.6, 1.4], the three in random order;
+    checked against float64 blends (brightness with black, contrast with the mean grey, saturation
+    with the grey image), up to Pillow's rounding to 8 bits after each step."""
+    from d2v.data.image import color_jitter
+
+    rgb = np.random.default_rng(3).integers(0, 255, (20, 28, 3), dtype=np.uint8)
+    im = Image.fromarray(rgb)
+    assert color_jitter(im, 0.0, torch.Generator().manual_seed(0)) is im
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        out = np.asarray(color_jitter(im, 0.4, g), dtype=np.float64)
+        g = torch.Generator().manual_seed(seed)  # replay the draws: order, then one factor per step
+        order = torch.randperm(3, generator=g).tolist()
+        x = rgb.astype(np.float64)
+        for i in order:
+            f = 0.6 + 0.8 * torch.rand((), generator=g).item()
+            assert 0.6 <= f <= 1.4
+            grey = x @ np.array([0.299, 0.587, 0.114])
+            other = {0: np.zeros_like(x), 1: np.full_like(x, np.round(grey.mean())), 2: grey[..., None]}[i]
+            x = np.clip(np.round(other + f * (x - other)), 0, 255)
+        assert np.abs(out - x).max() <= 3, (seed, order)
+        assert np.abs(out - rgb).max() > 10  # it did change the image
+
+
 def _png(seed):
     import io
 

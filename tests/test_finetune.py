@@ -1,4 +1,4 @@
-"""Fine-tuning (issue 10, items 4-6): CTC loss and greedy decoding against hand-computed values,
+"""Fine-tuning (README, fine-tuning): CTC loss and greedy decoding against hand-computed values,
 WER/CER against hand counts, the ImageFolder/TSV readers and their errors, and short in-process
 DeepSpeed runs whose loss falls for every task; one 2-rank launch of launchers/finetune.py."""
 import json

@@ -1,4 +1,4 @@
-"""Interop (issue 10, items 1-3): transformers export and parity, --init-from, fairseq import.
+"""Interop (README, interop): transformers export and parity, --init-from, fairseq import.
 
 transformers is the optional `hf` extra: the tests that load with it skip when it is absent; the
 fairseq tests never need fairseq or omegaconf (the checkpoints are written here, in their layout,

@@ -1,4 +1,4 @@
-"""Attention kernels (DESIGN.md 5): Triton interpreter parity against float64 references,
+"""Attention kernels (docs/method.md §5): Triton interpreter parity against float64 references,
 dropout-mask rebuild, dispatch with an injected timer, custom-op checks.
 
 Interpreter parity runs in fp32 (tl.dot on bf16 is wrong in the interpreter) on tiny shapes.

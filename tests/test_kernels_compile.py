@@ -1,4 +1,4 @@
-"""GPU-compile checks without a GPU (DESIGN.md 5): every entry of every kernel module's
+"""GPU-compile checks without a GPU (docs/method.md §5): every entry of every kernel module's
 GPU_COMPILE_SPECS is compiled for sm_80 and sm_90 at its production block sizes; a spill
 (LOCAL or STACK > 0) or shared memory over the per-block limit fails, and kernels/RESOURCES.md
 must match the live numbers (regenerate: python -m kernels.gpu_compile --markdown kernels/RESOURCES.md).

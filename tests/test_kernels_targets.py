@@ -1,4 +1,4 @@
-"""Fused target kernels (DESIGN.md 5): Triton interpreter parity against a float64 reference
+"""Fused target kernels (docs/method.md §5): Triton interpreter parity against a float64 reference
 written here, dispatch rules, custom-op checks and torch.compile tracing.
 
 Fresh random inputs each run (the seed is in every failure message); outputs come from

@@ -1,4 +1,4 @@
-"""BEiT block masks and text span/BERT masks (DESIGN.md 3.2)."""
+"""BEiT block masks and text span/BERT masks (docs/method.md §3.2)."""
 import torch
 
 from d2v.masking import apply_token_mask, block_mask_2d, text_span_mask

@@ -1,4 +1,4 @@
-"""wav2vec 2.0 span masking (DESIGN.md 3.2)."""
+"""wav2vec 2.0 span masking (docs/method.md §3.2)."""
 import pytest
 import torch
 
@@ -31,7 +31,7 @@ def test_min_equalization_lowers_the_rate_with_batch_size():
     r1 = sum(mask_rate(span_mask(1, 500, generator=g)) for _ in range(200)) / 200
     r8 = sum(mask_rate(span_mask(8, 500, generator=g)) for _ in range(50)) / 50
     rt = sum(mask_rate(span_mask(8, 500, equalize="target", generator=g)) for _ in range(50)) / 50
-    assert r8 < r1 - 0.02  # 0.449 vs 0.491 in DESIGN.md
+    assert r8 < r1 - 0.02  # 0.449 vs 0.491 in docs/method.md §3.2
     assert abs(rt - expected_span_rate(0.65, 10)) < 0.002
 
 

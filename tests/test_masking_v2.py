@@ -1,4 +1,4 @@
-"""data2vec 2.0 masks: exact counts per row, seeds (DESIGN.md 3.3)."""
+"""data2vec 2.0 masks: exact counts per row, seeds (docs/method.md §3.3)."""
 import torch
 
 from d2v.masking import block_mask_1d, inverse_block_mask_2d, random_mask

@@ -1,4 +1,4 @@
-"""Speech model structure (DESIGN.md 3.2, 8), FLOP counts and describe."""
+"""Speech model structure (docs/method.md §3.2, §8), FLOP counts and describe."""
 import json
 import subprocess
 import sys

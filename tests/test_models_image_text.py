@@ -1,4 +1,4 @@
-"""Vision (BEiT layout) and text (RoBERTa layout) models on the shared core (DESIGN.md 3.2, 8)."""
+"""Vision (BEiT layout) and text (RoBERTa layout) models on the shared core (docs/method.md §3.2, §8)."""
 import pytest
 import torch
 

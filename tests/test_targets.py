@@ -1,4 +1,4 @@
-"""Targets against an independent float64 reference written here (DESIGN.md 3.1 step 2)."""
+"""Targets against an independent float64 reference written here (docs/method.md §3.1 step 2)."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""EMA teacher (DESIGN.md 3.1 step 5): schedule, fp32 update, copies, no gradients."""
+"""EMA teacher (docs/method.md §3.1 step 5): schedule, fp32 update, copies, no gradients."""
 import pytest
 import torch
 

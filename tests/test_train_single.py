@@ -1,4 +1,4 @@
-"""A single-process DeepSpeed run of audio_tiny on synthetic speech-like data (issue: core)."""
+"""A single-process DeepSpeed run of audio_tiny on synthetic speech-like data (docs/method.md §3.1, §4)."""
 import os
 
 import pytest
@@ -109,3 +109,28 @@ def test_fp16_follows_what_the_accelerator_supports(monkeypatch, supported):
     assert next(trainer.student.parameters()).dtype == torch.float16
     m = trainer.train_step([next(synthetic_batches_for(cfg))])
     assert m.loss == m.loss and trainer.step in (0, 1)  # a finite loss; fp16's first step may be a skip
+
+
+def test_layerdrop_is_drawn_per_micro_batch_and_the_trainer_numbers_them():
+    """fairseq draws LayerDrop per forward: the micro-batches of one accumulated update drop different
+    blocks (still the same on every rank: the seed is a function of seed, update and micro index only)."""
+    from d2v.models.encoder import layerdrop_kept
+    from d2v.task import layer_seed
+    from d2v.train.trainer import Trainer
+
+    seeds = [layer_seed(1, 7, i) for i in range(4)]
+    assert len({s % 2**32 for s in seeds}) == 4  # torch seeds a CPU generator from the low 32 bits
+    assert seeds[0] == layer_seed(1, 7) == layer_seed(1, 7, 0)
+    kept = [[layerdrop_kept(12, 0.5, layer_seed(1, step, i)) for i in range(2)] for step in range(4)]
+    assert all(a != b for a, b in kept)
+    cfg = resolve("audio_tiny", overrides=["train.grad_accum=2", "model.layerdrop=0.5", "train.max_steps=1"])
+    trainer = Trainer(cfg, load_template(os.path.join(ROOT, "ds_configs", "cpu.json")))
+    calls, task = [], trainer.task
+
+    def recording(batch, **kw):
+        calls.append(kw)
+        return task(batch, **kw)
+
+    trainer.task = recording
+    trainer.fit(synthetic_batches_for(cfg))
+    assert calls == [{"step": 0, "micro": 0}, {"step": 0, "micro": 1}]

@@ -1,4 +1,4 @@
-"""data2vec 2.0 (DESIGN.md 3.3): masks made in collate, the kept-token student, decoders, the
+"""data2vec 2.0 (docs/method.md §3.3): masks made in collate, the kept-token student, decoders, the
 once-per-sample teacher, the task's loss, FLOPs, presets and config checks."""
 import math
 

@@ -1,4 +1,4 @@
-"""ZeRO 1/2/3 students with a sharded, offloadable fp32 EMA teacher (issue: ZeRO/teacher).
+"""ZeRO 1/2/3 students with a sharded, offloadable fp32 EMA teacher.
 
 One 2-rank launch runs every stage x preset x precision for 20 steps on fixed global batches
 (tests/dist/zero_equivalence.py). Here, one process runs the same global batches with the same

@@ -1,4 +1,4 @@
-"""Fills a DeepSpeed JSON template from the d2v config (STYLE.md 3).
+"""Fills a DeepSpeed JSON template from the d2v config.
 
 The JSON holds engine settings (ZeRO stage, buckets, offload). Batch sizes, precision, gradient
 clipping and the optimizer come from the d2v config; a template that sets one of them to a

@@ -1,5 +1,11 @@
-"""Presets as Python functions (STYLE.md 2): `audio_large()` starts from `audio_base()` and
-changes what differs. Numbers from DESIGN.md 3.2.
+"""Presets as Python functions: `audio_large()` starts from `audio_base()` and changes what differs.
+
+Every number of a base/large preset comes from the reference configuration named in its docstring
+(fairseq's `examples/data2vec/config/...`, data2vec_vision's `beit/README.md` commands) or the paper;
+docs/method.md (section "Presets") lists them with their sources and tests/test_presets.py holds them.
+`train.reference_batch` / `train.reference_gpus` give the reference run's global batch and GPU count;
+d2v.config.batch_plan derives the per-rank batch and accumulation at other world sizes. Tiny presets
+reproduce no reference run (reference_batch 0) and keep their per-rank batches.
 """
 from __future__ import annotations
 
@@ -17,22 +23,32 @@ def preset(fn: Callable[[], D2vConfig]) -> Callable[[], D2vConfig]:
 
 @preset
 def audio_base() -> D2vConfig:
-    """data2vec 1.0 speech Base: 12x768, LibriSpeech 960h recipe (DESIGN.md 3.2)."""
+    """data2vec 1.0 speech Base: 12x768, LibriSpeech 960h (fairseq `examples/data2vec/config/audio/
+    pretraining/base_librispeech.yaml`): 3.8 M samples per GPU x 16 GPUs = 60.8 M samples (63 min) per update."""
     cfg = D2vConfig(name="audio_base")
     # The schema's defaults are this preset; spell out the recipe-defining ones for readers.
     cfg.model.embed_dim, cfg.model.depth, cfg.model.num_heads, cfg.model.ffn_dim = 768, 12, 12, 3072
     cfg.teacher.top_k, cfg.teacher.layer_norm, cfg.teacher.final_norm = 8, "instance", None
     cfg.optim.lr, cfg.optim.schedule, cfg.train.max_steps = 5e-4, "tri_stage", 400_000
+    # fairseq's tri_stage default final_lr_scale (0.01), not overridden by the yaml.
+    cfg.optim.final_lr_scale = 0.01
+    cfg.data.max_samples_per_batch = 3_800_000
+    cfg.train.reference_batch, cfg.train.reference_gpus = 60_800_000, 16
     return cfg
 
 
 @preset
 def audio_large() -> D2vConfig:
-    """data2vec 1.0 speech Large: 24x1024, 16 heads."""
+    """data2vec 1.0 speech Large: 24x1024, 16 heads, FFN 4096 (the paper's Large, pretrained on Libri-light).
+
+    fairseq ships no 1.0 Large speech config; the training settings here are audio_base's (K=8, the
+    schedule, 3.8 M samples per GPU), so this preset reproduces no reference run (reference_batch 0).
+    """
     cfg = audio_base()
     cfg.name = "audio_large"
     cfg.model.embed_dim, cfg.model.depth, cfg.model.num_heads, cfg.model.ffn_dim = 1024, 24, 16, 4096
     cfg.teacher.top_k = 8
+    cfg.train.reference_batch, cfg.train.reference_gpus = 0, 0
     return cfg
 
 
@@ -58,6 +74,7 @@ def audio_tiny() -> D2vConfig:
     cfg.optim.phase_ratios = (0.1, 0.6, 0.3)
     cfg.train.max_steps = 300
     cfg.train.micro_batch_size = 4
+    cfg.train.reference_batch, cfg.train.reference_gpus = 0, 0
     cfg.train.log_every = 10
     cfg.train.save_every = 100
     cfg.data.min_sample_size = 8_000
@@ -82,7 +99,8 @@ def list_presets() -> list[str]:
 
 @preset
 def image_base() -> D2vConfig:
-    """data2vec 1.0 vision Base: BEiT-style ViT-B/16, ImageNet recipe (DESIGN.md 3.2)."""
+    """data2vec 1.0 vision Base: BEiT-style ViT-B/16, the ViT-B pretraining command of data2vec_vision's
+    `beit/README.md` (run_cyclical.py): 128 images per GPU x 16 GPUs, 800 epochs, warmup 10 epochs."""
     cfg = D2vConfig(name="image_base")
     m = cfg.model
     m.modality, m.layer_norm_first, m.norm_eps = "image", True, 1e-6
@@ -100,23 +118,43 @@ def image_base() -> D2vConfig:
     lo.kind, lo.beta, lo.reduction, lo.scale = "smooth_l1", 2.0, "mean", 1.0
     lo.min_target_std = lo.min_pred_std = 0.0  # the reference runs vision without the guard
     o = cfg.optim
+    # BEiT's optimizer also exempts the CLS token from weight decay (the factory marks it).
     o.lr, o.betas, o.eps, o.weight_decay, o.no_decay_1d = 2e-3, (0.9, 0.999), 1e-8, 0.05, True
-    # 2,048 images per update: 625 updates per ImageNet epoch; warmup 10 epochs, 800 epochs.
+    # 2,048 images per update: 625 updates per ImageNet epoch (1,281,167 // 128 // 16); warmup 10
+    # epochs, 800 epochs.
     o.schedule, o.warmup_steps, o.min_lr, o.clip_norm = "cosine", 6_250, 1e-5, 3.0
     cfg.train.max_steps, cfg.train.micro_batch_size = 500_000, 128
+    cfg.train.reference_batch, cfg.train.reference_gpus = 2_048, 16
     return cfg
 
 
 @preset
 def image_large() -> D2vConfig:
-    """data2vec 1.0 vision Large: ViT-L/16 (layer scale 1e-5, drop path 0.2, attention dropout 0.15)."""
+    """data2vec 1.0 vision Large, first phase: ViT-L/16 (layer scale 1e-5, drop path 0.2, attention dropout
+    0.15), the first ViT-L command of data2vec_vision's `beit/README.md`: 64 images per GPU x 64 GPUs,
+    800 epochs, warmup 80 epochs, tau 0.9998. The paper's ViT-L continues with `image_large_phase2`."""
     cfg = image_base()
     cfg.name = "image_large"
     m = cfg.model
     m.embed_dim, m.depth, m.num_heads, m.ffn_dim = 1024, 24, 16, 4096
     m.attention_dropout, m.image.layer_scale_init, m.image.drop_path = 0.15, 1e-5, 0.2
     cfg.optim.lr = 1e-3
+    # 4,096 images per update: 312 updates per epoch (1,281,167 // 64 // 64).
+    cfg.optim.warmup_steps, cfg.train.max_steps = 80 * 312, 800 * 312
     cfg.train.micro_batch_size = 64
+    cfg.train.reference_batch, cfg.train.reference_gpus = 4_096, 64
+    return cfg
+
+
+@preset
+def image_large_phase2() -> D2vConfig:
+    """data2vec 1.0 vision Large, second phase (`beit/README.md`, "another 800 epochs with constant ema
+    decay"): start with `--init-from` the first phase's exported student (the teacher starts as its copy),
+    tau 0.9999 from the first update, warmup 40 epochs, 800 more epochs."""
+    cfg = image_large()
+    cfg.name = "image_large_phase2"
+    cfg.teacher.ema_start = cfg.teacher.ema_end = 0.9999
+    cfg.optim.warmup_steps = 40 * 312
     return cfg
 
 
@@ -134,13 +172,15 @@ def image_tiny() -> D2vConfig:
     cfg.teacher.ema_start = cfg.teacher.ema_end = 0.998
     cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr = 1e-3, 30, 1e-5
     cfg.train.max_steps, cfg.train.micro_batch_size, cfg.train.save_every = 300, 32, 100
+    cfg.train.reference_batch, cfg.train.reference_gpus = 0, 0
     cfg.data.num_workers = 0
     return cfg
 
 
 @preset
 def text_base() -> D2vConfig:
-    """data2vec 1.0 text Base: RoBERTa-base layout, span masking of <mask> (DESIGN.md 3.2)."""
+    """data2vec 1.0 text Base: RoBERTa-base layout, span masking of <mask> (fairseq `examples/data2vec/config/
+    text/pretraining/base.yaml`): 8,192 tokens (16 sequences of 512) per GPU x 16 GPUs, 1 M updates."""
     cfg = D2vConfig(name="text_base")
     m = cfg.model
     m.modality, m.head = "text", "mlp"
@@ -152,6 +192,7 @@ def text_base() -> D2vConfig:
     # clean tokens (the reference fed it pads at unmasked positions, a known bug).
     t.ema_modules, t.copy_modules, t.input = ("encoder.blocks",), (), "features"
     t.top_k, t.tap, t.layer_norm, t.final_norm = 10, "ffn", "layer", None
+    # The paper's 100k anneal (section 4.3); the yaml has 300k. The paper describes the reported runs.
     t.ema_start, t.ema_end, t.ema_anneal_steps = 0.999, 0.9999, 100_000
     lo = cfg.loss
     lo.kind, lo.beta, lo.scale, lo.reduction = "smooth_l1", 4.0, 1.0, "sum_per_position"
@@ -159,16 +200,22 @@ def text_base() -> D2vConfig:
     o.lr, o.betas, o.eps, o.weight_decay = 2e-4, (0.9, 0.98), 1e-6, 0.01
     o.schedule, o.warmup_steps, o.clip_norm = "cosine", 10_000, 5.0
     cfg.train.max_steps, cfg.train.micro_batch_size = 1_000_000, 16
+    cfg.train.reference_batch, cfg.train.reference_gpus = 256, 16
     return cfg
 
 
 @preset
 def text_large() -> D2vConfig:
-    """data2vec 1.0 text Large: 24x1024, 16 heads."""
+    """data2vec 1.0 text Large: 24x1024, 16 heads, FFN 4096 (RoBERTa-large layout).
+
+    The 1.0 paper reports text Base only and fairseq ships no Large 1.0 text config: everything else is
+    text_base's, and the preset reproduces no reference run (reference_batch 0).
+    """
     cfg = text_base()
     cfg.name = "text_large"
     m = cfg.model
     m.embed_dim, m.depth, m.num_heads, m.ffn_dim = 1024, 24, 16, 4096
+    cfg.train.reference_batch, cfg.train.reference_gpus = 0, 0
     return cfg
 
 
@@ -187,11 +234,12 @@ def text_tiny() -> D2vConfig:
     cfg.loss.guard_after = 150
     cfg.optim.lr, cfg.optim.warmup_steps = 1e-3, 30
     cfg.train.max_steps, cfg.train.micro_batch_size, cfg.train.save_every = 300, 16, 100
+    cfg.train.reference_batch, cfg.train.reference_gpus = 0, 0
     cfg.data.num_workers = 0
     return cfg
 
 
-# -- data2vec 2.0 (DESIGN.md 3.3) ------------------------------------------------------------------
+# -- data2vec 2.0 (fairseq `examples/data2vec/config/v2/*.yaml`) ------------------------------------
 
 
 def _v2_optim(cfg: D2vConfig, lr: float, warmup: int, max_steps: int) -> None:
@@ -203,7 +251,8 @@ def _v2_optim(cfg: D2vConfig, lr: float, warmup: int, max_steps: int) -> None:
 
 @preset
 def audio_base_v2() -> D2vConfig:
-    """data2vec 2.0 speech Base: 12x768 post-LN with ALiBi, M=8 masks of 1-D blocks, conv decoder 4x384 k7."""
+    """data2vec 2.0 speech Base: 12x768 post-LN with ALiBi, M=8 masks of 1-D blocks, conv decoder 4x384 k7
+    (`v2/base_audio_only_task.yaml`): 1.0 M samples per GPU x 8 GPUs per update, 400k updates."""
     cfg = audio_base()
     cfg.name = "audio_base_v2"
     m, v = cfg.model, cfg.model.v2
@@ -221,21 +270,28 @@ def audio_base_v2() -> D2vConfig:
     t.ema_start, t.ema_end, t.ema_anneal_steps = 0.999, 0.99999, 75_000
     cfg.loss.kind, cfg.loss.scale, cfg.loss.reduction = "l2", None, "sum_per_position"
     _v2_optim(cfg, 7.5e-4, 8_000, 400_000)
+    cfg.data.max_samples_per_batch = 1_000_000
+    cfg.train.reference_batch, cfg.train.reference_gpus = 8_000_000, 8
     return cfg
 
 
 @preset
 def audio_large_v2() -> D2vConfig:
-    """data2vec 2.0 speech Large: 8 prenet + 16 main blocks x1024, 16 heads, M=12, R=0.55."""
+    """data2vec 2.0 speech Large: 8 prenet + 16 main blocks x1024, 16 heads, M=12, R=0.55
+    (`v2/large_audio_only_task.yaml`): 320k samples per GPU x 48 GPUs per update, 600k updates."""
     cfg = audio_base_v2()
     cfg.name = "audio_large_v2"
     m, v = cfg.model, cfg.model.v2
     m.embed_dim, m.depth, m.num_heads, m.ffn_dim = 1024, 16, 16, 4096
+    m.layerdrop = 0.0  # prenet too (prenet_layerdrop: 0)
     v.prenet_depth, v.num_masks, v.decoder_dim = 8, 12, 768
     cfg.masking.mask_prob, cfg.masking.mask_adjust = 0.55, 0.10
     t = cfg.teacher
     t.top_k, t.ema_start, t.ema_end, t.ema_anneal_steps = 16, 0.9997, 1.0, 300_000
-    cfg.optim.lr, cfg.optim.clip_norm = 4e-4, 1.0
+    _v2_optim(cfg, 4e-4, 10_000, 600_000)
+    cfg.optim.clip_norm = 1.0
+    cfg.data.max_samples_per_batch = 320_000
+    cfg.train.reference_batch, cfg.train.reference_gpus = 15_360_000, 48
     return cfg
 
 
@@ -260,13 +316,16 @@ def audio_tiny_v2() -> D2vConfig:
 @preset
 def image_base_v2() -> D2vConfig:
     """data2vec 2.0 vision Base: ViT-B/16 post-LN, sin-cos positions, 2 prenet + 10 main blocks, CLS loss,
-    M=16 inverse-block masks keeping 39 of 196 patches, 2-D conv decoder 6x768 k3."""
+    M=16 inverse-block masks keeping 39 of 196 patches, 2-D conv decoder 6x768 k3 (`v2/base_images_only_task.yaml`):
+    16 images per GPU x 16 GPUs per update, 375,300 updates (75 epochs), warmup 50,040."""
     cfg = image_base()
     cfg.name = "image_base_v2"
     m, v = cfg.model, cfg.model.v2
     m.depth, m.layer_norm_first, m.norm_eps = 10, False, 1e-6
     m.dropout, m.attention_dropout, m.activation_dropout, m.layerdrop = 0.0, 0.0, 0.0, 0.0
     m.image.rel_pos_bias, m.image.layer_scale_init, m.image.drop_path = False, 0.0, 0.0
+    # MAE's augmentation (`examples/data2vec/data/mae_image_dataset.py`): crop scale 0.2-1, flip, no jitter.
+    m.image.crop_scale, m.image.color_jitter = (0.2, 1.0), 0.0
     v.enabled, v.num_masks, v.prenet_depth = True, 16, 2
     v.sincos_positions, v.cls_token, v.cls_loss = True, True, 0.01
     v.decoder_dim, v.decoder_kernel, v.decoder_layers, v.decoder_groups = 768, 3, 6, 16
@@ -281,13 +340,16 @@ def image_base_v2() -> D2vConfig:
     cfg.loss.kind, cfg.loss.beta, cfg.loss.scale, cfg.loss.reduction = "l2", 0.0, None, "sum_per_position"
     o = cfg.optim
     o.betas, o.eps, o.weight_decay, o.clip_norm = (0.9, 0.95), 1e-8, 0.05, 4.0
-    _v2_optim(cfg, 1e-3, 50_000, 500_000)
+    _v2_optim(cfg, 1e-3, 50_040, 375_300)
+    cfg.train.micro_batch_size = 16
+    cfg.train.reference_batch, cfg.train.reference_gpus = 256, 16
     return cfg
 
 
 @preset
 def image_large_v2() -> D2vConfig:
-    """data2vec 2.0 vision Large: ViT-L/16, K=18 of 24, keep 49 patches, decoder 3x1024 k5."""
+    """data2vec 2.0 vision Large: ViT-L/16, K=18 of 24, keep 49 patches, decoder 3x1024 k5
+    (`v2/large_images_only_task.yaml`): 8 images per GPU x 16 GPUs per update, 375,300 updates."""
     cfg = image_base_v2()
     cfg.name = "image_large_v2"
     m, v = cfg.model, cfg.model.v2
@@ -297,7 +359,8 @@ def image_large_v2() -> D2vConfig:
     t = cfg.teacher
     t.top_k, t.ema_start, t.ema_end, t.ema_anneal_steps = 18, 0.9998, 0.99999, 150_000
     cfg.optim.lr = 4e-4
-    cfg.train.micro_batch_size = 64
+    cfg.train.micro_batch_size = 8
+    cfg.train.reference_batch, cfg.train.reference_gpus = 128, 16
     return cfg
 
 
@@ -323,7 +386,8 @@ def image_tiny_v2() -> D2vConfig:
 @preset
 def text_base_v2() -> D2vConfig:
     """data2vec 2.0 text Base: RoBERTa-base layout, M=8 random 48% masks (dropped, no <mask>), conv decoder
-    5x768 k9 without groups or residuals and a 2-layer projection."""
+    5x768 k9 without groups or residuals and a 2-layer projection (`v2/base_text_only_task.yaml`): 4 sequences
+    of 512 per GPU x 16 GPUs per update, 1 M updates."""
     cfg = text_base()
     cfg.name = "text_base_v2"
     v = cfg.model.v2
@@ -340,19 +404,25 @@ def text_base_v2() -> D2vConfig:
     cfg.loss.kind, cfg.loss.beta, cfg.loss.scale, cfg.loss.reduction = "l2", 0.0, 1.0, "sum_per_position"
     cfg.optim.clip_norm = 1.0
     _v2_optim(cfg, 2e-4, 4_000, 1_000_000)
+    cfg.train.micro_batch_size = 4
+    cfg.train.reference_batch, cfg.train.reference_gpus = 64, 16
     return cfg
 
 
 @preset
 def text_large_v2() -> D2vConfig:
-    """data2vec 2.0 text Large: 24x1024, 16 heads; LN per layer then IN after averaging, K=24."""
+    """data2vec 2.0 text Large: 24x1024, 16 heads; LN per layer then IN after averaging, K=24, random 50% masks
+    (`v2/large_text_only_task.yaml`): 2 sequences of 512 per GPU x 32 GPUs per update, 600k updates."""
     cfg = text_base_v2()
     cfg.name = "text_large_v2"
     m = cfg.model
     m.embed_dim, m.depth, m.num_heads, m.ffn_dim = 1024, 24, 16, 4096
     t = cfg.teacher
     t.top_k, t.layer_norm, t.final_norm = 24, "layer", "instance"
+    cfg.masking.mask_prob = 0.5
     cfg.optim.lr, cfg.train.max_steps = 1e-4, 600_000
+    cfg.train.micro_batch_size = 2
+    cfg.train.reference_batch, cfg.train.reference_gpus = 64, 32
     return cfg
 
 

@@ -1,6 +1,6 @@
 """The typed config tree: one dataclass per section, a one-line doc under every field.
 
-Standard library only (STYLE.md, dependency direction). Presets live in `presets.py`, YAML and
+Standard library only (the dependency direction: config imports nothing of d2v). Presets live in `presets.py`, YAML and
 `key=value` overrides in `overrides.py`, the DeepSpeed JSON filler in `deepspeed_json.py`.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 @dataclass(kw_only=True)
 class AudioFeatureConfig:
-    """The waveform encoder and the convolutional positional encoder (DESIGN.md 3.2, audio)."""
+    """The waveform encoder and the convolutional positional encoder (docs/method.md §3.2, audio)."""
 
     conv_layers: tuple[tuple[int, int, int], ...] = (
         (512, 10, 5), (512, 3, 2), (512, 3, 2), (512, 3, 2), (512, 3, 2), (512, 2, 2), (512, 2, 2),
@@ -28,7 +28,7 @@ class AudioFeatureConfig:
 
 @dataclass(kw_only=True)
 class ImageFeatureConfig:
-    """Patch embedding and BEiT-style positions (DESIGN.md 3.2, vision)."""
+    """Patch embedding and BEiT-style positions (docs/method.md §3.2, vision)."""
 
     image_size: int = 224
     """Input height and width in pixels."""
@@ -46,11 +46,15 @@ class ImageFeatureConfig:
     """Per-channel mean used to normalise pixels (ImageNet)."""
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     """Per-channel std used to normalise pixels (ImageNet)."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """Random resized crop: range of the crop's area as a fraction of the image (BEiT 0.08-1; 2.0 0.2-1, MAE)."""
+    color_jitter: float = 0.4
+    """Brightness, contrast and saturation jitter strength, applied before flip and crop (BEiT 0.4; 0 disables, 2.0)."""
 
 
 @dataclass(kw_only=True)
 class TextFeatureConfig:
-    """Token embedding in the RoBERTa layout (DESIGN.md 3.2, 8)."""
+    """Token embedding in the RoBERTa layout (docs/method.md §3.2, §8)."""
 
     vocab_size: int = 50_265
     """Embedding rows, `<mask>` (the last id) included."""
@@ -68,7 +72,7 @@ class TextFeatureConfig:
 
 @dataclass(kw_only=True)
 class V2Config:
-    """data2vec 2.0 (DESIGN.md 3.3): the student encodes only kept tokens, M masks per sample, conv decoder."""
+    """data2vec 2.0 (docs/method.md §3.3): the student encodes only kept tokens, M masks per sample, conv decoder."""
 
     enabled: bool = False
     """Build the 2.0 student (kept tokens only, multi-mask, conv decoder) and pick the 2.0 task."""
@@ -148,7 +152,7 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class MaskingConfig:
-    """How the student's view is masked; masks are made in the collate step (DESIGN.md 2)."""
+    """How the student's view is masked; masks are made in the collate step (docs/method.md §2)."""
 
     kind: str = "span"
     """Mask generator: span (wav2vec 2.0, audio 1.0) | block_2d (BEiT, image 1.0) | text_span (spans of <mask>, text 1.0) | bert (15%, 80/10/10) | 2.0: block_1d (audio) | inverse_block_2d (image) | random (text)."""
@@ -182,7 +186,7 @@ class MaskingConfig:
 
 @dataclass(kw_only=True)
 class TeacherConfig:
-    """The EMA teacher: what it tracks, its decay schedule and its targets (DESIGN.md 3.1)."""
+    """The EMA teacher: what it tracks, its decay schedule and its targets (docs/method.md §3.1)."""
 
     ema_start: float = 0.999
     """EMA decay tau at update 0."""
@@ -210,7 +214,7 @@ class TeacherConfig:
 
 @dataclass(kw_only=True)
 class LossConfig:
-    """The regression loss at masked positions (DESIGN.md 3.1 step 4)."""
+    """The regression loss at masked positions (docs/method.md §3.1 step 4)."""
 
     kind: str = "l2"
     """Per-element loss: l2 | smooth_l1."""
@@ -250,7 +254,7 @@ class OptimConfig:
     """Tri-stage warmup/hold/decay fractions of max_steps."""
     init_lr_scale: float = 0.01
     """Tri-stage: LR at step 0 as a fraction of the peak."""
-    final_lr_scale: float = 0.05
+    final_lr_scale: float = 0.01
     """Tri-stage: LR at the end as a fraction of the peak (cosine decays to min_lr)."""
     min_lr: float = 0.0
     """Cosine: LR at the end of the schedule."""
@@ -274,8 +278,8 @@ class DataConfig:
     """Audio: utterances shorter than this many samples are skipped (2 s)."""
     max_sample_size: int = 320_000
     """Audio: longer utterances are randomly cropped to this many samples (20 s)."""
-    max_samples_per_batch: int = 1_400_000
-    """Audio: budget of total samples per micro-batch (batch size x padded length)."""
+    max_samples_per_batch: int = 3_800_000
+    """Audio: budget of total samples per micro-batch (batch size x padded length; fairseq's max_tokens)."""
     normalize: bool = True
     """Audio: normalise each utterance to zero mean and unit variance."""
     pad: bool = False
@@ -300,6 +304,13 @@ class TrainConfig:
     """Micro-batches accumulated per optimizer update."""
     global_batch_size: int | None = None
     """If set, must equal micro_batch_size x grad_accum x world size (checked)."""
+    reference_batch: int = 0
+    """Global batch per update of the reference run the preset reproduces, before the M clones: images or
+    sequences, or for audio waveform samples (a budget, like fairseq's max_tokens); 0: no reference run."""
+    reference_gpus: int = 0
+    """GPU count of that reference run; at another world size the per-rank batch and grad_accum follow
+    from reference_batch (d2v.config.batch_plan), unless train.micro_batch_size / train.grad_accum /
+    data.max_samples_per_batch were set to other values than the preset's."""
     precision: str = "bf16"
     """bf16 (DeepSpeed's bf16 mode, fp32 master weights) | fp16 (dynamic loss scaling) | fp32."""
     seed: int = 1

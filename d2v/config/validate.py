@@ -8,7 +8,7 @@ if TYPE_CHECKING:
 
 MODALITIES = ("audio", "image", "text")
 MASKS = {"audio": ("span",), "image": ("block_2d",), "text": ("text_span", "bert")}
-# data2vec 2.0 masks: exact counts per row so kept tokens gather densely (DESIGN.md 3.3).
+# data2vec 2.0 masks: exact counts per row so kept tokens gather densely (docs/method.md §3.3).
 MASKS_V2 = {"audio": ("block_1d",), "image": ("inverse_block_2d",), "text": ("random",)}
 TEACHER_INPUT_V2 = {"audio": "features", "image": "source", "text": "features"}
 NORMS = ("instance", "layer", None)
@@ -87,6 +87,14 @@ def _problems(cfg: "D2vConfig") -> list[str]:
         p.append(f"train.precision={tr.precision!r}: use bf16, fp16 or fp32")
     if tr.max_steps < 1 or tr.micro_batch_size < 1 or tr.grad_accum < 1:
         p.append("train.max_steps, train.micro_batch_size and train.grad_accum must be >= 1")
+    if tr.reference_batch < 0 or (tr.reference_batch > 0 and tr.reference_gpus < 1):
+        p.append(f"train.reference_batch={tr.reference_batch} needs train.reference_gpus >= 1 "
+                 f"(got {tr.reference_gpus}); set train.reference_batch=0 for a run that reproduces no reference")
+    im = cfg.model.image
+    if not 0 < im.crop_scale[0] <= im.crop_scale[1] <= 1:
+        p.append(f"model.image.crop_scale={im.crop_scale}: need 0 < low <= high <= 1 (area fractions)")
+    if im.color_jitter < 0:
+        p.append(f"model.image.color_jitter={im.color_jitter} must be >= 0 (0 disables)")
     if tr.wandb not in ("disabled", "offline", "online"):
         p.append(f"train.wandb={tr.wandb!r}: use disabled, offline or online")
     d = cfg.data

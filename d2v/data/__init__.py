@@ -1,6 +1,6 @@
-"""Data pipeline: shard preparation, deterministic resumable loaders, demo data (DESIGN.md 4).
+"""Data pipeline: shard preparation, deterministic resumable loaders, demo data (docs/method.md §4).
 
-Never imports d2v.models or deepspeed (DESIGN.md 2).
+Never imports d2v.models or deepspeed (docs/method.md §2).
 """
 from d2v.data.audio import (AudioLoaderOptions, audio_train_loader, audio_validation_loader, collate_audio,
                             span_mask_fn)

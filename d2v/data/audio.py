@@ -1,4 +1,4 @@
-"""Speech loading: FLAC samples from WebDataset shards into `Batch`es (DESIGN.md 3.2 and 4).
+"""Speech loading: FLAC samples from WebDataset shards into `Batch`es (docs/method.md §3.2 and §4).
 
 As the data2vec reference (fairseq `RawAudioDataset` with `normalize: true`): 16 kHz mono,
 each utterance normalized to zero mean and unit variance, utterances under
@@ -86,7 +86,7 @@ class SpanMaskFn:
 
 def span_mask_fn(mask_prob: float = 0.65, mask_length: int = 10, min_masks: int = 1,
                  equalize: str | None = "min") -> SpanMaskFn:
-    """The data2vec 1.0 speech mask (DESIGN.md 3.2) for `mask_fn`."""
+    """The data2vec 1.0 speech mask (docs/method.md §3.2) for `mask_fn`."""
     return SpanMaskFn(mask_prob, mask_length, min_masks, equalize)
 
 

@@ -1,4 +1,4 @@
-"""`python -m d2v.data.demo_asr OUT`: a labelled speech-recognition demo, offline (issue 10, item 4).
+"""`python -m d2v.data.demo_asr OUT`: a labelled speech-recognition demo, offline (README, fine-tuning).
 
 eSpeak NG speech (see `d2v.data.demo`, `d2v.data.espeak`) of sentences from CPython's own
 documentation, with known transcripts. Two voices are held out for evaluation and never spoken

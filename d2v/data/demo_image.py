@@ -1,4 +1,4 @@
-"""Built-in image demo data, no download (issue: vision/text): the handwritten digits and the two
+"""Built-in image demo data, no download: the handwritten digits and the two
 photographs that scikit-learn ships.
 
 * digits: 1,797 8x8 grey images of the classes 0-9, upsampled to 32x32 RGB (the class folders the

@@ -1,4 +1,4 @@
-"""Built-in text demo corpus, no download (issue: vision/text): text every Python installation
+"""Built-in text demo corpus, no download: text every Python installation
 ships — the documentation topics in `pydoc_data` and the docstrings of the standard library's
 modules (read from source with `ast`, nothing imported). Paragraphs become documents.
 """

@@ -1,5 +1,5 @@
 """`python -m d2v.data.demo_text_cls OUT`: a small labelled text-classification demo, offline
-(issue 10, item 6).
+(README, fine-tuning).
 
 Sentences from the docstrings of six standard-library packages every CPython ships, labelled by
 the package family they document: asyncio, email, tkinter (gui), http + urllib (web), xml and

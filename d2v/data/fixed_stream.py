@@ -1,4 +1,4 @@
-"""Fixed-size batches from WebDataset shards, distributed and resumable (DESIGN.md 4), for the
+"""Fixed-size batches from WebDataset shards, distributed and resumable (docs/method.md §4), for the
 image and text pipelines.
 
 * Shard order is a function of (seed, epoch); shard i of that order goes to rank i mod W, and a

@@ -1,9 +1,12 @@
-"""Image decoding, augmentation and collation for vision pretraining (DESIGN.md 3.2), with
-Pillow and torch only (torchvision is not installable beside torch 2.13 CPU).
+"""Image decoding, augmentation and collation for vision pretraining, with Pillow and torch only
+(torchvision is not installable beside torch 2.13 CPU).
 
-RandomResizedCrop (area fraction in `scale`, aspect ratio log-uniform in `ratio`, 10 tries then
-a centre crop), horizontal flip, per-channel normalisation. Every random draw comes from a
-torch.Generator the loader seeds from (seed, epoch, rank, worker, position), so a batch is a
+data2vec 1.0 follows BEiT's `DataAugmentationForBEiT` (data2vec_vision `beit/datasets.py`): colour
+jitter (brightness, contrast, saturation 0.4, in random order), horizontal flip, then a random resized
+crop with area fraction in (0.08, 1). data2vec 2.0 follows MAE (fairseq `examples/data2vec/data/
+mae_image_dataset.py`): random resized crop with area fraction in (0.2, 1), flip, no jitter. The crop
+draws the aspect ratio log-uniform in `ratio`, 10 tries, then a centre crop. Every random draw comes
+from a torch.Generator the loader seeds from (seed, epoch, rank, worker, position), so a batch is a
 function of its position. BEiT block masks are made here, in the collate step.
 """
 from __future__ import annotations
@@ -13,7 +16,7 @@ import math
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from d2v.batch import Batch
 from d2v.masking import block_mask_2d
@@ -47,14 +50,34 @@ def random_resized_crop_box(width: int, height: int, g: torch.Generator, scale=(
     return (width - side) // 2, (height - side) // 2, side, side
 
 
+# Pillow's enhancers behind torchvision's ColorJitter on PIL images: brightness blends with black,
+# contrast with the mean grey level, saturation with the greyscale image.
+_ENHANCERS = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+
+
+def color_jitter(image: Image.Image, strength: float, g: torch.Generator) -> Image.Image:
+    """Brightness, contrast and saturation, each by a factor uniform in [1 - s, 1 + s], in random order."""
+    if strength <= 0:
+        return image
+    lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
+    for i in torch.randperm(len(_ENHANCERS), generator=g).tolist():
+        factor = lo + (hi - lo) * torch.rand((), generator=g).item()
+        image = _ENHANCERS[i](image).enhance(factor)
+    return image
+
+
 class ImageTransform:
-    def __init__(self, size: int, mean, std, *, scale=(0.08, 1.0), train: bool = True) -> None:
-        self.size, self.scale, self.train = size, scale, train
+    def __init__(self, size: int, mean, std, *, scale=(0.08, 1.0), color_jitter: float = 0.0,
+                 train: bool = True) -> None:
+        self.size, self.scale, self.jitter, self.train = size, tuple(scale), color_jitter, train
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
 
     def __call__(self, image: Image.Image, g: torch.Generator) -> torch.Tensor:
         if self.train:
+            # Jitter first, over the whole image (contrast blends with its mean grey), as BEiT does; the
+            # flip before or after the crop gives the same distribution.
+            image = color_jitter(image, self.jitter, g)
             left, top, w, h = random_resized_crop_box(image.width, image.height, g, self.scale)
             image = image.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
             if torch.rand((), generator=g).item() < 0.5:

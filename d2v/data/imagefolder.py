@@ -1,5 +1,5 @@
 """ImageFolder-style trees (ROOT/CLASS/*.png|jpg) for image classification, and the digits demo
-written as one (issue 10, item 5).
+written as one (README, fine-tuning).
 
 `read_imagefolder` loads every image of every class folder (sorted; label = index of the class
 name in the sorted list, or in `classes` when given so that an evaluation tree uses the training

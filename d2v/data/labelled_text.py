@@ -1,4 +1,4 @@
-"""Labelled text for classification (issue 10, item 6): a TSV file of `text<TAB>label` lines,
+"""Labelled text for classification (README, fine-tuning): a TSV file of `text<TAB>label` lines,
 UTF-8, no header. Blank lines are ignored; every other line must have exactly one tab, a
 non-empty text and a non-empty label. Labels are indexed in sorted order, or by the training
 file's list when `labels` is given (an evaluation file with an unseen label is an error).

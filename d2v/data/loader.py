@@ -1,6 +1,6 @@
 """Deterministic, resumable shard loaders around torch's DataLoader (modality-generic).
 
-DESIGN.md 4. The plan (`d2v.data.plan`) says which samples every (rank, worker) stream batches;
+docs/method.md §4. The plan (`d2v.data.plan`) says which samples every (rank, worker) stream batches;
 this module runs it:
 
 * `PlannedBatches` is the IterableDataset a DataLoader worker runs: it reads its stream's

@@ -1,4 +1,4 @@
-"""data2vec 2.0 masks for the collate step (DESIGN.md 3.3): M masks per sample, B×M×T bool
+"""data2vec 2.0 masks for the collate step (docs/method.md §3.3): M masks per sample, B×M×T bool
 (True = masked, dropped from the student's input and predicted), with the same number of kept
 tokens in every row so the student gathers them densely.
 

@@ -1,6 +1,6 @@
 """Epoch plans: which samples every (rank, worker) stream batches together, from lengths alone.
 
-DESIGN.md 4. A plan is a pure function of (sidecar lengths, seed, epoch, world size, workers per
+docs/method.md §4. A plan is a pure function of (sidecar lengths, seed, epoch, world size, workers per
 rank, batching options), so every rank computes every rank's plan identically without
 communication or decoding, and a resumed run recomputes where it stopped.
 

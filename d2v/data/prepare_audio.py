@@ -1,4 +1,4 @@
-"""Audio corpus → WebDataset shards, a length sidecar and a skip report (DESIGN.md 1 and 4).
+"""Audio corpus → WebDataset shards, a length sidecar and a skip report (docs/method.md §1 and §4).
 
 Input: a LibriSpeech-style tree (SPEAKER/CHAPTER/*.flac|*.wav with SPEAKER-CHAPTER.trans.txt
 files) or any folder of audio files. Each file is read with soundfile, mixed to mono, resampled

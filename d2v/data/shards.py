@@ -1,6 +1,6 @@
 """Modality-generic WebDataset shard handling: patterns, the length sidecar, epoch plans, reading.
 
-DESIGN.md 4 ("Data"). The loaders never ask WebDataset which samples a rank gets: every rank
+docs/method.md §4 ("Data"). The loaders never ask WebDataset which samples a rank gets: every rank
 reads the length sidecar written by `d2v.data.prepare` and computes, without communication or
 decoding, the same epoch plan (shard order, each stream's slice, its batches). A "stream" is
 one (rank, loader worker) pair; streams read disjoint, contiguous slices of the epoch's sample

@@ -1,4 +1,4 @@
-"""Token blocks to masked text batches (DESIGN.md 3.2): the collate step selects spans (or BERT's
+"""Token blocks to masked text batches (docs/method.md §3.2): the collate step selects spans (or BERT's
 15%) and writes the student's view (`<mask>`, random or unchanged tokens); the clean tokens stay
 the teacher's input. Padding is never selected.
 """

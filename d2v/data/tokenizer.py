@@ -1,4 +1,4 @@
-"""Tokenizers with RoBERTa's special ids (DESIGN.md 8): `<s>` 0, `<pad>` 1, `</s>` 2, `<unk>` 3,
+"""Tokenizers with RoBERTa's special ids (docs/method.md §8): `<s>` 0, `<pad>` 1, `</s>` 2, `<unk>` 3,
 `<mask>` the last id.
 
 * SentencePiece: trained here (`train_sentencepiece`) with those four ids; `<mask>` is appended

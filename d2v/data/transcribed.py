@@ -1,5 +1,5 @@
 """Transcribed speech from prepared shards (`KEY.flac` + `KEY.txt`, as `d2v.data.prepare audio`
-writes them for a LibriSpeech-style tree) for CTC fine-tuning (issue 10, item 4). Small sets only:
+writes them for a LibriSpeech-style tree) for CTC fine-tuning (README, fine-tuning). Small sets only:
 everything is decoded into memory.
 """
 from __future__ import annotations

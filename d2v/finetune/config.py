@@ -1,5 +1,5 @@
 """The fine-tuning config: the pretrained model's section plus optimizer, loop and task settings,
-in the same typed tree and `key=value` override syntax as pretraining (STYLE.md 2).
+in the same typed tree and `key=value` override syntax as pretraining.
 
 The model section comes from the checkpoint or export that initialises the run (or a preset for
 a random-init run without one); task defaults follow fairseq's wav2vec 2.0 / data2vec fine-tuning

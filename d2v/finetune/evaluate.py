@@ -1,4 +1,4 @@
-"""`python -m d2v.finetune.evaluate` (what `make eval` runs; issue 10, item 7): the three demo
+"""`python -m d2v.finetune.evaluate` (what `make eval` runs): the three demo
 evaluations, each for the pretrained demo checkpoint (runs/demo-<modality>) and for the same
 architecture at random initialisation, as one table.
 

@@ -1,4 +1,4 @@
-"""A pretrained encoder with a task head (issue 10, items 4-6).
+"""A pretrained encoder with a task head (README, fine-tuning).
 
 The backbone is the data2vec student without its pretraining parts (regression head, mask
 embedding). Speech recognition puts a linear CTC head on every frame; classification averages

@@ -1,5 +1,5 @@
 """`python -m d2v.finetune.probe --task image_cls|text_cls --init CKPT --train-data ... --eval-data ...`:
-a linear probe of frozen encoder features on the fine-tuning data (issue 10, items 5-6).
+a linear probe of frozen encoder features on the fine-tuning data (README, fine-tuning).
 
 Features are the encoder outputs averaged over the real positions (the fine-tuning head's
 pooling), computed in fp32 without masking; `d2v.probe.fit_probe` fits a logistic regression on

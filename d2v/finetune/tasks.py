@@ -1,4 +1,4 @@
-"""What each fine-tuning task reads, batches, optimises and scores (STYLE.md 5: the task is not
+"""What each fine-tuning task reads, batches, optimises and scores (the task is not
 the loop). All three keep their (small) data in memory; `batch(split, indices)` builds one
 micro-batch, `loss` the training objective, `score` additive counts that ranks sum before
 `summarize` turns them into metrics.

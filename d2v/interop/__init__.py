@@ -1,4 +1,4 @@
-"""Interop with transformers and fairseq: HF export, --init-from, fairseq import.
+"""Interop with transformers and fairseq: HF export, --init-from, fairseq import (README, interop).
 
 Importing this package pulls in neither transformers nor fairseq: export writes plain JSON and
 safetensors, and every weight file is read through d2v.safe_load (no code in a file runs).

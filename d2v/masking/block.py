@@ -1,4 +1,4 @@
-"""data2vec 2.0 masks (DESIGN.md 3.3; the reference's compute_block_mask_1d/2d and MAE's random
+"""data2vec 2.0 masks (docs/method.md §3.3; the reference's compute_block_mask_1d/2d and MAE's random
 masking), made in the collate step with an exact count per row so kept tokens gather densely.
 
 Block masks: with R the masked fraction, A the adjustment and B the block width, draw

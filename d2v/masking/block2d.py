@@ -1,4 +1,4 @@
-"""BEiT block-wise masking for images (data2vec 1.0 vision, DESIGN.md 3.2).
+"""BEiT block-wise masking for images (data2vec 1.0 vision, docs/method.md §3.2).
 
 Blocks are added until the image has `num_masked` masked patches. Each block has an area drawn
 from U[min_block, min(remaining, max_block)] and an aspect ratio r = exp(U[log a, log 1/a]),

@@ -1,4 +1,4 @@
-"""wav2vec 2.0 span masking, as data2vec 1.0 speech uses it (DESIGN.md 3.2; the reference's
+"""wav2vec 2.0 span masking, as data2vec 1.0 speech uses it (docs/method.md §3.2; the reference's
 `compute_mask_indices` with mask_selection "static", no_overlap False, require_same_masks True).
 
 For a row with `n` valid frames, draw k = max(min_masks, int(p·n/L + U[0,1))) distinct span

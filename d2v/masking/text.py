@@ -1,4 +1,4 @@
-"""Text masking (data2vec 1.0 text, DESIGN.md 3.2; fairseq's MaskTokensDataset).
+"""Text masking (data2vec 1.0 text, docs/method.md §3.2; fairseq's MaskTokensDataset).
 
 `text_span_mask`: per row of n real tokens, k = int(p·n/L + U[0,1)) distinct starts, each
 expanded to L tokens (clipped at the row end); overlaps merge, so p=0.35, L=4 selects ≈31%.

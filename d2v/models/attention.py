@@ -1,7 +1,7 @@
-"""Multi-head self-attention that calls only `kernels.attention` (DESIGN.md 5).
+"""Multi-head self-attention that calls only `kernels.attention` (docs/method.md §5).
 
 Legend: B batch, T sequence, D width, H heads, Dh = D / H.
-Separate q/k/v/out projections keep the transformers export a renaming (DESIGN.md 8).
+Separate q/k/v/out projections keep the transformers export a renaming (docs/method.md §8).
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""Speech feature encoder and convolutional positional encoder (data2vec 1.0 audio, DESIGN.md 3.2).
+"""Speech feature encoder and convolutional positional encoder (data2vec 1.0 audio, docs/method.md §3.2).
 
 Legend: B batch, S waveform samples, C conv channels, T frames, D model width.
 Module names follow transformers' Data2VecAudioModel one-to-one so that export is a renaming
-(DESIGN.md 8): conv_layers.i.{conv,layer_norm} ~ feature_extractor.conv_layers.i.*,
+(docs/method.md §8): conv_layers.i.{conv,layer_norm} ~ feature_extractor.conv_layers.i.*,
 {layer_norm,projection} ~ feature_projection.*, pos_conv.layers.i.conv ~ encoder.pos_conv_embed.*.
 """
 from __future__ import annotations
@@ -90,9 +90,8 @@ class PosConvLayer(nn.Module):
         self.conv = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups)
         self.trim = 1 if kernel % 2 == 0 else 0  # an even kernel yields one extra frame
         self.layer_norm = nn.LayerNorm(dim, eps=1e-5, elementwise_affine=False)
-        # fairseq's initialisation of the positional conv.
-        nn.init.normal_(self.conv.weight, mean=0.0, std=(4.0 / (kernel * dim)) ** 0.5)
-        nn.init.zeros_(self.conv.bias)
+        # PyTorch's default init: fairseq's multi-layer positional conv (pos_conv_depth > 1,
+        # `make_conv_block` in wav2vec2.py) sets none; the N(0, 4/(k·D)) init is its 1-layer variant's.
 
     def forward(self, x_BDT: Tensor) -> Tensor:
         x = self.conv(x_BDT)

@@ -1,4 +1,4 @@
-"""Transformer blocks that also return their FFN output, the data2vec target tap (DESIGN.md 3.1).
+"""Transformer blocks that also return their FFN output, the data2vec target tap (docs/method.md §3.1).
 
 Post-LN (audio, text, all of 2.0):  h = LN1(x + drop(attn(x)));  f = fc2(act(fc1(h)));  out = LN2(h + drop(f))
 Pre-LN (vision 1.0, BEiT):          h = x + dp(λ1·attn(LN1(x)));  f = fc2(act(fc1(LN2(h))));  out = h + dp(λ2·f)

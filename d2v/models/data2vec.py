@@ -1,4 +1,4 @@
-"""The data2vec model assembled from parts (STYLE.md 4): feature encoder, mask embedding,
+"""The data2vec model assembled from parts: feature encoder, mask embedding,
 shared Transformer encoder, regression head. The student's forward runs all of them; the
 teacher is a `TeacherNet` over copies of the tracked parts (no head, no mask embedding).
 Both top-level modules own no parameters directly, so ZeRO-3's per-module gathering sees every

@@ -1,4 +1,4 @@
-"""The data2vec 2.0 student (DESIGN.md 3.3; arXiv 2212.07525): feature encoder once per sample,
+"""The data2vec 2.0 student (docs/method.md §3.3; arXiv 2212.07525): feature encoder once per sample,
 M clones with their own masks, the encoder over the kept tokens only, a conv decoder that
 predicts every position. The teacher is the same `TeacherNet` as 1.0 over a copy of the tracked
 parts: `EncoderV2.forward` is its full-sequence path.

@@ -1,4 +1,4 @@
-"""data2vec 2.0 conv decoders (DESIGN.md 3.3): they predict the targets at every position from the
+"""data2vec 2.0 conv decoders (docs/method.md §3.3): they predict the targets at every position from the
 student's kept-token outputs.
 
 Legend: B batch (B·M clones), T positions, K kept, D model width, C decoder width, H×W patch grid.

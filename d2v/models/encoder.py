@@ -2,7 +2,7 @@
 
 Legend: B batch, T sequence, D width, L blocks.
 LayerDrop decisions come from a generator seeded by the caller (the step), so every rank of a
-ZeRO-3 job drops the same blocks (DESIGN.md 4). A `tap(index, BlockOutput)` callback sees each
+ZeRO-3 job drops the same blocks (docs/method.md §4). A `tap(index, BlockOutput)` callback sees each
 block's output as it is produced: the teacher builds its targets from it in a streaming way.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The data2vec 2.0 encoder (DESIGN.md 3.3): positions, optional CLS, input LayerNorm, prenet and
+"""The data2vec 2.0 encoder (docs/method.md §3.3): positions, optional CLS, input LayerNorm, prenet and
 main post-LN blocks, run either over the full sequence (the teacher) or over the kept tokens only
 (the student, MAE style).
 

@@ -1,4 +1,9 @@
-"""The one factory that assembles a Data2Vec student from a ModelConfig (STYLE.md 4)."""
+"""The one factory that assembles a Data2Vec student from a ModelConfig.
+
+Initialisation follows each reference model (docs/method.md, section "Initialisation"): fairseq's
+`init_bert_params` for the audio and text Transformers, PyTorch's defaults where fairseq leaves them
+(audio projection, audio head, positional convs), BEiT's truncated normal for vision 1.0.
+"""
 from __future__ import annotations
 
 import torch
@@ -34,6 +39,15 @@ def build_blocks(m: ModelConfig, *, drop_path: float = 0.0, layer_scale_init: fl
     ]
 
 
+NO_WEIGHT_DECAY = "no_weight_decay"
+"""Attribute marking a parameter the optimizer exempts from weight decay whatever its shape."""
+
+
+def exempt_from_weight_decay(*params: nn.Parameter) -> None:
+    for p in params:
+        setattr(p, NO_WEIGHT_DECAY, True)
+
+
 def _bert_init(module: nn.Module, std: float) -> None:
     """Normal(0, std) linear/embedding weights, zero biases (fairseq's init_bert_params)."""
     for mod in module.modules():
@@ -53,10 +67,10 @@ def build_audio(m: ModelConfig) -> Data2Vec:
         layer_norm=nn.LayerNorm(m.embed_dim, eps=m.norm_eps),
         dropout=m.dropout, layerdrop=m.layerdrop)
     _bert_init(encoder, m.init_std)
+    # fairseq's data2vec_audio applies init_bert_params to the encoder only: the projection
+    # (post_extract_proj) and the head (final_proj) keep PyTorch's default, the convs Kaiming.
     head = build_head(m)
-    _bert_init(head, m.init_std)
     frontend = AudioFeatureEncoder(a.conv_layers, m.embed_dim)
-    _bert_init(frontend, m.init_std)  # the projection; convs keep their Kaiming init
     return Data2Vec(frontend, encoder, head, embed_dim=m.embed_dim, feature_dropout=m.feature_dropout)
 
 
@@ -74,16 +88,24 @@ def build_image(m: ModelConfig) -> Data2Vec:
     head = build_head(m)
     _trunc_init(head, m.init_std)
     model = Data2Vec(patch, encoder, head, embed_dim=m.embed_dim, feature_dropout=m.feature_dropout)
-    nn.init.trunc_normal_(model.mask_embedding.weight, std=m.init_std)
+    std = m.init_std
+    nn.init.trunc_normal_(model.mask_embedding.weight, std=std, a=-std, b=std)
+    nn.init.trunc_normal_(encoder.cls_token.weight, std=std, a=-std, b=std)
+    if encoder.rel_pos_bias is not None:
+        nn.init.zeros_(encoder.rel_pos_bias.table)  # BEiT starts the relative position table at zero
+    # BEiT's no_weight_decay(): pos_embed (d2v has none) and cls_token; 1-D parameters (the mask
+    # embedding among them) are exempt through optim.no_decay_1d.
+    exempt_from_weight_decay(encoder.cls_token.weight)
     return model
 
 
 def _trunc_init(module: nn.Module, std: float) -> None:
-    """BEiT's init: truncated-normal weights, zero biases, then each block's output projections
-    rescaled by 1/sqrt(2·layer) so deep residual streams start small."""
+    """BEiT's init: normal weights truncated at one std (`trunc_normal_(a=-std, b=std)` in
+    data2vec_vision's `beit/modeling_cyclical.py`: an effective std of 0.54·std), zero biases, then each
+    block's output projections rescaled by 1/sqrt(2·layer) so deep residual streams start small."""
     for mod in module.modules():
         if isinstance(mod, (nn.Linear, nn.Conv2d)):
-            nn.init.trunc_normal_(mod.weight, std=std)
+            nn.init.trunc_normal_(mod.weight, std=std, a=-std, b=std)
             if mod.bias is not None:
                 nn.init.zeros_(mod.bias)
     for layer, block in enumerate(getattr(module, "blocks", []), start=1):

@@ -1,4 +1,4 @@
-"""Assembles the data2vec 2.0 student from a ModelConfig (DESIGN.md 3.3), reusing the 1.0 parts:
+"""Assembles the data2vec 2.0 student from a ModelConfig (docs/method.md §3.3), reusing the 1.0 parts:
 feature encoders, post-LN blocks, the conv positional encoder."""
 from __future__ import annotations
 
@@ -42,9 +42,10 @@ def build_audio_v2(m: ModelConfig) -> Data2VecV2:
         pos_conv=ConvPositionalEncoder(m.embed_dim, a.conv_pos_depth, a.conv_pos_kernel, a.conv_pos_groups),
         alibi=AlibiScale(m.num_heads, v.alibi_scale_init) if v.alibi else None,
         layer_norm=nn.LayerNorm(m.embed_dim, eps=m.norm_eps), dropout=m.dropout, layerdrop=m.layerdrop)
-    _bert_init(encoder, m.init_std)  # linear layers; the positional conv keeps its own init
+    _bert_init(encoder, m.init_std)  # linear layers; the positional conv keeps PyTorch's default
+    # The audio encoder's reset_parameters() gives the projection PyTorch's default back
+    # (fairseq `examples/data2vec/models/modalities/audio.py`).
     frontend = AudioFeatureEncoder(a.conv_layers, m.embed_dim)
-    _bert_init(frontend, m.init_std)
     return _assemble(m, frontend, encoder, _decoder(m))
 
 
@@ -56,12 +57,13 @@ def build_image_v2(m: ModelConfig) -> Data2VecV2:
         sincos=SinCosPositions(patch.grid, m.embed_dim) if v.sincos_positions else None,
         cls_token=v.cls_token, layer_norm=nn.LayerNorm(m.embed_dim, eps=m.norm_eps),
         dropout=m.dropout, layerdrop=m.layerdrop)
-    for module in (encoder, patch):
-        for mod in module.modules():
-            if isinstance(mod, (nn.Linear, nn.Conv2d)):
-                nn.init.trunc_normal_(mod.weight, std=m.init_std)
-                if mod.bias is not None:
-                    nn.init.zeros_(mod.bias)
+    # fairseq `data2vec2.py` / `modalities/images.py`: init_bert_params on the linear layers, Xavier-uniform
+    # patch projection (as a D×(C·p·p) matrix, bias left at PyTorch's default), CLS token N(0, 1).
+    _bert_init(encoder, m.init_std)
+    w = patch.projection.weight.data
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    if encoder.cls_token is not None:
+        nn.init.normal_(encoder.cls_token.weight, std=1.0)
     return _assemble(m, patch, encoder, _decoder(m, patch.grid))
 
 

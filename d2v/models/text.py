@@ -1,4 +1,4 @@
-"""Token embeddings in the RoBERTa layout (data2vec 1.0 text, DESIGN.md 3.2, 8).
+"""Token embeddings in the RoBERTa layout (data2vec 1.0 text, docs/method.md §3.2, §8).
 
 x = LayerNorm(word[ids] + position[pos(ids)] + token_type[0]), with pos = pad_id + the running
 count of real tokens (so positions start at pad_id + 1 and 512-token inputs need 514 rows).

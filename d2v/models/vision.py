@@ -1,4 +1,4 @@
-"""Image feature encoder and BEiT positions (data2vec 1.0 vision, DESIGN.md 3.2, 8).
+"""Image feature encoder and BEiT positions (data2vec 1.0 vision, docs/method.md §3.2, §8).
 
 Legend: B batch, C channels, H×W patch grid, N = H·W patches, D width, h heads.
 Names map onto transformers' Data2VecVisionModel: patch_embed.projection ~
@@ -57,9 +57,8 @@ class RelativePositionBias(nn.Module):
     def __init__(self, grid: tuple[int, int], num_heads: int) -> None:
         super().__init__()
         H, W = grid
-        self.table = nn.Parameter(torch.zeros((2 * H - 1) * (2 * W - 1) + 3, num_heads))
+        self.table = nn.Parameter(torch.zeros((2 * H - 1) * (2 * W - 1) + 3, num_heads))  # BEiT: zeros
         self.register_buffer("index", relative_position_index(grid), persistent=False)
-        nn.init.trunc_normal_(self.table, std=0.02)
 
     def forward(self) -> Tensor:
         """1×h×(N+1)×(N+1) additive attention bias."""

@@ -7,7 +7,7 @@ ulp); parts neither names (the head, the mask embedding, and the feature encoder
 teacher consumes the student's features) are not in the teacher at all. It runs in eval mode
 without gradients, and builds the targets while it runs (streaming accumulate/finalize).
 
-Placement (DESIGN.md 4):
+Placement (docs/method.md §4):
 * replicated (student under ZeRO 0/1/2): an fp32 module on every rank, updated with foreach
   lerp from the student's weights (bf16 module weights cast to fp32 in DeepSpeed's bf16 mode);
 * ZeRO-3 (`attach_zero3`): partitioned like the student, fp32 EMA per local slice, updated from

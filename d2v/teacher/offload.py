@@ -1,4 +1,4 @@
-"""A host-resident teacher streamed to the device one unit (block) at a time.
+"""A host-resident teacher streamed to the device one unit (block) at a time (docs/method.md §4).
 
 Host side (`HostWeights`): the fp32 EMA weights live in one flat host buffer, pinned once on CUDA
 machines, and the teacher's parameters are views into it, so the EMA update, checkpoint loads and

@@ -1,4 +1,4 @@
-"""The EMA decay schedule (DESIGN.md 3.1 step 5)."""
+"""The EMA decay schedule (docs/method.md §3.1 step 5)."""
 from __future__ import annotations
 
 

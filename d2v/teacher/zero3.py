@@ -1,4 +1,4 @@
-"""The ZeRO-3 teacher (DESIGN.md 4): partitioned like the student, fp32 EMA per shard.
+"""The ZeRO-3 teacher (docs/method.md §4): partitioned like the student, fp32 EMA per shard.
 
 Each ZeRO-3 parameter is flattened, padded to a multiple of the world size and split in equal
 slices; rank r holds slice r in `p.ds_tensor`, and DeepSpeed's fp32 master slice of that

@@ -1,4 +1,4 @@
-"""Checkpoints that survive partial writes (DESIGN.md 4).
+"""Checkpoints that survive partial writes (docs/method.md §4).
 
 Layout of `ROOT/TAG/` (TAG = step_00001234):
   DeepSpeed's own files (model, optimizer, scheduler; written with save_latest=False),

@@ -1,4 +1,4 @@
-"""Checks of the filled DeepSpeed config before any engine is built (issue: cluster ops, item 6):
+"""Checks of the filled DeepSpeed config before any engine is built:
 unknown ZeRO keys, and pinned offload on a CUDA machine whose `ulimit -l` cannot pin it."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One sink for the fixed set of run metrics (STYLE.md 13): console (with a progress bar when
+"""One sink for the fixed set of run metrics: console (with a progress bar when
 interactive), JSONL always, TensorBoard, and wandb only when asked (offline by default).
 Only rank 0 writes; values are averaged over ranks before they get here.
 """

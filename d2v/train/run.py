@@ -16,6 +16,7 @@ import torch
 
 from d2v import collectives
 from d2v.config import to_dict
+from d2v.config.batch_plan import apply_batch_plan
 from d2v.config.schema import D2vConfig
 from d2v.train.checkpoint import Checkpointer
 from d2v.train.metrics import MetricsSink
@@ -58,6 +59,10 @@ class Run:
         self.cfg = cfg
         self.out_dir = cfg.train.out_dir
         self.rank, self.world_size = distributed.init_distributed()
+        # The reference run's global batch at this world size (or the config's own, said so).
+        self.batch_plan = apply_batch_plan(cfg, self.world_size)
+        if self.rank == 0 and console:
+            print(self.batch_plan.message, flush=True)
         self.checkpointer = Checkpointer(os.path.join(self.out_dir, "checkpoints"), rank=self.rank,
                                          world_size=self.world_size, keep_last=cfg.train.keep_last)
         # Everything about the resume is checked before any engine is built.

@@ -11,7 +11,8 @@ def image_decoder(cfg: D2vConfig, *, train: bool = True):
     from d2v.data.image import ImageTransform, decode_image, image_collate
 
     m, mk = cfg.model, cfg.masking
-    transform = ImageTransform(m.image.image_size, m.image.mean, m.image.std, train=train)
+    transform = ImageTransform(m.image.image_size, m.image.mean, m.image.std, scale=m.image.crop_scale,
+                               color_jitter=m.image.color_jitter, train=train)
     grid = (m.image.image_size // m.image.patch_size,) * 2
     masks_v2 = None
     if m.v2.enabled:

@@ -2,7 +2,7 @@
 
 A stream yields micro-batches for this rank, reports counters (skipped or corrupt samples) and
 saves/restores its position, so a resumed run continues with exactly the batches an
-uninterrupted one would have seen (DESIGN.md 4).
+uninterrupted one would have seen (docs/method.md §4).
 """
 from __future__ import annotations
 

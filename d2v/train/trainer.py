@@ -1,4 +1,4 @@
-"""The engine loop (STYLE.md 5): backward, optimizer step, EMA update, metrics.
+"""The engine loop: backward, optimizer step, EMA update, metrics.
 
 Everything a batch computes lives in `d2v.task`; checkpoints, logging sinks and the data
 pipeline are composed around this class by the launcher.
@@ -29,13 +29,17 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def param_group_names(model: torch.nn.Module, no_decay_1d: bool) -> list[list[str]]:
-    """Names of the optimizer's parameter groups, in order: one group, or two with biases and
-    other 1-D parameters exempt from weight decay. Export relies on this order too."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    if not no_decay_1d:
+    """Names of the optimizer's parameter groups, in order: one group, or two with the exempt ones
+    second: biases and other 1-D parameters (when no_decay_1d) and parameters the model factory
+    marked (BEiT's CLS token). Export relies on this order too."""
+    from d2v.models.factory import NO_WEIGHT_DECAY
+
+    params = dict(model.named_parameters())
+    names = [n for n, p in params.items() if p.requires_grad]
+    exempt = {n for n in names if getattr(params[n], NO_WEIGHT_DECAY, False) or (no_decay_1d and params[n].ndim < 2)}
+    if not exempt and not no_decay_1d:
         return [names]
-    shapes = dict(model.named_parameters())
-    return [[n for n in names if shapes[n].ndim >= 2], [n for n in names if shapes[n].ndim < 2]]
+    return [[n for n in names if n not in exempt], [n for n in names if n in exempt]]
 
 
 def param_groups(model: torch.nn.Module, no_decay_1d: bool, weight_decay: float) -> list[dict[str, Any]]:
@@ -132,7 +136,7 @@ class Trainer:
         self.attention_plan = plan_for_run(cfg, self.device, self.dtype)
         task_class = Data2VecTask
         if cfg.model.v2.enabled:
-            from d2v.task_v2 import Data2VecV2Task as task_class  # DESIGN.md 3.3
+            from d2v.task_v2 import Data2VecV2Task as task_class  # docs/method.md §3.3
         self.task = task_class(self.student, self.teacher, cfg,
                                  normalizer=collectives.count_normalizer(),
                                  compute_dtype=self.dtype, forward=self.engine)
@@ -185,7 +189,7 @@ class Trainer:
         device_sums: dict[str, torch.Tensor] = {}
         host_sums: dict[str, float] = {}
         for i, batch in enumerate(staged):
-            out = self.task(batch, step=self.step)
+            out = self.task(batch, step=self.step, micro=i)
             self.engine.backward(out.loss)
             if i + 1 < len(staged):
                 self.engine.step()  # inside the accumulation window: DeepSpeed only counts it
