@@ -77,6 +77,7 @@ class Report:
         self.rows: list[dict[str, Any]] = []
         self.start = time.monotonic()
         self.budget_s = budget_s
+        self.seconds: dict[str, float] = {}  # wall time per section, by its first row
 
     def add(self, name: str, result: str, value: Any, limit: Any, ok: bool | None, **detail: Any) -> None:
         row = {"name": name, "result": result, "value": value, "limit": limit,
@@ -95,6 +96,7 @@ class Report:
     def section(self, names: list[str], fn: Callable[[], None]) -> None:
         """Runs fn (which adds rows named from `names`); rows it could not add fail with why."""
         before = {r["name"] for r in self.rows}
+        t0 = time.monotonic()
         if self.left_s() <= 0:
             for n in names:
                 self.add(n, f"not run: the {self.budget_s:.0f} s budget was spent", None, None, False)
@@ -107,6 +109,7 @@ class Report:
             for n in names:
                 if n not in {r["name"] for r in self.rows} - before:
                     self.add(n, f"error: {err}", None, None, False)
+        self.seconds[names[0]] = time.monotonic() - t0
 
     @property
     def failed(self) -> list[str]:
@@ -324,8 +327,11 @@ def check_targets(report: Report, args, device: torch.device) -> None:
 
     on_gpu = device.type == "cuda"
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
-    lengths = (37, 64) if (args.quick and not on_gpu) else (333, 192)
-    D, K, B = (96, 3, 3) if not on_gpu else (768, 8, 4)
+    if args.quick and not on_gpu:  # the interpreter runs ~40 ms per program: two cheap cases
+        B, D, K, cases = 2, 32, 2, [(37, None, "instance"), (64, None, "layer")]
+    else:
+        B, D, K = 4, 768, 8
+        cases = [(T, ln, fn) for T in (333, 192) for ln, fn in TARGET_NORMS]
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
     for dname in args.dtypes:
         row = f"targets/triton/{dname}"
@@ -340,25 +346,24 @@ def check_targets(report: Report, args, device: torch.device) -> None:
         limit = TARGETS_LIMIT * args.tolerance_scale
         per_case, worst = {}, (-1.0, "")
         env = {} if on_gpu else {"D2V_KERNELS": "triton"}
-        for T in lengths:
+        for T, layer_norm, final_norm in cases:
             pad = torch.zeros(B, T, dtype=torch.bool, device=device)
-            pad[1, T - 5:] = True
+            pad[0, T - 5:] = True
             pad[-1] = True  # a fully padded sample
             layers = [torch.randn(B, T, D, generator=gen, device=device).to(dtype) for _ in range(K)]
-            for layer_norm, final_norm in TARGET_NORMS:
-                case = f"T{T}_{layer_norm}_{final_norm}"
-                with _env(env):
-                    y = kernels.fused_targets(layers, top_k=K, layer_norm=layer_norm, final_norm=final_norm,
-                                              padding_mask=pad)
-                    used = kt.backend(layers[0])
-                want = ref.fused_targets([t.double() for t in layers], top_k=K, layer_norm=layer_norm,
-                                         final_norm=final_norm, padding_mask=pad)
-                err = float((y.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
-                if not torch.isfinite(y).all() or bool((y[pad] != 0).any()) or used != "triton":
-                    err = math.inf
-                per_case[case] = {"rel_err": err, "backend": used}
-                if err > worst[0]:
-                    worst = (err, case)
+            case = f"T{T}_{layer_norm}_{final_norm}"
+            with _env(env):
+                y = kernels.fused_targets(layers, top_k=K, layer_norm=layer_norm, final_norm=final_norm,
+                                          padding_mask=pad)
+                used = kt.backend(layers[0])
+            want = ref.fused_targets([t.double() for t in layers], top_k=K, layer_norm=layer_norm,
+                                     final_norm=final_norm, padding_mask=pad)
+            err = float((y.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
+            if not torch.isfinite(y).all() or bool((y[pad] != 0).any()) or used != "triton":
+                err = math.inf
+            per_case[case] = {"rel_err": err, "backend": used}
+            if err > worst[0]:
+                worst = (err, case)
         report.add(row, f"{len(per_case)} cases (padding, a fully padded sample), worst {worst[1]}", worst[0],
                    limit, worst[0] <= limit, cases=per_case)
 
@@ -479,7 +484,7 @@ def check_runs(report: Report, args, device: torch.device, out_dir: str) -> None
                                  f"{r['tflops']:.3g} TFLOP/s, peak mem {r['peak_memory_bytes'] / 2**30:.2f} GiB, "
                                  f"ZeRO {r['zero_stage']} {r['precision']} over {r['backend']}; loss "
                                  f"{'finite' if finite else 'NOT finite'}",
-                       r["mfu"], f"MFU vs {r['peak_tflops']:.0f} ({r['peak_source']})", finite, **r)
+                       r["mfu"], f"MFU vs {r['peak_tflops']:.3g} TFLOP/s ({r['peak_source']})", finite, **r)
             plain = [s for s in r["syncs"] if not s["log_step"]]
             logs = [s for s in r["syncs"] if s["log_step"]]
             over = [s for s in r["syncs"] if s["count"] > s["budget"]]
@@ -646,7 +651,7 @@ def check_offload(report: Report, args, device: torch.device) -> None:
         results[dname] = float((got - want).abs().max())
     worst = max(results.values())
     report.add("teacher/offload_equals_resident",
-               f"{preset}, max |offloaded - resident| fp32 {results['fp32']:.3g}, bf16 {results['bf16']:.3g}",
+               f"{preset}, max abs(offloaded - resident) fp32 {results['fp32']:.3g}, bf16 {results['bf16']:.3g}",
                worst, 0.0, worst <= 0.0 * args.tolerance_scale and math.isfinite(worst), **results)
 
 
@@ -678,11 +683,14 @@ def check_zero3_teacher(report: Report, args, device: torch.device, out_dir: str
     from d2v.train.trainer import Trainer
 
     preset = "audio_tiny" if args.quick else "audio_base"
-    overrides = ["train.max_steps=2", f"train.out_dir={os.path.join(out_dir, 'zero3')}"]
+    overrides = ["train.max_steps=3", f"train.out_dir={os.path.join(out_dir, 'zero3')}"]
     cfg = resolve(preset, overrides=overrides)
     trainer = Trainer(cfg, load_template(os.path.join(ROOT, "ds_configs", "zero3.json")))
     try:
-        trainer.train_step(_stream_batches(cfg, trainer))
+        # Persistent parameters stay gathered from the second update on (the first one records
+        # ZeRO-3's fetch trace).
+        for batches in _stream_batches(cfg, trainer, 2):
+            trainer.train_step(batches)
         measured = teacher_tensor_bytes(trainer)
         ws = trainer.world_size
     finally:
@@ -694,11 +702,11 @@ def check_zero3_teacher(report: Report, args, device: torch.device, out_dir: str
                measured, counted, abs(measured - counted) <= slack)
 
 
-def _stream_batches(cfg, trainer) -> list:
+def _stream_batches(cfg, trainer, steps: int) -> list[list]:
     from d2v.train.streams import SyntheticStream
 
     s = SyntheticStream(cfg, rank=trainer.rank, world_size=trainer.world_size)
-    return [s.next_batch() for _ in range(cfg.train.grad_accum)]
+    return [[s.next_batch() for _ in range(cfg.train.grad_accum)] for _ in range(steps)]
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -783,9 +791,10 @@ def main(argv: list[str] | None = None) -> int:
     record = {"kind": "gpu_check", "machine": machine(), "mode": {"device": args.device, "quick": args.quick,
               "budget_s": args.budget_s, "tolerance_scale": args.tolerance_scale, "sections": sections,
               "presets": args.presets, "dtypes": args.dtypes},
-              "wall_s": wall, "passed": not report.failed, "failed": report.failed, "rows": report.rows}
+              "wall_s": wall, "section_s": report.seconds, "passed": not report.failed, "failed": report.failed, "rows": report.rows}
     path = write_record("gpu_check", record, args.out_dir)
-    print(table([{k: fmt(r[k]) for k in ("name", "result", "value", "limit", "pass")} for r in report.rows],
+    print(table([{k: fmt(r[k]).replace("|", "/") for k in ("name", "result", "value", "limit", "pass")}
+                 for r in report.rows],
                 [("name", "name", "{}"), ("result", "result", "{}"), ("value", "value", "{}"),
                  ("limit", "limit", "{}"), ("pass", "pass", "{}")]))
     print(f"{len(report.rows)} rows, {len(report.failed)} failed, {wall:.0f} s; record: {path}")
