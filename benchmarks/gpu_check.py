@@ -243,9 +243,14 @@ def _eligibility(name: str, x, dtype: torch.dtype, on_gpu: bool, interpreting: b
                 return "the interpreter's tl.dot is wrong in bf16"
             return None
         return "CUDA only"
-    q = x["q"].to(dtype)
+    # The call needs every gradient: eligibility is asked with differentiable bias and scale.
+    bias = None if x.get("bias") is None else x["bias"].detach().to(dtype).requires_grad_()
+    alibi = x.get("alibi")
+    if alibi is not None:
+        alibi = alibi._replace(scale_H=alibi.scale_H.detach().to(dtype).requires_grad_())
+    q = x["q"].to(dtype).requires_grad_()
     try:
-        eligible = dispatch.candidates(q, x["k"].to(dtype), bias=x.get("bias"), alibi=x.get("alibi"))
+        eligible = dispatch.candidates(q, x["k"].to(dtype), bias=bias, alibi=alibi)
     except TypeError:  # another signature: let the runner decide by failing or not
         return None
     return None if name in eligible else "not eligible for this call (kernels.attention.candidates)"
@@ -391,7 +396,7 @@ def peak_tflops(args) -> tuple[float, str]:
         for key, label, value in DATASHEET_BF16_TFLOPS:
             if key in name:
                 return value, f"{label} bf16 dense datasheet"
-    return matmul_peak_tflops(n=1024 if args.quick else 2048), "measured bf16 matmul"
+    return matmul_peak_tflops(n=512 if args.quick else 2048), "measured bf16 matmul"
 
 
 def _ds_template(device: torch.device) -> dict[str, Any]:
@@ -458,6 +463,17 @@ def run_preset(preset: str, args, out_dir: str, template: dict[str, Any], peak: 
                 "syncs": sync_steps, "backend": _backend_name()}
     finally:
         run.close()
+        del run
+        _release()
+
+
+def _release() -> None:
+    """Frees what a finished check held on the device before the next one measures its peak."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _backend_name() -> str:
@@ -695,6 +711,7 @@ def check_zero3_teacher(report: Report, args, device: torch.device, out_dir: str
         ws = trainer.world_size
     finally:
         del trainer
+        _release()
     counted = counted_teacher_bytes(preset, overrides, ws)
     slack = 0.01 * counted + 4096  # DeepSpeed aligns flat buffers to a few elements
     report.add("teacher/zero3_bytes_per_rank", f"{preset}, {ws} rank(s): measured {measured:,} B, "
@@ -710,7 +727,8 @@ def _stream_batches(cfg, trainer, steps: int) -> list[list]:
 
 
 # -- main --------------------------------------------------------------------------------------
-ALL_SECTIONS = ("kernels", "teacher", "runs", "two_ranks")
+# Runs before the teacher checks: the ZeRO-3 engine of the latter is the last one built here.
+ALL_SECTIONS = ("kernels", "runs", "teacher", "two_ranks")
 
 
 def row_names(args, device: torch.device) -> dict[str, list[str]]:
@@ -720,8 +738,8 @@ def row_names(args, device: torch.device) -> dict[str, list[str]]:
     kernels_rows = [f"attention/{n}/{d}" for n in dispatch.RUNNERS for d in args.dtypes]
     kernels_rows += [f"targets/triton/{d}" for d in args.dtypes]
     return {"kernels": kernels_rows,
-            "teacher": ["teacher/offload_equals_resident", "teacher/zero3_bytes_per_rank"],
             "runs": [f"{k}/{p}" for p in TINY + BASE for k in ("run", "syncs")],
+            "teacher": ["teacher/offload_equals_resident", "teacher/zero3_bytes_per_rank"],
             "two_ranks": ["two_ranks/nccl_zero2", "two_ranks/nccl_zero3", "two_ranks/gloo_zero0"]}
 
 

@@ -25,8 +25,8 @@ PRESETS = ("audio_tiny", "image_tiny", "text_tiny", "audio_tiny_v2", "image_tiny
 RUNNERS = ("triton", "xformers", "sdpa", "reference")
 DTYPES = ("bf16", "fp16", "fp32")
 ROWS = ([f"attention/{r}/{d}" for r in RUNNERS for d in DTYPES] + [f"targets/triton/{d}" for d in DTYPES]
-        + ["teacher/offload_equals_resident", "teacher/zero3_bytes_per_rank"]
         + [f"{k}/{p}" for p in PRESETS for k in ("run", "syncs")]
+        + ["teacher/offload_equals_resident", "teacher/zero3_bytes_per_rank"]
         + ["two_ranks/nccl_zero2", "two_ranks/nccl_zero3", "two_ranks/gloo_zero0"])
 
 
