@@ -231,8 +231,11 @@ def _eligibility(name: str, x, dtype: torch.dtype, on_gpu: bool, interpreting: b
     dispatch = importlib.import_module("kernels.attention")
     if name == "reference":
         return None
-    if name == "xformers" and not dispatch._xformers_available():
-        return "xformers is not installed"
+    if name == "xformers":
+        try:
+            import xformers.ops  # noqa: F401
+        except Exception:
+            return "xformers is not installed"
     if not on_gpu:
         if name == "sdpa":
             return None
@@ -645,7 +648,7 @@ def check_offload(report: Report, args, device: torch.device) -> None:
     preset = "audio_tiny" if args.quick else "audio_base"
     cfg = resolve(preset)
     torch.manual_seed(args.seed)
-    student = build_model(cfg).to(device)
+    student = build_model(cfg)  # on the host, as Trainer builds it: the offloaded copy stays there
     resident = Teacher(student, cfg.teacher).place(device)
     off_cfg = copy.deepcopy(cfg.teacher)
     off_cfg.offload = "cpu"
