@@ -413,7 +413,8 @@ def _step_batches(run) -> list:
     return [run.stream.next_batch() for _ in range(run.cfg.train.grad_accum)]
 
 
-def run_preset(preset: str, args, out_dir: str, template: dict[str, Any], peak: tuple[float, str]) -> dict[str, Any]:
+def run_preset(preset: str, args, device: torch.device, out_dir: str, template: dict[str, Any],
+               peak: tuple[float, str]) -> dict[str, Any]:
     """Warm-up, timed updates through Trainer.train_step, then counted updates through Run.train."""
     from benchmarks.throughput import units_per_sample
     from d2v.config import resolve
@@ -449,7 +450,7 @@ def run_preset(preset: str, args, out_dir: str, template: dict[str, Any], peak: 
             skipped += bool(m.values.get("skipped"))
         step_s = sorted(times)[len(times) // 2]
         groups = len(trainer.engine.optimizer.param_groups)
-        counts, _ = count_run_syncs(run, counted, device_view=False if torch.cuda.is_available() else None)
+        counts, _ = count_run_syncs(run, counted, device_view=device.type != "cuda")
         zero, precision = trainer.zero_stage, cfg.train.precision
         sync_steps = [{"step": s.step, "log_step": s.log_step, "count": s.count,
                        "budget": budget(zero, precision, log_step=s.log_step, param_groups=groups),
@@ -496,7 +497,7 @@ def check_runs(report: Report, args, device: torch.device, out_dir: str) -> None
             continue
 
         def one(preset=preset, names=names):
-            r = run_preset(preset, args, out_dir, template, peak)
+            r = run_preset(preset, args, device, out_dir, template, peak)
             finite = all(math.isfinite(x) for x in r["losses"]) and not r["skipped"]
             unit = r["unit"]
             report.add(names[0], f"{r['samples_per_s']:.1f} samples/s, {r[f'{unit}_per_s']:.3g} {unit}/s, "

@@ -49,7 +49,9 @@ def run_rank(args) -> dict:
     sync()
     step_s = (time.perf_counter() - t0) / args.steps
     groups = len(trainer.engine.optimizer.param_groups)
-    counts, _ = count_run_syncs(run, args.steps, device_view=False if torch.cuda.is_available() else None)
+    from d2v.train import distributed
+
+    counts, _ = count_run_syncs(run, args.steps, device_view=distributed.on_cpu())
     out = {"rank": trainer.rank, "world_size": trainer.world_size, "zero": trainer.zero_stage,
            "precision": cfg.train.precision, "backend": torch.distributed.get_backend(), "steps": args.steps,
            "losses": losses + ([float("nan")] if skipped else []),
