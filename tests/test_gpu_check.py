@@ -31,7 +31,9 @@ ROWS = ([f"attention/{r}/{d}" for r in RUNNERS for d in DTYPES] + [f"targets/tri
 
 
 def gpu_check(tmp: Path, *args: str, interpret: bool) -> tuple[subprocess.CompletedProcess, dict]:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    # One thread per process: a smoke run's speed does not matter, and two threads on cores that
+    # other processes share made a tiny update 7x slower.
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
