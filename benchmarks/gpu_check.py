@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import os
@@ -497,7 +498,7 @@ def check_runs(report: Report, args, device: torch.device, out_dir: str) -> None
             continue
 
         def one(preset=preset, names=names):
-            r = run_preset(preset, args, device, out_dir, template, peak)
+            r = run_preset(preset, args, device, out_dir, copy.deepcopy(template), peak)
             finite = all(math.isfinite(x) for x in r["losses"]) and not r["skipped"]
             unit = r["unit"]
             report.add(names[0], f"{r['samples_per_s']:.1f} samples/s, {r[f'{unit}_per_s']:.3g} {unit}/s, "
@@ -640,8 +641,6 @@ def check_two_ranks(report: Report, args, device: torch.device, out_dir: str) ->
 
 # -- teacher -----------------------------------------------------------------------------------
 def check_offload(report: Report, args, device: torch.device) -> None:
-    import copy
-
     from d2v.config import resolve
     from d2v.models import build_model
     from d2v.teacher import Teacher
