@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 # The rendezvous port of the 2 local ranks: set another one to run two demos at once.
 MASTER_PORT ?= 29500
 
-.PHONY: venv test demo demo-data clean-venv
+.PHONY: venv test demo demo-data clean-venv wheels gpu-check
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,3 +58,41 @@ eval: venv
 		test -e runs/demo-$$m/checkpoints/latest || $(MAKE) demo MODALITY=$$m PRESET=$${m}_tiny || exit 1; \
 	done
 	DS_ACCELERATOR=cpu $(PY) -m d2v.finetune.evaluate --data $(DEMO_DATA) --runs runs --out runs/eval $(EVAL_ARGS)
+
+# GPU acceptance (README "GPU acceptance"). On the GPU machine, with the Python that has its CUDA
+# torch and Triton: `make gpu-check`, or `make gpu-check WHEELS=/path/to/wheels` to install d2v's
+# dependencies first from a folder built by `make wheels` (no package registry needed; torch,
+# triton and nvidia-* are never in the folder, so the machine's own builds stay).
+GPU_PYTHON ?= python3
+WHEELS ?=
+GPU_CHECK_BUDGET ?= 480
+GPU_CHECK_ARGS ?= --device cuda
+gpu-check:
+ifneq ($(WHEELS),)
+	$(GPU_PYTHON) -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
+	$(GPU_PYTHON) -m pip install --no-index --find-links $(WHEELS) d2v deepspeed pytest
+endif
+	timeout --kill-after=30 $$(( $(GPU_CHECK_BUDGET) + 120 )) $(GPU_PYTHON) benchmarks/gpu_check.py \
+		--budget-s $(GPU_CHECK_BUDGET) $(GPU_CHECK_ARGS)
+
+# The wheel folder for a GPU machine without a registry, built here: DeepSpeed (an sdist whose
+# setup imports torch) as a wheel with no ops compiled (they are JIT-built on first use; d2v's
+# default path needs none), d2v itself, and every other package of this venv at its version.
+# WHEEL_PYTHON=3.12 fetches binary wheels for another Python instead of this venv's.
+WHEEL_DIR ?= wheels
+WHEEL_PYTHON ?=
+wheels: venv
+	mkdir -p $(WHEEL_DIR)
+	$(PIP) freeze --all --exclude-editable | grep -viE '^(pip|torch|triton|deepspeed|nvidia-[a-z0-9-]+)==|^-e | @ ' \
+		> $(WHEEL_DIR)/requirements.txt
+	DS_BUILD_OPS=0 $(PIP) wheel -q --no-deps --no-build-isolation -w $(WHEEL_DIR) \
+		"deepspeed==$$($(PY) -c 'from importlib.metadata import version; print(version("deepspeed"))')"
+	$(PIP) wheel -q --no-deps --no-build-isolation -w $(WHEEL_DIR) .
+ifeq ($(WHEEL_PYTHON),)
+	$(PIP) wheel -q --no-deps -w $(WHEEL_DIR) -r $(WHEEL_DIR)/requirements.txt
+else
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version $(WHEEL_PYTHON) \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d $(WHEEL_DIR) -r $(WHEEL_DIR)/requirements.txt
+endif
+	@ls $(WHEEL_DIR)/*.whl | wc -l | xargs echo "wheels in $(WHEEL_DIR):"

@@ -65,7 +65,9 @@ def teacher_bytes(numels: list[int], unit_numels: list[int], *, world_size: int,
     if stage == 3:
         local = sum(_shard(n, world_size) for n in numels)
         copied = sum(_shard(n, world_size) for n in copied_numels)
-        persistent = sum(n for n in numels if n < persistence_threshold)
+        # A gathered persistent parameter is a copy beside its partition, except on one rank,
+        # where DeepSpeed's gather returns the partition itself (measured: same storage).
+        persistent = sum(n for n in numels if n < persistence_threshold) if world_size > 1 else 0
         stored = c * local + 4 * (local - copied)  # the partition in the compute dtype + fp32 EMA of averaged ones
         if offload:
             return c * persistent, stored

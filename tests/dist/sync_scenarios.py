@@ -18,10 +18,13 @@ def count_case(preset: str, zero: int, out: str, steps: int, log_every: int) -> 
     from d2v.train.launch import build_run
     from d2v.train.sync_budget import count_run_syncs
 
-    cfg = resolve(preset, overrides=[f"train.max_steps={steps + 1}", f"train.log_every={log_every}", "train.save_every=0",
+    cfg = resolve(preset, overrides=[f"train.max_steps={steps + 2}", f"train.log_every={log_every}", "train.save_every=0",
                                      "train.val_every=0", f"train.out_dir={os.path.join(out, f'{preset}_z{zero}')}"])
     run = build_run(cfg, {"zero_optimization": {"stage": zero}, "zero_allow_untested_optimizer": True}, console=False)
-    run.trainer.train_step([run.stream.next_batch() for _ in range(cfg.train.grad_accum)])  # warm-up, uncounted
+    # Warm-up, uncounted: ZeRO-3 records its parameter-fetch trace in the first steps and checks
+    # it across ranks once (a list broadcast per module list).
+    for _ in range(2):
+        run.trainer.train_step([run.stream.next_batch() for _ in range(cfg.train.grad_accum)])
     counted, _ = count_run_syncs(run, steps)
     groups = len(run.trainer.engine.optimizer.param_groups)
     run.close()
