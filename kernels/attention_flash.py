@@ -331,7 +331,8 @@ def _preset_calls() -> list[tuple[str, int, int, tuple[str, ...]]]:
     for size, H in (("base", 12), ("large", 16)):
         families = (
             (f"audio_{size} text_{size} text_{size}_v2", 999, (), True),
-            (f"image_{size}", 197, ("bias",), False),
+            # the second ViT-L phase (image_large_phase2) runs image_large's shapes
+            (f"image_{size}" + (" image_large_phase2" if size == "large" else ""), 197, ("bias",), False),
             (f"audio_{size}_v2", 999, ("alibi",), True),
             (f"image_{size}_v2", 197, (), False),
         )

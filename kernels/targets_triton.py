@@ -263,7 +263,7 @@ PRESET_TARGETS = (
     ("audio_large audio_large_v2", 1024, 999, 0, "instance", None, True),
     ("audio_tiny audio_tiny_v2", 64, 149, 0, "instance", None, True),
     ("image_base", 768, 196, 1, "layer", "layer", False),
-    ("image_large", 1024, 196, 1, "layer", "layer", False),
+    ("image_large image_large_phase2", 1024, 196, 1, "layer", "layer", False),
     ("image_tiny", 64, 64, 1, "layer", "layer", False),
     ("image_base_v2", 768, 196, 1, "instance", "layer", False),
     ("image_large_v2", 1024, 196, 1, "instance", "layer", False),

@@ -35,6 +35,9 @@ def gpu_check(tmp: Path, *args: str, interpret: bool) -> tuple[subprocess.Comple
     # other processes share made a tiny update 7x slower.
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
+    # in-process tests of this session may have left a world-size-1 rendezvous (its port in use)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     out = tmp / "records"
