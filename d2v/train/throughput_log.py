@@ -15,7 +15,7 @@ from d2v.config.schema import D2vConfig
 
 # bf16 dense tensor-core peaks from the vendors' datasheets (TFLOP/s, without sparsity).
 DATASHEET_BF16_TFLOPS = (
-    ("H200", 989.0), ("H100 SXM", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0),
+    ("H200 NVL", 835.0), ("H200", 989.0), ("H100 SXM", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0),
     ("GH200", 989.0), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0),
     ("A10G", 70.0), ("A10", 125.0), ("L4", 121.0), ("V100", 125.0),
 )
