@@ -192,8 +192,8 @@ class Teacher(nn.Module):
         use_amp = self.zero3 is None and dtype != torch.float32
         amp = torch.autocast(inputs.device.type, dtype=dtype) if use_amp else contextlib.nullcontext()
         # Offloaded: weights autocast casts stream in the compute dtype (the same rounding autocast
-        # applies to a resident fp32 teacher), the rest in fp32, so the targets are bitwise the
-        # resident teacher's on the same device.
+        # applies to a resident fp32 teacher), the rest in fp32, so every GEMM gets bitwise the
+        # operands it gets on a resident teacher on the same device.
         stream = (LayerStreamer(self._placed_host(inputs.device), inputs.device,
                                 dtype if use_amp else torch.float32, self._copy_stream)
                   if self.offloaded else contextlib.nullcontext())
