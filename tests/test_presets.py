@@ -108,6 +108,21 @@ def test_preset_matches_its_reference_run(row):
     assert not wrong, f"{row['preset']} differs from {row['source']}: {{field: (preset, reference)}} = {wrong}"
 
 
+@pytest.mark.parametrize("name,base", [("audio_large", "audio_base"), ("text_large", "text_base")])
+def test_the_1_0_large_presets_are_the_paper_large_with_the_base_recipe(name, base):
+    # The 1.0 paper (section 4) gives Large as 24 blocks of 1024 with a 4x1024 FFN, 16 heads in
+    # the released checkpoints; it states no Large training settings, so every one is Base's.
+    large, ref = get_preset(name).validate(), get_preset(base).validate()
+    m = large.model
+    assert (m.depth, m.embed_dim, m.ffn_dim, m.num_heads) == (24, 1024, 4 * 1024, 16)
+    got, want = observed(large), observed(ref)
+    for field in ("depth", "batch", "gpus"):
+        del got[field], want[field]
+    assert got == want
+    assert large.data.max_samples_per_batch == ref.data.max_samples_per_batch
+    assert large.train.micro_batch_size == ref.train.micro_batch_size
+
+
 def test_every_base_and_large_preset_is_in_the_table():
     covered = {r["preset"] for r in REFERENCE} | set(NO_REFERENCE)
     full = {n for n in list_presets() if "tiny" not in n}
@@ -216,3 +231,11 @@ def test_inits_follow_the_reference_models():
     conv = audio.encoder.pos_conv.layers[0].conv.weight.detach()  # PyTorch's default Conv1d init
     fan_in = conv.shape[1] * conv.shape[2]
     assert float(conv.abs().max()) <= fan_in ** -0.5 and float(conv.abs().max()) > 0.9 * fan_in ** -0.5
+    # 2.0 decoders: init_bert_params leaves convs alone and the decoder's reset_parameters() gives its
+    # projection PyTorch's default back (fairseq `examples/data2vec/models/modalities/modules.py`).
+    for name in ("audio_base_v2", "image_base_v2", "text_base_v2"):
+        model = build_model(apply_overrides(get_preset(name), ["model.depth=1", "model.v2.prenet_depth=0"]))
+        linears = [m for m in model.decoder.proj.modules() if isinstance(m, torch.nn.Linear)]
+        for w in [layer.conv.weight for layer in model.decoder.layers] + [m.weight for m in linears]:
+            bound = w[0].numel() ** -0.5  # U(+-1/sqrt(fan_in)): kaiming_uniform(a=sqrt(5))
+            assert bound * 0.9 < float(w.detach().abs().max()) <= bound * (1 + 1e-6), name

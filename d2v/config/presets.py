@@ -41,8 +41,10 @@ def audio_base() -> D2vConfig:
 def audio_large() -> D2vConfig:
     """data2vec 1.0 speech Large: 24x1024, 16 heads, FFN 4096 (the paper's Large, pretrained on Libri-light).
 
-    fairseq ships no 1.0 Large speech config; the training settings here are audio_base's (K=8, the
-    schedule, 3.8 M samples per GPU), so this preset reproduces no reference run (reference_batch 0).
+    The architecture is the paper's (section 4); fairseq ships no 1.0 Large speech config and the paper
+    states no Large training settings, so those are audio_base's (K=8, the schedule, 3.8 M samples per
+    GPU) and the preset reproduces no reference run (reference_batch 0). docs/method.md section 9 gives
+    the source of each number.
     """
     cfg = audio_base()
     cfg.name = "audio_large"
@@ -208,8 +210,9 @@ def text_base() -> D2vConfig:
 def text_large() -> D2vConfig:
     """data2vec 1.0 text Large: 24x1024, 16 heads, FFN 4096 (RoBERTa-large layout).
 
-    The 1.0 paper reports text Base only and fairseq ships no Large 1.0 text config: everything else is
-    text_base's, and the preset reproduces no reference run (reference_batch 0).
+    The architecture is the paper's Large (section 4); the paper reports text Base only and fairseq ships
+    no Large 1.0 text config, so everything else is text_base's and the preset reproduces no reference run
+    (reference_batch 0). docs/method.md section 9 gives the source of each number.
     """
     cfg = text_base()
     cfg.name = "text_large"
