@@ -139,7 +139,8 @@ def _same_params(a, b):
     return all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
 
 
-@pytest.mark.parametrize("preset", ["audio_tiny", "image_tiny", "text_tiny"])
+@pytest.mark.parametrize("preset", ["audio_tiny", "image_tiny", "text_tiny",
+                                    "audio_tiny_v2", "image_tiny_v2", "text_tiny_v2"])
 @pytest.mark.parametrize("student_dtype", [torch.float32, torch.bfloat16])
 def test_offloaded_teacher_equals_the_resident_one_bitwise(preset, student_dtype):
     # Same device (CPU here): EMA, fp32 targets and the bf16 GEMM weights are bitwise equal
@@ -201,6 +202,26 @@ def _with_gemm_weights(teacher, x):
     finally:
         for h in handles:
             h.remove()
+
+
+@pytest.mark.parametrize("preset", ["image_tiny", "audio_tiny_v2", "image_tiny_v2"])
+def test_an_offloaded_teacher_keeps_its_buffers_on_the_device_and_streams_every_parameter(preset):
+    # Position tables, ALiBi slopes and index maps are read by every forward on the device (a host
+    # buffer there is a device mismatch on CUDA); only parameters stay on the host and stream.
+    from d2v.teacher.offload import streaming_units
+
+    cfg, student, _, offloaded = _pair(preset)
+    offloaded.place(torch.device("meta"))
+    buffers = list(offloaded.model.buffers())
+    assert buffers and all(b.device.type == "meta" for b in buffers)
+    assert all(p.device.type == "cpu" for p in offloaded.model.parameters())
+    units = streaming_units(offloaded.model)
+    streamed = {id(p) for u in units for p in u.parameters()}
+    assert streamed == {id(p) for p in offloaded.model.parameters()}
+    if cfg.model.v2.enabled:
+        enc = offloaded.model.encoder
+        assert units[-len(enc.blocks):] == list(enc.blocks)
+        assert all(b in units for b in enc.prenet) and (enc.alibi is None or enc.alibi in units)
 
 
 def _in_buffer(t, buf):
@@ -365,7 +386,8 @@ def test_offload_streamer_orders_copies_events_and_slots_like_cuda_needs(dtype):
     assert syncs.count("pulled") == 1 and all(s == "pulled" or s.startswith("copied:") for s in syncs)
 
 
-def test_a_training_run_with_an_offloaded_teacher_matches_the_resident_one_bitwise():
+@pytest.mark.parametrize("preset,precision", [("audio_tiny", "bf16"), ("audio_tiny_v2", "fp32")])
+def test_a_training_run_with_an_offloaded_teacher_matches_the_resident_one_bitwise(preset, precision):
     # The trainer's own path: place before DeepSpeed, bind to the engine's bf16 module, targets
     # under bf16 autocast every micro-batch, the host EMA update after every step.
     import os
@@ -379,7 +401,7 @@ def test_a_training_run_with_an_offloaded_teacher_matches_the_resident_one_bitwi
     template = load_template(os.path.join(root, "ds_configs", "zero1.json"))
     runs = {}
     for offload in ("none", "cpu"):
-        cfg = resolve("audio_tiny", overrides=["train.precision=bf16", "train.micro_batch_size=2", "train.grad_accum=2",
+        cfg = resolve(preset, overrides=[f"train.precision={precision}", "train.micro_batch_size=2", "train.grad_accum=2",
                                                "model.dropout=0", "model.layerdrop=0", f"teacher.offload={offload}"])
         trainer = Trainer(cfg, template)
         losses = []

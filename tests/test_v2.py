@@ -255,7 +255,6 @@ def test_flops_count_kept_tokens_times_m_and_the_teacher_once():
     (["masking.kind=span"], "does not fit"),
     (["model.v2.alibi=true", "model.v2.cls_token=false", "model.v2.cls_loss=0"], "audio only"),
     (["model.v2.cls_token=false"], "cls_loss"),
-    (["teacher.offload=cpu"], "offload"),
     (["model.v2.decoder_groups=5"], "decoder_groups"),
     (["model.layer_norm_first=true"], "post-LN"),
 ])

@@ -149,9 +149,6 @@ def _v2_problems(cfg: "D2vConfig") -> list[str]:
     want = TEACHER_INPUT_V2.get(m.modality)
     if want is not None and t.input != want:
         p.append(f"2.0 {m.modality} teachers need teacher.input={want}")
-    if t.offload != "none":
-        p.append("teacher.offload=cpu is not implemented for 2.0 (prenet blocks are not streamed): "
-                 "use teacher.offload=none")
     if t.tap != "ffn":
         p.append("2.0 targets are the blocks' FFN outputs: set teacher.tap=ffn")
     if m.modality == "audio" and cfg.data.pad:

@@ -72,6 +72,12 @@ class TransformerEncoder(nn.Module):
         # Recompute each block in backward instead of storing its activations (set by the trainer).
         self.checkpoint_blocks = False
 
+    def streaming_units(self) -> list[nn.Module]:
+        """The modules holding parameters, in the order `forward` calls them (the offloaded teacher
+        streams one at a time)."""
+        return [m for m in (self.pos_conv, self.cls_token, self.layer_norm, self.rel_pos_bias, *self.blocks,
+                            self.final_norm) if m is not None]
+
     def kept_blocks(self, layer_seed: int | None) -> list[int]:
         """Indices of blocks run in this forward (all of them outside training)."""
         return layerdrop_kept(len(self.blocks), self.layerdrop if self.training else 0.0, layer_seed)

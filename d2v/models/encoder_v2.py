@@ -89,10 +89,13 @@ class EncoderV2(nn.Module):
         self.prenet = nn.ModuleList(prenet)
         self.blocks = nn.ModuleList(blocks)  # the main blocks: the teacher taps these
         self.layerdrop = layerdrop
-        # Names the teacher's offload streamer and export look for; 2.0 has neither.
-        self.rel_pos_bias = None
-        self.final_norm = None
         self.checkpoint_blocks = False
+
+    def streaming_units(self) -> list[nn.Module]:
+        """The modules holding parameters, in the order `forward` calls them (the offloaded teacher
+        streams one at a time): positions, CLS, input norm, ALiBi scales, prenet, main blocks."""
+        return [m for m in (self.pos_conv, self.cls_token, self.layer_norm, self.alibi, *self.prenet, *self.blocks)
+                if m is not None]
 
     @property
     def num_extra_tokens(self) -> int:

@@ -115,6 +115,12 @@ class Teacher(nn.Module):
                 self._host.before_write()
             self._host, self._pull = None, None
             self._copies = copies if copies is not None else copies_for(device)
+            # Buffers (position tables, ALiBi slopes, index maps) are small and every forward
+            # reads them on the device: they live there, only parameters stream.
+            for module in self.model.modules():
+                for name, b in module._buffers.items():
+                    if b is not None:
+                        module._buffers[name] = b.to(device)
         return self
 
     def _placed_host(self, device: torch.device) -> HostWeights:

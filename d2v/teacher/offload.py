@@ -42,18 +42,10 @@ def _aligned(numel: int) -> int:
 
 
 def streaming_units(model: nn.Module) -> list[nn.Module]:
-    """The units streamed, in the order the forward calls them: the feature encoder, the
-    positional conv, the CLS token, the input norm, the relative position bias, each block,
-    the final norm (see `TransformerEncoder.forward` and `enter_blocks`)."""
-    enc = model.encoder
-    units: list[nn.Module] = []
-    if getattr(model, "frontend", None) is not None:
-        units.append(model.frontend)
-    units += [m for m in (enc.pos_conv, enc.cls_token, enc.layer_norm, enc.rel_pos_bias) if m is not None]
-    units += list(enc.blocks)
-    if enc.final_norm is not None:
-        units.append(enc.final_norm)
-    return units
+    """The units streamed, in the order the forward calls them: the feature encoder (a teacher fed
+    the raw source has one), then the units its encoder declares (`streaming_units()`)."""
+    frontend = getattr(model, "frontend", None)
+    return ([frontend] if frontend is not None else []) + list(model.encoder.streaming_units())
 
 
 def cast_by_autocast(module: nn.Module) -> bool:
