@@ -12,7 +12,7 @@ Checks, each one or more rows of one table (name | result | value | limit | pass
   (kernels.attention.candidates) is "n/a" with the reason, never run and never failed;
 * runs: each tiny preset (1.0 and 2.0) and audio_base / image_base through the real run loop
   (d2v.train.launch.build_run, synthetic streams) for a few updates: samples/s, positions/s,
-  achieved TFLOP/s and MFU (d2v/flops.py: teacher and feature encoder counted) against
+  achieved TFLOP/s and MFU (d2v/estimate/flops.py: teacher and feature encoder counted) against
   --peak-tflops or the device's bf16 dense datasheet peak, peak device memory; and the
   host-device synchronisations of every update against d2v.train.sync_budget.budget;
 * two ranks: with >= 2 GPUs `deepspeed --num_gpus 2` at ZeRO 2 and 3 over NCCL; with one GPU
@@ -142,7 +142,7 @@ def run_preset(preset: str, args, device: torch.device, out_dir: str, template: 
     """Warm-up, timed updates through Trainer.train_step, then counted updates through Run.train."""
     from benchmarks.throughput import units_per_sample
     from d2v.config import resolve
-    from d2v.flops import flops_per_sample
+    from d2v.estimate.flops import flops_per_sample
     from d2v.train.launch import build_run
     from d2v.train.sync_budget import budget, count_run_syncs
 
@@ -408,7 +408,7 @@ def teacher_tensor_bytes(trainer) -> int:
 
 
 def counted_teacher_bytes(preset: str, overrides: list[str], world_size: int) -> int:
-    from d2v.describe import describe
+    from d2v.estimate.describe import describe
 
     mem = describe(preset, overrides, world_size=world_size, zero=3)["memory_per_rank"]
     return int(mem["teacher_device"] + mem["teacher_host"])

@@ -9,7 +9,7 @@ Writes benchmarks/results/kernels-all-<stamp>.json.
 
 Byte model of the targets (per element of B×T×D; s = bytes of the layer output dtype, 2 for
 bf16; the running sum and the target are fp32). Each op below is one kernel that reads and
-writes HBM; eager PyTorch (d2v.targets) runs, per layer:
+writes HBM; eager PyTorch (kernels.targets_reference) runs, per layer:
   instance: x.float() (r s, w 4) · F.instance_norm of the B×D×T view: .contiguous() (r 4, w 4),
             statistics (r 4), normalise (r 4, w 4) · acc.add_(y) (r 8, w 4)
   layer:    x.float() (r s, w 4) · F.layer_norm (r 4, w 4) · acc.add_ (r 8, w 4)

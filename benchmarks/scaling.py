@@ -60,9 +60,9 @@ def launch(preset: str, world: int, stage: int, args, out_dir: str) -> dict | No
 
 
 def counted(preset: str, world: int, stage: int, offload: bool, overrides: list[str]) -> dict:
-    from d2v.comm import comm_per_step
+    from d2v.estimate.comm import comm_per_step
     from d2v.config import apply_overrides, get_preset
-    from d2v.memory import per_rank_memory
+    from d2v.estimate.memory import per_rank_memory
 
     cfg = apply_overrides(get_preset(preset), overrides)
     mem = per_rank_memory(cfg, world_size=world, stage=stage, teacher_offload=offload)

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import kernels
     from d2v.config import load_template, resolve
     from d2v.data.synthetic import synthetic_batch
-    from d2v.flops import flops_per_sample, student_tokens_per_sample
+    from d2v.estimate.flops import flops_per_sample, student_tokens_per_sample
     from d2v.train.trainer import Trainer
 
     if args.threads:

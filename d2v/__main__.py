@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {
-    "describe": "d2v.describe",
+    "describe": "d2v.estimate.describe",
     "export": "d2v.export",
     "import-fairseq": "d2v.interop.fairseq_import",
     "probe": "d2v.probe",

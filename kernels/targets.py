@@ -1,5 +1,5 @@
 """Dispatch for the streaming data2vec targets (docs/method.md §5): `accumulate`, `finalize` and the
-list form `fused_targets`, with the semantics of d2v.targets (restated in targets_reference.py).
+list form `fused_targets`, with the semantics of targets_reference.py.
 
 Backend, chosen per call:
 * `D2V_KERNELS=off`     → the PyTorch reference, everywhere;
@@ -86,14 +86,14 @@ def accumulate(acc: Tensor | None, layer_output: Tensor, *, layer_norm: str | No
 
 
 def finalize(acc: Tensor, *, top_k: int, final_norm: str | None, padding_mask: Tensor | None = None) -> Tensor:
-    """Target = N_post(acc / top_k), fp32 B×T×D (a new tensor; unlike d2v.targets, acc is not divided in place)."""
+    """Target = N_post(acc / top_k), fp32 B×T×D (a new tensor; acc is not divided in place)."""
     _check(acc, final_norm, padding_mask)
     return _normalize_op(acc, final_norm, padding_mask, 1.0 / top_k)
 
 
 def fused_targets(layer_outputs: Sequence[Tensor], *, top_k: int, layer_norm: str | None,
                   final_norm: str | None, padding_mask: Tensor | None = None) -> Tensor:
-    """Same signature and result as d2v.targets.build_targets, built on accumulate/finalize."""
+    """Same signature and result as targets_reference.fused_targets, built on accumulate/finalize."""
     if not 1 <= top_k <= len(layer_outputs):
         raise ValueError(f"top_k={top_k} but {len(layer_outputs)} layer outputs were given")
     acc = None

@@ -1,4 +1,4 @@
-"""Plain PyTorch reference of the streaming target form (docs/method.md §5; semantics of d2v/targets.py).
+"""Plain PyTorch reference of the streaming target form (docs/method.md §5).
 
 Legend: B batch, T time, D width. `kernels` may not import `d2v`, so the semantics are restated
 here: norms are parameter-free and computed in fp32 with eps 1e-5; "instance" normalises each
@@ -61,7 +61,7 @@ def finalize(acc: Tensor, *, top_k: int, final_norm: str | None, padding_mask: T
 
 def fused_targets(layer_outputs: Sequence[Tensor], *, top_k: int, layer_norm: str | None,
                   final_norm: str | None, padding_mask: Tensor | None = None) -> Tensor:
-    """Same signature and result as d2v.targets.build_targets."""
+    """The list form: the top_k last layer outputs, each normalised, averaged, normalised again."""
     if not 1 <= top_k <= len(layer_outputs):
         raise ValueError(f"top_k={top_k} but {len(layer_outputs)} layer outputs were given")
     acc = None

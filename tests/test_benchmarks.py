@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from d2v.config import get_preset
-from d2v.flops import flops_per_sample
+from d2v.estimate.flops import flops_per_sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -22,6 +22,14 @@ def test_inverse_block_mask_2d_keeps_exactly_39_of_196():
 
 
 def test_random_mask_text():
-    m = random_mask(8, 512, mask_prob=0.48, generator=torch.Generator().manual_seed(2))
+    m = random_mask(8, 512, mask_prob=0.48, padding_mask=None, generator=torch.Generator().manual_seed(2))
     assert ((~m).sum(1) == 266).all() and (m.sum(1) == 246).all()
     assert not torch.equal(m[0], m[1])
+    # Padding: real tokens are kept first; a row with fewer real tokens than 266 keeps them all.
+    pad = torch.zeros(2, 512, dtype=torch.bool)
+    pad[0, 400:] = True
+    pad[1, 100:] = True
+    m = random_mask(2, 512, mask_prob=0.48, padding_mask=pad, generator=torch.Generator().manual_seed(3))
+    assert ((~m).sum(1) == 266).all()
+    assert not (~m[0] & pad[0]).any()  # 400 real tokens: all 266 kept among them
+    assert (~m[1, :100]).all()  # 100 real tokens: every one kept, 166 pads fill the count

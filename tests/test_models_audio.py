@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from d2v.config import get_preset
-from d2v.flops import flops_per_sample
+from d2v.estimate.flops import flops_per_sample
 from d2v.models import build_model
 from d2v.shapes import conv_output_length
 

@@ -181,7 +181,7 @@ def test_plain_weight_files_and_fairseq_records_still_load(tmp_path):
 
     import numpy as np
 
-    from d2v.interop.unpickle import StandIn, to_plain
+    from d2v.safe_load.unpickle import StandIn, to_plain
     from d2v.safe_load import load
 
     state = {"w": torch.arange(6.0).reshape(2, 3), "n": 3, "rng": np.random.RandomState(5).get_state(),

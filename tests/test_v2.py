@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from d2v.config import apply_overrides, get_preset
-from d2v.data.multimask import MultiMaskFn, multi_mask_fn
+from d2v.masking.multimask import MultiMaskFn, multi_mask_fn
 from d2v.data.synthetic import synthetic_batch
 from d2v.models import build_model
 from d2v.models.decoders import ConvDecoder, fill_masked
@@ -235,7 +235,7 @@ def test_clone_targets_index_the_sample_of_each_clone():
 # -- accounting and config -----------------------------------------------------------------------
 
 def test_flops_count_kept_tokens_times_m_and_the_teacher_once():
-    from d2v.flops import flops_per_sample, student_tokens_per_sample
+    from d2v.estimate.flops import flops_per_sample, student_tokens_per_sample
 
     cfg = get_preset("image_tiny_v2")  # 64 patches, 12 kept + CLS, 1 prenet + 3 main blocks of 64, M=4
     f = flops_per_sample(cfg)

@@ -101,7 +101,7 @@ def test_zero3_updates_land_in_what_the_forward_gathers(distributed):
 
 
 def test_describe_memory_matches_measured_tensor_sizes(distributed):
-    from d2v.memory import per_rank_memory
+    from d2v.estimate.memory import per_rank_memory
     from equivalence_common import equivalence_config
 
     _, ranks = distributed
@@ -126,7 +126,7 @@ def test_describe_memory_matches_measured_tensor_sizes(distributed):
 
 def test_teacher_device_bytes_fall_as_one_over_n_under_zero3():
     from d2v.config import get_preset
-    from d2v.memory import per_rank_memory
+    from d2v.estimate.memory import per_rank_memory
 
     cfg = get_preset("audio_base")
     sizes = [per_rank_memory(cfg, world_size=n, stage=3, persistence_threshold=0).teacher_device for n in (1, 2, 4, 8)]

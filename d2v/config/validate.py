@@ -1,10 +1,7 @@
-"""Checks a D2vConfig for values that contradict each other; messages say what to change."""
+"""Checks a D2vConfig for values that contradict each other; messages say what to change.
+
+Imports nothing from the schema (the schema calls it): `cfg` is a d2v.config.schema.D2vConfig."""
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from d2v.config.schema import D2vConfig
 
 MODALITIES = ("audio", "image", "text")
 MASKS = {"audio": ("span",), "image": ("block_2d",), "text": ("text_span", "bert")}

@@ -33,7 +33,7 @@ from d2v.masking.span import span_mask
 from d2v.shapes import conv_output_length, min_samples_for_frames
 
 # mask_fn(batch_size, num_frames, padding_mask B×T bool or None, generator) -> B×T bool, True = masked
-# (2.0: B×M×T, M masks per utterance; see d2v.data.multimask)
+# (2.0: B×M×T, M masks per utterance; see d2v.masking.multimask)
 MaskFn = Callable[[int, int, "Tensor | None", torch.Generator], Tensor]
 
 AUDIO_EXTENSIONS = ("flac", "wav")

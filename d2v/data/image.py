@@ -98,6 +98,6 @@ def image_collate(images: list[torch.Tensor], labels: list[int], keys: list[str]
 
 def image_collate_v2(images: list[torch.Tensor], labels: list[int], keys: list[str], *, mask_fn,
                      g: torch.Generator) -> Batch:
-    """data2vec 2.0: `mask_fn` (a d2v.data.multimask.MultiMaskFn) gives B×M×N inverse-block masks."""
+    """data2vec 2.0: `mask_fn` (a d2v.masking.multimask.MultiMaskFn) gives B×M×N inverse-block masks."""
     mask = mask_fn(len(images), mask_fn.grid[0] * mask_fn.grid[1], None, g)
     return Batch(source=torch.stack(images), mask=mask, keys=keys, extras={"labels": torch.tensor(labels)})

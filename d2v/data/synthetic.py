@@ -121,7 +121,7 @@ def _synthetic_batch_v2(cfg, batch_size: int, *, seed: int, index: int) -> Batch
     """The 1.0 synthetic inputs with data2vec 2.0 masks (M per sample) made as the collate would."""
     from dataclasses import replace as dc_replace
 
-    from d2v.data.multimask import multi_mask_fn
+    from d2v.masking.multimask import multi_mask_fn
 
     m = cfg.model
     if m.modality == "audio":

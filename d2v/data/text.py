@@ -67,7 +67,7 @@ def text_collate(blocks: list[torch.Tensor], keys: list[str], *, pad_id: int, ma
 
 def text_collate_v2(blocks: list[torch.Tensor], keys: list[str], *, pad_id: int, mask_fn,
                     g: torch.Generator) -> Batch:
-    """data2vec 2.0: B×M×T random masks (`mask_fn`, a d2v.data.multimask.MultiMaskFn); masked tokens
+    """data2vec 2.0: B×M×T random masks (`mask_fn`, a d2v.masking.multimask.MultiMaskFn); masked tokens
     are dropped from the student's input, so there is no `<mask>` view (masked_source is None).
     Padding stays marked where the mask drops it (equal kept counts per row); the task never
     regresses padded positions."""

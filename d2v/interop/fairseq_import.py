@@ -1,7 +1,7 @@
 """`python -m d2v import-fairseq CKPT OUT [--format plain|hf]`: reference data2vec checkpoints into d2v.
 
 Reads, without fairseq or omegaconf and without running any code in the file (d2v.safe_load with
-d2v.interop.unpickle's inert records), fairseq data2vec 1.0 audio and text checkpoints and the
+d2v.safe_load.unpickle's inert records), fairseq data2vec 1.0 audio and text checkpoints and the
 BEiT-based data2vec_vision checkpoints; maps the student and the EMA teacher
 (fairseq: `model['_ema']` or `model['encoder._ema']`; BEiT: `model_ema`) into d2v's layout; writes
 a d2v plain export (student.safetensors, teacher.safetensors, config.json; `--init-from` and
@@ -28,7 +28,7 @@ from torch import Tensor
 
 from d2v import safe_load
 from d2v.interop.fairseq_layout import map_state, strip_prefix, to_float
-from d2v.interop.unpickle import to_plain
+from d2v.safe_load.unpickle import to_plain
 
 
 class ImportRefused(ValueError):

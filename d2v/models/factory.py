@@ -16,6 +16,7 @@ from d2v.models.vision import PatchEmbed, RelativePositionBias
 from d2v.models.blocks import TransformerBlock
 from d2v.models.data2vec import Data2Vec
 from d2v.models.encoder import TransformerEncoder
+from d2v.models.init import bert_init, exempt_from_weight_decay, trunc_init
 
 
 def build_head(m: ModelConfig) -> nn.Module:
@@ -39,26 +40,6 @@ def build_blocks(m: ModelConfig, *, drop_path: float = 0.0, layer_scale_init: fl
     ]
 
 
-NO_WEIGHT_DECAY = "no_weight_decay"
-"""Attribute marking a parameter the optimizer exempts from weight decay whatever its shape."""
-
-
-def exempt_from_weight_decay(*params: nn.Parameter) -> None:
-    for p in params:
-        setattr(p, NO_WEIGHT_DECAY, True)
-
-
-def _bert_init(module: nn.Module, std: float) -> None:
-    """Normal(0, std) linear/embedding weights, zero biases (fairseq's init_bert_params)."""
-    for mod in module.modules():
-        if isinstance(mod, nn.Linear):
-            nn.init.normal_(mod.weight, std=std)
-            if mod.bias is not None:
-                nn.init.zeros_(mod.bias)
-        elif isinstance(mod, nn.Embedding):
-            nn.init.normal_(mod.weight, std=std)
-
-
 def build_audio(m: ModelConfig) -> Data2Vec:
     a = m.audio
     encoder = TransformerEncoder(
@@ -66,7 +47,7 @@ def build_audio(m: ModelConfig) -> Data2Vec:
         pos_conv=ConvPositionalEncoder(m.embed_dim, a.conv_pos_depth, a.conv_pos_kernel, a.conv_pos_groups),
         layer_norm=nn.LayerNorm(m.embed_dim, eps=m.norm_eps),
         dropout=m.dropout, layerdrop=m.layerdrop)
-    _bert_init(encoder, m.init_std)
+    bert_init(encoder, m.init_std)
     # fairseq's data2vec_audio applies init_bert_params to the encoder only: the projection
     # (post_extract_proj) and the head (final_proj) keep PyTorch's default, the convs Kaiming.
     head = build_head(m)
@@ -84,9 +65,9 @@ def build_image(m: ModelConfig) -> Data2Vec:
         blocks, final_norm=nn.LayerNorm(m.embed_dim, eps=m.norm_eps), dropout=m.dropout, layerdrop=m.layerdrop,
         cls_token=True, rel_pos_bias=RelativePositionBias(patch.grid, m.num_heads) if im.rel_pos_bias else None)
     for module in (encoder, patch):
-        _trunc_init(module, m.init_std)
+        trunc_init(module, m.init_std)
     head = build_head(m)
-    _trunc_init(head, m.init_std)
+    trunc_init(head, m.init_std)
     model = Data2Vec(patch, encoder, head, embed_dim=m.embed_dim, feature_dropout=m.feature_dropout)
     std = m.init_std
     nn.init.trunc_normal_(model.mask_embedding.weight, std=std, a=-std, b=std)
@@ -99,20 +80,6 @@ def build_image(m: ModelConfig) -> Data2Vec:
     return model
 
 
-def _trunc_init(module: nn.Module, std: float) -> None:
-    """BEiT's init: normal weights truncated at one std (`trunc_normal_(a=-std, b=std)` in
-    data2vec_vision's `beit/modeling_cyclical.py`: an effective std of 0.54·std), zero biases, then each
-    block's output projections rescaled by 1/sqrt(2·layer) so deep residual streams start small."""
-    for mod in module.modules():
-        if isinstance(mod, (nn.Linear, nn.Conv2d)):
-            nn.init.trunc_normal_(mod.weight, std=std, a=-std, b=std)
-            if mod.bias is not None:
-                nn.init.zeros_(mod.bias)
-    for layer, block in enumerate(getattr(module, "blocks", []), start=1):
-        block.attention.out_proj.weight.data.div_((2.0 * layer) ** 0.5)
-        block.ffn.fc2.weight.data.div_((2.0 * layer) ** 0.5)
-
-
 def build_text(m: ModelConfig) -> Data2Vec:
     """RoBERTa layout: embeddings + LayerNorm, then post-LN blocks; the embedding dropout is the
     model's feature dropout, so the encoder adds none of its own."""
@@ -121,7 +88,7 @@ def build_text(m: ModelConfig) -> Data2Vec:
     encoder = TransformerEncoder(build_blocks(m), dropout=0.0, layerdrop=m.layerdrop)
     head = build_head(m)
     for module in (embed, encoder, head):
-        _bert_init(module, m.init_std)
+        bert_init(module, m.init_std)
     with torch.no_grad():
         embed.word_embeddings.weight[t.pad_id].zero_()
         embed.position_embeddings.weight[t.pad_id].zero_()

@@ -11,7 +11,7 @@ from d2v.models.blocks import TransformerBlock
 from d2v.models.data2vec_v2 import Data2VecV2
 from d2v.models.decoders import ConvDecoder
 from d2v.models.encoder_v2 import AlibiScale, EncoderV2, SinCosPositions
-from d2v.models.factory import _bert_init
+from d2v.models.init import bert_init
 from d2v.models.text import TextEmbedding
 from d2v.models.vision import PatchEmbed
 
@@ -42,7 +42,7 @@ def build_audio_v2(m: ModelConfig) -> Data2VecV2:
         pos_conv=ConvPositionalEncoder(m.embed_dim, a.conv_pos_depth, a.conv_pos_kernel, a.conv_pos_groups),
         alibi=AlibiScale(m.num_heads, v.alibi_scale_init) if v.alibi else None,
         layer_norm=nn.LayerNorm(m.embed_dim, eps=m.norm_eps), dropout=m.dropout, layerdrop=m.layerdrop)
-    _bert_init(encoder, m.init_std)  # linear layers; the positional conv keeps PyTorch's default
+    bert_init(encoder, m.init_std)  # linear layers; the positional conv keeps PyTorch's default
     # The audio encoder's reset_parameters() gives the projection PyTorch's default back
     # (fairseq `examples/data2vec/models/modalities/audio.py`).
     frontend = AudioFeatureEncoder(a.conv_layers, m.embed_dim)
@@ -59,7 +59,7 @@ def build_image_v2(m: ModelConfig) -> Data2VecV2:
         dropout=m.dropout, layerdrop=m.layerdrop)
     # fairseq `data2vec2.py` / `modalities/images.py`: init_bert_params on the linear layers, Xavier-uniform
     # patch projection (as a D×(C·p·p) matrix, bias left at PyTorch's default), CLS token N(0, 1).
-    _bert_init(encoder, m.init_std)
+    bert_init(encoder, m.init_std)
     w = patch.projection.weight.data
     nn.init.xavier_uniform_(w.view(w.shape[0], -1))
     if encoder.cls_token is not None:
@@ -73,7 +73,7 @@ def build_text_v2(m: ModelConfig) -> Data2VecV2:
     embed = TextEmbedding(t.vocab_size, t.max_positions, t.pad_id, m.embed_dim, m.norm_eps)
     encoder = EncoderV2(_blocks(m, v.prenet_depth), _blocks(m, m.depth), dropout=0.0, layerdrop=m.layerdrop)
     for module in (embed, encoder):
-        _bert_init(module, m.init_std)
+        bert_init(module, m.init_std)
     with torch.no_grad():
         embed.word_embeddings.weight[t.pad_id].zero_()
         embed.position_embeddings.weight[t.pad_id].zero_()

@@ -20,7 +20,7 @@ def mask_fn(cfg: D2vConfig):
     from d2v.data import span_mask_fn
 
     if cfg.model.v2.enabled:
-        from d2v.data.multimask import multi_mask_fn
+        from d2v.masking.multimask import multi_mask_fn
 
         return multi_mask_fn(cfg)  # B×M×T 1-D block masks (data2vec 2.0)
     mk = cfg.masking

@@ -16,7 +16,7 @@ def image_decoder(cfg: D2vConfig, *, train: bool = True):
     grid = (m.image.image_size // m.image.patch_size,) * 2
     masks_v2 = None
     if m.v2.enabled:
-        from d2v.data.multimask import multi_mask_fn
+        from d2v.masking.multimask import multi_mask_fn
 
         masks_v2 = multi_mask_fn(cfg)
 
@@ -49,7 +49,7 @@ def text_decoder(cfg: D2vConfig):
     t, mk = cfg.model.text, cfg.masking
     masks_v2 = None
     if cfg.model.v2.enabled:
-        from d2v.data.multimask import multi_mask_fn
+        from d2v.masking.multimask import multi_mask_fn
 
         masks_v2 = multi_mask_fn(cfg)
 

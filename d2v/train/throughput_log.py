@@ -1,7 +1,7 @@
 """What GPU users read off a run log: positions (frames, patches or tokens) per second, achieved
 TFLOP/s per device and MFU, and peak device memory.
 
-FLOPs are the analytic counts of d2v/flops.py for the shapes each step actually ran: student
+FLOPs are the analytic counts of d2v/estimate/flops.py for the shapes each step actually ran: student
 forward and backward, the teacher's forward and the audio feature encoder all count. MFU is taken
 against `train.peak_tflops` when set, else the device's bf16 dense datasheet peak; the log names
 which. A CPU has no datasheet entry: without `train.peak_tflops` its MFU is left out.
@@ -50,7 +50,7 @@ class StepFlops:
         self._per_sample: dict[int, float] = {}
 
     def __call__(self, source: torch.Tensor) -> float:
-        from d2v.flops import flops_per_sample
+        from d2v.estimate.flops import flops_per_sample
 
         audio = self.cfg.model.modality == "audio"
         length = int(source.shape[1]) if audio else 0

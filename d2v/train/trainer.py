@@ -32,7 +32,7 @@ def param_group_names(model: torch.nn.Module, no_decay_1d: bool) -> list[list[st
     """Names of the optimizer's parameter groups, in order: one group, or two with the exempt ones
     second: biases and other 1-D parameters (when no_decay_1d) and parameters the model factory
     marked (BEiT's CLS token). Export relies on this order too."""
-    from d2v.models.factory import NO_WEIGHT_DECAY
+    from d2v.models.init import NO_WEIGHT_DECAY
 
     params = dict(model.named_parameters())
     names = [n for n, p in params.items() if p.requires_grad]

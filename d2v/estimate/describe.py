@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from d2v.config import apply_overrides, get_preset
-from d2v.flops import flops_per_sample, kept_per_clone
+from d2v.estimate.flops import flops_per_sample, kept_per_clone
 from d2v.models import build_model
 from d2v.shapes import conv_output_length
 
@@ -44,7 +44,7 @@ def describe(preset: str, overrides: list[str] | None = None, seconds: float = 1
         info["decoder_parameters"] = sum(p.numel() for p in student.decoder.parameters())
     info["flops_per_sample"] = flops_per_sample(cfg, seconds).as_dict()
     if world_size is not None or zero is not None:
-        from d2v.memory import per_rank_memory
+        from d2v.estimate.memory import per_rank_memory
 
         mem = per_rank_memory(cfg, world_size=world_size or 1, stage=zero if zero is not None else 0,
                               teacher_offload=teacher_offload, persistence_threshold=persistence_threshold)

@@ -13,23 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from d2v.masking import block_mask_1d, inverse_block_mask_2d
+from d2v.masking.exact_count import block_mask_1d, inverse_block_mask_2d, random_mask
 
 KINDS = ("block_1d", "inverse_block_2d", "random")
-
-
-def random_keep_mask(rows: int, length: int, *, mask_prob: float, padding_mask: Tensor | None,
-                     generator: torch.Generator) -> Tensor:
-    """rows×T bool, exactly int(T·(1−R)) False (kept) per row; padded tokens are kept only when a
-    row has fewer real tokens than that (they stay padding in the encoder and are never targets)."""
-    keep = int(length * (1.0 - mask_prob))
-    noise = torch.rand(rows, length, generator=generator)
-    if padding_mask is not None:
-        noise = noise + padding_mask.to(noise.dtype)  # real tokens (noise < 1) sort first
-    order = noise.argsort(dim=1)
-    mask = torch.ones(rows, length, dtype=torch.bool)
-    mask.scatter_(1, order[:, :keep], False)
-    return mask
 
 
 @dataclass(frozen=True)
@@ -54,7 +40,7 @@ class MultiMaskFn:
         rows = batch_size * self.num_masks
         if self.kind == "random":
             pad = padding_mask.repeat_interleave(self.num_masks, 0) if padding_mask is not None else None
-            mask = random_keep_mask(rows, length, mask_prob=self.mask_prob, padding_mask=pad, generator=generator)
+            mask = random_mask(rows, length, mask_prob=self.mask_prob, padding_mask=pad, generator=generator)
         elif padding_mask is not None and bool(padding_mask.any()):
             raise ValueError(f"{self.kind} masks need unpadded rows of equal length (audio: data.pad=false)")
         elif self.kind == "block_1d":

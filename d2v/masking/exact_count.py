@@ -64,13 +64,17 @@ def inverse_block_mask_2d(batch_size: int, grid: tuple[int, int], *, mask_prob: 
                             generator=generator)
 
 
-def random_mask(batch_size: int, length: int, *, mask_prob: float = 0.48,
-                generator: torch.Generator | None = None) -> Tensor:
-    """Text 2.0 (MAE's random masking): keeps int(T·(1−R)) tokens per row, chosen uniformly, and
-    masks the rest (R=0.48 at T=512: 266 kept, 246 masked)."""
-    g = generator if generator is not None else torch.Generator().manual_seed(0)
+def random_mask(rows: int, length: int, *, mask_prob: float, padding_mask: Tensor | None,
+                generator: torch.Generator) -> Tensor:
+    """Text 2.0 (MAE's random masking): rows×T bool, exactly int(T·(1−R)) False (kept) per row,
+    chosen uniformly among the real tokens (R=0.48 at T=512: 266 kept, 246 masked). Padded tokens
+    are kept only when a row has fewer real tokens than that (they stay padding in the encoder and
+    are never targets)."""
     keep = int(length * (1.0 - mask_prob))
-    order = torch.rand(batch_size, length, generator=g).argsort(dim=1)
-    mask = torch.ones(batch_size, length, dtype=torch.bool)
+    noise = torch.rand(rows, length, generator=generator)
+    if padding_mask is not None:
+        noise = noise + padding_mask.to(noise.dtype)  # real tokens (noise < 1) sort first
+    order = noise.argsort(dim=1)
+    mask = torch.ones(rows, length, dtype=torch.bool)
     mask.scatter_(1, order[:, :keep], False)
     return mask

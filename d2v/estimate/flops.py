@@ -92,7 +92,7 @@ def text_flops(cfg: D2vConfig, tokens: int | None = None) -> FlopCount:
 
 def kept_per_clone(cfg: D2vConfig, length: int) -> int:
     """2.0: tokens each clone's student encodes (extra tokens not counted): audio masks exactly
-    int(T·R), image and text keep exactly int(T·(1−R)) (d2v.masking.block)."""
+    int(T·R), image and text keep exactly int(T·(1−R)) (d2v.masking.exact_count)."""
     R = cfg.masking.mask_prob
     return length - int(length * R) if cfg.model.modality == "audio" else int(length * (1.0 - R))
 

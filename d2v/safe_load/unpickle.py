@@ -47,7 +47,7 @@ def standin(module: str, name: str) -> type:
     key = f"{module}.{name}"
     if key not in _standins:
         # Distinct per name; never the original class, never executing its code.
-        _standins[key] = type(name, (StandIn,), {"_qualname": key, "__module__": "d2v.interop.unpickle"})
+        _standins[key] = type(name, (StandIn,), {"_qualname": key, "__module__": "d2v.safe_load.unpickle"})
     return _standins[key]
 
 

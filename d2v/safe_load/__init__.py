@@ -10,7 +10,7 @@ weights-only unpickler, which builds tensors and plain containers only; the few 
 legitimate file holds are allowed by exact name (`INERT`): numpy arrays and scalars (RNG states)
 and three data-only DeepSpeed records. `records=True` (fairseq checkpoints) also turns their
 configuration and logging objects (argparse Namespace, omegaconf DictConfig, fairseq meters) into
-the inert stand-ins of d2v.interop.unpickle, which only store what they are given.
+the inert stand-ins of d2v.safe_load.unpickle, which only store what they are given.
 """
 from __future__ import annotations
 
@@ -162,7 +162,7 @@ def _globals_in(f: BinaryIO, kind: str) -> set[str]:
 
 
 def _record_globals(f: BinaryIO, kind: str) -> list[tuple[Any, str]]:
-    from d2v.interop.unpickle import is_record_name, standin
+    from d2v.safe_load.unpickle import is_record_name, standin
 
     out = []
     for full in _globals_in(f, kind):

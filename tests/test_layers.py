@@ -1,0 +1,128 @@
+"""The import graph of d2v and kernels, read from the source (every import, also those inside
+functions): no cycles, and dependencies point one way,
+
+    kernels <- config/batch/shapes/safe_load <- masking, losses, data <- models, flops
+            <- teacher <- task, interop <- train
+
+with the applications (finetune, export, probes, memory estimates, the CLI) on top. Models never
+import data, masking or DeepSpeed; data never imports models, the teacher, tasks or training."""
+import ast
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Longest prefix wins; modules under no prefix are applications (may import any layer below them).
+LAYERS = {
+    "kernels": 0,
+    "d2v.config": 1, "d2v.batch": 1, "d2v.shapes": 1, "d2v.safe_load": 1, "d2v.collectives": 1,
+    "d2v.masking": 2, "d2v.losses": 2, "d2v.data": 2,
+    "d2v.models": 3, "d2v.estimate.flops": 3,
+    "d2v.teacher": 4,
+    "d2v.task": 5, "d2v.task_v2": 5, "d2v.interop": 5,
+    "d2v.train": 6,
+}
+APPLICATION = 7
+FORBIDDEN = {
+    "d2v.models": ("d2v.data", "d2v.masking", "deepspeed"),
+    "d2v.data": ("d2v.models", "d2v.teacher", "d2v.task", "d2v.task_v2", "d2v.train"),
+}
+
+
+def _modules() -> dict[str, str]:
+    mods = {}
+    for base in ("d2v", "kernels"):
+        for folder, _, files in os.walk(os.path.join(ROOT, base)):
+            for f in files:
+                if f.endswith(".py"):
+                    path = os.path.join(folder, f)
+                    name = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+                    mods[name[: -len(".__init__")] if name.endswith(".__init__") else name] = path
+    return mods
+
+
+def _imported(path: str, name: str, mods: dict[str, str]) -> set[str]:
+    """Module names imported by one file, external ones by their top-level package."""
+    package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+    found: set[str] = set()
+
+    def known(m: str) -> str | None:
+        while m and m not in mods:
+            m = m.rpartition(".")[0]
+        return m or None
+
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                found.add(known(alias.name) or alias.name.partition(".")[0])
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                base = node.module
+            submodules = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in mods]
+            if submodules:  # `from pkg import submodule`
+                found.update(submodules)
+            else:
+                found.add(known(base) or base.partition(".")[0])
+    found.discard(name)
+    return found
+
+
+def _layer(name: str) -> int:
+    best = max((p for p in LAYERS if name == p or name.startswith(p + ".")), key=len, default=None)
+    return LAYERS[best] if best is not None else APPLICATION
+
+
+def _graph() -> dict[str, set[str]]:
+    mods = _modules()
+    return {name: _imported(path, name, mods) for name, path in mods.items()}
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def test_no_import_cycles():
+    graph = _graph()
+    # A package's __init__ re-exporting its submodules is not a cycle.
+    internal = {n: {m for m in deps if m in graph and not _under(n, m)} for n, deps in graph.items()}
+    cycles, state = [], {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for dep in sorted(internal[node]):
+            if state.get(dep) == "open":
+                cycles.append(path[path.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, path + [dep])
+        state[node] = "done"
+
+    for node in sorted(internal):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_dependencies_point_down_the_layers():
+    graph = _graph()
+    upward = sorted(f"{n} ({_layer(n)}) imports {m} ({_layer(m)})" for n, deps in graph.items() for m in deps
+                    if m in graph and _layer(m) > _layer(n) and not _under(n, m))
+    assert not upward, "\n".join(upward)
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_forbidden_imports(package):
+    graph = _graph()
+    bad = sorted(f"{n} imports {m}" for n, deps in graph.items() if _under(n, package)
+                 for m in deps for f in FORBIDDEN[package] if _under(m, f))
+    assert not bad, "\n".join(bad)
+
+
+def test_the_graph_reader_sees_imports_inside_functions():
+    graph = _graph()
+    # d2v.models.factory imports its 2.0 builders inside build_model.
+    assert "d2v.models.factory_v2" in graph["d2v.models.factory"]
+    assert "deepspeed" in graph["d2v.collectives"]
