@@ -7,7 +7,7 @@ COMMANDS = {
     "describe": "d2v.estimate.describe",
     "export": "d2v.export",
     "import-fairseq": "d2v.interop.fairseq_import",
-    "probe": "d2v.probe",
+    "probe": "d2v.finetune.probe:main_shards",
 }
 
 
@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     from d2v.safe_load import RefusedFile
 
     try:
-        importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+        module, _, function = COMMANDS[argv[0]].partition(":")
+        getattr(importlib.import_module(module), function or "main")(argv[1:])
     except RefusedFile as e:  # a file that is not plain weights: the message says which and why
         print(f"python -m d2v {argv[0]}: {e}", file=sys.stderr)
         raise SystemExit(2) from None

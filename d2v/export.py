@@ -124,6 +124,21 @@ def load_exported(out: str):
     return student, safe_load.load_safetensors(os.path.join(out, "teacher.safetensors")), cfg
 
 
+def load_student(path: str):
+    """(student, config) from an export directory or a checkpoint (run dir, checkpoints dir or tag)."""
+    if os.path.exists(os.path.join(path, "student.safetensors")):
+        student, _, cfg = load_exported(path)
+        return student, cfg
+    from d2v.models import build_model
+
+    tag_dir = resolve_tag_dir(path)
+    with open(os.path.join(tag_dir, "d2v_state.json")) as f:
+        cfg = from_dict(json.load(f)["config"])
+    student = build_model(cfg)
+    student.load_state_dict(student_fp32(tag_dir, cfg), strict=True)
+    return student, cfg
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m d2v export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
 from cluster_common import ROOT, cluster_config, dump_state, max_state_diff, zero3_template  # noqa: E402
-from test_dist_pretrain import _port, launch_two_ranks  # noqa: E402
+from launch import free_port as _port, launch_two_ranks  # noqa: E402
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 

@@ -5,33 +5,11 @@ import glob
 import io
 import json
 import os
-import socket
-import subprocess
-import sys
 import tarfile
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_two_ranks(script: str, out: str, *extra: str, timeout: int = 900) -> list[dict]:
-    deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    # In-process tests of this session may have set a world-size-1 rendezvous in os.environ.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=ROOT)
-    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(_port()), os.path.join(ROOT, script), "--out", out, *extra]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    if proc.returncode != 0:
-        raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
-    return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(2)]
+from launch import launch_two_ranks
 
 
 def corrupt_copy(pattern_dir: str, out_dir: str) -> None:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from test_dist_pretrain import launch_two_ranks
+from launch import launch_two_ranks
 
 STEPS, ZERO_STEPS = 40, 3
 

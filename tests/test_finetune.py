@@ -262,7 +262,7 @@ def test_full_run_evaluates_and_checkpoints(task_data, tmp_path):
 
 
 def test_two_rank_launch_of_the_launcher(task_data, tmp_path):
-    from tests.test_dist_pretrain import _port
+    from launch import free_port as _port
 
     preset, overrides = task_data["text_cls"]
     env = {k: v for k, v in os.environ.items()
@@ -367,3 +367,37 @@ def test_init_from_a_transformers_directory_loads_the_backbone(tmp_path):
     for name, tensor in loaded.state_dict().items():
         if not name.startswith("head."):
             torch.testing.assert_close(tensor, want[name], rtol=0, atol=0, msg=name)
+
+
+def test_the_shard_probe_reads_labels_and_separates_two_colours(tmp_path, capsys):
+    # Red and blue squares: any encoder (pretrained or random) separates them, so both rows must
+    # reach 100 %; wrong labels or features that ignore the image would not.
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from d2v.__main__ import main as d2v_main
+    from d2v.config import get_preset, to_dict
+    from d2v.data.prepare_image import prepare_image
+    from d2v.models import build_model
+
+    rng = np.random.default_rng(0)
+    for name, channel in (("blue", 2), ("red", 0)):
+        os.makedirs(tmp_path / "tree" / name)
+        for i in range(12):
+            pixels = rng.integers(0, 40, (40, 40, 3), dtype=np.uint8)
+            pixels[..., channel] = 200 + rng.integers(0, 55, (40, 40), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "tree" / name / f"{i}.png")
+    report = prepare_image(str(tmp_path / "tree"), str(tmp_path / "shards"), samples_per_shard=10, val_fraction=0.25)
+    cfg = get_preset("image_tiny")
+    torch.manual_seed(0)
+    student = build_model(cfg)
+    export = tmp_path / "export"
+    os.makedirs(export)
+    save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(export / "student.safetensors"))
+    save_file({"x": torch.zeros(1)}, str(export / "teacher.safetensors"))
+    (export / "config.json").write_text(json.dumps(to_dict(cfg)))
+    d2v_main(["probe", str(export), "--data", report["patterns"]["train"], "--val-data", report["patterns"]["valid"],
+              "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert (result["train_images"], result["val_images"], result["classes"]) == (18, 6, 2)
+    assert result["accuracy"] == {"pretrained": 1.0, "random init": 1.0}

@@ -82,7 +82,7 @@ def test_sync_budget_one_process(tmp_path, preset, zero):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    from test_dist_pretrain import launch_two_ranks
+    from launch import launch_two_ranks
 
     out = str(tmp_path_factory.mktemp("sync_budget"))
     return launch_two_ranks("tests/dist/sync_scenarios.py", out, "--cases", json.dumps(CASES_2))

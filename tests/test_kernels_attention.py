@@ -396,12 +396,12 @@ def test_checkpointed_encoder_forward_never_times(fake_gpu):
     forward (forward + autograd.grad of the candidates) changed what was saved between the two
     runs (CheckpointError). Planned before, the checkpointed step never calls the timer."""
     from d2v.models.blocks import TransformerBlock
-    from d2v.models.encoder import TransformerEncoder
+    from d2v.models.encoder import Encoder
 
     torch.manual_seed(0)
     blocks = [TransformerBlock(128, 2, 256, layer_norm_first=False, eps=1e-5, dropout=0.0,
                                attention_dropout=0.0, activation_dropout=0.0) for _ in range(2)]
-    encoder = TransformerEncoder(blocks).train()
+    encoder = Encoder(blocks).train()
     encoder.checkpoint_blocks = True
     timer = _FakeTimer({"triton": 1.0, "xformers": 2.0, "sdpa": 3.0}, run_it=True)
     dispatch.set_timer(timer)

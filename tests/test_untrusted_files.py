@@ -387,7 +387,7 @@ def test_universal_conversion_refuses_a_hostile_partition(runs, tmp_path, canary
 
 
 def test_probe_and_finetune_init_loader_refuses_a_hostile_checkpoint(runs, tmp_path, canary):
-    from d2v.probe import load_student
+    from d2v.export import load_student
     from d2v.safe_load import RefusedFile
 
     run_dir, hostile = _hostile_copy(runs, "zero0", tmp_path, canary, "mp_rank_00_model_states.pt", "builtins.exec")

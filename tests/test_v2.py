@@ -11,8 +11,9 @@ from d2v.masking.multimask import MultiMaskFn, multi_mask_fn
 from d2v.data.synthetic import synthetic_batch
 from d2v.models import build_model
 from d2v.models.decoders import ConvDecoder, fill_masked
-from d2v.models.encoder_v2 import kept_indices, sincos_2d
-from d2v.task_v2 import Data2VecV2Task, clone_targets
+from d2v.models.encoder import kept_indices
+from d2v.models.positions import sincos_2d
+from d2v.task import Data2VecTask, clone_targets
 from d2v.teacher import Teacher
 
 MODALITIES = ("audio", "image", "text")
@@ -200,7 +201,7 @@ def test_teacher_runs_once_per_sample_and_loss_matches_per_clone_reference(modal
     B, M, T = batch.mask.shape
     calls = []
     teacher.model.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
-    out = Data2VecV2Task(student, teacher, cfg)(batch)
+    out = Data2VecTask(student, teacher, cfg)(batch)
     assert calls == [B]  # one teacher pass over the B original samples, not B·M
 
     # Reference: the teacher recomputed on every clone (float64 loss over masked non-padded positions).

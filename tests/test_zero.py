@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
 from equivalence_common import (  # noqa: E402
     CASES, PRECISIONS, PRESETS, max_relative_loss_diff, relative_teacher_diff, run_reference,
 )
-from test_dist_pretrain import ROOT, launch_two_ranks  # noqa: E402
+from launch import ROOT, launch_two_ranks  # noqa: E402
 
 # Measured multiples of the spread (see the table this test prints): fp32 stays within ~1.1x,
 # bf16 within ~5x (audio's bf16 waveform makes its runs the noisiest).

@@ -92,7 +92,7 @@ def load_backbone(init: str, model_cfg: ModelConfig, *, random_init: bool, seed:
         student = build_model(model_cfg)
         init_from(student, init, allow_missing=("head", "mask_embedding"))
         return student
-    from d2v.probe import load_student  # export directory or checkpoint of any ZeRO stage
+    from d2v.export import load_student  # export directory or checkpoint of any ZeRO stage
 
     student, _ = load_student(init)
     return student

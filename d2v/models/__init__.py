@@ -2,7 +2,6 @@
 from d2v.models.audio import Features
 from d2v.models.blocks import BlockOutput
 from d2v.models.data2vec import Data2Vec
-from d2v.models.data2vec_v2 import Data2VecV2
 from d2v.models.factory import build_model
 
-__all__ = ["BlockOutput", "Data2Vec", "Data2VecV2", "Features", "build_model"]
+__all__ = ["BlockOutput", "Data2Vec", "Features", "build_model"]

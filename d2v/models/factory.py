@@ -1,4 +1,4 @@
-"""The one factory that assembles a Data2Vec student from a ModelConfig.
+"""The one factory that assembles a Data2Vec student (1.0 or 2.0) from a ModelConfig.
 
 Initialisation follows each reference model (docs/method.md, section "Initialisation"): fairseq's
 `init_bert_params` for the audio and text Transformers, PyTorch's defaults where fairseq leaves them
@@ -15,7 +15,9 @@ from d2v.models.text import TextEmbedding
 from d2v.models.vision import PatchEmbed, RelativePositionBias
 from d2v.models.blocks import TransformerBlock
 from d2v.models.data2vec import Data2Vec
-from d2v.models.encoder import TransformerEncoder
+from d2v.models.decoders import ConvDecoder
+from d2v.models.encoder import Encoder
+from d2v.models.positions import AlibiScale, SinCosPositions
 from d2v.models.init import bert_init, exempt_from_weight_decay, trunc_init
 
 
@@ -42,7 +44,7 @@ def build_blocks(m: ModelConfig, *, drop_path: float = 0.0, layer_scale_init: fl
 
 def build_audio(m: ModelConfig) -> Data2Vec:
     a = m.audio
-    encoder = TransformerEncoder(
+    encoder = Encoder(
         build_blocks(m),
         pos_conv=ConvPositionalEncoder(m.embed_dim, a.conv_pos_depth, a.conv_pos_kernel, a.conv_pos_groups),
         layer_norm=nn.LayerNorm(m.embed_dim, eps=m.norm_eps),
@@ -61,7 +63,7 @@ def build_image(m: ModelConfig) -> Data2Vec:
     im = m.image
     patch = PatchEmbed(im.image_size, im.patch_size, im.in_chans, m.embed_dim)
     blocks = build_blocks(m, drop_path=im.drop_path, layer_scale_init=im.layer_scale_init, qkv_bias=(True, False, True))
-    encoder = TransformerEncoder(
+    encoder = Encoder(
         blocks, final_norm=nn.LayerNorm(m.embed_dim, eps=m.norm_eps), dropout=m.dropout, layerdrop=m.layerdrop,
         cls_token=True, rel_pos_bias=RelativePositionBias(patch.grid, m.num_heads) if im.rel_pos_bias else None)
     for module in (encoder, patch):
@@ -85,7 +87,7 @@ def build_text(m: ModelConfig) -> Data2Vec:
     model's feature dropout, so the encoder adds none of its own."""
     t = m.text
     embed = TextEmbedding(t.vocab_size, t.max_positions, t.pad_id, m.embed_dim, m.norm_eps)
-    encoder = TransformerEncoder(build_blocks(m), dropout=0.0, layerdrop=m.layerdrop)
+    encoder = Encoder(build_blocks(m), dropout=0.0, layerdrop=m.layerdrop)
     head = build_head(m)
     for module in (embed, encoder, head):
         bert_init(module, m.init_std)
@@ -96,15 +98,83 @@ def build_text(m: ModelConfig) -> Data2Vec:
                     mask_embedding=False)
 
 
+# data2vec 2.0 (docs/method.md §3.3): post-LN blocks, the encoder over kept tokens, conv decoders.
+
+def _post_ln_blocks(m: ModelConfig, n: int) -> list[nn.Module]:
+    return [TransformerBlock(m.embed_dim, m.num_heads, m.ffn_dim, layer_norm_first=False, eps=m.norm_eps,
+                             dropout=m.dropout, attention_dropout=m.attention_dropout,
+                             activation_dropout=m.activation_dropout) for _ in range(n)]
+
+
+def _decoder(m: ModelConfig, grid: tuple[int, int] | None = None) -> ConvDecoder:
+    v = m.v2
+    return ConvDecoder(m.embed_dim, v.decoder_dim, v.decoder_kernel, v.decoder_layers, v.decoder_groups,
+                       residual=v.decoder_residual, projection_layers=v.decoder_projection_layers, grid=grid)
+
+
+def _assemble_v2(m: ModelConfig, frontend: nn.Module, encoder: Encoder, decoder: ConvDecoder) -> Data2Vec:
+    v = m.v2
+    return Data2Vec(frontend, encoder, decoder=decoder, embed_dim=m.embed_dim, num_masks=v.num_masks,
+                    feature_dropout=m.feature_dropout, decoder_input_dropout=v.decoder_input_dropout,
+                    mask_noise_std=v.mask_noise_std)
+
+
+def build_audio_v2(m: ModelConfig) -> Data2Vec:
+    a, v = m.audio, m.v2
+    prenet = _post_ln_blocks(m, v.prenet_depth)  # built before the main blocks: the init draws in this order
+    encoder = Encoder(
+        _post_ln_blocks(m, m.depth), prenet=prenet,
+        pos_conv=ConvPositionalEncoder(m.embed_dim, a.conv_pos_depth, a.conv_pos_kernel, a.conv_pos_groups),
+        alibi=AlibiScale(m.num_heads, v.alibi_scale_init) if v.alibi else None,
+        layer_norm=nn.LayerNorm(m.embed_dim, eps=m.norm_eps), dropout=m.dropout, layerdrop=m.layerdrop)
+    bert_init(encoder, m.init_std)  # linear layers; the positional conv keeps PyTorch's default
+    # The audio encoder's reset_parameters() gives the projection PyTorch's default back
+    # (fairseq `examples/data2vec/models/modalities/audio.py`).
+    frontend = AudioFeatureEncoder(a.conv_layers, m.embed_dim)
+    return _assemble_v2(m, frontend, encoder, _decoder(m))
+
+
+def build_image_v2(m: ModelConfig) -> Data2Vec:
+    im, v = m.image, m.v2
+    patch = PatchEmbed(im.image_size, im.patch_size, im.in_chans, m.embed_dim)
+    prenet = _post_ln_blocks(m, v.prenet_depth)  # built before the main blocks: the init draws in this order
+    encoder = Encoder(
+        _post_ln_blocks(m, m.depth), prenet=prenet,
+        sincos=SinCosPositions(patch.grid, m.embed_dim) if v.sincos_positions else None,
+        cls_token=v.cls_token, layer_norm=nn.LayerNorm(m.embed_dim, eps=m.norm_eps),
+        dropout=m.dropout, layerdrop=m.layerdrop)
+    # fairseq `data2vec2.py` / `modalities/images.py`: init_bert_params on the linear layers, Xavier-uniform
+    # patch projection (as a D×(C·p·p) matrix, bias left at PyTorch's default), CLS token N(0, 1).
+    bert_init(encoder, m.init_std)
+    w = patch.projection.weight.data
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    if encoder.cls_token is not None:
+        nn.init.normal_(encoder.cls_token.weight, std=1.0)
+    return _assemble_v2(m, patch, encoder, _decoder(m, patch.grid))
+
+
+def build_text_v2(m: ModelConfig) -> Data2Vec:
+    """RoBERTa embeddings (+ LayerNorm; dropout is the model's feature dropout), then post-LN blocks."""
+    t, v = m.text, m.v2
+    embed = TextEmbedding(t.vocab_size, t.max_positions, t.pad_id, m.embed_dim, m.norm_eps)
+    prenet = _post_ln_blocks(m, v.prenet_depth)
+    encoder = Encoder(_post_ln_blocks(m, m.depth), prenet=prenet, dropout=0.0, layerdrop=m.layerdrop)
+    for module in (embed, encoder):
+        bert_init(module, m.init_std)
+    with torch.no_grad():
+        embed.word_embeddings.weight[t.pad_id].zero_()
+        embed.position_embeddings.weight[t.pad_id].zero_()
+    return _assemble_v2(m, embed, encoder, _decoder(m))
+
+
 BUILDERS = {"audio": build_audio, "image": build_image, "text": build_text}
+BUILDERS_V2 = {"audio": build_audio_v2, "image": build_image_v2, "text": build_text_v2}
 
 
 def build_model(cfg: D2vConfig | ModelConfig) -> Data2Vec:
     """The student for a config (or its model section): 1.0, or 2.0 when model.v2.enabled."""
     m = cfg.model if isinstance(cfg, D2vConfig) else cfg
-    builders = BUILDERS
-    if m.v2.enabled:
-        from d2v.models.factory_v2 import BUILDERS_V2 as builders
+    builders = BUILDERS_V2 if m.v2.enabled else BUILDERS
     try:
         builder = builders[m.modality]
     except KeyError:

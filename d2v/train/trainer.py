@@ -134,11 +134,7 @@ class Trainer:
         self.dtype = DTYPES[cfg.train.precision]
         # every rank, before the first step: outside activation checkpointing and compile
         self.attention_plan = plan_for_run(cfg, self.device, self.dtype)
-        task_class = Data2VecTask
-        if cfg.model.v2.enabled:
-            from d2v.task_v2 import Data2VecV2Task as task_class  # docs/method.md §3.3
-        self.task = task_class(self.student, self.teacher, cfg,
-                                 normalizer=collectives.count_normalizer(),
+        self.task = Data2VecTask(self.student, self.teacher, cfg, normalizer=collectives.count_normalizer(),
                                  compute_dtype=self.dtype, forward=self.engine)
         self.step = 0  # optimizer updates done
         self.skipped_steps = 0  # updates skipped for a non-finite loss or gradient

@@ -1,0 +1,38 @@
+"""Test layers. Every test module belongs to one layer, marked on each of its tests:
+
+    unit         pure functions and single modules, seconds in all
+    kernels      Triton kernels (interpreted on CPU) and their GPU-compile checks
+    integration  whole trainers, exports and benchmarks in one process
+    distributed  2-rank DeepSpeed launches (one launch per module, many cases inside)
+
+`pytest -m unit` is the quick loop; `make test` runs every layer. A new test module must be
+added to LAYERS (collection fails otherwise), so no test escapes its layer."""
+import os
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+LAYERS = {
+    "unit": ["test_config", "test_presets", "test_layers", "test_masking_span", "test_masking_image_text",
+             "test_masking_v2", "test_targets", "test_collectives", "test_gpu_paths", "test_models_audio",
+             "test_models_image_text", "test_v2", "test_teacher", "test_data_audio", "test_data_image_text",
+             "test_untrusted_files"],
+    "kernels": ["test_kernels_attention", "test_kernels_targets", "test_kernels_compile"],
+    "integration": ["test_train_single", "test_interop", "test_finetune", "test_benchmarks", "test_gpu_check"],
+    "distributed": ["test_dist_pretrain", "test_dist_v2", "test_zero", "test_cluster_ops", "test_host_sync"],
+}
+_LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}
+
+
+def pytest_configure(config):
+    for layer in LAYERS:
+        config.addinivalue_line("markers", f"{layer}: {layer} tests (tests/conftest.py)")
+
+
+def pytest_collection_modifyitems(config, items):
+    unknown = sorted({item.module.__name__ for item in items if item.module.__name__ not in _LAYER_OF})
+    if unknown:
+        raise pytest.UsageError(f"test modules without a layer: {unknown}; add them to LAYERS in tests/conftest.py")
+    for item in items:
+        item.add_marker(getattr(pytest.mark, _LAYER_OF[item.module.__name__]))
