@@ -91,3 +91,24 @@ def test_ds_template_is_filled_and_contradictions_are_errors():
     fp16 = fill_ds_config({}, resolve("audio_tiny", overrides=["train.precision=fp16"]), 1, on_cpu=False)
     # on a GPU too: torch's fused AdamW, no FusedAdam built at start-up (tests/test_gpu_paths.py)
     assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0 and fp16["optimizer"]["params"]["torch_adam"]
+
+
+@pytest.mark.parametrize("preset,length", [
+    ("image_base", 14 * 14 + 1), ("image_base_v2", 14 * 14 + 1),   # CLS + 196 patches
+    ("text_base", 512), ("text_base_v2", 512),                     # no extra token
+    ("audio_base", 999),                                           # 20 s at 16 kHz through the conv stack
+])
+def test_the_modality_spec_gives_the_longest_attention_sequence(preset, length):
+    from d2v.config.modalities import modality_spec
+
+    cfg = get_preset(preset)
+    if cfg.model.modality == "audio":  # fairseq's max_sample_size; frames: 25 ms windows every 20 ms
+        assert cfg.data.max_sample_size == 320_000 and (320_000 - 400) // 320 + 1 == 999
+    assert modality_spec(cfg.model.modality).max_attention_length(cfg) == length
+
+
+def test_an_unknown_modality_is_named():
+    from d2v.config.modalities import modality_spec
+
+    with pytest.raises(ValueError, match="unknown modality 'video'"):
+        modality_spec("video")

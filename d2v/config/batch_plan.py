@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from d2v.config.modalities import modality_spec
 from d2v.config.schema import D2vConfig
 
 
@@ -38,13 +39,12 @@ class BatchPlan:
 
 def _unit(cfg: D2vConfig) -> tuple[str, str]:
     """(config key of the per-rank batch, its unit) for the config's modality."""
-    if cfg.model.modality == "audio":
-        return "data.max_samples_per_batch", "waveform samples"
-    return "train.micro_batch_size", "sequences" if cfg.model.modality == "text" else "images"
+    spec = modality_spec(cfg.model.modality)
+    return spec.batch_key, spec.batch_unit
 
 
 def _micro(cfg: D2vConfig) -> int:
-    return cfg.data.max_samples_per_batch if cfg.model.modality == "audio" else cfg.train.micro_batch_size
+    return modality_spec(cfg.model.modality).per_rank_batch(cfg)
 
 
 def _preset_batch(cfg: D2vConfig) -> tuple[int, int] | None:
@@ -98,9 +98,6 @@ def plan_batch(cfg: D2vConfig, world_size: int) -> BatchPlan:
 def apply_batch_plan(cfg: D2vConfig, world_size: int) -> BatchPlan:
     """Plans the batch for `world_size` ranks and writes it into cfg (per-rank batch and grad_accum)."""
     plan = plan_batch(cfg, world_size)
-    if cfg.model.modality == "audio":
-        cfg.data.max_samples_per_batch = plan.micro_batch
-    else:
-        cfg.train.micro_batch_size = plan.micro_batch
+    modality_spec(cfg.model.modality).set_per_rank_batch(cfg, plan.micro_batch)
     cfg.train.grad_accum = plan.grad_accum
     return plan

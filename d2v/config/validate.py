@@ -3,11 +3,12 @@
 Imports nothing from the schema (the schema calls it): `cfg` is a d2v.config.schema.D2vConfig."""
 from __future__ import annotations
 
-MODALITIES = ("audio", "image", "text")
-MASKS = {"audio": ("span",), "image": ("block_2d",), "text": ("text_span", "bert")}
-# data2vec 2.0 masks: exact counts per row so kept tokens gather densely (docs/method.md §3.3).
-MASKS_V2 = {"audio": ("block_1d",), "image": ("inverse_block_2d",), "text": ("random",)}
-TEACHER_INPUT_V2 = {"audio": "features", "image": "source", "text": "features"}
+from d2v.config.modalities import SPECS
+
+MODALITIES = tuple(SPECS)
+MASKS = {name: spec.masks for name, spec in SPECS.items()}
+MASKS_V2 = {name: spec.masks_v2 for name, spec in SPECS.items()}
+TEACHER_INPUT_V2 = {name: spec.teacher_input_v2 for name, spec in SPECS.items()}
 NORMS = ("instance", "layer", None)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from d2v.config import apply_overrides, get_preset
 from d2v.estimate.flops import flops_per_sample, kept_per_clone
 from d2v.models import build_model
-from d2v.shapes import conv_output_length
+from d2v.config.modalities import modality_spec
 
 
 def describe(preset: str, overrides: list[str] | None = None, seconds: float = 10.0, *,
@@ -26,19 +26,15 @@ def describe(preset: str, overrides: list[str] | None = None, seconds: float = 1
         "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
         "teacher_ema_parameters": sum(p.numel() for n, p in teacher.model.named_parameters() if n in teacher.ema_names),
     }
-    if cfg.model.modality == "audio":
+    spec = modality_spec(cfg.model.modality)
+    if spec.varies_in_length:
         sr = cfg.model.audio.sample_rate
-        info["frames_per_second"] = conv_output_length(sr, cfg.model.audio.conv_layers)
+        info[f"{spec.position_name}_per_second"] = spec.positions(cfg.model, sr)
         info["sample_seconds"] = seconds
-        info["frames_per_sample"] = conv_output_length(int(seconds * sr), cfg.model.audio.conv_layers)
         info["flops_per_second_of_audio"] = flops_per_sample(cfg, 1.0).as_dict()
-    elif cfg.model.modality == "image":
-        im = cfg.model.image
-        info["patches_per_sample"] = (im.image_size // im.patch_size) ** 2
-    else:
-        info["tokens_per_sample"] = cfg.model.text.max_positions
+    length = spec.positions(cfg.model, int(seconds * cfg.model.audio.sample_rate) if spec.varies_in_length else None)
+    info[f"{spec.position_name}_per_sample"] = length
     if cfg.model.v2.enabled:
-        length = info.get("frames_per_sample") or info.get("patches_per_sample") or info.get("tokens_per_sample")
         info["v2_masks_per_sample"] = cfg.model.v2.num_masks
         info["v2_kept_tokens_per_clone"] = kept_per_clone(cfg, length)
         info["decoder_parameters"] = sum(p.numel() for p in student.decoder.parameters())

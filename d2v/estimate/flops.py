@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from d2v.config.modalities import modality_spec
 from d2v.config.schema import D2vConfig
 from d2v.masking.span import expected_span_rate
 from d2v.shapes import conv_output_length
@@ -94,7 +95,9 @@ def kept_per_clone(cfg: D2vConfig, length: int) -> int:
     """2.0: tokens each clone's student encodes (extra tokens not counted): audio masks exactly
     int(T·R), image and text keep exactly int(T·(1−R)) (d2v.masking.exact_count)."""
     R = cfg.masking.mask_prob
-    return length - int(length * R) if cfg.model.modality == "audio" else int(length * (1.0 - R))
+    if modality_spec(cfg.model.modality).v2_count == "masked":
+        return length - int(length * R)
+    return int(length * (1.0 - R))
 
 
 def student_tokens_per_sample(cfg: D2vConfig, length: int) -> int:
@@ -108,7 +111,7 @@ def student_tokens_per_sample(cfg: D2vConfig, length: int) -> int:
 def decoder_flops(cfg: D2vConfig, positions: int) -> float:
     """The 2.0 conv decoder over all `positions` of one clone: grouped convs, then the projection."""
     m, v = cfg.model, cfg.model.v2
-    taps = v.decoder_kernel ** (2 if m.modality == "image" else 1)
+    taps = v.decoder_kernel ** (2 if modality_spec(m.modality).grid_decoder else 1)
     convs, c_in = 0.0, m.embed_dim
     for _ in range(v.decoder_layers):
         convs += 2.0 * (c_in // v.decoder_groups) * v.decoder_dim * taps * positions

@@ -9,8 +9,8 @@ import torch
 
 import kernels
 from d2v import collectives
+from d2v.config.modalities import modality_spec
 from d2v.config.schema import D2vConfig
-from d2v.shapes import conv_output_length
 
 # Head dims a fused kernel serves; other widths (the tiny presets) always run SDPA.
 FUSED_HEAD_DIMS = (64, 80, 128)
@@ -18,13 +18,7 @@ FUSED_HEAD_DIMS = (64, 80, 128)
 
 def max_length(cfg: D2vConfig) -> int:
     """The longest self-attention sequence of the model (extra tokens such as CLS included)."""
-    m = cfg.model
-    if m.modality == "audio":
-        return conv_output_length(cfg.data.max_sample_size, m.audio.conv_layers)
-    if m.modality == "image":
-        side = m.image.image_size // m.image.patch_size
-        return side * side + 1
-    return m.text.max_positions + (1 if m.v2.enabled else 0)
+    return modality_spec(cfg.model.modality).max_attention_length(cfg)
 
 
 def run_buckets(cfg: D2vConfig, dtype: torch.dtype) -> list:
@@ -40,7 +34,7 @@ def run_buckets(cfg: D2vConfig, dtype: torch.dtype) -> list:
         return (kernels.attention_buckets(**common, padding=(True, False), alibi=True, alibi_positions=True,
                                           alibi_grad=True, dropout=dropout, grad=True)
                 + kernels.attention_buckets(**common, padding=(True, False), alibi=True, grad=False))
-    padding = False if m.modality == "image" else (True, False)
+    padding = (True, False) if modality_spec(m.modality).padded else False
     return (kernels.attention_buckets(**common, padding=padding, dropout=dropout, grad=True)
             + kernels.attention_buckets(**common, padding=padding, grad=False))
 
@@ -50,12 +44,14 @@ def plan_for_run(cfg: D2vConfig, device: torch.device, dtype: torch.dtype) -> li
     head_dim = cfg.model.embed_dim // cfg.model.num_heads
     if device.type != "cuda" or head_dim not in FUSED_HEAD_DIMS:
         return []
-    rows = cfg.train.micro_batch_size * (cfg.model.v2.num_masks if cfg.model.v2.enabled else 1)
-    if cfg.model.modality == "audio":
-        frames = conv_output_length(cfg.data.max_samples_per_batch, cfg.model.audio.conv_layers)
+    clones = cfg.model.v2.num_masks if cfg.model.v2.enabled else 1
+    rows = cfg.train.micro_batch_size * clones
+    spec = modality_spec(cfg.model.modality)
+    if spec.varies_in_length:  # a budget of input samples: as many rows of a bucket's length as fit
+        positions = spec.positions(cfg.model, spec.per_rank_batch(cfg))
 
         def batch(bucket) -> int:
-            return max(1, frames // max(bucket.tq, 1)) * (cfg.model.v2.num_masks if cfg.model.v2.enabled else 1)
+            return max(1, positions // max(bucket.tq, 1)) * clones
     else:
         def batch(bucket) -> int:
             return rows

@@ -17,13 +17,14 @@ import torch
 from d2v import collectives
 from d2v.config import to_dict
 from d2v.config.batch_plan import apply_batch_plan
+from d2v.config.modalities import modality_spec
 from d2v.config.schema import D2vConfig
 from d2v.train.checkpoint import Checkpointer
 from d2v.train.metrics import MetricsSink
 from d2v.train import distributed, host_sync
 from d2v.train.preemption import PreemptionFlag
 from d2v.train.streams import BatchStream
-from d2v.train.throughput_log import POSITION_NAMES, interval_values, peak_tflops
+from d2v.train.throughput_log import interval_values, peak_tflops
 from d2v.train.trainer import Trainer
 
 StreamFactory = Callable[[int, int], BatchStream]
@@ -83,7 +84,7 @@ class Run:
             self._resume(self.resume_tag, universal=reshard)
         self.sink = MetricsSink(self.out_dir, rank=self.rank, max_steps=cfg.train.max_steps,
                                 wandb_mode=cfg.train.wandb, run_config=to_dict(cfg), start_step=self.trainer.step,
-                                positions_name=POSITION_NAMES.get(cfg.model.modality, "positions"))
+                                positions_name=modality_spec(cfg.model.modality).position_name)
         for line in self.trainer.attention_plan:
             self.sink.message(f"attention {line}")
         self.peak_tflops, peak_source = peak_tflops(cfg, self.trainer.device)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import resource
 import torch
 
+from d2v.config.modalities import modality_spec
 from d2v.config.schema import D2vConfig
 
 # bf16 dense tensor-core peaks from the vendors' datasheets (TFLOP/s, without sparsity).
@@ -19,7 +20,6 @@ DATASHEET_BF16_TFLOPS = (
     ("GH200", 989.0), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0),
     ("A10G", 70.0), ("A10", 125.0), ("L4", 121.0), ("V100", 125.0),
 )
-POSITION_NAMES = {"audio": "frames", "image": "patches", "text": "tokens"}
 
 
 def datasheet_peak(device_name: str) -> float | None:
@@ -52,10 +52,10 @@ class StepFlops:
     def __call__(self, source: torch.Tensor) -> float:
         from d2v.estimate.flops import flops_per_sample
 
-        audio = self.cfg.model.modality == "audio"
-        length = int(source.shape[1]) if audio else 0
+        spec = modality_spec(self.cfg.model.modality)
+        length = int(source.shape[1]) if spec.varies_in_length else 0
         if length not in self._per_sample:
-            seconds = length / self.cfg.model.audio.sample_rate if audio else 1.0
+            seconds = spec.seconds(self.cfg, length) if spec.varies_in_length else 1.0
             self._per_sample[length] = flops_per_sample(self.cfg, seconds).train_step
         return int(source.shape[0]) * self._per_sample[length]
 

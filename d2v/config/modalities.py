@@ -1,0 +1,101 @@
+"""What the configuration layer knows about each modality, in one place: the per-rank batch
+setting and its unit, what one encoder position is, how many positions an input has, the extra
+tokens, the mask kinds of 1.0 and 2.0 and what a 2.0 teacher reads. Batch planning, validation,
+attention planning, the run log and the estimates ask the spec instead of testing the modality.
+A new modality adds its spec here (its model, data and interop parts live in their own layers).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from d2v.shapes import conv_output_length
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    name: str
+    batch_key: str
+    """The per-rank batch setting a reference batch is split into."""
+    batch_unit: str
+    """What `train.reference_batch` counts."""
+    position_name: str
+    """What one encoder position is (the run log's throughput unit)."""
+    masks: tuple[str, ...]
+    """1.0 mask kinds (masking.kind)."""
+    masks_v2: tuple[str, ...]
+    """2.0 mask kinds: exact counts per row so kept tokens gather densely (docs/method.md §3.3)."""
+    teacher_input_v2: str
+    """teacher.input a 2.0 model needs: the student's features, or the raw source."""
+    v2_count: str
+    """Which count a 2.0 mask fixes exactly per row: 'masked' (int(T·R)) or 'kept' (int(T·(1−R)))."""
+    positions: Callable
+    """positions(model_cfg, samples) -> encoder positions of one input (samples: waveform length, for
+    inputs whose length varies; None elsewhere)."""
+    padded: bool
+    """Whether rows of a batch can be padded (every image has the same number of patches)."""
+    varies_in_length: bool
+    """Whether inputs differ in length, so that the per-rank batch is a budget of input samples
+    (waveform samples, like fairseq's max_tokens) rather than a count of rows."""
+    grid_decoder: bool
+    """Whether the 2.0 decoder convolves over a 2-D grid of positions."""
+
+    def per_rank_batch(self, cfg) -> int:
+        return _get(cfg, self.batch_key)
+
+    def set_per_rank_batch(self, cfg, value: int) -> None:
+        section, _, field = self.batch_key.partition(".")
+        setattr(getattr(cfg, section), field, value)
+
+    def max_attention_length(self, cfg) -> int:
+        """The longest self-attention sequence (extra tokens such as CLS included)."""
+        return self.positions(cfg.model, cfg.data.max_sample_size) + extra_tokens(cfg.model)
+
+    def seconds(self, cfg, length: int) -> float | None:
+        """Seconds of input in a source row of `length` (inputs whose length varies), else None."""
+        return length / cfg.model.audio.sample_rate if self.varies_in_length else None
+
+
+def _get(cfg, key: str) -> int:
+    section, _, field = key.partition(".")
+    return getattr(getattr(cfg, section), field)
+
+
+def extra_tokens(m) -> int:
+    """Tokens the encoder prepends (CLS): 1.0 vision always, 2.0 where model.v2.cls_token."""
+    if m.v2.enabled:
+        return 1 if m.v2.cls_token else 0
+    return 1 if m.modality == "image" else 0
+
+
+def _audio_positions(m, samples):
+    return conv_output_length(samples, m.audio.conv_layers)
+
+
+def _image_positions(m, samples):
+    side = m.image.image_size // m.image.patch_size
+    return side * side
+
+
+def _text_positions(m, samples):
+    return m.text.max_positions
+
+
+SPECS = {
+    "audio": ModalitySpec("audio", "data.max_samples_per_batch", "waveform samples", "frames", ("span",),
+                          ("block_1d",), "features", "masked", _audio_positions, padded=True, varies_in_length=True,
+                          grid_decoder=False),
+    "image": ModalitySpec("image", "train.micro_batch_size", "images", "patches", ("block_2d",),
+                          ("inverse_block_2d",), "source", "kept", _image_positions, padded=False, varies_in_length=False,
+                          grid_decoder=True),
+    "text": ModalitySpec("text", "train.micro_batch_size", "sequences", "tokens", ("text_span", "bert"),
+                         ("random",), "features", "kept", _text_positions, padded=True, varies_in_length=False,
+                         grid_decoder=False),
+}
+
+
+def modality_spec(modality: str) -> ModalitySpec:
+    try:
+        return SPECS[modality]
+    except KeyError:
+        raise ValueError(f"unknown modality {modality!r}; use one of {sorted(SPECS)}") from None
