@@ -48,6 +48,15 @@ def accuracy_table(accuracy: dict[str, float]) -> str:
     return "\n".join(["| encoder | accuracy |", "|---|---|", *(f"| {k} | {v:.1%} |" for k, v in accuracy.items())])
 
 
+def _report(result: dict[str, Any], as_json: bool, headline: str) -> dict[str, Any]:
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(headline)
+        print(accuracy_table(result["accuracy"]))
+    return result
+
+
 # -- labelled pretraining shards ------------------------------------------------------------------
 
 def read_labelled_images(pattern: str, size: int, mean, std) -> tuple[torch.Tensor, np.ndarray]:
@@ -100,13 +109,8 @@ def main_shards(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     result = probe_shards(args.checkpoint, args.data, args.val_data, seed=args.seed)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"linear probe: {result['train_images']} train / {result['val_images']} eval images, "
-              f"{result['classes']} classes")
-        print(accuracy_table(result["accuracy"]))
-    return result
+    return _report(result, args.json, f"linear probe: {result['train_images']} train / {result['val_images']} "
+                                      f"eval images, {result['classes']} classes")
 
 
 # -- the fine-tuning data of a classification task --------------------------------------------------
@@ -156,13 +160,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg, _ = resolve_finetune(args.task, init=args.init, preset=args.preset, overrides=overrides + args.overrides)
     torch.manual_seed(cfg.train.seed)
     result = probe(cfg)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"linear probe ({args.task}): {result['train_examples']} train / {result['eval_examples']} eval, "
-              f"{result['classes']} classes")
-        print(accuracy_table(result["accuracy"]))
-    return result
+    return _report(result, args.json, f"linear probe ({args.task}): {result['train_examples']} train / "
+                                      f"{result['eval_examples']} eval, {result['classes']} classes")
 
 
 if __name__ == "__main__":
