@@ -390,10 +390,13 @@ def test_offload_streamer_orders_copies_events_and_slots_like_cuda_needs(dtype):
     assert syncs.count("pulled") == 1 and all(s == "pulled" or s.startswith("copied:") for s in syncs)
 
 
-@pytest.mark.parametrize("preset,precision", [("audio_tiny", "bf16"), ("audio_tiny_v2", "fp32")])
-def test_a_training_run_with_an_offloaded_teacher_matches_the_resident_one_bitwise(preset, precision):
-    # The trainer's own path: place before DeepSpeed, bind to the engine's bf16 module, targets
-    # under bf16 autocast every micro-batch, the host EMA update after every step.
+@pytest.mark.parametrize("preset,precision", [("audio_tiny", "fp32"), ("audio_tiny_v2", "fp32"), ("audio_tiny", "bf16")])
+def test_a_training_run_with_an_offloaded_teacher_matches_the_resident_one(preset, precision):
+    # The trainer's own path: place before DeepSpeed, bind to the engine's module, targets under
+    # autocast every micro-batch, the host EMA update after every step. fp32: bitwise. bf16: the
+    # engine's bf16 student and the bf16 pull into the host update; the targets (hence losses and
+    # EMA) agree as two bf16 runs of one model do, since the CPU's bf16 GEMMs need not be
+    # independent of where their operands live (see the bitwise test above).
     import os
 
     from d2v.config import load_template
@@ -406,15 +409,20 @@ def test_a_training_run_with_an_offloaded_teacher_matches_the_resident_one_bitwi
     runs = {}
     for offload in ("none", "cpu"):
         cfg = resolve(preset, overrides=[f"train.precision={precision}", "train.micro_batch_size=2", "train.grad_accum=2",
-                                               "model.dropout=0", "model.layerdrop=0", f"teacher.offload={offload}"])
+                                         "model.dropout=0", "model.layerdrop=0", f"teacher.offload={offload}"])
         trainer = Trainer(cfg, template)
         losses = []
         for step in range(2):
             batch = synthetic_batch(cfg, 4, seed=7, index=step)
             losses.append(trainer.train_step([batch.rows(0, 2), batch.rows(2, 4)]).loss)
         runs[offload] = losses, trainer.teacher.export_state()
-    assert runs["cpu"][0] == runs["none"][0]
-    assert all(torch.equal(runs["cpu"][1][n], t) for n, t in runs["none"][1].items())
+    (loss_a, ema_a), (loss_b, ema_b) = runs["none"], runs["cpu"]
+    if precision == "fp32":
+        assert loss_b == loss_a
+        assert all(torch.equal(ema_b[n], t) for n, t in ema_a.items())
+    else:
+        assert loss_b == pytest.approx(loss_a, rel=2 ** -7)
+        assert all(torch.allclose(ema_b[n], t, rtol=0, atol=1e-4) for n, t in ema_a.items())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
