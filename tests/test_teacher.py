@@ -156,21 +156,21 @@ def test_offloaded_teacher_equals_the_resident_one_bitwise(preset, student_dtype
     offloaded.bind(student)
 
     def check(what):
-        a, b = resident.targets(x.float()), offloaded.targets(x.float())
-        assert torch.equal(a, b), f"{what}, fp32: {(a - b).abs().max()}"
+        a32, b32 = resident.targets(x.float()), offloaded.targets(x.float())
+        assert torch.equal(a32, b32), f"{what}, fp32: {(a32 - b32).abs().max()}"
         # Under bf16 autocast the offloaded teacher must multiply with exactly the weights autocast
         # casts for the resident one. The targets themselves are bitwise equal only where the CPU's
-        # bf16 GEMMs do not depend on where their operands live (seen to differ on AVX512-BF16/AMX
-        # CPUs, and on AVX2 ones inside a full test session), and a one-ulp difference in a block can
-        # grow through the norms of the later ones: the targets must agree as bf16 runs of one
-        # model agree (mean difference within bf16 resolution of the targets' scale), not bitwise.
+        # bf16 GEMMs do not depend on where their operands live (they differ on AVX512-BF16/AMX
+        # CPUs, and on AVX2 ones after other tests ran in the process), and a one-ulp difference
+        # grows through the later norms. So the two bf16 runs must agree at least as well as bf16
+        # agrees with fp32 for this model and input (this machine's own bf16 noise).
         (a, wa), (b, wb) = _with_gemm_weights(resident, x), _with_gemm_weights(offloaded, x)
         assert len(wa) == len(wb) > 0
         for i, (u, v) in enumerate(zip(wa, wb)):
             assert u.dtype == v.dtype == torch.bfloat16 and torch.equal(u, v), f"{what}: GEMM weight {i} differs"
-        diff = (a - b).abs()
-        assert float(diff.mean()) <= 2 ** -8 * float(a.abs().mean()) and float(diff.max()) <= 0.25, \
-            f"{what}, bf16: mean |diff| {float(diff.mean()):.3g}, max {float(diff.max()):.3g}"
+        diff, noise = (a - b).abs(), (a - a32).abs()
+        assert float(diff.mean()) <= float(noise.mean()) and float(diff.max()) <= 0.25, \
+            f"{what}, bf16: mean |diff| {float(diff.mean()):.3g} above bf16 noise {float(noise.mean()):.3g}"
 
     check("initial")
     for step in range(3):
