@@ -11,7 +11,7 @@ from d2v.masking.multimask import MultiMaskFn, multi_mask_fn
 from d2v.data.synthetic import synthetic_batch
 from d2v.models import build_model
 from d2v.models.decoders import ConvDecoder, fill_masked
-from d2v.models.encoder import kept_indices
+from d2v.batch import kept_positions as kept_indices
 from d2v.models.positions import sincos_2d
 from d2v.task import Data2VecTask, clone_targets
 from d2v.teacher import Teacher

@@ -60,11 +60,6 @@ class ClsToken(nn.Module):
         return torch.cat([self.weight.expand(x_BTD.shape[0], -1, -1).to(x_BTD.dtype), x_BTD], dim=1)
 
 
-def kept_indices(mask_BT: Tensor) -> Tensor:
-    """B×K ascending positions of the unmasked tokens; every row must keep the same number K."""
-    return kept_positions(mask_BT)
-
-
 def gather_rows(x_BT_: Tensor, idx_BK: Tensor) -> Tensor:
     """x[b, idx[b, k]] for B×T or B×T×D tensors."""
     if x_BT_.dim() == 2:
@@ -173,7 +168,7 @@ class Encoder(nn.Module):
         kept_BK / kept_padding: worked out on the host with the batch (no device read here).
         """
         x_BTD = self._add_positions(x_BTD, padding_mask_BT, mask_BT)
-        keep_BK = kept_indices(mask_BT) if kept_BK is None else kept_BK
+        keep_BK = kept_positions(mask_BT) if kept_BK is None else kept_BK
         x_BKD = gather_rows(x_BTD, keep_BK)
         padding_BK = gather_rows(padding_mask_BT, keep_BK) if padding_mask_BT is not None else None
         if kept_padding is None:

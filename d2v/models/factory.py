@@ -29,16 +29,18 @@ def build_head(m: ModelConfig) -> nn.Module:
     raise ValueError(f"unknown head {m.head!r}")
 
 
-def build_blocks(m: ModelConfig, *, drop_path: float = 0.0, layer_scale_init: float = 0.0,
+def build_blocks(m: ModelConfig, count: int | None = None, *, drop_path: float = 0.0, layer_scale_init: float = 0.0,
                  qkv_bias: tuple[bool, bool, bool] = (True, True, True)) -> list[nn.Module]:
-    """`drop_path` rises linearly from 0 at the first block to the given rate at the last."""
-    rates = [drop_path * i / max(m.depth - 1, 1) for i in range(m.depth)]
+    """`count` blocks (default: m.depth); `drop_path` rises linearly from 0 at the first block to
+    the given rate at the last."""
+    n = m.depth if count is None else count
+    rates = [drop_path * i / max(n - 1, 1) for i in range(n)]
     return [
         TransformerBlock(m.embed_dim, m.num_heads, m.ffn_dim, layer_norm_first=m.layer_norm_first, eps=m.norm_eps,
                          dropout=m.dropout, attention_dropout=m.attention_dropout,
                          activation_dropout=m.activation_dropout, drop_path=rates[i],
                          layer_scale_init=layer_scale_init, qkv_bias=qkv_bias)
-        for i in range(m.depth)
+        for i in range(n)
     ]
 
 
@@ -98,13 +100,8 @@ def build_text(m: ModelConfig) -> Data2Vec:
                     mask_embedding=False)
 
 
-# data2vec 2.0 (docs/method.md §3.3): post-LN blocks, the encoder over kept tokens, conv decoders.
-
-def _post_ln_blocks(m: ModelConfig, n: int) -> list[nn.Module]:
-    return [TransformerBlock(m.embed_dim, m.num_heads, m.ffn_dim, layer_norm_first=False, eps=m.norm_eps,
-                             dropout=m.dropout, attention_dropout=m.attention_dropout,
-                             activation_dropout=m.activation_dropout) for _ in range(n)]
-
+# data2vec 2.0 (docs/method.md §3.3): post-LN blocks (validate refuses layer_norm_first), the encoder over
+# kept tokens, conv decoders.
 
 def _decoder(m: ModelConfig, grid: tuple[int, int] | None = None) -> ConvDecoder:
     v = m.v2
@@ -121,9 +118,9 @@ def _assemble_v2(m: ModelConfig, frontend: nn.Module, encoder: Encoder, decoder:
 
 def build_audio_v2(m: ModelConfig) -> Data2Vec:
     a, v = m.audio, m.v2
-    prenet = _post_ln_blocks(m, v.prenet_depth)  # built before the main blocks: the init draws in this order
+    prenet = build_blocks(m, v.prenet_depth)  # built before the main blocks: the init draws in this order
     encoder = Encoder(
-        _post_ln_blocks(m, m.depth), prenet=prenet,
+        build_blocks(m), prenet=prenet,
         pos_conv=ConvPositionalEncoder(m.embed_dim, a.conv_pos_depth, a.conv_pos_kernel, a.conv_pos_groups),
         alibi=AlibiScale(m.num_heads, v.alibi_scale_init) if v.alibi else None,
         layer_norm=nn.LayerNorm(m.embed_dim, eps=m.norm_eps), dropout=m.dropout, layerdrop=m.layerdrop)
@@ -137,9 +134,9 @@ def build_audio_v2(m: ModelConfig) -> Data2Vec:
 def build_image_v2(m: ModelConfig) -> Data2Vec:
     im, v = m.image, m.v2
     patch = PatchEmbed(im.image_size, im.patch_size, im.in_chans, m.embed_dim)
-    prenet = _post_ln_blocks(m, v.prenet_depth)  # built before the main blocks: the init draws in this order
+    prenet = build_blocks(m, v.prenet_depth)  # built before the main blocks: the init draws in this order
     encoder = Encoder(
-        _post_ln_blocks(m, m.depth), prenet=prenet,
+        build_blocks(m), prenet=prenet,
         sincos=SinCosPositions(patch.grid, m.embed_dim) if v.sincos_positions else None,
         cls_token=v.cls_token, layer_norm=nn.LayerNorm(m.embed_dim, eps=m.norm_eps),
         dropout=m.dropout, layerdrop=m.layerdrop)
@@ -157,8 +154,8 @@ def build_text_v2(m: ModelConfig) -> Data2Vec:
     """RoBERTa embeddings (+ LayerNorm; dropout is the model's feature dropout), then post-LN blocks."""
     t, v = m.text, m.v2
     embed = TextEmbedding(t.vocab_size, t.max_positions, t.pad_id, m.embed_dim, m.norm_eps)
-    prenet = _post_ln_blocks(m, v.prenet_depth)
-    encoder = Encoder(_post_ln_blocks(m, m.depth), prenet=prenet, dropout=0.0, layerdrop=m.layerdrop)
+    prenet = build_blocks(m, v.prenet_depth)
+    encoder = Encoder(build_blocks(m), prenet=prenet, dropout=0.0, layerdrop=m.layerdrop)
     for module in (embed, encoder):
         bert_init(module, m.init_std)
     with torch.no_grad():

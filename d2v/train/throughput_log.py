@@ -47,12 +47,13 @@ class StepFlops:
 
     def __init__(self, cfg: D2vConfig) -> None:
         self.cfg = cfg
+        self.spec = modality_spec(cfg.model.modality)
         self._per_sample: dict[int, float] = {}
 
     def __call__(self, source: torch.Tensor) -> float:
         from d2v.estimate.flops import flops_per_sample
 
-        spec = modality_spec(self.cfg.model.modality)
+        spec = self.spec
         length = int(source.shape[1]) if spec.varies_in_length else 0
         if length not in self._per_sample:
             seconds = spec.seconds(self.cfg, length) if spec.varies_in_length else 1.0
