@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from d2v.train.preemption import exit_on_signal_during_startup
+
+    exit_on_signal_during_startup()
     args = parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.peak_tflops={args.peak_tflops}")
     cfg = resolve(args.preset, args.config, overrides)
     from d2v.train.preemption import EXIT_PREEMPTED
-    from d2v.train.run import EXIT_NONFINITE, NonFiniteError
+    from d2v.train.loop import EXIT_NO_DATA, EXIT_NONFINITE, NoDataError, NonFiniteError
 
     from d2v.train.distributed import shutdown
 
@@ -69,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rank {run.rank}: {e}", file=sys.stderr)
         shutdown()
         return EXIT_NONFINITE
+    except NoDataError as e:  # decided on the step's agreed flags: every rank stops here together
+        print(f"rank {run.rank}: {e}", file=sys.stderr)
+        shutdown()
+        return EXIT_NO_DATA
     finally:
         run.close()
     shutdown()

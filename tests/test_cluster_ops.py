@@ -165,7 +165,7 @@ def test_an_injected_nan_is_skipped_on_every_rank_and_counted(tmp_path):
 
 
 def test_too_many_nans_in_a_row_stop_with_a_usable_checkpoint(tmp_path):
-    from d2v.train.run import NonFiniteError
+    from d2v.train.loop import NonFiniteError
 
     run = _cpu_run(tmp_path / "nans", "train.max_consecutive_skips=3",
                    stream_wrapper=lambda s: PoisonedStream(s, lambda i: i >= 3))

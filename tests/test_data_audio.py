@@ -220,3 +220,26 @@ def test_espeak_demo_small(tmp_path):
     summary = make_audio_demo(str(tmp_path / "demo"), utterances=12, seed=0, workers=1)
     assert summary["train"]["samples"] + summary["val"]["samples"] == 12
     assert summary["val"]["samples"] > 0
+
+
+def test_a_transcript_file_that_is_not_utf8_is_named_and_the_rest_is_written(tmp_path):
+    _tree(tmp_path / "src", speakers=("11", "22"), per_speaker=3, corrupt=False)
+    bad = tmp_path / "src" / "22" / "100" / "22-100.trans.txt"
+    bad.write_bytes("22-100-0000 CAF\u00c9 EN LATIN-1\n".encode("latin-1"))
+    report = prepare_audio(str(tmp_path / "src"), str(tmp_path / "out"), samples_per_shard=4, val_fraction=0.0)
+    assert report["skipped"] == [{"path": os.path.join("22", "100", "22-100.trans.txt"),
+                                  "reason": report["skipped"][0]["reason"]}]
+    assert "not valid UTF-8 at byte 15" in report["skipped"][0]["reason"]
+    assert report["written"] == 6 and report["without_transcript"] == 3  # speaker 22's audio is kept
+
+
+def test_prepare_refuses_an_output_folder_of_an_earlier_run_unless_cleaned(tmp_path):
+    _tree(tmp_path / "src", speakers=("11", "22"), per_speaker=4, corrupt=False)
+    out = tmp_path / "out"
+    prepare_audio(str(tmp_path / "src"), str(out), samples_per_shard=2, val_fraction=0.0)
+    assert len(list(out.glob("train-*.tar"))) == 4
+    with pytest.raises(FileExistsError, match="--clean"):
+        prepare_audio(str(tmp_path / "src"), str(out), samples_per_shard=4, val_fraction=0.0)
+    report = prepare_audio(str(tmp_path / "src"), str(out), samples_per_shard=4, val_fraction=0.0, clean=True)
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]
+    assert report["totals"]["train"]["pattern"].endswith("train-{000000..000001}.tar")

@@ -164,3 +164,42 @@ def test_a_bpe_tokenizer_json_with_roberta_ids_is_accepted_and_others_refused(tm
     bad.save(str(tmp_path / "bad.json"))
     with pytest.raises(ValueError, match="RoBERTa"):
         Tokenizer(str(tmp_path / "bad.json"))
+
+
+def test_prepare_text_skips_files_that_are_not_valid_text_and_names_each(tmp_path):
+    words = "the quick brown fox jumps over the lazy dog while python parses every source file".split()
+    rng = np.random.default_rng(0)
+    src = tmp_path / "corpus"
+    src.mkdir()
+    (src / "good.txt").write_text("\n\n".join(" ".join(rng.choice(words, 30)) for _ in range(40)))
+    (src / "random.txt").write_bytes(rng.integers(0, 256, 20_000, dtype=np.uint8).tobytes())
+    (src / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me br\u00fbl\u00e9e\n".encode("latin-1") * 50)
+    (src / "nul.txt").write_bytes(b"plain words\x00 and a NUL byte\n" * 50)
+    meta = prepare_text(str(src), str(tmp_path / "shards"), vocab_size=60, block_size=32, samples_per_shard=50)
+    reasons = {os.path.basename(s["path"]): s["reason"] for s in meta["skipped"]}
+    assert sorted(reasons) == ["latin1.txt", "nul.txt", "random.txt"]
+    assert reasons["latin1.txt"].startswith("not valid utf-8 at byte 3")
+    assert "control character '\\x00'" in reasons["nul.txt"]
+    assert meta["documents"] == 40  # only good.txt's documents were tokenised
+    tok = Tokenizer(str(tmp_path / "shards" / "spm.model"))
+    assert "\ufffd" not in "".join(tok._sp.id_to_piece(i) for i in range(tok.info.vocab_size - 1))
+    # The same folder read as Latin-1 keeps latin1.txt (and random bytes decode there too; NUL does not).
+    meta = prepare_text(str(src), str(tmp_path / "shards"), vocab_size=60, block_size=32, samples_per_shard=50,
+                        clean=True, encoding="latin-1")
+    assert "latin1.txt" not in {os.path.basename(s["path"]) for s in meta["skipped"]}
+
+
+def test_prepare_text_refuses_stale_shards_and_cleans_them_on_request(tmp_path):
+    words = "alpha beta gamma delta epsilon zeta eta theta".split()
+    rng = np.random.default_rng(1)
+    big, small = tmp_path / "big.txt", tmp_path / "small.txt"
+    big.write_text("\n\n".join(" ".join(rng.choice(words, 40)) for _ in range(200)))
+    small.write_text("\n\n".join(" ".join(rng.choice(words, 40)) for _ in range(30)))
+    out = tmp_path / "shards"
+    prepare_text(str(big), str(out), vocab_size=30, block_size=32, samples_per_shard=20)
+    with pytest.raises(FileExistsError, match="train-000000.tar.*--clean"):
+        prepare_text(str(small), str(out), vocab_size=30, block_size=32, samples_per_shard=20)
+    meta = prepare_text(str(small), str(out), vocab_size=30, block_size=32, samples_per_shard=20, clean=True)
+    listed = json.load(open(out / "lengths.json"))["shards"]
+    assert sorted(p.name for p in out.glob("*.tar")) == sorted(listed)
+    assert sum(len(v) for k, v in listed.items() if k.startswith("train")) == meta["blocks"]["train"]

@@ -96,7 +96,7 @@ def make_audio_demo(out: str, *, utterances: int = 300, seed: int = 0, workers: 
         made += 1
     write_transcripts(raw, texts)
     held_out = [s for s in texts if s.startswith(HELD_OUT_VOICE.replace("-", ""))]
-    report = prepare_audio(raw, os.path.join(out, "shards"), samples_per_shard=max(8, utterances // 12),
+    report = prepare_audio(raw, os.path.join(out, "shards"), clean=True, samples_per_shard=max(8, utterances // 12),
                            val_speakers=held_out, workers=workers)
     print_summary(report)
     return report["totals"]

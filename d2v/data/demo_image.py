@@ -46,7 +46,7 @@ def build_image_demo(out: str, *, seed: int = 0, samples_per_shard: int = 300) -
     from d2v.data.prepare_image import prepare_image
 
     tree = write_tree(os.path.join(out, "tree"), seed=seed)
-    return prepare_image(tree, os.path.join(out, "shards"), samples_per_shard=samples_per_shard, seed=seed)
+    return prepare_image(tree, os.path.join(out, "shards"), clean=True, samples_per_shard=samples_per_shard, seed=seed)
 
 
 def main(argv: list[str] | None = None) -> dict:

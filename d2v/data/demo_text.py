@@ -52,7 +52,7 @@ def build_text_demo(out: str, *, vocab_size: int = 2000, block_size: int = 128, 
 
     corpus = os.path.join(out, "corpus", "python_docs.txt")
     write_corpus(corpus)
-    return prepare_text(corpus, os.path.join(out, "shards"), vocab_size=vocab_size, block_size=block_size,
+    return prepare_text(corpus, os.path.join(out, "shards"), clean=True, vocab_size=vocab_size, block_size=block_size,
                         samples_per_shard=500, seed=seed)
 
 

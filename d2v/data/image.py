@@ -101,3 +101,31 @@ def image_collate_v2(images: list[torch.Tensor], labels: list[int], keys: list[s
     """data2vec 2.0: `mask_fn` (a d2v.masking.multimask.MultiMaskFn) gives B×M×N inverse-block masks."""
     mask = mask_fn(len(images), mask_fn.grid[0] * mask_fn.grid[1], None, g)
     return Batch(source=torch.stack(images), mask=mask, keys=keys, extras={"labels": torch.tensor(labels)})
+
+
+class ImageBatchMaker:
+    """The loader's BatchMaker for image shards (d2v.data.loader): decode, augment, collate, mask.
+    An image that cannot be decoded is counted as `corrupt` and left out of its batch."""
+
+    def __init__(self, transform: ImageTransform, collate) -> None:
+        # collate(images, labels, keys, generator) -> Batch: the masking the run configured
+        self.transform, self.collate = transform, collate
+
+    def __call__(self, raw: list[tuple[str, dict[str, bytes]]], generator: torch.Generator,
+                 stats: dict[str, int]) -> Batch | None:
+        images, labels, keys = [], [], []
+        for key, fields in raw:
+            try:
+                image = self.transform(decode_image(fields), generator)
+                label = int(fields.get("cls", b"-1"))
+            except Exception:  # noqa: BLE001 - Pillow raises many types for damaged files
+                stats["corrupt"] = stats.get("corrupt", 0) + 1
+                continue
+            images.append(image)
+            labels.append(label)
+            keys.append(key)
+        return self.collate(images, labels, keys, generator) if images else None
+
+    def filler(self, generator: torch.Generator) -> Batch:
+        size = self.transform.size
+        return self.collate([torch.zeros(3, size, size)], [-1], ["<filler>"], generator)

@@ -28,6 +28,7 @@ from d2v.data.shards import Item, ShardIndex, ShardReader, epoch_shard_order, st
 log = logging.getLogger(__name__)
 
 STATS_KEY = "data_stats"  # per-batch counter deltas, carried in Batch.extras from the workers
+BROKEN_KEY = "broken_shards"  # shard numbers found unreadable while making this batch
 WEIGHT_KEY = "weight"  # 1.0 for real batches, 0.0 for filler batches (multiply the loss by it)
 
 
@@ -73,6 +74,7 @@ class PlannedBatches(IterableDataset):
         stats: dict[str, int] = {}
         reader = ShardReader(self.index, stats)
         cache: dict[Item, dict[str, bytes]] = {}
+        reported: set[int] = set()
         group = None
         try:
             for position in range(self.starts[worker], len(plan)):
@@ -95,6 +97,8 @@ class PlannedBatches(IterableDataset):
                     batch = self.maker.filler(generator)
                 batch.extras[WEIGHT_KEY] = weight
                 batch.extras[STATS_KEY] = dict(stats)
+                batch.extras[BROKEN_KEY] = sorted(reader.broken - reported)
+                reported |= reader.broken
                 stats.clear()
                 yield batch
         finally:
@@ -104,8 +108,12 @@ class PlannedBatches(IterableDataset):
 def _data_loader(dataset: PlannedBatches, num_workers: int, prefetch_factor: int) -> DataLoader:
     extra = {"prefetch_factor": prefetch_factor} if num_workers > 0 else {}
     # batch_size=None: the dataset yields whole batches; no persistent workers, because each
-    # epoch (and each resume) hands the workers a new plan.
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_batches(), **extra)
+    # epoch (and each resume) hands the workers a new plan. Its own generator: an iterator
+    # drawing its base seed from the global RNG would shift dropout after every epoch start and
+    # every resume, so a resumed run would diverge from an uninterrupted one (the workers'
+    # randomness comes from the plan's seeds, not from that base seed).
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_batches(),
+                      generator=torch.Generator().manual_seed(0), **extra)
 
 
 def pin_batches() -> bool:
@@ -132,16 +140,22 @@ class TrainLoader:
 
     def __init__(self, index: ShardIndex, batching: BatchingOptions, maker: BatchMaker, *,
                  seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 prefetch_factor: int = 2):
+                 prefetch_factor: int = 2, name: str = "training shards"):
         batching.validate()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.index, self.batching, self.maker = index, batching, maker
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.name = name
         self.epoch, self.consumed = 0, 0
         self.stats: dict[str, int] = {}
+        self.bad_shards: set[int] = set()  # shard numbers found unreadable, counted once each
         self._plan: EpochPlan | None = None
+        if self.plan().steps_per_epoch == 0:
+            raise ValueError(f"{name}: {index.num_samples} samples in {len(index.paths)} shards give some stream "
+                             f"({world_size} ranks × {self.streams_per_rank} workers) no whole batch: use more "
+                             f"data, fewer ranks or data.num_workers, or a smaller batch")
 
     @property
     def streams_per_rank(self) -> int:
@@ -195,17 +209,28 @@ class TrainLoader:
     def __iter__(self) -> Iterator[Batch]:
         plan = self.plan()
         if self.consumed == 0:
-            # Planning-time counts: samples under min_sample_size (whole epoch, all ranks) and this
-            # rank's batches beyond the common epoch length.
-            _add(self.stats, {"too_short": plan.too_short, "dropped_batches": plan.dropped_batches(self.rank)})
+            # Planning-time counts, this rank's share so that the logged sums over ranks are right:
+            # samples under min_sample_size (counted once, by rank 0, for the whole epoch), batches
+            # beyond the common epoch length, samples that filled no fixed-size batch.
+            _add(self.stats, {"too_short": plan.too_short if self.rank == 0 else 0,
+                              "dropped_batches": plan.dropped_batches(self.rank),
+                              "leftover": plan.leftover_samples(self.rank)})
         if self.consumed < plan.steps_per_epoch:
             for batch in _data_loader(self._dataset(plan), self.num_workers, self.prefetch_factor):
                 _add(self.stats, batch.extras.pop(STATS_KEY, {}))
+                self._note_broken(batch.extras.pop(BROKEN_KEY, []))
                 self.consumed += 1
                 self.stats["batches"] = self.stats.get("batches", 0) + 1
                 self.stats["samples"] = self.stats.get("samples", 0) + batch.batch_size
                 yield batch
         self.epoch, self.consumed = self.epoch + 1, 0
+
+    def _note_broken(self, shards: list[int]) -> None:
+        for shard in shards:
+            if shard not in self.bad_shards:
+                self.bad_shards.add(shard)
+                log.warning("rank %d: shard %s is damaged (unreadable or truncated); its unread samples are "
+                            "skipped and counted as missing_samples", self.rank, self.index.paths[shard])
 
 
 class ValidationLoader:
@@ -218,11 +243,17 @@ class ValidationLoader:
     """
 
     def __init__(self, index: ShardIndex, batching: BatchingOptions, maker: BatchMaker, *,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                 name: str = "validation shards"):
         batching.validate()
         self.index, self.maker, self.seed = index, maker, seed
         self.num_workers = num_workers
         per_rank, self.too_short = validation_plan(index, batching, world_size=world_size)
+        real = sum(b is not None for b in per_rank[-1])
+        if real == 0:
+            raise ValueError(f"{name}: {index.num_samples} validation samples make {sum(b is not None for r in per_rank for b in r)} "
+                             f"batches, fewer than one per rank for {world_size} ranks: add validation data or "
+                             f"lower train.micro_batch_size")
         self.batches = per_rank[rank]
         self.rank, self.world_size = rank, world_size
 
@@ -238,4 +269,5 @@ class ValidationLoader:
         dataset = PlannedBatches(self.index, batches, seeds, [0] * k, 0, self.maker)
         for batch in _data_loader(dataset, self.num_workers, 2):
             batch.extras.pop(STATS_KEY, None)
+            batch.extras.pop(BROKEN_KEY, None)
             yield batch

@@ -12,7 +12,10 @@ Training epoch, step by step:
 4. each stream cuts its slice into chunks of `buffer` samples; a chunk is sorted by length
    (ties broken at random) and cut greedily into batches whose size × padded length stays within
    `budget` (fairseq's max_tokens); the chunk's batches are then shuffled. Randomness comes
-   from a generator seeded by (seed, epoch, rank, worker, chunk);
+   from a generator seeded by (seed, epoch, rank, worker, chunk). With `fixed_size` (images,
+   text blocks) lengths are ignored: a chunk (a multiple of the batch size) is shuffled and cut
+   into batches of exactly `max_batch_size`; a stream's last few samples that fill no batch are
+   left out and counted;
 5. every stream yields the same number of batches, the smallest any stream of any rank has, so
    all ranks run `workers × that` steps; the batches beyond it are dropped and counted.
 """
@@ -34,6 +37,13 @@ class BatchingOptions:
     min_length: int = 0  # shorter samples are skipped
     buffer: int = 512  # samples sorted together by the length-bucketing buffer
     max_batch_size: int | None = None
+    fixed_size: bool = False  # every batch has exactly max_batch_size samples, whatever their lengths
+
+    @staticmethod
+    def fixed(batch_size: int, buffer: int) -> "BatchingOptions":
+        """Batches of exactly `batch_size` samples, shuffled within chunks of about `buffer` samples."""
+        return BatchingOptions(budget=batch_size, max_length=1, buffer=-(-max(buffer, 1) // batch_size) * batch_size,
+                               max_batch_size=batch_size, fixed_size=True)
 
     def validate(self) -> None:
         if self.max_length > self.budget:
@@ -44,6 +54,8 @@ class BatchingOptions:
             raise ValueError(f"min_sample_size ({self.min_length}) exceeds max_sample_size ({self.max_length})")
         if self.buffer < 1:
             raise ValueError(f"bucket buffer must be >= 1, got {self.buffer}")
+        if self.fixed_size and (self.max_batch_size or 0) < 1:
+            raise ValueError(f"fixed-size batches need a batch size >= 1, got {self.max_batch_size}")
 
 
 def bucket_batches(items: list[Item], lengths: np.ndarray, options: BatchingOptions,
@@ -52,7 +64,7 @@ def bucket_batches(items: list[Item], lengths: np.ndarray, options: BatchingOpti
 
     rng None keeps the input order for ties and the batch order sorted (validation).
     """
-    capped = np.minimum(lengths, options.max_length)
+    capped = np.ones(len(items), np.int64) if options.fixed_size else np.minimum(lengths, options.max_length)
     order = np.arange(len(items)) if rng is None else rng.permutation(len(items))
     order = order[np.argsort(capped[order], kind="stable")]
     batches: list[list[Item]] = []
@@ -64,7 +76,7 @@ def bucket_batches(items: list[Item], lengths: np.ndarray, options: BatchingOpti
             batches.append(current)
             current = []
         current.append(items[i])
-    if current:
+    if current and (not options.fixed_size or len(current) == options.max_batch_size):
         batches.append(current)
     if rng is not None:
         batches = [batches[j] for j in rng.permutation(len(batches)).tolist()]
@@ -89,6 +101,7 @@ class EpochPlan:
     workers: int
     streams: list[list[PlannedBatch]]
     too_short: int
+    leftover: tuple[int, ...] = ()  # per stream: samples that filled no fixed-size batch
 
     @property
     def batches_per_stream(self) -> int:
@@ -102,6 +115,10 @@ class EpochPlan:
     def stream(self, rank: int, worker: int) -> list[PlannedBatch]:
         """The batches that (rank, worker) yields, already cut to the common length."""
         return self.streams[rank * self.workers + worker][: self.batches_per_stream]
+
+    def leftover_samples(self, rank: int) -> int:
+        """Samples of `rank`'s slices that filled no fixed-size batch."""
+        return sum(self.leftover[rank * self.workers: (rank + 1) * self.workers])
 
     def dropped_batches(self, rank: int) -> int:
         """Batches of `rank` left out so that all ranks run the same number of steps."""
@@ -130,17 +147,20 @@ def train_plan(index: ShardIndex, options: BatchingOptions, *, seed: int, epoch:
     if len(sequence) < num_streams:
         raise ValueError(f"{len(sequence)} usable samples cannot feed {world_size} ranks × {workers} workers")
     streams: list[list[PlannedBatch]] = []
+    leftover: list[int] = []
     for s in range(num_streams):
         start, stop = slice_bounds(len(sequence), num_streams, s)
         rank, worker = divmod(s, workers)
         batches: list[PlannedBatch] = []
+        leftover.append(0)
         for chunk, c0 in enumerate(range(start, stop, options.buffer)):
             c1 = min(c0 + options.buffer, stop)
             rng = np.random.default_rng(stream_seed(seed, epoch, rank, worker, chunk, 0xB0C))
             cut = bucket_batches(sequence[c0:c1], all_lengths[c0:c1], options, rng)
+            leftover[-1] += (c1 - c0) - sum(len(b) for b in cut)
             batches.extend(PlannedBatch(items, chunk) for items in cut)
         streams.append(batches)
-    return EpochPlan(epoch, world_size, workers, streams, too_short)
+    return EpochPlan(epoch, world_size, workers, streams, too_short, tuple(leftover))
 
 
 def validation_plan(index: ShardIndex, options: BatchingOptions, *,

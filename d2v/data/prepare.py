@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="fraction of utterances held out (by a hash of the key); default 0.01")
     val.add_argument("--val-speakers", nargs="+", default=[], help="hold out these speakers instead")
     audio.add_argument("--workers", type=int, default=1, help="processes decoding and resampling")
+    audio.add_argument("--clean", action="store_true", help="delete an earlier prepare's shards in OUT first")
     for name in ("image", "text"):
         other = sub.add_parser(name, help=f"see python -m d2v.data.prepare {name} --help", add_help=False)
         other.add_argument("rest", nargs=argparse.REMAINDER)
@@ -43,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = prepare_audio(args.src, args.out, shard_size_mb=args.shard_size_mb,
                            samples_per_shard=args.samples_per_shard,
                            val_fraction=0.0 if args.val_speakers else args.val_fraction,
-                           val_speakers=args.val_speakers, workers=args.workers)
+                           val_speakers=args.val_speakers, workers=args.workers, clean=args.clean)
     print_summary(report)
     return 0
 

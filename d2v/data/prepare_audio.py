@@ -15,7 +15,6 @@ import io
 import json
 import os
 import re
-import tarfile
 from dataclasses import dataclass
 from math import gcd
 from multiprocessing import Pool
@@ -24,7 +23,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import soundfile
 
-from d2v.data.shards import SIDECAR_NAME, brace_pattern
+from d2v.data.shard_writer import ShardWriter, claim_output, write_sidecar
 
 TARGET_RATE = 16_000
 AUDIO_SUFFIXES = (".flac", ".wav", ".ogg")
@@ -55,8 +54,27 @@ def resample(wav: np.ndarray, rate: int, target: int = TARGET_RATE) -> np.ndarra
         return resample_poly(wav, target // g, rate // g).astype(np.float32)
 
 
-def scan(src: str) -> list[Utterance]:
-    """Every audio file under `src` with its transcript (from *.trans.txt files), sorted by path."""
+def read_transcripts(path: str) -> dict[str, str]:
+    """`UTTERANCE-ID text` lines of one *.trans.txt file; raises ValueError naming the file and the
+    byte where it stops being UTF-8."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"not valid UTF-8 at byte {err.start} (its utterances are written without "
+                         f"transcripts; re-encode it as UTF-8 to keep them)") from None
+    out = {}
+    for line in text.splitlines():
+        utt, _, words = line.strip().partition(" ")
+        if utt:
+            out[utt] = words
+    return out
+
+
+def scan(src: str, problems: list[dict[str, str]] | None = None) -> list[Utterance]:
+    """Every audio file under `src` with its transcript (from *.trans.txt files), sorted by path.
+    A transcript file that cannot be read is added to `problems` (path, reason), not fatal."""
     texts: dict[str, str] = {}
     files: list[str] = []
     for root, dirs, names in os.walk(src):
@@ -64,11 +82,12 @@ def scan(src: str) -> list[Utterance]:
         for name in sorted(names):
             full = os.path.join(root, name)
             if name.endswith(".trans.txt"):
-                with open(full, encoding="utf-8") as f:
-                    for line in f:
-                        utt, _, text = line.strip().partition(" ")
-                        if utt:
-                            texts[utt] = text
+                try:
+                    texts.update(read_transcripts(full))
+                except (OSError, ValueError) as err:
+                    if problems is None:
+                        raise ValueError(f"{full}: {err}") from None
+                    problems.append({"path": os.path.relpath(full, src), "reason": str(err)})
             elif name.lower().endswith(AUDIO_SUFFIXES):
                 files.append(os.path.relpath(full, src))
     files.sort()
@@ -105,43 +124,6 @@ def _encode(args: tuple[str, Utterance]) -> tuple[Utterance, bytes | None, int, 
     return utt, buf.getvalue(), len(mono), rate, ""
 
 
-class ShardWriter:
-    """Writes `{prefix}-NNNNNN.tar` shards, starting a new one past a size or count limit."""
-
-    def __init__(self, out: str, prefix: str, max_bytes: int | None, max_count: int | None):
-        self.out, self.prefix, self.max_bytes, self.max_count = out, prefix, max_bytes, max_count
-        self.shards: dict[str, list[tuple[str, int]]] = {}
-        self._tar: tarfile.TarFile | None = None
-        self._bytes = 0
-
-    def _start(self) -> None:
-        self.close()
-        name = f"{self.prefix}-{len(self.shards):06d}.tar"
-        self._tar = tarfile.open(os.path.join(self.out, name), "w", format=tarfile.USTAR_FORMAT)
-        self.shards[name] = []
-        self._bytes = 0
-
-    def write(self, key: str, fields: dict[str, bytes], num_samples: int) -> None:
-        entries = next(reversed(self.shards.values())) if self.shards else None
-        full = entries is not None and (
-            (self.max_count is not None and len(entries) >= self.max_count)
-            or (self.max_bytes is not None and self._bytes >= self.max_bytes))
-        if self._tar is None or full:
-            self._start()
-        assert self._tar is not None
-        for ext, data in fields.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            self._tar.addfile(info, io.BytesIO(data))
-            self._bytes += len(data) + 512
-        next(reversed(self.shards.values())).append((key, num_samples))
-
-    def close(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-            self._tar = None
-
-
 def _is_validation(utt: Utterance, val_fraction: float, val_speakers: set[str]) -> bool:
     if val_speakers:
         return utt.speaker in val_speakers
@@ -159,14 +141,17 @@ def _results(src: str, utts: list[Utterance], workers: int) -> Iterator[tuple[Ut
 
 
 def prepare_audio(src: str, out: str, *, shard_size_mb: float | None = None, samples_per_shard: int | None = None,
-                  val_fraction: float = 0.01, val_speakers: Sequence[str] = (), workers: int = 1) -> dict:
+                  val_fraction: float = 0.01, val_speakers: Sequence[str] = (), workers: int = 1,
+                  clean: bool = False) -> dict:
     """Writes train/val shards, `lengths.json` and `prepare_report.json` into `out`; returns the report."""
     if not os.path.isdir(src):
         raise FileNotFoundError(f"source folder {src} does not exist")
-    utts = scan(src)
+    skipped: list[dict[str, str]] = []
+    utts = scan(src, skipped)
+    bad_transcripts = len(skipped)
     if not utts:
         raise ValueError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) under {src}")
-    os.makedirs(out, exist_ok=True)
+    claim_output(out, clean=clean)
     if shard_size_mb is None and samples_per_shard is None:
         shard_size_mb = 256.0
     max_bytes = int(shard_size_mb * 2**20) if shard_size_mb else None
@@ -174,7 +159,6 @@ def prepare_audio(src: str, out: str, *, shard_size_mb: float | None = None, sam
     unknown = set(val_speakers) - {u.speaker for u in utts}
     if unknown:
         raise ValueError(f"validation speakers not found under {src}: {sorted(unknown)}")
-    skipped: list[dict[str, str]] = []
     without_text = 0
     for utt, flac, num_samples, rate, reason in _results(src, utts, workers):
         if flac is None:
@@ -191,16 +175,14 @@ def prepare_audio(src: str, out: str, *, shard_size_mb: float | None = None, sam
         writers[split].write(utt.key, fields, num_samples)
     for w in writers.values():
         w.close()
-    shards = {name: entries for w in writers.values() for name, entries in w.shards.items()}
     totals = {}
     for split, w in writers.items():
         lengths = [n for entries in w.shards.values() for _, n in entries]
         totals[split] = {"shards": len(w.shards), "samples": len(lengths), "num_samples": int(sum(lengths)),
                          "hours": round(sum(lengths) / TARGET_RATE / 3600, 4),
-                         "pattern": brace_pattern(os.path.join(out, f"{split}-"), len(w.shards)) if w.shards else None}
-    with open(os.path.join(out, SIDECAR_NAME), "w") as f:
-        json.dump({"sample_rate": TARGET_RATE, "shards": shards, "totals": totals}, f)
-    report = {"source": src, "files": len(utts), "written": len(utts) - len(skipped), "skipped": skipped,
+                         "pattern": w.pattern()}
+    write_sidecar(out, list(writers.values()), sample_rate=TARGET_RATE, totals=totals)
+    report = {"source": src, "files": len(utts), "written": len(utts) - (len(skipped) - bad_transcripts), "skipped": skipped,
               "without_transcript": without_text, "totals": totals}
     with open(os.path.join(out, REPORT_NAME), "w") as f:
         json.dump(report, f, indent=1)

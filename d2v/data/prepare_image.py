@@ -3,7 +3,7 @@ JPEG/PNG files) into WebDataset shards with the labels kept.
 
 Each sample holds the original encoded bytes (`jpg` or `png`; re-encoded as PNG when the source is
 another format), the class index (`cls`) and the relative path (`json`). Class indices follow the
-sorted folder names and are written to `classes.json`. Unreadable images are skipped and listed
+sorted folder names and are written to `classes.json`; `lengths.json` lists every shard's keys. Unreadable images are skipped and listed
 in `report.json`. A fraction of each class (or a list of class-balanced files) is held out as
 validation shards.
 """
@@ -15,6 +15,8 @@ import json
 import os
 import random
 from typing import Any
+
+from d2v.data.shard_writer import ShardWriter, claim_output, write_sidecar
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
@@ -56,9 +58,7 @@ def _key(rel: str) -> str:
 
 
 def prepare_image(src: str, out: str, *, samples_per_shard: int = 1000, val_fraction: float = 0.1,
-                  seed: int = 0) -> dict[str, Any]:
-    import webdataset as wds
-
+                  seed: int = 0, clean: bool = False) -> dict[str, Any]:
     classes, files = scan_tree(src)
     rng = random.Random(seed)
     by_class: dict[int, list[str]] = {}
@@ -71,31 +71,27 @@ def prepare_image(src: str, out: str, *, samples_per_shard: int = 1000, val_frac
         n_val = int(round(len(paths) * val_fraction)) if len(paths) > 1 else 0
         split["valid"] += [(p, idx) for p in paths[:n_val]]
         split["train"] += [(p, idx) for p in paths[n_val:]]
-    os.makedirs(out, exist_ok=True)
-    skipped, counts, patterns, index = [], {}, {}, {}
+    claim_output(out, clean=clean)
+    skipped, counts, patterns, writers = [], {}, {}, []
     for name, items in split.items():
         rng.shuffle(items)
         if not items:
             continue
-        pattern = os.path.join(out, f"{name}-%06d.tar")
-        written = 0
-        with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0) as sink:
-            for path, idx in items:
-                rel = os.path.relpath(path, src)
-                try:
-                    ext, data = _encoded(path)
-                except Exception as e:  # noqa: BLE001 - any decoder failure means "unreadable"
-                    skipped.append({"path": rel, "reason": f"{type(e).__name__}: {e}"})
-                    continue
-                sink.write({"__key__": _key(rel), ext: data, "cls": idx, "json": {"path": rel, "class": classes[idx]}})
-                shard = f"{name}-{written // samples_per_shard:06d}.tar"
-                index[shard] = index.get(shard, 0) + 1
-                written += 1
-        n_shards = len([f for f in os.listdir(out) if f.startswith(name + "-") and f.endswith(".tar")])
-        counts[name] = written
-        patterns[name] = os.path.join(out, f"{name}-{{000000..{n_shards - 1:06d}}}.tar")
-    with open(os.path.join(out, "index.json"), "w") as f:
-        json.dump(index, f, indent=1)  # samples per shard: ranks plan their epochs from it
+        writer = ShardWriter(out, name, max_count=samples_per_shard)
+        for path, idx in items:
+            rel = os.path.relpath(path, src)
+            try:
+                ext, data = _encoded(path)
+            except Exception as e:  # noqa: BLE001 - any decoder failure means "unreadable"
+                skipped.append({"path": rel, "reason": f"{type(e).__name__}: {e}"})
+                continue
+            meta = json.dumps({"path": rel, "class": classes[idx]}, sort_keys=True).encode()
+            writer.write(_key(rel), {ext: data, "cls": str(idx).encode(), "json": meta}, 1)
+        writer.close()
+        writers.append(writer)
+        counts[name] = sum(len(v) for v in writer.shards.values())
+        patterns[name] = writer.pattern()
+    write_sidecar(out, writers)
     with open(os.path.join(out, "classes.json"), "w") as f:
         json.dump(classes, f, indent=1)
     report = {"source": os.path.abspath(src), "classes": len(classes), "samples": counts, "patterns": patterns,
@@ -113,9 +109,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--samples-per-shard", type=int, default=1000)
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--clean", action="store_true", help="delete an earlier prepare's shards in OUT first")
     args = ap.parse_args(argv)
     report = prepare_image(args.src, args.out, samples_per_shard=args.samples_per_shard,
-                           val_fraction=args.val_fraction, seed=args.seed)
+                           val_fraction=args.val_fraction, seed=args.seed, clean=args.clean)
     print(f"{report['samples']} images in {report['classes']} classes; skipped {len(report['skipped'])} "
           f"(see {os.path.join(args.out, 'report.json')})")
     for name, pattern in report["patterns"].items():

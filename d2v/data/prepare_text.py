@@ -8,37 +8,64 @@ with `</s>`, concatenated and cut into blocks of block_size - 1 tokens, each pre
 `<s>` (the reference's 512 = 511 + `<s>`); the last partial block is padded with `<pad>`.
 `tokenizer.json` (d2v's metadata) beside the shards records the tokenizer kind, vocabulary size,
 special ids and file hash; training refuses shards whose tokenizer disagrees with the model.
+Files that are not valid text in `--encoding` are skipped and listed, never decoded with
+replacement characters.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import random
+import re
 import shutil
 from typing import Any, Iterator
 
 import numpy as np
 
+from d2v.data.shard_writer import ShardWriter, claim_output, write_sidecar
 from d2v.data.tokenizer import Tokenizer, train_sentencepiece
 
 
-def read_documents(src: str) -> Iterator[str]:
+def read_documents(src: str, problems: list[dict[str, str]] | None = None, *,
+                   encoding: str = "utf-8") -> Iterator[str]:
+    """Documents (blank-line separated) of `src`, a .txt file or a folder of them.
+
+    A file that is not valid text in `encoding` (or holds NUL or other control characters, as
+    binary data does) is left out whole and added to `problems` with the reason: tokenising
+    replacement characters would train the vocabulary and the model on noise.
+    """
     paths = [src] if os.path.isfile(src) else sorted(
         os.path.join(root, n) for root, _, names in os.walk(src) for n in names if n.endswith((".txt", ".text")))
     if not paths:
         raise ValueError(f"{src}: no .txt files")
     for path in paths:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            doc: list[str] = []
-            for line in f:
-                if line.strip():
-                    doc.append(line.strip())
-                elif doc:
-                    yield " ".join(doc)
-                    doc = []
-            if doc:
+        try:
+            with open(path, "rb") as f:
+                text = f.read().decode(encoding)
+            bad = _CONTROL.search(text)
+            if bad:
+                raise ValueError(f"control character {bad.group()!r} at character {bad.start()}: not a text file")
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            reason = (f"not valid {encoding} at byte {err.start}" if isinstance(err, UnicodeDecodeError) else str(err))
+            if problems is None:
+                raise ValueError(f"{path}: {reason}") from None
+            problems.append({"path": path, "reason": reason})
+            continue
+        doc: list[str] = []
+        for line in text.splitlines():
+            if line.strip():
+                doc.append(line.strip())
+            elif doc:
                 yield " ".join(doc)
+                doc = []
+        if doc:
+            yield " ".join(doc)
+
+
+# C0 controls other than tab, newline, carriage return and form feed, and DEL.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f]")
 
 
 def pack_blocks(docs: list[list[int]], block_size: int, *, bos: int, eos: int, pad: int) -> np.ndarray:
@@ -56,13 +83,16 @@ def pack_blocks(docs: list[list[int]], block_size: int, *, bos: int, eos: int, p
 
 def prepare_text(src: str, out: str, *, vocab_size: int | None = None, tokenizer: str | None = None,
                  block_size: int = 512, val_fraction: float = 0.05, samples_per_shard: int = 1000,
-                 seed: int = 0) -> dict[str, Any]:
-    import webdataset as wds
-
+                 seed: int = 0, clean: bool = False, encoding: str = "utf-8") -> dict[str, Any]:
     if (vocab_size is None) == (tokenizer is None):
         raise ValueError("give exactly one of --vocab-size (train SentencePiece) or --tokenizer FILE")
-    os.makedirs(out, exist_ok=True)
-    docs = list(read_documents(src))
+    claim_output(out, clean=clean)
+    skipped: list[dict[str, str]] = []
+    docs = list(read_documents(src, skipped, encoding=encoding))
+    for s in skipped:
+        print(f"skipped {s['path']}: {s['reason']}")
+    if not docs:
+        raise ValueError(f"{src}: no readable {encoding} documents ({len(skipped)} files skipped)")
     if tokenizer is None:
         tokenizer = train_sentencepiece(docs, os.path.join(out, "spm"), vocab_size, seed=seed)
     else:
@@ -78,21 +108,22 @@ def prepare_text(src: str, out: str, *, vocab_size: int | None = None, tokenizer
     rng.shuffle(order)
     n_val = max(1, int(len(docs) * val_fraction)) if len(docs) > 1 else 0
     splits = {"valid": [docs[i] for i in order[:n_val]], "train": [docs[i] for i in order[n_val:]]}
-    counts, patterns, index = {}, {}, {}
+    counts, patterns, writers = {}, {}, []
     for name, texts in splits.items():
         blocks = pack_blocks([tok.encode(t) for t in texts], block_size, bos=info.bos_id, eos=info.eos_id,
                              pad=info.pad_id)
-        with wds.ShardWriter(os.path.join(out, f"{name}-%06d.tar"), maxcount=samples_per_shard, verbose=0) as sink:
-            for i, block in enumerate(blocks):
-                sink.write({"__key__": f"{name}{i:08d}", "tokens.npy": block})
-                shard = f"{name}-{i // samples_per_shard:06d}.tar"
-                index[shard] = index.get(shard, 0) + 1
-        n_shards = len([f for f in os.listdir(out) if f.startswith(name + "-") and f.endswith(".tar")])
+        writer = ShardWriter(out, name, max_count=samples_per_shard)
+        for i, block in enumerate(blocks):
+            buf = io.BytesIO()
+            np.save(buf, block, allow_pickle=False)
+            writer.write(f"{name}{i:08d}", {"tokens.npy": buf.getvalue()}, int((block != info.pad_id).sum()))
+        writer.close()
+        writers.append(writer)
         counts[name] = len(blocks)
-        patterns[name] = os.path.join(out, f"{name}-{{000000..{n_shards - 1:06d}}}.tar")
-    meta = {**info.as_dict(), "block_size": block_size, "documents": len(docs), "blocks": counts, "patterns": patterns}
-    with open(os.path.join(out, "index.json"), "w") as f:
-        json.dump(index, f, indent=1)  # samples per shard: ranks plan their epochs from it
+        patterns[name] = writer.pattern()
+    meta = {**info.as_dict(), "block_size": block_size, "documents": len(docs), "blocks": counts, "patterns": patterns,
+            "encoding": encoding, "skipped": skipped}
+    write_sidecar(out, writers)
     with open(os.path.join(out, "tokenizer.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return meta
@@ -109,10 +140,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--val-fraction", type=float, default=0.05)
     ap.add_argument("--samples-per-shard", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--encoding", default="utf-8", help="the corpus's text encoding; files not valid in it are skipped")
+    ap.add_argument("--clean", action="store_true", help="delete an earlier prepare's shards in OUT first")
     args = ap.parse_args(argv)
     meta = prepare_text(args.src, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
                         block_size=args.block_size, val_fraction=args.val_fraction,
-                        samples_per_shard=args.samples_per_shard, seed=args.seed)
+                        samples_per_shard=args.samples_per_shard, seed=args.seed, clean=args.clean,
+                        encoding=args.encoding)
     print(f"{meta['documents']} documents -> {meta['blocks']} blocks of {meta['block_size']} tokens; "
           f"{meta['kind']} vocabulary of {meta['vocab_size']} (mask id {meta['mask_id']})")
     for name, pattern in meta["patterns"].items():

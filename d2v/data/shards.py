@@ -69,26 +69,80 @@ class ShardIndex:
         return int(sum(len(k) for k in self.keys))
 
 
-def load_index(paths: Sequence[str], lengths_file: str | None = None) -> ShardIndex:
-    """Reads the length sidecar(s): `lengths_file`, else `lengths.json` beside each shard."""
-    tables: dict[str, dict] = {}
+def load_index(paths: Sequence[str], lengths_file: str | None = None, *, scan_unlisted: bool = False) -> ShardIndex:
+    """Reads the length sidecar(s): `lengths_file`, else `lengths.json` beside each shard.
+
+    Fails before training starts when the sidecar and the files disagree: a shard it does not list,
+    or one whose size on disk is not the size `prepare` recorded (truncated, rewritten, or from
+    another run). scan_unlisted (fixed-size batching only, where lengths do not matter) reads the
+    keys of shards without a sidecar from their tar headers instead, every length 1.
+    """
+    tables: dict[str, dict | None] = {}
     keys: list[list[str]] = []
     lengths: list[np.ndarray] = []
     for path in paths:
         sidecar = lengths_file or os.path.join(os.path.dirname(path) or ".", SIDECAR_NAME)
         if sidecar not in tables:
-            if not os.path.isfile(sidecar):
+            if os.path.isfile(sidecar):
+                with open(sidecar) as f:
+                    tables[sidecar] = json.load(f)
+            elif scan_unlisted:
+                tables[sidecar] = None
+            else:
                 raise FileNotFoundError(
                     f"no length sidecar {sidecar} for shard {path}: shards written by "
                     "`python -m d2v.data.prepare` have one; or pass lengths_file")
-            with open(sidecar) as f:
-                tables[sidecar] = json.load(f)["shards"]
-        entry = tables[sidecar].get(os.path.basename(path))
+        table = tables[sidecar]
+        name = os.path.basename(path)
+        if table is None:
+            shard_keys = scan_keys(path)
+            keys.append(shard_keys)
+            lengths.append(np.ones(len(shard_keys), dtype=np.int64))
+            continue
+        entry = table["shards"].get(name)
         if entry is None:
-            raise KeyError(f"shard {os.path.basename(path)} is not listed in {sidecar}")
+            raise KeyError(f"shard {name} is not listed in {sidecar}: re-run `python -m d2v.data.prepare` "
+                           f"for this folder, or leave the shard out of the pattern")
+        recorded = table.get("sizes", {}).get(name)
+        if recorded is not None and os.path.getsize(path) != recorded:
+            raise ValueError(f"shard {path} is {os.path.getsize(path)} bytes but {sidecar} records {recorded}: "
+                             f"the file changed after `prepare` wrote it (truncated or replaced); restore it, "
+                             f"re-run prepare, or leave it out of the pattern")
         keys.append([k for k, _ in entry])
         lengths.append(np.asarray([n for _, n in entry], dtype=np.int64))
     return ShardIndex(list(paths), keys, lengths)
+
+
+def scan_keys(path: str) -> list[str]:
+    """Sample keys of a tar shard in member order, from its headers (no data read)."""
+    keys: list[str] = []
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                key = member.name.rpartition("/")[2].partition(".")[0]
+                if member.isfile() and (not keys or keys[-1] != key):
+                    keys.append(key)
+    except (OSError, tarfile.TarError, EOFError) as err:
+        raise ValueError(f"shard {path} cannot be read ({err}) and has no lengths.json beside it") from err
+    return keys
+
+
+def iter_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Every sample of one shard in order, as (key, {extension: bytes}); raises on a damaged shard
+    (for tools that read a whole held-out set and must not silently evaluate part of it)."""
+    current_key, fields = None, {}
+    with tarfile.open(path, mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.rpartition("/")[2].partition(".")
+            if current_key is not None and key != current_key:
+                yield current_key, fields
+                fields = {}
+            current_key = key
+            fields[ext] = tar.extractfile(member).read()
+    if current_key is not None:
+        yield current_key, fields
 
 
 def stream_seed(*parts: int) -> int:
@@ -130,7 +184,7 @@ class ShardReader:
         self._tar: tarfile.TarFile | None = None
         self._pending: tarfile.TarInfo | None = None
         self._cursor = -1  # sample position of the last member read from the open shard
-        self._broken: set[int] = set()
+        self.broken: set[int] = set()
         self._positions: dict[int, dict[str, int]] = {}
 
     def close(self) -> None:
@@ -147,8 +201,8 @@ class ShardReader:
             self._mark_broken(shard)
 
     def _mark_broken(self, shard: int) -> None:
-        if shard not in self._broken:
-            self._broken.add(shard)
+        if shard not in self.broken:
+            self.broken.add(shard)
             self.stats["bad_shards"] = self.stats.get("bad_shards", 0) + 1
         self.close()
 
@@ -176,7 +230,7 @@ class ShardReader:
             wanted.setdefault(shard, {})[self.index.keys[shard][sample]] = sample
         found: dict[Item, dict[str, bytes]] = {}
         for shard, by_key in wanted.items():
-            if shard in self._broken:
+            if shard in self.broken:
                 continue
             if shard != self._shard or min(by_key.values()) <= self._cursor:
                 self._open(shard)

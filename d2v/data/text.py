@@ -75,3 +75,39 @@ def text_collate_v2(blocks: list[torch.Tensor], keys: list[str], *, pad_id: int,
     padding = tokens.eq(pad_id)
     mask = mask_fn(tokens.shape[0], tokens.shape[1], padding, g)
     return Batch(source=tokens, mask=mask, padding_mask=padding if bool(padding.any()) else None, keys=keys)
+
+
+class TextBatchMaker:
+    """The loader's BatchMaker for token-block shards (d2v.data.loader). A block that cannot be
+    decoded, is longer than the model's positions or holds an id outside the vocabulary is counted
+    as `corrupt` and left out of its batch."""
+
+    def __init__(self, *, max_positions: int, vocab_size: int, first_regular_id: int, collate) -> None:
+        # collate(blocks, keys, generator) -> Batch: the masking the run configured
+        self.max_positions, self.vocab_size, self.collate = max_positions, vocab_size, collate
+        self.first_regular_id = first_regular_id
+
+    def __call__(self, raw: list[tuple[str, dict[str, bytes]]], generator: torch.Generator,
+                 stats: dict[str, int]) -> Batch | None:
+        blocks, keys = [], []
+        for key, fields in raw:
+            try:
+                block = decode_tokens(fields)
+                if block.ndim != 1 or not 0 < block.numel() <= self.max_positions:
+                    raise ValueError(f"block of shape {tuple(block.shape)}")
+                if int(block.min()) < 0 or int(block.max()) >= self.vocab_size:
+                    raise ValueError("token id outside the vocabulary")
+            except Exception:  # noqa: BLE001 - numpy raises many types for damaged arrays
+                stats["corrupt"] = stats.get("corrupt", 0) + 1
+                continue
+            if blocks and block.numel() != blocks[0].numel():
+                stats["corrupt"] = stats.get("corrupt", 0) + 1  # blocks of one batch share a length
+                continue
+            blocks.append(block)
+            keys.append(key)
+        return self.collate(blocks, keys, generator) if blocks else None
+
+    def filler(self, generator: torch.Generator) -> Batch:
+        # Regular tokens (no padding): every mask kind finds positions to select in it.
+        block = torch.randint(self.first_regular_id, self.vocab_size - 1, (self.max_positions,), generator=generator)
+        return self.collate([block], ["<filler>"], generator)

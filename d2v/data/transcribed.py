@@ -21,16 +21,11 @@ class Utterance(NamedTuple):
 def read_transcribed(pattern: str, *, sample_rate: int = 16_000) -> list[Utterance]:
     """Every sample of the shards, in shard order; a sample without a transcript or at another rate
     is an error naming it."""
-    import webdataset as wds
-
-    from d2v.data.shards import expand_pattern
+    from d2v.data.shards import expand_pattern, iter_samples
 
     out = []
     # Every rank reads every shard on purpose (the fine-tuning loop splits batches, not shards).
-    every_shard = lambda urls: urls  # noqa: E731
-    for sample in wds.WebDataset(expand_pattern(pattern), shardshuffle=False, empty_check=False,
-                                 nodesplitter=every_shard, workersplitter=every_shard):
-        key = sample["__key__"]
+    for key, sample in (s for path in expand_pattern(pattern) for s in iter_samples(path)):
         if "txt" not in sample:
             raise ValueError(f"{pattern}: sample {key} has no transcript (.txt); prepare the data from a tree with "
                              f"*.trans.txt files")

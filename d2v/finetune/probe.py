@@ -61,14 +61,12 @@ def _report(result: dict[str, Any], as_json: bool, headline: str) -> dict[str, A
 
 def read_labelled_images(pattern: str, size: int, mean, std) -> tuple[torch.Tensor, np.ndarray]:
     """All images of the shards (resized, normalised, no augmentation) and their class indices."""
-    import webdataset as wds
-
     from d2v.data.image import ImageTransform, decode_image
-    from d2v.data.shards import expand_pattern
+    from d2v.data.shards import expand_pattern, iter_samples
 
     transform = ImageTransform(size, mean, std, train=False)
     images, labels = [], []
-    for sample in wds.WebDataset(expand_pattern(pattern), shardshuffle=False, empty_check=False):
+    for _, sample in (s for path in expand_pattern(pattern) for s in iter_samples(path)):
         images.append(transform(decode_image(sample), torch.Generator()))
         labels.append(int(sample["cls"]))
     if not images:

@@ -17,6 +17,7 @@ next one. Older tags beyond `keep_last` are pruned last.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -71,6 +72,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def disk_full(err: BaseException, root: str) -> bool:
+    """Whether a failed write failed for lack of space: ENOSPC, or (C++ streams carry no errno)
+    a write error with almost nothing left on that device."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(root).free < 64 * 2**20
+    except OSError:
+        return False
+
+
 class Checkpointer:
     def __init__(self, root: str, *, rank: int, world_size: int, keep_last: int = 3) -> None:
         self.root = root
@@ -111,7 +123,19 @@ class Checkpointer:
         return tag
 
     def save(self, engine, teacher, step: int, *, run_state: dict[str, Any], rank_state: dict[str, Any]) -> str:
-        """Every rank calls this. Returns the tag written."""
+        """Every rank calls this. Returns the tag written. A full disk is reported as one (torch's
+        writer says only "iostream error"); `latest` keeps naming the previous checkpoint."""
+        try:
+            return self._save(engine, teacher, step, run_state=run_state, rank_state=rank_state)
+        except (OSError, RuntimeError) as err:
+            if not disk_full(err, self.root):
+                raise
+            raise OSError(errno.ENOSPC, f"no space left on the device of {self.root} while writing checkpoint "
+                                        f"{tag_for(step)} ({shutil.disk_usage(self.root).free / 2**20:.0f} MiB free): "
+                                        f"free space or use another --out, then resume with --resume auto "
+                                        f"(latest still names {self._latest_name()})") from err
+
+    def _save(self, engine, teacher, step: int, *, run_state: dict[str, Any], rank_state: dict[str, Any]) -> str:
         tag = tag_for(step)
         final = os.path.join(self.root, tag)
         if os.path.exists(os.path.join(final, COMPLETE)) and self._latest_name() == tag:

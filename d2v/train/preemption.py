@@ -5,13 +5,28 @@ after about 30 s; Slurm can send SIGUSR1 ahead of time (`--signal=USR1@90`).
 """
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
-
-from d2v import collectives
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the Slurm example requeues on it
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def exit_on_signal_during_startup() -> None:
+    """Installed first thing by the launcher (before torch is imported): a signal while the run is
+    still loading (imports, data index, engine, resume) has no step to stop at and nothing new to
+    save, so the process leaves at once with EXIT_PREEMPTED and the job is requeued. The run's
+    PreemptionFlag replaces this handler once its loop can checkpoint."""
+    def leave(signum, frame) -> None:
+        sys.stderr.write(f"{signal.Signals(signum).name} during start-up: exit {EXIT_PREEMPTED} for requeue\n")
+        sys.stderr.flush()
+        os._exit(EXIT_PREEMPTED)  # no cleanup can block: no process group or engine to wind down yet
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in SIGNALS:
+            signal.signal(sig, leave)
 
 
 class PreemptionFlag:
@@ -39,4 +54,6 @@ class PreemptionFlag:
     def should_stop(self) -> bool:
         """True on every rank once any rank got a signal (a collective: all ranks call it). The
         training loop does not call this: the request travels in the step's own decision."""
+        from d2v import collectives
+
         return collectives.any_rank(self.requested)

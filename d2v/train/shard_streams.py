@@ -1,109 +1,190 @@
-"""Batch streams over shards for each modality: the bridge from the data pipeline to the run loop."""
+"""Batch streams over prepared shards, for every modality: the bridge from d2v.data to the run loop.
+
+Every modality runs the same loader (d2v.data.loader: a plan from the sidecar, resumable
+position, one bad-data policy); what differs is a modality's batching (length-bucketed audio,
+fixed-size image and text batches) and its BatchMaker (decode, augment, collate, mask), both
+built here from the config, one function each per modality, registered in PIPELINES.
+"""
 from __future__ import annotations
 
-import torch
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
 
+from d2v.batch import Batch
 from d2v.config.schema import D2vConfig
-from d2v.data.fixed_stream import FixedBatchStream, RawSample, validation_batches
+from d2v.data.loader import BatchMaker, TrainLoader, ValidationLoader
+from d2v.data.plan import BatchingOptions
+from d2v.data.shards import expand_pattern, load_index
+
+log = logging.getLogger(__name__)
 
 
-def image_decoder(cfg: D2vConfig, *, train: bool = True):
-    from d2v.data.image import ImageTransform, decode_image, image_collate
+def mask_fn(cfg: D2vConfig):
+    """The run's mask maker for waveform frames and image/text positions of data2vec 2.0 (B×M×T);
+    None for 1.0 images and text, whose masks the collate step makes."""
+    if cfg.model.v2.enabled:
+        from d2v.masking.multimask import multi_mask_fn
+
+        return multi_mask_fn(cfg)
+    if cfg.model.modality != "audio":
+        return None
+    from d2v.data import span_mask_fn
+
+    mk = cfg.masking
+    return span_mask_fn(mask_prob=mk.mask_prob, mask_length=mk.mask_length, min_masks=mk.min_masks,
+                        equalize=mk.equalize)
+
+
+def _audio_batching(cfg: D2vConfig) -> BatchingOptions:
+    return _audio_options(cfg).batching()
+
+
+def _audio_options(cfg: D2vConfig):
+    from d2v.data import AudioLoaderOptions
+
+    d = cfg.data
+    return AudioLoaderOptions(sample_rate=cfg.model.audio.sample_rate, min_sample_size=d.min_sample_size,
+                              max_sample_size=d.max_sample_size, max_samples_per_batch=d.max_samples_per_batch,
+                              normalize=d.normalize, pad=d.pad, bucket_buffer=min(d.buffer_size, 512))
+
+
+def _fixed_batching(cfg: D2vConfig) -> BatchingOptions:
+    return BatchingOptions.fixed(cfg.train.micro_batch_size, min(cfg.data.buffer_size, 4096))
+
+
+def _audio_maker(cfg: D2vConfig, train: bool) -> BatchMaker:
+    from d2v.data.audio import AudioBatchMaker
+
+    return AudioBatchMaker(_audio_options(cfg), mask_fn(cfg))
+
+
+def _image_maker(cfg: D2vConfig, train: bool) -> BatchMaker:
+    from d2v.data.image import ImageBatchMaker, ImageTransform, image_collate, image_collate_v2
 
     m, mk = cfg.model, cfg.masking
     transform = ImageTransform(m.image.image_size, m.image.mean, m.image.std, scale=m.image.crop_scale,
                                color_jitter=m.image.color_jitter, train=train)
+    masks = mask_fn(cfg)
     grid = (m.image.image_size // m.image.patch_size,) * 2
-    masks_v2 = None
-    if m.v2.enabled:
-        from d2v.masking.multimask import multi_mask_fn
-
-        masks_v2 = multi_mask_fn(cfg)
-
-    def decode(raw: list[RawSample], g: torch.Generator):
-        images, labels, keys, bad = [], [], [], 0
-        for sample in raw:
-            try:
-                images.append(transform(decode_image(sample), g))
-            except Exception:  # noqa: BLE001 - a corrupt image inside a shard is skipped and counted
-                bad += 1
-                continue
-            labels.append(int(sample.get("cls", b"-1")))
-            keys.append(sample["__key__"])
-        if not images:
-            raise RuntimeError(f"a whole batch of {len(raw)} images failed to decode (shard {raw[0]['__shard__']})")
-        if masks_v2 is not None:
-            from d2v.data.image import image_collate_v2
-
-            return image_collate_v2(images, labels, keys, mask_fn=masks_v2, g=g), bad
-        return image_collate(images, labels, keys, grid=grid, num_masked=mk.num_mask_patches,
-                             min_block=mk.min_block_patches, max_block=mk.max_block_patches,
-                             min_aspect=mk.min_aspect, top_up=mk.top_up, g=g), bad
-
-    return decode
+    if masks is not None:
+        def collate(images, labels, keys, g):
+            return image_collate_v2(images, labels, keys, mask_fn=masks, g=g)
+    else:
+        def collate(images, labels, keys, g):
+            return image_collate(images, labels, keys, grid=grid, num_masked=mk.num_mask_patches,
+                                 min_block=mk.min_block_patches, max_block=mk.max_block_patches,
+                                 min_aspect=mk.min_aspect, top_up=mk.top_up, g=g)
+    return ImageBatchMaker(transform, collate)
 
 
-def text_decoder(cfg: D2vConfig):
-    from d2v.data.text import decode_tokens, text_collate
+def _text_maker(cfg: D2vConfig, train: bool) -> BatchMaker:
+    from d2v.data.text import TextBatchMaker, text_collate, text_collate_v2
 
     t, mk = cfg.model.text, cfg.masking
-    masks_v2 = None
-    if cfg.model.v2.enabled:
-        from d2v.masking.multimask import multi_mask_fn
+    masks = mask_fn(cfg)
+    if masks is not None:
+        def collate(blocks, keys, g):
+            return text_collate_v2(blocks, keys, pad_id=t.pad_id, mask_fn=masks, g=g)
+    else:
+        def collate(blocks, keys, g):
+            return text_collate(blocks, keys, pad_id=t.pad_id, mask_id=t.vocab_size - 1, kind=mk.kind,
+                                mask_prob=mk.mask_prob, mask_length=mk.mask_length,
+                                random_token_prob=mk.random_token_prob, leave_unmasked_prob=mk.leave_unmasked_prob,
+                                g=g)
+    first_regular = max(t.pad_id, t.bos_id, t.eos_id, t.unk_id) + 1
+    return TextBatchMaker(max_positions=t.max_positions, vocab_size=t.vocab_size, first_regular_id=first_regular,
+                          collate=collate)
 
-        masks_v2 = multi_mask_fn(cfg)
 
-    def decode(raw: list[RawSample], g: torch.Generator):
-        blocks, keys, bad = [], [], 0
-        for sample in raw:
+def _check_text_shards(cfg: D2vConfig, pattern: str) -> None:
+    from d2v.data.text import check_tokenizer, load_tokenizer_meta
+
+    check_tokenizer(load_tokenizer_meta(pattern), cfg.model.text)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A modality's part of the shard pipeline."""
+
+    batching: Callable[[D2vConfig], BatchingOptions]
+    maker: Callable[[D2vConfig, bool], BatchMaker]
+    needs_lengths: bool  # False: shards without a sidecar are planned from their tar headers
+    check: Callable[[D2vConfig, str], None] | None = None
+
+
+PIPELINES: dict[str, Pipeline] = {
+    "audio": Pipeline(_audio_batching, _audio_maker, needs_lengths=True),
+    "image": Pipeline(_fixed_batching, _image_maker, needs_lengths=False),
+    "text": Pipeline(_fixed_batching, _text_maker, needs_lengths=False, check=_check_text_shards),
+}
+
+
+class LoaderStream:
+    """A TrainLoader (epochs of equal length on every rank) read one batch at a time."""
+
+    def __init__(self, loader: TrainLoader) -> None:
+        self.loader = loader
+        self._it = None
+
+    def next_batch(self) -> Batch:
+        for _ in range(2):
+            if self._it is None:
+                self._it = iter(self.loader)
             try:
-                block = decode_tokens(sample)
-                if block.numel() > t.max_positions or int(block.max()) >= t.vocab_size:
-                    raise ValueError("block does not fit the model")
-            except Exception:  # noqa: BLE001 - a corrupt block is skipped and counted
-                bad += 1
-                continue
-            blocks.append(block)
-            keys.append(sample["__key__"])
-        if not blocks:
-            raise RuntimeError(f"a whole batch of {len(raw)} text blocks failed to decode (shard {raw[0]['__shard__']})")
-        if masks_v2 is not None:
-            from d2v.data.text import text_collate_v2
+                return next(self._it)
+            except StopIteration:  # the epoch ended: the loader moved on to the next one
+                self._it = None
+        raise RuntimeError("the data loader yields no batches")
 
-            return text_collate_v2(blocks, keys, pad_id=t.pad_id, mask_fn=masks_v2, g=g), bad
-        return text_collate(blocks, keys, pad_id=t.pad_id, mask_id=t.vocab_size - 1, kind=mk.kind,
-                            mask_prob=mk.mask_prob, mask_length=mk.mask_length,
-                            random_token_prob=mk.random_token_prob, leave_unmasked_prob=mk.leave_unmasked_prob,
-                            g=g), bad
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
 
-    return decode
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+        self._it = None
+
+    def restart_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+        self._it = None
+
+    def counters(self) -> dict[str, int]:
+        s = self.loader.stats
+        return {"corrupt_samples": s.get("corrupt", 0), "missing_samples": s.get("missing", 0),
+                "bad_shards": len(self.loader.bad_shards), "filler_batches": s.get("filler_batches", 0),
+                "dropped_batches": s.get("dropped_batches", 0), "leftover_samples": s.get("leftover", 0)}
+
+
+def _index(cfg: D2vConfig, pattern: str, pipeline: Pipeline):
+    if pipeline.check is not None:
+        pipeline.check(cfg, pattern)
+    return load_index(expand_pattern(pattern), scan_unlisted=not pipeline.needs_lengths)
 
 
 def shard_stream_factories(cfg: D2vConfig):
-    """(make_stream(rank, world), make_val_stream(rank, world) or None) for the config's modality."""
-    modality = cfg.model.modality
-    if modality == "audio":
-        from d2v.train.audio_streams import audio_stream_factories
+    """(make_stream(rank, world), make_val_stream(rank, world) or None) for the config's modality.
 
-        return audio_stream_factories(cfg)
-    if modality == "text":
-        from d2v.data.text import check_tokenizer, load_tokenizer_meta
+    Both shard sets are indexed here, before any engine is built: a pattern that matches
+    nothing, a sidecar that disagrees with its files or a tokenizer the model was not sized for
+    fails the run in its first seconds."""
+    pipeline = PIPELINES[cfg.model.modality]
+    batching = pipeline.batching(cfg)
+    train_index = _index(cfg, cfg.data.train_shards, pipeline)
+    val_index = _index(cfg, cfg.data.val_shards, pipeline) if cfg.data.val_shards else None
+    train_maker = pipeline.maker(cfg, True)
 
-        for pattern in filter(None, (cfg.data.train_shards, cfg.data.val_shards)):
-            check_tokenizer(load_tokenizer_meta(pattern), cfg.model.text)
-        train_decode, val_decode = text_decoder(cfg), text_decoder(cfg)
-    else:
-        train_decode, val_decode = image_decoder(cfg, train=True), image_decoder(cfg, train=False)
+    def make_stream(rank: int, world_size: int) -> LoaderStream:
+        return LoaderStream(TrainLoader(train_index, batching, train_maker, seed=cfg.train.seed, rank=rank,
+                                        world_size=world_size, num_workers=cfg.data.num_workers,
+                                        name=cfg.data.train_shards))
 
-    def make_stream(rank: int, world_size: int) -> FixedBatchStream:
-        return FixedBatchStream(cfg.data.train_shards, train_decode, batch_size=cfg.train.micro_batch_size, rank=rank,
-                                world_size=world_size, seed=cfg.train.seed, num_workers=cfg.data.num_workers,
-                                shuffle_buffer=min(cfg.data.buffer_size, 4096))
+    if val_index is None:
+        return make_stream, None
+    val_maker = pipeline.maker(cfg, False)
 
-    make_val = None
-    if cfg.data.val_shards:
-        def make_val(rank: int, world_size: int):
-            return validation_batches(cfg.data.val_shards, val_decode, batch_size=cfg.train.micro_batch_size,
-                                      rank=rank, world_size=world_size, seed=cfg.train.seed)
+    def make_val(rank: int, world_size: int) -> ValidationLoader:
+        return ValidationLoader(val_index, batching, val_maker, seed=cfg.train.seed, rank=rank,
+                                world_size=world_size, num_workers=0, name=cfg.data.val_shards)
 
     return make_stream, make_val
+

@@ -21,6 +21,7 @@ from d2v.teacher import Teacher
 from d2v import collectives
 from d2v.train import distributed, host_sync
 from d2v.train.ds_checks import check_ds_config
+from d2v.train.guarded_update import GuardedUpdate
 from d2v.train.attention_plan import plan_for_run
 from d2v.train.schedule import lr_factor
 from d2v.train.throughput_log import StepFlops
@@ -137,21 +138,22 @@ class Trainer:
         self.task = Data2VecTask(self.student, self.teacher, cfg, normalizer=collectives.count_normalizer(),
                                  compute_dtype=self.dtype, forward=self.engine)
         self.step = 0  # optimizer updates done
-        self.skipped_steps = 0  # updates skipped for a non-finite loss or gradient
-        self.consecutive_skips = 0
         self.stop_agreed = False  # a rank asked to stop (preemption): agreed in the step's decision
-        self._grad_sum = torch.zeros((), device=self.device)
         self.step_flops = StepFlops(cfg)
         self.optimizer_name = optimizer_description(self.ds_config)
-        for p in self.student.parameters():
-            if p.requires_grad:
-                p.register_hook(self._check_grad)
+        self.update = GuardedUpdate(self.engine, self.student, cfg.train.grad_accum, self.device)
 
-    def _check_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        # Runs in autograd before DeepSpeed's own gradient hooks. A NaN/inf anywhere makes the
-        # running sum non-finite: one reduction per gradient, no host sync until the step.
-        self._grad_sum = self._grad_sum + grad.sum(dtype=torch.float32)
-        return grad
+    @property
+    def skipped_steps(self) -> int:
+        return self.update.skipped_steps
+
+    @property
+    def consecutive_skips(self) -> int:
+        return self.update.consecutive_skips
+
+    @property
+    def consecutive_empty(self) -> int:
+        return self.update.consecutive_empty
 
     def stage(self, batch: Batch) -> Batch:
         """Host work on a micro-batch, then its move to the device: the input checked, the padding
@@ -180,7 +182,7 @@ class Trainer:
         staged = [self.stage(b) for b in micro_batches]
         flops = sum(self.step_flops(b.source) for b in micro_batches)
         positions = sum(b.index.positions for b in staged)
-        self._grad_sum = torch.zeros((), device=self.device)
+        self.update.begin()
         losses = torch.zeros((), device=self.device)
         device_sums: dict[str, torch.Tensor] = {}
         host_sums: dict[str, float] = {}
@@ -197,16 +199,15 @@ class Trainer:
                     host_sums[k] = host_sums.get(k, 0.0) + float(v)
         keys = sorted(device_sums)
         local = torch.stack([losses] + [device_sums[k] for k in keys])
-        # A NaN/inf loss makes the gradients non-finite too; the sum over all of them decides.
-        bad = (~torch.isfinite(self._grad_sum) | ~torch.isfinite(losses)).float().reshape(1)
-        (nonfinite, stop), values = collectives.agree_and_read(
-            torch.cat([bad, collectives.to_group_device([float(stop_requested)], torch.float32, self.device)]),
-            local)
-        self.stop_agreed = stop > 0
-        if nonfinite > 0:
-            return self._skip_update(len(micro_batches), t0, lr)
+        # Filler batches (weight 0) stand in for unreadable data; an update where every rank had
+        # only fillers has nothing to learn from (weight decay and Adam's moments would still move).
+        has_data = any(float(b.extras.get("weight", 1.0)) > 0 for b in micro_batches)
+        decision = self.update.decide(losses, local, stop_requested=stop_requested, has_data=has_data)
+        values = decision.values
+        self.stop_agreed = decision.stop
+        if decision.outcome != "update":
+            return self._skip_update(t0, lr, decision.outcome)
         self.engine.step()
-        self.consecutive_skips = 0
         applied = getattr(self.engine, "was_step_applied", lambda: True)()
         if applied:
             tau = self.teacher.update(self.step)
@@ -225,17 +226,11 @@ class Trainer:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
-    def _skip_update(self, window: int, t0: float, lr: float) -> StepMetrics:
-        """Drops the accumulated gradients of a window that produced a NaN/inf, keeps DeepSpeed's
-        micro-step count aligned with the window, and leaves weights and teacher untouched."""
-        self.engine.zero_grad()
-        done = self.engine.micro_steps % self.cfg.train.grad_accum
-        if done:
-            self.engine.micro_steps += self.cfg.train.grad_accum - done
-        self.skipped_steps += 1
-        self.consecutive_skips += 1  # the step count does not advance: the next batch retries it
+    def _skip_update(self, t0: float, lr: float, reason: str) -> StepMetrics:
+        """A window that produced a NaN/inf (or had no real data on any rank): nothing applied."""
+        self.update.skip()
         values = {"skipped": 1.0, "skipped_steps": float(self.skipped_steps), "lr": lr,
-                  "step_time": time.perf_counter() - t0, "samples": 0.0}
+                  "step_time": time.perf_counter() - t0, "samples": 0.0, "empty": float(reason == "empty")}
         return StepMetrics(self.step, float("nan"), values)
 
     def norms(self) -> tuple[float, float]:

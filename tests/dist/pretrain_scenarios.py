@@ -52,15 +52,24 @@ def main() -> None:
         run.close()
         return {"start": start, "losses": [h["loss"] for h in summary.history], "keys": keys,
                 "target_std": [h["target_std"] for h in summary.history], "checkpoint": summary.checkpoint,
-                "counters": run.stream.counters(), "rank": run.rank, "world_size": run.world_size}
+                "counters": run.stream.counters(), "rank": run.rank, "world_size": run.world_size,
+                "steps_per_epoch": run.stream.loader.steps_per_epoch}
 
     audio = data["audio"]
-    results["full"] = scenario("full", "audio_tiny", audio, [f"train.save_every={half}", f"train.val_every={half}"])
-    results["first_half"] = scenario("resumed", "audio_tiny", audio, [f"train.save_every={half}"], stop=half)
-    results["second_half"] = scenario("resumed", "audio_tiny", audio, [f"train.save_every={half}"], resume="auto")
+    # The resumed runs stop one step past a save and a validation (mid-epoch): the resumed half
+    # must repeat the uninterrupted run's dropout draws and batches exactly from there.
+    every = [f"train.save_every={half}", f"train.val_every={half}"]
+    results["full"] = scenario("full", "audio_tiny", audio, every)
+    results["first_half"] = scenario("resumed", "audio_tiny", audio, every, stop=half + 3)
+    results["second_half"] = scenario("resumed", "audio_tiny", audio, every, resume="auto")
     results["corrupt"] = scenario("corrupt", "audio_tiny", data["audio_corrupt"], ["train.max_steps=30"])
-    results["image"] = scenario("image", "image_tiny", data["image"], [f"train.val_every={args.steps}"])
-    results["text"] = scenario("text", "text_tiny", data["text"], [f"train.val_every={args.steps}"])
+    quarter = [f"train.save_every={args.steps // 4}", f"train.val_every={args.steps // 4}"]
+    for modality, preset in (("image", "image_tiny"), ("text", "text_tiny")):
+        results[modality] = scenario(modality, preset, data[modality], quarter)
+        results[f"{modality}_first"] = scenario(f"{modality}_resumed", preset, data[modality], quarter,
+                                                stop=args.steps // 4 + 3)
+        results[f"{modality}_second"] = scenario(f"{modality}_resumed", preset, data[modality], quarter,
+                                                 resume="auto")
     rank = results["full"]["rank"]
     from d2v.train.distributed import shm_buffer_path
 

@@ -1,0 +1,174 @@
+"""The update loop every job runs: pretraining (d2v.train.run) and fine-tuning (d2v.finetune.runner).
+
+One loop, so that both get the same guarantees (docs/method.md §6): a preemption request rides on
+the step's one synchronisation and ends in a checkpoint and exit 75 on every rank; NaN/inf windows
+are skipped on every rank and too many in a row stop the run with a checkpoint of the last good
+state; a run with no readable data stops with an error; checkpoints are atomic and a resume never
+replaces later results; logged metrics are means over ranks, counters sums over ranks.
+
+A job supplies the pieces that differ: `stepper` (train_step over micro-batches, step counts),
+`stream` (micro-batches with a resumable position), `log_values` (what a log line adds),
+`validate`, `guard`, and the run state its checkpoints carry.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from d2v import collectives
+from d2v.train import host_sync
+from d2v.train.checkpoint import Checkpointer
+
+
+class NonFiniteError(RuntimeError):
+    """Too many updates in a row were skipped for NaN/inf; a checkpoint of the last good state exists."""
+
+
+class NoDataError(RuntimeError):
+    """Updates in a row where every rank's batches were fillers: the data cannot be read."""
+
+
+EXIT_NONFINITE = 3
+EXIT_NO_DATA = 4
+
+
+@dataclass
+class RunSummary:
+    steps: int
+    preempted: bool
+    skipped_steps: int
+    first_loss: float | None
+    last_loss: float | None
+    out_dir: str
+    checkpoint: str | None
+    history: list[dict[str, Any]]
+
+
+def plan_resume(checkpointer: Checkpointer, resume: str, name: str, out_dir: str) -> tuple[str | None, dict | None]:
+    """(tag, its run state) to resume from, or (None, None) for a fresh run; everything checked
+    before any engine exists. Refuses what would replace results: a fresh run where checkpoints
+    already are, and a resume from a tag older than the latest (it says how to branch instead)."""
+    latest = checkpointer.latest_tag()
+    where = checkpointer.root
+    if resume == "none":
+        if latest is not None:
+            raise FileExistsError(f"{where} already holds checkpoints (latest: {latest}): a fresh run there would "
+                                  f"replace them. Continue it with --resume auto, or give this run a new --out")
+        return None, None
+    tag = latest if resume == "auto" else resume
+    if tag is None:
+        return None, None  # nothing saved yet: start from scratch
+    later = [t for t in checkpointer.complete_tags() if re.fullmatch(r"step_\d+", t) and t > tag]
+    if resume != "auto" and later:
+        raise FileExistsError(
+            f"checkpoint {tag} is older than {later[-1]} in {where}: continuing from it here would replace the "
+            f"later results. To branch from {tag}, copy it into a new run directory and resume there: "
+            f"mkdir -p NEW/checkpoints && cp -r {os.path.join(where, tag)} NEW/checkpoints/ and then "
+            f"--out NEW --resume {tag}")
+    state = checkpointer.run_state(tag)
+    if state.get("preset") != name:
+        raise ValueError(f"checkpoint {tag} in {out_dir} was written by preset {state.get('preset')!r}, "
+                         f"this run is {name!r}: use another --out or the same preset")
+    return tag, state
+
+
+class UpdateLoop:
+    """Mixed into a job that has: cfg (cfg.train), stepper, stream, sink, preemption, world_size,
+    console, last_checkpoint, save(), validate(), and the hooks below."""
+
+    val_every = 0  # updates between validations (0: none in the loop)
+    validate_at_end = True  # also at the last step when val_every divides it (False: the job does its own)
+    window_keys: tuple[str, ...] = ()  # StepMetrics values averaged over a log window
+    rate_keys: tuple[str, ...] = ("samples",)  # StepMetrics values summed over a window, then over ranks
+
+    def log_values(self, step: int, m, totals: dict[str, float], elapsed: float) -> dict[str, float]:
+        """What a log line adds to the window means and counters (all ranks call this)."""
+        return {"lr": m.values["lr"]}
+
+    def guard(self, step: int, values: dict[str, float]) -> None:
+        """Raise to stop the run on a logged value (collapse checks)."""
+
+    def train(self, max_steps: int | None = None) -> RunSummary:
+        cfg, stepper = self.cfg, self.stepper
+        stop = cfg.train.max_steps if max_steps is None else max_steps
+        history: list[dict[str, Any]] = []
+        self.logged: list[dict[str, float]] = []
+        window: dict[str, float] = {}
+        window_steps, t_window = 0, time.perf_counter()
+        rates = dict.fromkeys(self.rate_keys, 0.0)  # summed over the window, then over ranks
+        while stepper.step < stop:
+            with host_sync.host_work():  # the data stream works on host memory only
+                micro = [self.stream.next_batch() for _ in range(cfg.train.grad_accum)]
+            # The stop request rides on the step's one synchronisation: every rank learns it there.
+            m = stepper.train_step(micro, stop_requested=self.preemption.requested)
+            step = stepper.step
+            history.append({"step": step, "loss": m.loss, **m.values})
+            if stepper.stop_agreed:
+                self.sink.message(f"step {step}: {self.preemption.signal_name or 'a signal on another rank'}"
+                                  f" -> checkpoint and exit for requeue")
+                self.save()
+                return self._summary(history, preempted=True)
+            if m.values.get("skipped"):
+                self._skipped(step, m)
+                continue
+            for k in self.window_keys:
+                window[k] = window.get(k, 0.0) + m.values[k]
+            window["loss"] = window.get("loss", 0.0) + m.loss
+            window_steps += 1
+            for k in rates:
+                rates[k] += m.values[k]
+            self.sink.progress(step)
+            if step % cfg.train.log_every == 0 or step == stop:
+                self._log_window(step, m, {k: v / window_steps for k, v in window.items()}, rates,
+                                 time.perf_counter() - t_window)
+                window, window_steps, t_window = {}, 0, time.perf_counter()
+                rates = dict.fromkeys(rates, 0.0)
+            if self.val_every and step % self.val_every == 0 and (self.validate_at_end or step != stop):
+                val = self.validate()
+                if val is not None:
+                    self.sink.log(step, val, prefix="valid", console=self.console)
+            if cfg.train.save_every and step % cfg.train.save_every == 0 and step != stop:
+                self.save()
+        if self.last_checkpoint != f"step_{stepper.step:08d}":
+            self.save()
+        return self._summary(history, preempted=False)
+
+    def _skipped(self, step: int, m) -> None:
+        cfg, stepper = self.cfg, self.stepper
+        self.sink.log(step, {"skipped_steps": m.values["skipped_steps"], "empty": m.values["empty"]},
+                      prefix="skip", console=self.console)
+        if stepper.consecutive_empty >= cfg.train.max_consecutive_skips:
+            counters = {k: int(v) for k, v in self.stream.counters().items() if v}
+            raise NoDataError(
+                f"{stepper.consecutive_empty} updates in a row (to step {step}) had no readable sample on any "
+                f"rank, only filler batches ({counters}): the training data cannot be read; check it (the log "
+                f"names each damaged shard) or re-run prepare")
+        if stepper.consecutive_skips >= cfg.train.max_consecutive_skips:
+            tag = self.save()
+            raise NonFiniteError(
+                f"{stepper.consecutive_skips} updates in a row had a NaN/inf loss or gradient (at step {step}); "
+                f"stopped with checkpoint {tag} of the last good state: lower optim.lr, check the data, "
+                f"or raise train.max_consecutive_skips")
+
+    def _log_window(self, step: int, m, values: dict[str, float], rates: dict[str, float], elapsed: float) -> None:
+        counters = {k: float(v) for k, v in self.stream.counters().items()}
+        # One collective for the window: means of the metrics, sums of samples and counters.
+        keys, rkeys, ckeys = sorted(values), sorted(rates), sorted(counters)
+        summed = collectives.all_reduce_values([values[k] for k in keys] + [rates[k] for k in rkeys] +
+                                               [counters[k] for k in ckeys])
+        values = {k: v / self.world_size for k, v in zip(keys, summed)}
+        totals = dict(zip(rkeys, summed[len(keys):len(keys) + len(rkeys)]))
+        counters = dict(zip(ckeys, summed[len(keys) + len(rkeys):]))
+        counters["skipped_steps"] = float(self.stepper.skipped_steps)
+        values.update(**self.log_values(step, m, totals, elapsed), **counters)
+        self.sink.log(step, values, console=self.console)
+        self.logged.append({"step": step, **values})
+        self.guard(step, values)
+
+    def _summary(self, history: list[dict[str, Any]], *, preempted: bool) -> RunSummary:
+        losses = [h["loss"] for h in history if not h.get("skipped")]
+        return RunSummary(self.stepper.step, preempted, self.stepper.skipped_steps, losses[0] if losses else None,
+                          losses[-1] if losses else None, self.out_dir, self.last_checkpoint, history)
