@@ -44,7 +44,7 @@ demo: venv demo-data
 		--ds_config ds_configs/cpu.json --preset $(PRESET) \
 		--data "$$($(PY) -c 'import json,sys; print(json.load(open(sys.argv[1]))["train"])' $(DEMO_DATA)/$(MODALITY)/patterns.json)" \
 		--val-data "$$($(PY) -c 'import json,sys; print(json.load(open(sys.argv[1]))["valid"])' $(DEMO_DATA)/$(MODALITY)/patterns.json)" \
-		--out runs/demo-$(PRESET:_tiny=) train.max_steps=$(DEMO_STEPS) train.val_every=100 train.log_every=25
+		--out runs/demo-$(PRESET:_tiny=) --resume auto train.max_steps=$(DEMO_STEPS) train.val_every=100 train.log_every=25
 
 clean-venv:
 	rm -rf $(VENV)

@@ -37,12 +37,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-data", default=None, help="held-out data in the same form")
     ap.add_argument("--tokenizer", default=None, help="text_cls: tokenizer file (default: the pretraining one)")
     ap.add_argument("--out", default=None, help="run directory (default runs/finetune-TASK)")
+    ap.add_argument("--resume", default="none", help="auto | none | a checkpoint tag (step_00001000)")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from d2v.train.preemption import exit_on_signal_during_startup
+
+    exit_on_signal_during_startup()
     args = parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
@@ -58,9 +62,23 @@ def main(argv: list[str] | None = None) -> int:
         if value:
             overrides.append(f"{key}={value}")
     cfg, _ = resolve_finetune(args.task, init=args.init, preset=args.preset, overrides=overrides + args.overrides)
-    run = FinetuneRun(cfg, load_template(args.ds_config), random_init=args.random_init or not args.init)
-    result = run.train()
-    run.close()  # not on an error: the launcher then stops the other ranks, a barrier would wait for them
+    from d2v.train.loop import EXIT_NONFINITE, NonFiniteError
+    from d2v.train.preemption import EXIT_PREEMPTED
+
+    run = FinetuneRun(cfg, load_template(args.ds_config), random_init=args.random_init or not args.init,
+                      resume=args.resume)
+    try:
+        result = run.train()
+    except NonFiniteError as e:  # every rank stops here together (the decision is agreed)
+        print(f"rank {run.rank}: {e}", file=sys.stderr)
+        run.close()
+        return EXIT_NONFINITE
+    run.close()  # not on other errors: the launcher then stops the other ranks, a barrier would wait for them
+    if result["preempted"]:
+        if run.rank == 0:
+            print(f"preempted at step {result['steps']}: checkpoint {result['checkpoint']}; "
+                  f"exit {EXIT_PREEMPTED} (resume with --resume auto)")
+        return EXIT_PREEMPTED
     if run.rank == 0:
         print(f"done: {result['steps']} steps; loss {result['first_loss']:.4f} -> {result['last_loss']:.4f}; "
               f"eval {result['metrics']}; checkpoint {result['checkpoint']}")

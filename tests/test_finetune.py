@@ -261,6 +261,48 @@ def test_full_run_evaluates_and_checkpoints(task_data, tmp_path):
     assert os.path.isdir(os.path.join(result["checkpoint"]))
 
 
+def _losses(run):
+    return [json.loads(line)["loss"] for line in open(os.path.join(run.out_dir, "metrics.jsonl"))
+            if '"split": "train"' in line]
+
+
+def test_fine_tuning_runs_on_the_pretraining_loop_resume_preemption_and_nan_skips(task_data, tmp_path):
+    """Fine-tuning gets what pretraining has: a resume inside an epoch repeats the uninterrupted
+    run exactly (dropout on), a preemption request ends in a checkpoint, a NaN window is skipped
+    on every rank without touching the weights, and a fresh run will not replace checkpoints."""
+    extra = ["train.max_steps=10", "train.log_every=1", "train.save_every=3", "finetune.head_dropout=0.2",
+             "model.dropout=0.1", "train.micro_batch_size=2"]
+    full = _run("text_cls", task_data, str(tmp_path / "full"), *extra)
+    full.train()
+    first = _run("text_cls", task_data, str(tmp_path / "resumed"), *extra)
+    assert first.stream.steps_per_epoch == 4  # 8 examples / 2: step 5 is inside an epoch
+    first.train(max_steps=5)
+    with pytest.raises(FileExistsError, match="--resume auto"):
+        _run("text_cls", task_data, str(tmp_path / "resumed"), *extra)
+    from d2v.config import load_template
+    from d2v.finetune.runner import FinetuneRun
+
+    second = FinetuneRun(first.cfg, load_template(os.path.join(ROOT, "ds_configs", "cpu.json")), random_init=True,
+                         resume="auto")
+    assert second.step == 5
+    result = second.train()
+    assert _losses(full) == _losses(second) and result["steps"] == 10  # rows 1-5 then 6-10 in the same file
+    assert open(tmp_path / "resumed" / "checkpoints" / "latest").read().strip() == "step_00000010"
+
+    run = _run("text_cls", task_data, str(tmp_path / "nan"), "train.max_steps=4")
+    weights = [p.detach().clone() for p in run.model.parameters()]
+    real = run.task.loss
+    run.task.loss = lambda out, batch: real(out, batch) * float("nan")
+    assert np.isnan(run.train_step([0, 1, 2, 3]))
+    assert run.step == 0 and run.stepper.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(weights, run.model.parameters()))
+    run.task.loss = real
+    run.preemption.requested = True  # as the signal handler leaves it
+    result = run.train()
+    assert result["preempted"] and result["steps"] == 1
+    assert open(tmp_path / "nan" / "checkpoints" / "latest").read().strip() == "step_00000001"
+
+
 def test_two_rank_launch_of_the_launcher(task_data, tmp_path):
     from launch import free_port as _port
 

@@ -64,6 +64,7 @@ def finetune(task: str, init: str, data: dict[str, str], out: str, *, random_ini
     cmd = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(_port()),
            os.path.join(ROOT, "launchers", "finetune.py"), "--ds_config", os.path.join(ROOT, "ds_configs", "cpu.json"),
            "--task", task, "--init", init, "--train-data", data["train"], "--eval-data", data["eval"], "--out", out,
+           "--resume", "auto",  # a run an earlier `make eval` finished or was interrupted in is continued
            *(["--random-init"] if random_init else []), *overrides]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT}
     os.makedirs(out, exist_ok=True)

@@ -1,6 +1,8 @@
-"""The fine-tuning loop on a DeepSpeed engine (1 or more ranks; ZeRO 0-2): data-parallel batches
-from an in-memory task, optional head-only warm-up, evaluation sharded over ranks with summed
-counts, a DeepSpeed checkpoint at the end plus `finetune.json` (config, labels, results).
+"""Fine-tuning on a DeepSpeed engine (1 or more ranks; ZeRO 0-2), run by the same update loop as
+pretraining (d2v.train.loop): NaN/inf windows skipped on every rank, preemption to a checkpoint
+and exit 75, atomic checkpoints with `--resume auto`, the same metrics sink. What is particular to
+fine-tuning: data-parallel batches from an in-memory task, an optional head-only warm-up,
+evaluation sharded over ranks with summed counts, and `finetune.json` (config, labels, results).
 """
 from __future__ import annotations
 
@@ -12,14 +14,18 @@ from typing import Any
 import torch
 
 from d2v import collectives
-
 from d2v.config import fill_ds_config, to_dict
 from d2v.finetune.config import FinetuneConfig
 from d2v.finetune.model import FinetuneModel, freeze_feature_encoder, load_backbone
 from d2v.finetune.tasks import FtBatch, build_task
 from d2v.train import distributed
+from d2v.train.checkpoint import Checkpointer, atomic_write_text
+from d2v.train.guarded_update import GuardedUpdate
+from d2v.train.loop import UpdateLoop, plan_resume
+from d2v.train.metrics import MetricsSink
+from d2v.train.preemption import PreemptionFlag
 from d2v.train.schedule import lr_factor
-from d2v.train.trainer import DTYPES, param_groups
+from d2v.train.trainer import DTYPES, StepMetrics, param_groups
 
 
 def rank_batches(n: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -34,20 +40,121 @@ def rank_batches(n: int, batch_size: int, rank: int, world_size: int, seed: int,
     return [order[b * glob + rank * batch_size: b * glob + (rank + 1) * batch_size] for b in range(n // glob)]
 
 
-def _sum(values: dict[str, float], world_size: int) -> dict[str, float]:
+def _sum(values: dict[str, float]) -> dict[str, float]:
     keys = sorted(values)
     return dict(zip(keys, collectives.all_reduce_values([values[k] for k in keys])))
 
 
-class FinetuneRun:
-    def __init__(self, cfg: FinetuneConfig, ds_template: dict[str, Any], *, random_init: bool = False) -> None:
+class TaskStream:
+    """This rank's index lists, epoch after epoch (rank_batches), with a resumable position."""
+
+    def __init__(self, size: int, batch_size: int, rank: int, world_size: int, seed: int) -> None:
+        self.size, self.batch_size, self.rank, self.world_size, self.seed = size, batch_size, rank, world_size, seed
+        self.epoch, self.consumed = 0, 0
+        self._batches = self._epoch_batches()
+
+    def _epoch_batches(self) -> list[list[int]]:
+        return rank_batches(self.size, self.batch_size, self.rank, self.world_size, self.seed, self.epoch)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self._batches)
+
+    def next_batch(self) -> list[int]:
+        if self.consumed >= len(self._batches):
+            self.epoch, self.consumed = self.epoch + 1, 0
+            self._batches = self._epoch_batches()
+        self.consumed += 1
+        return self._batches[self.consumed - 1]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        self._batches = self._epoch_batches()
+
+    def restart_epoch(self, epoch: int) -> None:
+        self.load_state_dict({"epoch": epoch, "consumed": 0})
+
+    def counters(self) -> dict[str, int]:
+        return {}
+
+
+class FinetuneStepper:
+    """One guarded update over micro-batches of task indices."""
+
+    def __init__(self, engine, scheduler, task, cfg: FinetuneConfig, device: torch.device) -> None:
+        self.engine, self.scheduler, self.task, self.cfg, self.device = engine, scheduler, task, cfg, device
+        self.model: FinetuneModel = engine.module
+        self.dtype = DTYPES[cfg.train.precision]
+        self.step = 0
+        self.stop_agreed = False
+        self.update = GuardedUpdate(engine, self.model, cfg.train.grad_accum, device)
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.update.skipped_steps
+
+    @property
+    def consecutive_skips(self) -> int:
+        return self.update.consecutive_skips
+
+    @property
+    def consecutive_empty(self) -> int:
+        return self.update.consecutive_empty
+
+    def forward(self, batch: FtBatch):
+        source = batch.source.to(self.device)
+        if source.is_floating_point():
+            source = source.to(self.dtype)
+        lengths = batch.source_lengths.to(self.device) if batch.source_lengths is not None else None
+        return self.engine(source, lengths)
+
+    def train_step(self, micro: list[list[int]], *, stop_requested: bool = False) -> StepMetrics:
+        t0 = time.perf_counter()
+        self.model.train()
+        self.model.freeze_backbone = self.step < self.cfg.finetune.freeze_encoder_steps
+        lr = float(self.scheduler.get_last_lr()[0])
+        self.update.begin()
+        losses = torch.zeros((), device=self.device)
+        for i, indices in enumerate(micro):
+            batch = self.task.batch("train", indices)
+            loss = self.task.loss(self.forward(batch), batch)
+            self.engine.backward(loss)
+            if i + 1 < len(micro):
+                self.engine.step()  # inside the accumulation window: DeepSpeed only counts it
+            losses = losses + loss.detach().float()
+        decision = self.update.decide(losses, losses.reshape(1), stop_requested=stop_requested)
+        self.stop_agreed = decision.stop
+        if decision.outcome != "update":
+            self.update.skip()
+            return StepMetrics(self.step, float("nan"), {"skipped": 1.0, "skipped_steps": float(self.skipped_steps),
+                                                          "empty": 0.0, "lr": lr, "samples": 0.0})
+        self.engine.step()
+        self.step += 1
+        return StepMetrics(self.step, decision.values[0] / len(micro),
+                           {"lr": lr, "samples": float(sum(len(i) for i in micro)),
+                            "step_time": time.perf_counter() - t0})
+
+
+class FinetuneRun(UpdateLoop):
+    validate_at_end = False  # train() evaluates once after the last update
+
+    def __init__(self, cfg: FinetuneConfig, ds_template: dict[str, Any], *, random_init: bool = False,
+                 resume: str = "none", console: bool = True) -> None:
         import deepspeed
 
         self.cfg = cfg
         self.random_init = random_init
+        self.console = console
         self.rank, self.world_size = distributed.init_distributed()
         self.device = distributed.device()
+        self.out_dir = cfg.train.out_dir
         distributed.set_cpu_threads(cfg.train.threads)
+        self.checkpointer = Checkpointer(os.path.join(self.out_dir, "checkpoints"), rank=self.rank,
+                                         world_size=self.world_size, keep_last=cfg.train.keep_last)
+        self.resume_tag, _ = plan_resume(self.checkpointer, resume, cfg.name, self.out_dir)
         self.task = build_task(cfg)
         backbone = load_backbone(cfg.init, cfg.model, random_init=random_init, seed=cfg.train.seed)
         torch.manual_seed(cfg.train.seed + 1)  # the head's init does not depend on how the backbone was made
@@ -67,41 +174,51 @@ class FinetuneRun:
             config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
         self.model: FinetuneModel = self.engine.module
-        self.dtype = DTYPES[cfg.train.precision]
-        self.step = 0
-        self.log_path = os.path.join(cfg.train.out_dir, "metrics.jsonl")
+        self.stepper = FinetuneStepper(self.engine, self.scheduler, self.task, cfg, self.device)
+        self.stream = TaskStream(self.task.size("train"), cfg.train.micro_batch_size, self.rank, self.world_size,
+                                 cfg.train.seed)
+        self.val_every = cfg.finetune.eval_every
+        self.last_checkpoint: str | None = None
+        self.preemption = PreemptionFlag(self.world_size).install()
+        if self.resume_tag is not None:
+            run_state, side = self.checkpointer.load(self.engine, None, self.resume_tag)
+            self.stepper.step = int(run_state["step"])
+            if side is not None:
+                self.stream.load_state_dict(side["data"])
+            else:  # another world size: the recorded epoch restarts
+                self.stream.restart_epoch(int(run_state.get("epoch", 0)))
+            self.last_checkpoint = self.resume_tag
+        self.sink = MetricsSink(self.out_dir, rank=self.rank, max_steps=cfg.train.max_steps, wandb_mode=cfg.train.wandb,
+                                run_config=to_dict(cfg), start_step=self.stepper.step)
         if self.rank == 0:
-            os.makedirs(cfg.train.out_dir, exist_ok=True)
-            open(self.log_path, "w").close()
-            with open(os.path.join(cfg.train.out_dir, "config.json"), "w") as f:
-                json.dump(to_dict(cfg), f, indent=2)
+            os.makedirs(self.out_dir, exist_ok=True)
+            atomic_write_text(os.path.join(self.out_dir, "config.json"), json.dumps(to_dict(cfg), indent=2))
 
-    def _forward(self, batch: FtBatch):
-        source = batch.source.to(self.device)
-        if source.is_floating_point():
-            source = source.to(self.dtype)
-        lengths = batch.source_lengths.to(self.device) if batch.source_lengths is not None else None
-        return self.engine(source, lengths)
-
-    def _log(self, record: dict[str, Any]) -> None:
-        if self.rank != 0:
-            return
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
-              flush=True)
+    @property
+    def step(self) -> int:
+        return self.stepper.step
 
     def train_step(self, indices: list[int]) -> float:
-        self.model.train()
-        self.model.freeze_backbone = self.step < self.cfg.finetune.freeze_encoder_steps
-        batch = self.task.batch("train", indices)
-        loss = self.task.loss(self._forward(batch), batch)
-        if not torch.isfinite(loss.detach()):
-            raise FloatingPointError(f"step {self.step}: loss is {float(loss)}; lower optim.lr")
-        self.engine.backward(loss)
-        self.engine.step()
-        self.step += 1
-        return float(loss.detach())
+        """One update on one micro-batch of training indices (train.grad_accum must be 1)."""
+        return self.stepper.train_step([indices]).loss
+
+    # -- what the loop asks of this job ------------------------------------------------------------
+    def log_values(self, step: int, m, totals: dict[str, float], elapsed: float) -> dict[str, float]:
+        return {"lr": m.values["lr"], "epoch": float(self.stream.epoch),
+                "samples_per_s": totals["samples"] / max(elapsed, 1e-9)}
+
+    def validate(self) -> dict[str, float]:
+        return self.evaluate()
+
+    def save(self) -> str:
+        """An atomic checkpoint of the fine-tuned model (all ranks take part)."""
+        data = self.stream.state_dict()
+        tag = self.checkpointer.save(self.engine, None, self.stepper.step,
+                                     run_state={"preset": self.cfg.name, "task": self.cfg.task,
+                                                "labels": self.task.labels, "epoch": data["epoch"]},
+                                     rank_state={"data": data})
+        self.last_checkpoint = tag
+        return tag
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -113,56 +230,36 @@ class FinetuneRun:
         sums = {k: 0.0 for k in self.task.score_keys}
         for start in range(0, len(mine), bs):
             batch = self.task.batch("eval", mine[start:start + bs])
-            for k, v in self.task.score(self._forward(batch), batch).items():
+            for k, v in self.task.score(self.stepper.forward(batch), batch).items():
                 sums[k] += v
-        return self.task.summarize(_sum(sums, self.world_size))
+        return self.task.summarize(_sum(sums))
 
-    def train(self) -> dict[str, Any]:
+    def train(self, max_steps: int | None = None) -> dict[str, Any]:
         cfg = self.cfg
-        steps_per_epoch = len(rank_batches(self.task.size("train"), cfg.train.micro_batch_size, self.rank,
-                                           self.world_size, cfg.train.seed, 0))
-        t0, window, first = time.perf_counter(), [], None
-        while self.step < cfg.train.max_steps:
-            epoch = self.step // steps_per_epoch
-            batches = rank_batches(self.task.size("train"), cfg.train.micro_batch_size, self.rank,
-                                   self.world_size, cfg.train.seed, epoch)
-            for indices in batches[self.step - epoch * steps_per_epoch:]:
-                lr = float(self.scheduler.get_last_lr()[0])
-                window.append(self.train_step(indices))
-                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
-                    loss = _sum({"loss": sum(window) / len(window)}, self.world_size)["loss"] / self.world_size
-                    first = loss if first is None else first
-                    self._log({"step": self.step, "loss": loss, "lr": lr, "epoch": epoch,
-                               "elapsed_s": round(time.perf_counter() - t0, 1)})
-                    window = []
-                if cfg.finetune.eval_every and self.step % cfg.finetune.eval_every == 0 \
-                        and self.step != cfg.train.max_steps:
-                    self._log({"step": self.step, **{f"eval_{k}": v for k, v in self.evaluate().items()}})
-                if self.step >= cfg.train.max_steps:
-                    break
-        metrics = self.evaluate()
-        self._log({"step": self.step, **{f"eval_{k}": v for k, v in metrics.items()}})
-        checkpoint = self.save()
+        t0 = time.perf_counter()
+        summary = UpdateLoop.train(self, max_steps)
+        logged = [r["loss"] for r in self.logged]
+        metrics = {} if summary.preempted else self.evaluate()
+        if metrics:
+            self.sink.log(self.step, metrics, prefix="eval", console=self.console)
         result = {"task": cfg.task, "init": cfg.init, "random_init": self.random_init, "steps": self.step,
                   "train_examples": self.task.size("train"), "eval_examples": self.task.size("eval"),
-                  "first_loss": first, "last_loss": loss, "metrics": metrics,
-                  "train_seconds": round(time.perf_counter() - t0, 1), "checkpoint": checkpoint}
-        if self.rank == 0:
-            with open(os.path.join(cfg.train.out_dir, "finetune.json"), "w") as f:
-                json.dump({"result": result, "labels": self.task.labels, "config": to_dict(cfg)}, f, indent=2)
+                  "first_loss": logged[0] if logged else None, "last_loss": logged[-1] if logged else None,
+                  "metrics": metrics, "skipped_steps": summary.skipped_steps, "preempted": summary.preempted,
+                  "train_seconds": round(time.perf_counter() - t0, 1),
+                  "checkpoint": os.path.join(self.checkpointer.root, summary.checkpoint)}
+        if self.rank == 0 and not summary.preempted:
+            atomic_write_text(os.path.join(cfg.train.out_dir, "finetune.json"),
+                              json.dumps({"result": result, "labels": self.task.labels, "config": to_dict(cfg)},
+                                         indent=2))
         return result
 
     def close(self) -> None:
         """Ranks leave the process group together: one exiting while another still tears down its
         communication threads aborted that one at interpreter exit (seen once in ~10 launches)."""
+        self.preemption.uninstall()
+        self.sink.close()
         distributed.shutdown()
 
-    def save(self) -> str:
-        """A DeepSpeed checkpoint of the fine-tuned model (all ranks take part)."""
-        root = os.path.join(self.cfg.train.out_dir, "checkpoints")
-        tag = f"step_{self.step:08d}"
-        self.engine.save_checkpoint(root, tag=tag, client_state={"task": self.cfg.task, "labels": self.task.labels})
-        return os.path.join(root, tag)
 
-
-__all__ = ["FinetuneRun", "rank_batches"]
+__all__ = ["FinetuneRun", "TaskStream", "rank_batches"]

@@ -155,10 +155,11 @@ class Checkpointer:
         os.makedirs(partial, exist_ok=True)
         self._stage("rank_state")
         atomic_torch_save({"rng": rng_state(), **rank_state}, os.path.join(partial, f"rank_{self.rank:05d}.pt"))
-        teacher_state = teacher.export_state()  # collective under ZeRO-3
+        teacher_state = teacher.export_state() if teacher is not None else None  # collective under ZeRO-3
         self._stage("teacher")
         if self.rank == 0:
-            atomic_torch_save(teacher_state, os.path.join(partial, "teacher.pt"))
+            if teacher_state is not None:  # fine-tuning has no teacher
+                atomic_torch_save(teacher_state, os.path.join(partial, "teacher.pt"))
             self._stage("run_state")
             state = {"step": step, "world_size": self.world_size, **run_state}
             atomic_write_text(os.path.join(partial, "d2v_state.json"), json.dumps(state, indent=2))
@@ -228,7 +229,8 @@ class Checkpointer:
                                          load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {tag_dir}")
-        teacher.load_state(safe_load.load(os.path.join(tag_dir, "teacher.pt")))
+        if teacher is not None:
+            teacher.load_state(safe_load.load(os.path.join(tag_dir, "teacher.pt")))
         side = None
         if run_state["world_size"] == self.world_size:
             side = safe_load.load(os.path.join(tag_dir, f"rank_{self.rank:05d}.pt"))
