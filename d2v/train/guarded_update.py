@@ -1,7 +1,7 @@
 """The guarded optimizer update every job makes (pretraining and fine-tuning alike).
 
 After the micro-batches' backward passes, the host waits for the device once, for one decision
-that every rank agrees on (docs/method.md §6): is the loss and every gradient finite, did any rank
+that every rank agrees on (docs/method.md §4, "One update loop"): is the loss and every gradient finite, did any rank
 have real data (filler batches stand in for unreadable samples), was any rank asked to stop. A
 non-finite or data-less window is skipped on every rank: gradients dropped, weights untouched,
 DeepSpeed's micro-step count kept aligned with the window.

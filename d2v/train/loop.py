@@ -1,6 +1,6 @@
 """The update loop every job runs: pretraining (d2v.train.run) and fine-tuning (d2v.finetune.runner).
 
-One loop, so that both get the same guarantees (docs/method.md §6): a preemption request rides on
+One loop, so that both get the same guarantees (docs/method.md §4, "One update loop"): a preemption request rides on
 the step's one synchronisation and ends in a checkpoint and exit 75 on every rank; NaN/inf windows
 are skipped on every rank and too many in a row stop the run with a checkpoint of the last good
 state; a run with no readable data stops with an error; checkpoints are atomic and a resume never
