@@ -61,12 +61,21 @@ def main(argv: list[str] | None = None) -> int:
                        ("finetune.tokenizer", args.tokenizer), ("train.out_dir", args.out)):
         if value:
             overrides.append(f"{key}={value}")
-    cfg, _ = resolve_finetune(args.task, init=args.init, preset=args.preset, overrides=overrides + args.overrides)
+    from d2v.train.launch import STARTUP_ERRORS, report_startup_error
+
+    try:
+        cfg, _ = resolve_finetune(args.task, init=args.init, preset=args.preset,
+                                  overrides=overrides + args.overrides)
+    except STARTUP_ERRORS as err:
+        return report_startup_error(err)
     from d2v.train.loop import EXIT_NONFINITE, NonFiniteError
     from d2v.train.preemption import EXIT_PREEMPTED
 
-    run = FinetuneRun(cfg, load_template(args.ds_config), random_init=args.random_init or not args.init,
-                      resume=args.resume)
+    try:
+        run = FinetuneRun(cfg, load_template(args.ds_config), random_init=args.random_init or not args.init,
+                          resume=args.resume)
+    except STARTUP_ERRORS as err:
+        return report_startup_error(err)
     try:
         result = run.train()
     except NonFiniteError as e:  # every rank stops here together (the decision is agreed)

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     from d2v.config import load_template, resolve
-    from d2v.train.launch import build_run
+    from d2v.train.launch import STARTUP_ERRORS, build_run, report_startup_error
 
     overrides = list(args.overrides)
     if args.data:
@@ -59,13 +59,15 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.out_dir={args.out}")
     if args.peak_tflops is not None:
         overrides.append(f"train.peak_tflops={args.peak_tflops}")
-    cfg = resolve(args.preset, args.config, overrides)
-    from d2v.train.preemption import EXIT_PREEMPTED
-    from d2v.train.loop import EXIT_NO_DATA, EXIT_NONFINITE, NoDataError, NonFiniteError
-
     from d2v.train.distributed import shutdown
+    from d2v.train.loop import EXIT_NO_DATA, EXIT_NONFINITE, NoDataError, NonFiniteError
+    from d2v.train.preemption import EXIT_PREEMPTED
 
-    run = build_run(cfg, load_template(args.ds_config), resume=args.resume, init_from=args.init_from)
+    try:
+        cfg = resolve(args.preset, args.config, overrides)
+        run = build_run(cfg, load_template(args.ds_config), resume=args.resume, init_from=args.init_from)
+    except STARTUP_ERRORS as err:  # every rank finds the same problem: each says it and leaves
+        return report_startup_error(err)
     try:
         summary = run.train()
     except NonFiniteError as e:  # every rank stops here together (the skip count is all-reduced)

@@ -203,3 +203,17 @@ def test_prepare_text_refuses_stale_shards_and_cleans_them_on_request(tmp_path):
     listed = json.load(open(out / "lengths.json"))["shards"]
     assert sorted(p.name for p in out.glob("*.tar")) == sorted(listed)
     assert sum(len(v) for k, v in listed.items() if k.startswith("train")) == meta["blocks"]["train"]
+
+
+def test_reading_a_whole_held_out_set_refuses_a_damaged_shard(tmp_path):
+    from d2v.data.shards import expand_pattern, iter_samples
+
+    _image_tree(tmp_path / "tree", corrupt=False)
+    report = prepare_image(str(tmp_path / "tree"), str(tmp_path / "shards"), samples_per_shard=4, val_fraction=0.2)
+    path = expand_pattern(report["patterns"]["train"])[0]
+    assert [k for k, _ in iter_samples(path)] == [k for k, _ in json.load(open(tmp_path / "shards" / "lengths.json"))
+                                                  ["shards"][os.path.basename(path)]]
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: 512 + len(data) // 3])  # cut inside a member's data
+    with pytest.raises(ValueError, match=f"shard {path} is damaged after sample"):
+        list(iter_samples(path))

@@ -297,3 +297,14 @@ def test_a_signal_during_start_up_exits_75(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-2000:]
     assert "SIGTERM during start-up" in err
+
+
+def test_a_start_up_error_is_one_message_and_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "pretrain.py"), "--ds_config",
+                           os.path.join(ROOT, "ds_configs", "cpu.json"), "--preset", "image_tiny", "--data",
+                           str(tmp_path / "train-{000000..000003}.tar"), "--out", str(tmp_path / "run")],
+                          cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: shard pattern" in proc.stderr and "matches no existing shard" in proc.stderr
+    assert "Traceback" not in proc.stderr and not os.path.exists(tmp_path / "run" / "metrics.jsonl")

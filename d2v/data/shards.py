@@ -131,16 +131,20 @@ def iter_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Every sample of one shard in order, as (key, {extension: bytes}); raises on a damaged shard
     (for tools that read a whole held-out set and must not silently evaluate part of it)."""
     current_key, fields = None, {}
-    with tarfile.open(path, mode="r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.rpartition("/")[2].partition(".")
-            if current_key is not None and key != current_key:
-                yield current_key, fields
-                fields = {}
-            current_key = key
-            fields[ext] = tar.extractfile(member).read()
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.rpartition("/")[2].partition(".")
+                if current_key is not None and key != current_key:
+                    yield current_key, fields
+                    fields = {}
+                current_key = key
+                fields[ext] = tar.extractfile(member).read()
+    except (OSError, tarfile.TarError, EOFError) as err:
+        raise ValueError(f"shard {path} is damaged after sample {current_key!r} ({type(err).__name__}: {err}): "
+                         f"restore it or re-run prepare") from err
     if current_key is not None:
         yield current_key, fields
 

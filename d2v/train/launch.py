@@ -1,6 +1,8 @@
 """Builds a Run from a resolved config: picks the batch streams (shards or synthetic)."""
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 from d2v.config.schema import D2vConfig
@@ -21,3 +23,20 @@ def build_run(cfg: D2vConfig, ds_template: dict[str, Any], *, resume: str = "non
         make_val = None
     return Run(cfg, ds_template, make_stream, make_val_stream=make_val, resume=resume, console=console,
                init_from=init_from)
+
+
+# What a run can know is wrong before it trains: a bad config value, a missing or changed shard,
+# results it would replace. Reported as one message, not a traceback.
+STARTUP_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError)
+EXIT_USAGE = 2
+
+
+def report_startup_error(err: BaseException) -> int:
+    """Prints `error: <what to change>` on stderr (the traceback with D2V_TRACEBACK=1); returns 2."""
+    if os.environ.get("D2V_TRACEBACK"):
+        import traceback
+
+        traceback.print_exception(err)
+    message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_USAGE

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -250,12 +250,3 @@ class Trainer:
             sq = torch.stack([square_sum(self.student.parameters()), square_sum(self.teacher.ema_parameters())])
         student_sq, ema_sq = sq.tolist()
         return student_sq ** 0.5, ema_sq ** 0.5
-
-    def fit(self, batches: Iterator[Batch], max_steps: int | None = None) -> list[StepMetrics]:
-        """Runs updates until max_steps (default train.max_steps); returns every step's metrics."""
-        history = []
-        stop = max_steps if max_steps is not None else self.cfg.train.max_steps
-        while self.step < stop:
-            micro = [next(batches) for _ in range(self.cfg.train.grad_accum)]
-            history.append(self.train_step(micro))
-        return history
