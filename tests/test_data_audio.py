@@ -233,13 +233,16 @@ def test_a_transcript_file_that_is_not_utf8_is_named_and_the_rest_is_written(tmp
     assert report["written"] == 6 and report["without_transcript"] == 3  # speaker 22's audio is kept
 
 
-def test_prepare_refuses_an_output_folder_of_an_earlier_run_unless_cleaned(tmp_path):
+def test_prepare_refuses_an_output_folder_of_an_earlier_run_unless_cleaned(tmp_path, capsys):
     _tree(tmp_path / "src", speakers=("11", "22"), per_speaker=4, corrupt=False)
     out = tmp_path / "out"
     prepare_audio(str(tmp_path / "src"), str(out), samples_per_shard=2, val_fraction=0.0)
     assert len(list(out.glob("train-*.tar"))) == 4
     with pytest.raises(FileExistsError, match="--clean"):
         prepare_audio(str(tmp_path / "src"), str(out), samples_per_shard=4, val_fraction=0.0)
+    assert prepare_main(["audio", str(tmp_path / "src"), str(out), "--samples-per-shard", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out} already holds the output of an earlier prepare (train-000000.tar")
     report = prepare_audio(str(tmp_path / "src"), str(out), samples_per_shard=4, val_fraction=0.0, clean=True)
     assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]
     assert report["totals"]["train"]["pattern"].endswith("train-{000000..000001}.tar")

@@ -252,8 +252,8 @@ class ValidationLoader:
         real = sum(b is not None for b in per_rank[-1])
         if real == 0:
             raise ValueError(f"{name}: {index.num_samples} validation samples make {sum(b is not None for r in per_rank for b in r)} "
-                             f"batches, fewer than one per rank for {world_size} ranks: add validation data or "
-                             f"lower train.micro_batch_size")
+                             f"batches, fewer than one per rank for {world_size} rank{'s' if world_size != 1 else ''}: add "
+                             f"validation data or lower train.micro_batch_size")
         self.batches = per_rank[rank]
         self.rank, self.world_size = rank, world_size
 

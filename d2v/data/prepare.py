@@ -35,7 +35,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(list(sys.argv[1:] if argv is None else argv))
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
+        print(f"error: {err}", file=sys.stderr)  # what to change, not a traceback
+        return 2
+
+
+def _run(argv: list[str]) -> int:
     if argv and argv[0] in ("image", "text"):
         module = importlib.import_module(f"d2v.data.prepare_{argv[0]}")
         module.main(argv[1:])
