@@ -67,8 +67,8 @@ def make_asr_demo(out: str, *, train_utterances: int = 480, eval_utterances: int
     write_transcripts(raw, texts)
     prefixes = tuple(v.replace("-", "") + "p" for v in held_out)
     val_speakers = [s for s in texts if s.startswith(prefixes)]
-    report = prepare_audio(raw, os.path.join(out, "shards"), clean=True, samples_per_shard=64, val_speakers=val_speakers,
-                           workers=workers)
+    report = prepare_audio(raw, os.path.join(out, "shards"), clean=True, samples_per_shard=64,
+                           val_speakers=val_speakers, workers=workers)
     totals = report["totals"]
     write_patterns(out, totals["train"]["pattern"], totals["val"]["pattern"])
     return totals

@@ -20,7 +20,7 @@ from d2v.finetune.model import FinetuneModel, freeze_feature_encoder, load_backb
 from d2v.finetune.tasks import FtBatch, build_task
 from d2v.train import distributed
 from d2v.train.checkpoint import Checkpointer, atomic_write_text
-from d2v.train.guarded_update import GuardedUpdate
+from d2v.train.guarded_update import GuardedCounts, GuardedUpdate
 from d2v.train.loop import UpdateLoop, plan_resume
 from d2v.train.metrics import MetricsSink
 from d2v.train.preemption import PreemptionFlag
@@ -81,7 +81,7 @@ class TaskStream:
         return {}
 
 
-class FinetuneStepper:
+class FinetuneStepper(GuardedCounts):
     """One guarded update over micro-batches of task indices."""
 
     def __init__(self, engine, scheduler, task, cfg: FinetuneConfig, device: torch.device) -> None:
@@ -91,18 +91,6 @@ class FinetuneStepper:
         self.step = 0
         self.stop_agreed = False
         self.update = GuardedUpdate(engine, self.model, cfg.train.grad_accum, device)
-
-    @property
-    def skipped_steps(self) -> int:
-        return self.update.skipped_steps
-
-    @property
-    def consecutive_skips(self) -> int:
-        return self.update.consecutive_skips
-
-    @property
-    def consecutive_empty(self) -> int:
-        return self.update.consecutive_empty
 
     def forward(self, batch: FtBatch):
         source = batch.source.to(self.device)

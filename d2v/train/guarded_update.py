@@ -67,3 +67,21 @@ class GuardedUpdate:
         if done:
             self.engine.micro_steps += self.grad_accum - done
         self.skipped_steps += 1
+
+
+class GuardedCounts:
+    """The skip counters the update loop reads, for a stepper that holds its GuardedUpdate as `update`."""
+
+    update: GuardedUpdate
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.update.skipped_steps
+
+    @property
+    def consecutive_skips(self) -> int:
+        return self.update.consecutive_skips
+
+    @property
+    def consecutive_empty(self) -> int:
+        return self.update.consecutive_empty

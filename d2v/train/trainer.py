@@ -21,7 +21,7 @@ from d2v.teacher import Teacher
 from d2v import collectives
 from d2v.train import distributed, host_sync
 from d2v.train.ds_checks import check_ds_config
-from d2v.train.guarded_update import GuardedUpdate
+from d2v.train.guarded_update import GuardedCounts, GuardedUpdate
 from d2v.train.attention_plan import plan_for_run
 from d2v.train.schedule import lr_factor
 from d2v.train.throughput_log import StepFlops
@@ -86,7 +86,7 @@ def compile_blocks(encoder: torch.nn.Module) -> None:
         block.forward = torch.compile(block.forward)
 
 
-class Trainer:
+class Trainer(GuardedCounts):
     """Owns the DeepSpeed engine, the teacher and the task for one run."""
 
     def __init__(self, cfg: D2vConfig, ds_template: dict[str, Any], *, student: Data2Vec | None = None) -> None:
@@ -142,18 +142,6 @@ class Trainer:
         self.step_flops = StepFlops(cfg)
         self.optimizer_name = optimizer_description(self.ds_config)
         self.update = GuardedUpdate(self.engine, self.student, cfg.train.grad_accum, self.device)
-
-    @property
-    def skipped_steps(self) -> int:
-        return self.update.skipped_steps
-
-    @property
-    def consecutive_skips(self) -> int:
-        return self.update.consecutive_skips
-
-    @property
-    def consecutive_empty(self) -> int:
-        return self.update.consecutive_empty
 
     def stage(self, batch: Batch) -> Batch:
         """Host work on a micro-batch, then its move to the device: the input checked, the padding
