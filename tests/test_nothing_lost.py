@@ -284,6 +284,16 @@ def test_resume_inside_an_epoch_repeats_the_uninterrupted_run_for_2_0(preset, tm
     assert first == full[:stop] and second == full[stop:]
 
 
+def test_shards_from_another_tokenizer_fail_before_any_engine(tmp_path, monkeypatch):
+    from d2v.train import launch
+
+    patterns, _ = _text_shards(tmp_path)
+    monkeypatch.setattr(launch, "Run", lambda *a, **k: pytest.fail("a run was built"))
+    cfg = _cfg("text_tiny", str(tmp_path / "run"), f"data.train_shards={patterns['train']}")  # the preset's vocabulary
+    with pytest.raises(ValueError, match="tokenizer/vocabulary mismatch.*model.text.vocab_size="):
+        launch.build_run(cfg, _template())
+
+
 # -- preemption while starting ---------------------------------------------------------------------
 
 def test_a_signal_during_start_up_exits_75(tmp_path):
