@@ -89,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"exit {EXIT_PREEMPTED} (resume with --resume auto)")
         return EXIT_PREEMPTED
     if run.rank == 0:
-        print(f"done: {result['steps']} steps; loss {result['first_loss']:.4f} -> {result['last_loss']:.4f}; "
-              f"eval {result['metrics']}; checkpoint {result['checkpoint']}")
+        # No losses when a resumed run was already at train.max_steps: it only evaluates.
+        first, last = (f"{v:.4f}" if v is not None else "n/a" for v in (result["first_loss"], result["last_loss"]))
+        print(f"done: {result['steps']} steps; loss {first} -> {last}; eval {result['metrics']}; "
+              f"checkpoint {result['checkpoint']}")
         print(json.dumps(result))
     return 0
 

@@ -246,3 +246,36 @@ def test_prepare_refuses_an_output_folder_of_an_earlier_run_unless_cleaned(tmp_p
     report = prepare_audio(str(tmp_path / "src"), str(out), samples_per_shard=4, val_fraction=0.0, clean=True)
     assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]
     assert report["totals"]["train"]["pattern"].endswith("train-{000000..000001}.tar")
+
+
+def _children() -> list[int]:
+    mine = str(os.getpid())
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[1] == mine:
+                pids.append(int(entry))
+    return pids
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads child processes from /proc")
+def test_a_sigterm_to_a_loader_worker_does_not_fail_the_rank(shards):
+    """The launcher and Slurm signal every process of a rank; the main process checkpoints on it,
+    so its loader workers must live on to the step boundary."""
+    import signal
+
+    out, _ = shards
+    loader = _train(out, 8, num_workers=1)
+    it = iter(loader)
+    batches = [next(it)]
+    workers = [pid for pid in _children() if pid != os.getpid()]
+    assert workers
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+    batches += list(it)  # a killed worker would raise "DataLoader worker ... killed by signal: Terminated"
+    assert len(batches) == loader.plan(0).steps_per_epoch

@@ -215,17 +215,23 @@ def task_data(tmp_path_factory):
     }
 
 
-def _run(task, task_data, tmp, *extra):
-    from d2v.config import load_template
+def _run_cfg(task, task_data, tmp, *extra):
     from d2v.finetune.config import resolve_finetune
-    from d2v.finetune.runner import FinetuneRun
 
-    torch.set_num_threads(2)
     preset, overrides = task_data[task]
     cfg, _ = resolve_finetune(task, preset=preset, overrides=[
         *overrides, f"train.out_dir={tmp}", "optim.schedule=constant", "optim.lr=2e-3", "train.max_steps=40",
         "model.dropout=0.0", "model.attention_dropout=0.0", "model.image.drop_path=0.0", *extra])
-    return FinetuneRun(cfg, load_template(os.path.join(ROOT, "ds_configs", "cpu.json")), random_init=True)
+    return cfg
+
+
+def _run(task, task_data, tmp, *extra):
+    from d2v.config import load_template
+    from d2v.finetune.runner import FinetuneRun
+
+    torch.set_num_threads(2)
+    return FinetuneRun(_run_cfg(task, task_data, tmp, *extra), load_template(os.path.join(ROOT, "ds_configs", "cpu.json")),
+                       random_init=True)
 
 
 @pytest.mark.parametrize("task", ["asr", "image_cls", "text_cls"])
@@ -288,8 +294,15 @@ def test_fine_tuning_runs_on_the_pretraining_loop_resume_preemption_and_nan_skip
     result = second.train()
     assert _losses(full) == _losses(second) and result["steps"] == 10  # rows 1-5 then 6-10 in the same file
     assert open(tmp_path / "resumed" / "checkpoints" / "latest").read().strip() == "step_00000010"
+    again = FinetuneRun(first.cfg, load_template(os.path.join(ROOT, "ds_configs", "cpu.json")), random_init=True,
+                        resume="auto").train()  # already at max_steps: evaluates only
+    assert again["steps"] == 10 and again["first_loss"] is None and again["metrics"] == result["metrics"]
+    other = [o for o in extra] + [f"finetune.train_data={first.cfg.finetune.eval_data}"]
+    with pytest.raises(FileExistsError, match="holds a different fine-tuning run .*train_data"):
+        FinetuneRun(_run_cfg("text_cls", task_data, str(tmp_path / "resumed"), *other),
+                    load_template(os.path.join(ROOT, "ds_configs", "cpu.json")), random_init=True, resume="auto")
 
-    run = _run("text_cls", task_data, str(tmp_path / "nan"), "train.max_steps=4")
+    run = _run("text_cls", task_data, str(tmp_path / "nan"), "train.max_steps=4", "train.log_every=1")
     weights = [p.detach().clone() for p in run.model.parameters()]
     real = run.task.loss
     run.task.loss = lambda out, batch: real(out, batch) * float("nan")
@@ -301,6 +314,7 @@ def test_fine_tuning_runs_on_the_pretraining_loop_resume_preemption_and_nan_skip
     result = run.train()
     assert result["preempted"] and result["steps"] == 1
     assert open(tmp_path / "nan" / "checkpoints" / "latest").read().strip() == "step_00000001"
+    assert len(_losses(run)) == 1  # the step that stopped the run is still logged
 
 
 def test_two_rank_launch_of_the_launcher(task_data, tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from typing import Iterator, Protocol, Sequence
 
 import torch
@@ -112,8 +113,19 @@ def _data_loader(dataset: PlannedBatches, num_workers: int, prefetch_factor: int
     # drawing its base seed from the global RNG would shift dropout after every epoch start and
     # every resume, so a resumed run would diverge from an uninterrupted one (the workers'
     # randomness comes from the plan's seeds, not from that base seed).
+    if num_workers > 0:
+        extra["worker_init_fn"] = _ignore_preemption_signals
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_batches(),
                       generator=torch.Generator().manual_seed(0), **extra)
+
+
+def _ignore_preemption_signals(worker_id: int) -> None:
+    """The launcher and Slurm send SIGTERM to every process of a rank, its loader workers too; a
+    worker killed by it fails the rank's next batch before the step can checkpoint. The main
+    process handles the signal (d2v.train.preemption); workers end with the loader (or with
+    torch's watchdog when their parent dies)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def pin_batches() -> bool:

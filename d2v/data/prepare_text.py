@@ -19,7 +19,6 @@ import json
 import os
 import random
 import re
-import shutil
 from typing import Any, Iterator
 
 import numpy as np
@@ -86,6 +85,9 @@ def prepare_text(src: str, out: str, *, vocab_size: int | None = None, tokenizer
                  seed: int = 0, clean: bool = False, encoding: str = "utf-8") -> dict[str, Any]:
     if (vocab_size is None) == (tokenizer is None):
         raise ValueError("give exactly one of --vocab-size (train SentencePiece) or --tokenizer FILE")
+    # Read before the output folder is claimed: the given tokenizer may live in it (and --clean
+    # deletes earlier tokenizers there).
+    given = None if tokenizer is None else (os.path.basename(tokenizer), open(tokenizer, "rb").read())
     claim_output(out, clean=clean)
     skipped: list[dict[str, str]] = []
     docs = list(read_documents(src, skipped, encoding=encoding))
@@ -96,8 +98,10 @@ def prepare_text(src: str, out: str, *, vocab_size: int | None = None, tokenizer
     if tokenizer is None:
         tokenizer = train_sentencepiece(docs, os.path.join(out, "spm"), vocab_size, seed=seed)
     else:
-        shutil.copy(tokenizer, os.path.join(out, os.path.basename(tokenizer)))
-        tokenizer = os.path.join(out, os.path.basename(tokenizer))
+        # not over d2v's own metadata file, which is also called tokenizer.json
+        tokenizer = os.path.join(out, "bpe-tokenizer.json" if given[0] == "tokenizer.json" else given[0])
+        with open(tokenizer, "wb") as f:
+            f.write(given[1])
     tok = Tokenizer(tokenizer)
     info = tok.info
     if vocab_size is not None and info.vocab_size != vocab_size:

@@ -21,7 +21,7 @@ from d2v.finetune.tasks import FtBatch, build_task
 from d2v.train import distributed
 from d2v.train.checkpoint import Checkpointer, atomic_write_text
 from d2v.train.guarded_update import GuardedCounts, GuardedUpdate
-from d2v.train.loop import UpdateLoop, plan_resume
+from d2v.train.loop import UpdateLoop, needs_universal, plan_resume, with_universal_load
 from d2v.train.metrics import MetricsSink
 from d2v.train.preemption import PreemptionFlag
 from d2v.train.schedule import lr_factor
@@ -142,7 +142,12 @@ class FinetuneRun(UpdateLoop):
         distributed.set_cpu_threads(cfg.train.threads)
         self.checkpointer = Checkpointer(os.path.join(self.out_dir, "checkpoints"), rank=self.rank,
                                          world_size=self.world_size, keep_last=cfg.train.keep_last)
-        self.resume_tag, _ = plan_resume(self.checkpointer, resume, cfg.name, self.out_dir)
+        self.resume_tag, state = plan_resume(self.checkpointer, resume, cfg.name, self.out_dir)
+        reshard = state is not None and needs_universal(self.checkpointer, self.resume_tag, state, self.world_size)
+        if reshard:
+            ds_template = with_universal_load(ds_template)
+        if state is not None:
+            self._check_same_run(state)
         self.task = build_task(cfg)
         backbone = load_backbone(cfg.init, cfg.model, random_init=random_init, seed=cfg.train.seed)
         torch.manual_seed(cfg.train.seed + 1)  # the head's init does not depend on how the backbone was made
@@ -169,7 +174,7 @@ class FinetuneRun(UpdateLoop):
         self.last_checkpoint: str | None = None
         self.preemption = PreemptionFlag(self.world_size).install()
         if self.resume_tag is not None:
-            run_state, side = self.checkpointer.load(self.engine, None, self.resume_tag)
+            run_state, side = self.checkpointer.load(self.engine, None, self.resume_tag, universal=reshard)
             self.stepper.step = int(run_state["step"])
             if side is not None:
                 self.stream.load_state_dict(side["data"])
@@ -181,6 +186,20 @@ class FinetuneRun(UpdateLoop):
         if self.rank == 0:
             os.makedirs(self.out_dir, exist_ok=True)
             atomic_write_text(os.path.join(self.out_dir, "config.json"), json.dumps(to_dict(cfg), indent=2))
+
+    def _run_identity(self) -> dict[str, Any]:
+        return {"task": self.cfg.task, "init": self.cfg.init, "random_init": self.random_init,
+                "train_data": self.cfg.finetune.train_data}
+
+    def _check_same_run(self, state: dict[str, Any]) -> None:
+        """A resume continues the same fine-tuning: another init, task or data in the same --out
+        would report the old run's weights as the new run's results."""
+        mine = self._run_identity()
+        theirs = {k: state.get(k) for k in mine}
+        if theirs != mine:
+            differ = ", ".join(f"{k} {theirs[k]!r} -> {mine[k]!r}" for k in mine if theirs[k] != mine[k])
+            raise FileExistsError(f"{self.checkpointer.root} holds a different fine-tuning run ({differ}): "
+                                  f"give this run a new --out")
 
     @property
     def step(self) -> int:
@@ -202,7 +221,7 @@ class FinetuneRun(UpdateLoop):
         """An atomic checkpoint of the fine-tuned model (all ranks take part)."""
         data = self.stream.state_dict()
         tag = self.checkpointer.save(self.engine, None, self.stepper.step,
-                                     run_state={"preset": self.cfg.name, "task": self.cfg.task,
+                                     run_state={"preset": self.cfg.name, **self._run_identity(),
                                                 "labels": self.task.labels, "epoch": data["epoch"]},
                                      rank_state={"data": data})
         self.last_checkpoint = tag

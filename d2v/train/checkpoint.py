@@ -119,7 +119,8 @@ class Checkpointer:
         with open(path) as f:
             tag = f.read().strip()
         if not os.path.exists(os.path.join(self.root, tag, COMPLETE)):
-            raise RuntimeError(f"{path} names {tag!r}, which is not a complete checkpoint")
+            raise ValueError(f"{path} names {tag!r}, which is not a complete d2v checkpoint (written by another "
+                             f"tool or an older d2v): move {self.root} aside or give this run a new --out")
         return tag
 
     def save(self, engine, teacher, step: int, *, run_state: dict[str, Any], rank_state: dict[str, Any]) -> str:

@@ -47,6 +47,20 @@ class RunSummary:
     history: list[dict[str, Any]]
 
 
+def needs_universal(checkpointer: Checkpointer, tag: str, state: dict[str, Any], world_size: int) -> bool:
+    """A ZeRO checkpoint written at another world size is loaded through DeepSpeed's universal form
+    (a stage-0 checkpoint holds whole tensors and loads anywhere)."""
+    import glob
+
+    if state["world_size"] == world_size:
+        return False
+    return bool(glob.glob(os.path.join(checkpointer.root, tag, "*zero_pp_rank_*optim_states.pt")))
+
+
+def with_universal_load(ds_template: dict[str, Any]) -> dict[str, Any]:
+    return {**ds_template, "checkpoint": {**ds_template.get("checkpoint", {}), "load_universal": True}}
+
+
 def plan_resume(checkpointer: Checkpointer, resume: str, name: str, out_dir: str) -> tuple[str | None, dict | None]:
     """(tag, its run state) to resume from, or (None, None) for a fresh run; everything checked
     before any engine exists. Refuses what would replace results: a fresh run where checkpoints
@@ -106,26 +120,28 @@ class UpdateLoop:
             m = stepper.train_step(micro, stop_requested=self.preemption.requested)
             step = stepper.step
             history.append({"step": step, "loss": m.loss, **m.values})
+            skipped = bool(m.values.get("skipped"))
+            if not skipped:
+                for k in self.window_keys:
+                    window[k] = window.get(k, 0.0) + m.values[k]
+                window["loss"] = window.get("loss", 0.0) + m.loss
+                window_steps += 1
+                for k in rates:
+                    rates[k] += m.values[k]
+                self.sink.progress(step)
+                if step % cfg.train.log_every == 0 or step == stop:  # also on a step that stops the run
+                    self._log_window(step, m, {k: v / window_steps for k, v in window.items()}, rates,
+                                     time.perf_counter() - t_window)
+                    window, window_steps, t_window = {}, 0, time.perf_counter()
+                    rates = dict.fromkeys(rates, 0.0)
             if stepper.stop_agreed:
                 self.sink.message(f"step {step}: {self.preemption.signal_name or 'a signal on another rank'}"
                                   f" -> checkpoint and exit for requeue")
                 self.save()
                 return self._summary(history, preempted=True)
-            if m.values.get("skipped"):
+            if skipped:
                 self._skipped(step, m)
                 continue
-            for k in self.window_keys:
-                window[k] = window.get(k, 0.0) + m.values[k]
-            window["loss"] = window.get("loss", 0.0) + m.loss
-            window_steps += 1
-            for k in rates:
-                rates[k] += m.values[k]
-            self.sink.progress(step)
-            if step % cfg.train.log_every == 0 or step == stop:
-                self._log_window(step, m, {k: v / window_steps for k, v in window.items()}, rates,
-                                 time.perf_counter() - t_window)
-                window, window_steps, t_window = {}, 0, time.perf_counter()
-                rates = dict.fromkeys(rates, 0.0)
             if self.val_every and step % self.val_every == 0 and (self.validate_at_end or step != stop):
                 val = self.validate()
                 if val is not None:

@@ -20,9 +20,11 @@ def exit_on_signal_during_startup() -> None:
     save, so the process leaves at once with EXIT_PREEMPTED and the job is requeued. The run's
     PreemptionFlag replaces this handler once its loop can checkpoint."""
     def leave(signum, frame) -> None:
-        sys.stderr.write(f"{signal.Signals(signum).name} during start-up: exit {EXIT_PREEMPTED} for requeue\n")
-        sys.stderr.flush()
-        os._exit(EXIT_PREEMPTED)  # no cleanup can block: no process group or engine to wind down yet
+        try:
+            sys.stderr.write(f"{signal.Signals(signum).name} during start-up: exit {EXIT_PREEMPTED} for requeue\n")
+            sys.stderr.flush()
+        finally:  # even if stderr was mid-write when the signal came
+            os._exit(EXIT_PREEMPTED)  # no cleanup can block: no process group or engine to wind down yet
 
     if threading.current_thread() is threading.main_thread():
         for sig in SIGNALS:

@@ -18,7 +18,7 @@ from d2v.config.batch_plan import apply_batch_plan
 from d2v.config.modalities import modality_spec
 from d2v.config.schema import D2vConfig
 from d2v.train.checkpoint import Checkpointer
-from d2v.train.loop import UpdateLoop, plan_resume
+from d2v.train.loop import UpdateLoop, needs_universal, plan_resume, with_universal_load
 from d2v.train.metrics import MetricsSink
 from d2v.train import distributed
 from d2v.train.preemption import PreemptionFlag
@@ -51,9 +51,10 @@ class Run(UpdateLoop):
                                          world_size=self.world_size, keep_last=cfg.train.keep_last)
         # Everything about the resume is checked before any engine is built.
         self.resume_tag, resume_state = plan_resume(self.checkpointer, resume, cfg.name, self.out_dir)
-        reshard = resume_state is not None and self._needs_universal(resume_state)
+        reshard = resume_state is not None and needs_universal(self.checkpointer, self.resume_tag, resume_state,
+                                                               self.world_size)
         if reshard:
-            ds_template = {**ds_template, "checkpoint": {**ds_template.get("checkpoint", {}), "load_universal": True}}
+            ds_template = with_universal_load(ds_template)
         student, self.init_report = self._init_student(init_from)
         self.trainer = self.stepper = Trainer(cfg, ds_template, student=student)
         self.val_every = cfg.train.val_every
@@ -100,16 +101,6 @@ class Run(UpdateLoop):
         if self.rank == 0:
             print(report.summary())
         return student, report
-
-    def _needs_universal(self, state: dict[str, Any]) -> bool:
-        """A ZeRO checkpoint written at another world size is loaded through DeepSpeed's
-        universal form (a stage-0 checkpoint holds whole tensors and loads anywhere)."""
-        import glob
-
-        if state["world_size"] == self.world_size:
-            return False
-        tag_dir = os.path.join(self.checkpointer.root, self.resume_tag or "")
-        return bool(glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*optim_states.pt")))
 
     def _resume(self, tag: str, *, universal: bool) -> None:
         run_state, side = self.checkpointer.load(self.trainer.engine, self.trainer.teacher, tag, universal=universal)
