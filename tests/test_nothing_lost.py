@@ -139,7 +139,7 @@ def test_patterns_and_undersized_validation_sets_fail_before_any_engine(image_sh
     # 6 validation images make one batch of 4: enough for one rank, not for two.
     cfg = _image_cfg(tmp_path / "r2", patterns)
     _, make_val = shard_stream_factories(cfg)
-    assert len(list(make_val(0, 1))) == 1
+    assert len(list(make_val(0, 1))) == 1 and make_val(0, 1).left_out == 2  # the last 2 fill no batch
     with pytest.raises(ValueError, match="fewer than one per rank for 2 ranks"):
         make_val(1, 2)
     # And the run builds its validation loader at start, so it fails there, not at step val_every.

@@ -261,6 +261,8 @@ class ValidationLoader:
         self.index, self.maker, self.seed = index, maker, seed
         self.num_workers = num_workers
         per_rank, self.too_short = validation_plan(index, batching, world_size=world_size)
+        # Samples of the held-out set no batch holds (fixed-size batching leaves the last few out).
+        self.left_out = index.num_samples - self.too_short - sum(len(b.items) for r in per_rank for b in r if b)
         real = sum(b is not None for b in per_rank[-1])
         if real == 0:
             raise ValueError(f"{name}: {index.num_samples} validation samples make {sum(b is not None for r in per_rank for b in r)} "

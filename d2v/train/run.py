@@ -135,7 +135,8 @@ class Run(UpdateLoop):
             count += out.metrics["loss_count"]
         trainer.student.train()
         total, count = collectives.all_reduce_values([float(total), count])
-        return {"loss": total / max(count, 1.0), "targets": count}
+        return {"loss": total / max(count, 1.0), "targets": count,
+                "samples_left_out": float(getattr(stream, "left_out", 0))}
 
     # -- what the loop asks of this job ---------------------------------------------------------
     def log_values(self, step: int, m, totals: dict[str, float], elapsed: float) -> dict[str, float]:
