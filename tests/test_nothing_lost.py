@@ -318,3 +318,37 @@ def test_a_start_up_error_is_one_message_and_exit_2(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "error: shard pattern" in proc.stderr and "matches no existing shard" in proc.stderr
     assert "Traceback" not in proc.stderr and not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+
+
+def test_a_shard_two_ranks_find_damaged_is_counted_once(monkeypatch):
+    """bad_shards in the log is the number of distinct damaged shards over all ranks: the ranks'
+    per-shard flags are summed in the window's one collective (a peer rank simulated here)."""
+    from d2v import collectives
+    from d2v.train.loop import UpdateLoop
+    from d2v.train.trainer import StepMetrics
+
+    peer = {"counters": [3.0], "damaged": [1.0, 0.0, 1.0, 0.0]}  # the other rank met shards 0 and 2
+
+    class Stream:
+        def counters(self):
+            return {"bad_shards": 2}
+
+        def damaged_shards(self):
+            return [1.0, 1.0, 0.0, 0.0]  # this rank met shards 0 and 1
+
+    class Sink:
+        rows = []
+
+        def log(self, step, values, **kw):
+            self.rows.append(values)
+
+    def two_ranks(values, op="sum", dtype=None):
+        other = [v for v in values[:-5]] + peer["counters"] + peer["damaged"]
+        return [a + b for a, b in zip(values, other)]
+
+    monkeypatch.setattr(collectives, "all_reduce_values", two_ranks)
+    loop = UpdateLoop()
+    loop.stream, loop.sink, loop.world_size, loop.console, loop.logged = Stream(), Sink(), 2, False, []
+    loop.stepper = type("S", (), {"skipped_steps": 0})()
+    loop._log_window(10, StepMetrics(10, 1.0, {"lr": 1e-3}), {"loss": 1.0}, {"samples": 4.0}, 1.0)
+    assert loop.sink.rows[-1]["bad_shards"] == 3.0  # shards 0, 1, 2: not 2 + 2

@@ -171,13 +171,19 @@ class UpdateLoop:
 
     def _log_window(self, step: int, m, values: dict[str, float], rates: dict[str, float], elapsed: float) -> None:
         counters = {k: float(v) for k, v in self.stream.counters().items()}
+        # Which shards each rank found damaged (one entry per shard): summed, a shard two ranks met
+        # still counts once.
+        damaged = list(getattr(self.stream, "damaged_shards", lambda: [])())
         # One collective for the window: means of the metrics, sums of samples and counters.
         keys, rkeys, ckeys = sorted(values), sorted(rates), sorted(counters)
         summed = collectives.all_reduce_values([values[k] for k in keys] + [rates[k] for k in rkeys] +
-                                               [counters[k] for k in ckeys])
+                                               [counters[k] for k in ckeys] + damaged)
         values = {k: v / self.world_size for k, v in zip(keys, summed)}
-        totals = dict(zip(rkeys, summed[len(keys):len(keys) + len(rkeys)]))
-        counters = dict(zip(ckeys, summed[len(keys) + len(rkeys):]))
+        at = len(keys) + len(rkeys)
+        totals = dict(zip(rkeys, summed[len(keys):at]))
+        counters = dict(zip(ckeys, summed[at:at + len(ckeys)]))
+        if damaged:
+            counters["bad_shards"] = float(sum(v > 0 for v in summed[at + len(ckeys):]))
         counters["skipped_steps"] = float(self.stepper.skipped_steps)
         values.update(**self.log_values(step, m, totals, elapsed), **counters)
         self.sink.log(step, values, console=self.console)

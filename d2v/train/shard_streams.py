@@ -148,6 +148,10 @@ class LoaderStream:
         self.loader.set_epoch(epoch)
         self._it = None
 
+    def damaged_shards(self) -> list[float]:
+        """1.0 for every shard this rank found damaged, 0.0 for the others (in index order)."""
+        return [float(i in self.loader.bad_shards) for i in range(len(self.loader.index.paths))]
+
     def counters(self) -> dict[str, int]:
         s = self.loader.stats
         return {"corrupt_samples": s.get("corrupt", 0), "missing_samples": s.get("missing", 0),
