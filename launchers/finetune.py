@@ -62,16 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         if value:
             overrides.append(f"{key}={value}")
     from d2v.train.launch import STARTUP_ERRORS, report_startup_error
-
-    try:
-        cfg, _ = resolve_finetune(args.task, init=args.init, preset=args.preset,
-                                  overrides=overrides + args.overrides)
-    except STARTUP_ERRORS as err:
-        return report_startup_error(err)
     from d2v.train.loop import EXIT_NONFINITE, NonFiniteError
     from d2v.train.preemption import EXIT_PREEMPTED
 
     try:
+        cfg, _ = resolve_finetune(args.task, init=args.init, preset=args.preset,
+                                  overrides=overrides + args.overrides)
         run = FinetuneRun(cfg, load_template(args.ds_config), random_init=args.random_init or not args.init,
                           resume=args.resume)
     except STARTUP_ERRORS as err:

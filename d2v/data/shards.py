@@ -113,13 +113,19 @@ def load_index(paths: Sequence[str], lengths_file: str | None = None, *, scan_un
     return ShardIndex(list(paths), keys, lengths)
 
 
+def member_key_ext(name: str) -> tuple[str, str]:
+    """(sample key, extension) of a tar member name: WebDataset's `dir/KEY.EXT`, keys without dots."""
+    key, _, ext = name.rpartition("/")[2].partition(".")
+    return key, ext
+
+
 def scan_keys(path: str) -> list[str]:
     """Sample keys of a tar shard in member order, from its headers (no data read)."""
     keys: list[str] = []
     try:
         with tarfile.open(path, mode="r:") as tar:
             for member in tar:
-                key = member.name.rpartition("/")[2].partition(".")[0]
+                key = member_key_ext(member.name)[0]
                 if member.isfile() and (not keys or keys[-1] != key):
                     keys.append(key)
     except (OSError, tarfile.TarError, EOFError) as err:
@@ -136,7 +142,7 @@ def iter_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             for member in tar:
                 if not member.isfile():
                     continue
-                key, _, ext = member.name.rpartition("/")[2].partition(".")
+                key, ext = member_key_ext(member.name)
                 if current_key is not None and key != current_key:
                     yield current_key, fields
                     fields = {}
@@ -245,7 +251,7 @@ class ShardReader:
                     if any((shard, i) not in found for i in by_key.values()):
                         self._mark_broken(shard)  # ended before samples its sidecar lists: truncated
                     break
-                key, _, ext = member.name.rpartition("/")[2].partition(".")
+                key, ext = member_key_ext(member.name)
                 position = self._key_position(shard, key)
                 if position > last:
                     # First member past what this request needs: keep it for the next request.

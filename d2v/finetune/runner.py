@@ -21,7 +21,7 @@ from d2v.finetune.tasks import FtBatch, build_task
 from d2v.train import distributed
 from d2v.train.checkpoint import Checkpointer, atomic_write_text
 from d2v.train.guarded_update import GuardedCounts, GuardedUpdate
-from d2v.train.loop import UpdateLoop, needs_universal, plan_resume, with_universal_load
+from d2v.train.loop import UpdateLoop, plan_resume, with_universal_load
 from d2v.train.metrics import MetricsSink
 from d2v.train.preemption import PreemptionFlag
 from d2v.train.schedule import lr_factor
@@ -84,6 +84,8 @@ class TaskStream:
 class FinetuneStepper(GuardedCounts):
     """One guarded update over micro-batches of task indices."""
 
+    teacher = None  # checkpoints hold the engine only
+
     def __init__(self, engine, scheduler, task, cfg: FinetuneConfig, device: torch.device) -> None:
         self.engine, self.scheduler, self.task, self.cfg, self.device = engine, scheduler, task, cfg, device
         self.model: FinetuneModel = engine.module
@@ -116,9 +118,7 @@ class FinetuneStepper(GuardedCounts):
         decision = self.update.decide(losses, losses.reshape(1), stop_requested=stop_requested)
         self.stop_agreed = decision.stop
         if decision.outcome != "update":
-            self.update.skip()
-            return StepMetrics(self.step, float("nan"), {"skipped": 1.0, "skipped_steps": float(self.skipped_steps),
-                                                          "empty": 0.0, "lr": lr, "samples": 0.0})
+            return StepMetrics(self.step, float("nan"), {**self.update.skip(decision), "lr": lr})
         self.engine.step()
         self.step += 1
         return StepMetrics(self.step, decision.values[0] / len(micro),
@@ -142,8 +142,8 @@ class FinetuneRun(UpdateLoop):
         distributed.set_cpu_threads(cfg.train.threads)
         self.checkpointer = Checkpointer(os.path.join(self.out_dir, "checkpoints"), rank=self.rank,
                                          world_size=self.world_size, keep_last=cfg.train.keep_last)
-        self.resume_tag, state = plan_resume(self.checkpointer, resume, cfg.name, self.out_dir)
-        reshard = state is not None and needs_universal(self.checkpointer, self.resume_tag, state, self.world_size)
+        self.resume_tag, state, reshard = plan_resume(self.checkpointer, resume, cfg.name, self.out_dir,
+                                                      self.world_size)
         if reshard:
             ds_template = with_universal_load(ds_template)
         if state is not None:
@@ -174,13 +174,7 @@ class FinetuneRun(UpdateLoop):
         self.last_checkpoint: str | None = None
         self.preemption = PreemptionFlag(self.world_size).install()
         if self.resume_tag is not None:
-            run_state, side = self.checkpointer.load(self.engine, None, self.resume_tag, universal=reshard)
-            self.stepper.step = int(run_state["step"])
-            if side is not None:
-                self.stream.load_state_dict(side["data"])
-            else:  # another world size: the recorded epoch restarts
-                self.stream.restart_epoch(int(run_state.get("epoch", 0)))
-            self.last_checkpoint = self.resume_tag
+            self.restore(self.resume_tag, universal=reshard)
         self.sink = MetricsSink(self.out_dir, rank=self.rank, max_steps=cfg.train.max_steps, wandb_mode=cfg.train.wandb,
                                 run_config=to_dict(cfg), start_step=self.stepper.step)
         if self.rank == 0:
@@ -217,15 +211,8 @@ class FinetuneRun(UpdateLoop):
     def validate(self) -> dict[str, float]:
         return self.evaluate()
 
-    def save(self) -> str:
-        """An atomic checkpoint of the fine-tuned model (all ranks take part)."""
-        data = self.stream.state_dict()
-        tag = self.checkpointer.save(self.engine, None, self.stepper.step,
-                                     run_state={"preset": self.cfg.name, **self._run_identity(),
-                                                "labels": self.task.labels, "epoch": data["epoch"]},
-                                     rank_state={"data": data})
-        self.last_checkpoint = tag
-        return tag
+    def run_state(self) -> dict[str, Any]:
+        return {**self._run_identity(), "labels": self.task.labels}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

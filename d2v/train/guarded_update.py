@@ -1,8 +1,9 @@
 """The guarded optimizer update every job makes (pretraining and fine-tuning alike).
 
 After the micro-batches' backward passes, the host waits for the device once, for one decision
-that every rank agrees on (docs/method.md §4, "One update loop"): is the loss and every gradient finite, did any rank
-have real data (filler batches stand in for unreadable samples), was any rank asked to stop. A
+that every rank agrees on (docs/method.md §4, "One update loop"): is the loss and every gradient
+finite, did any rank have real data (filler batches stand in for unreadable samples), was any
+rank asked to stop. A
 non-finite or data-less window is skipped on every rank: gradients dropped, weights untouched,
 DeepSpeed's micro-step count kept aligned with the window.
 """
@@ -60,13 +61,16 @@ class GuardedUpdate:
         self.consecutive_skips = 0
         return Decision("update", stop > 0, values)
 
-    def skip(self) -> None:
-        """Drops the window's gradients; weights, optimizer state and teacher stay untouched."""
+    def skip(self, decision: Decision) -> dict[str, float]:
+        """Drops the window's gradients (weights, optimizer state and teacher stay untouched);
+        returns the step values the update loop reads for a skipped window."""
         self.engine.zero_grad()
         done = self.engine.micro_steps % self.grad_accum
         if done:
             self.engine.micro_steps += self.grad_accum - done
         self.skipped_steps += 1
+        return {"skipped": 1.0, "skipped_steps": float(self.skipped_steps),
+                "empty": float(decision.outcome == "empty"), "samples": 0.0}
 
 
 class GuardedCounts:

@@ -1,17 +1,19 @@
 """The update loop every job runs: pretraining (d2v.train.run) and fine-tuning (d2v.finetune.runner).
 
-One loop, so that both get the same guarantees (docs/method.md §4, "One update loop"): a preemption request rides on
-the step's one synchronisation and ends in a checkpoint and exit 75 on every rank; NaN/inf windows
+One loop, so that both get the same guarantees (docs/method.md §4, "One update loop"): a
+preemption request rides on the step's one synchronisation and ends in a checkpoint and exit 75
+on every rank; NaN/inf windows
 are skipped on every rank and too many in a row stop the run with a checkpoint of the last good
 state; a run with no readable data stops with an error; checkpoints are atomic and a resume never
 replaces later results; logged metrics are means over ranks, counters sums over ranks.
 
-A job supplies the pieces that differ: `stepper` (train_step over micro-batches, step counts),
-`stream` (micro-batches with a resumable position), `log_values` (what a log line adds),
-`validate`, `guard`, and the run state its checkpoints carry.
+A job supplies the pieces that differ: `stepper` (train_step over micro-batches, step counts, its
+engine and teacher), `stream` (micro-batches with a resumable position), `log_values` (what a log
+line adds), `validate`, `guard`, and `run_state` (what its checkpoints carry besides the step).
 """
 from __future__ import annotations
 
+import glob
 import os
 import re
 import time
@@ -47,11 +49,9 @@ class RunSummary:
     history: list[dict[str, Any]]
 
 
-def needs_universal(checkpointer: Checkpointer, tag: str, state: dict[str, Any], world_size: int) -> bool:
+def _needs_universal(checkpointer: Checkpointer, tag: str, state: dict[str, Any], world_size: int) -> bool:
     """A ZeRO checkpoint written at another world size is loaded through DeepSpeed's universal form
     (a stage-0 checkpoint holds whole tensors and loads anywhere)."""
-    import glob
-
     if state["world_size"] == world_size:
         return False
     return bool(glob.glob(os.path.join(checkpointer.root, tag, "*zero_pp_rank_*optim_states.pt")))
@@ -61,20 +61,22 @@ def with_universal_load(ds_template: dict[str, Any]) -> dict[str, Any]:
     return {**ds_template, "checkpoint": {**ds_template.get("checkpoint", {}), "load_universal": True}}
 
 
-def plan_resume(checkpointer: Checkpointer, resume: str, name: str, out_dir: str) -> tuple[str | None, dict | None]:
-    """(tag, its run state) to resume from, or (None, None) for a fresh run; everything checked
-    before any engine exists. Refuses what would replace results: a fresh run where checkpoints
-    already are, and a resume from a tag older than the latest (it says how to branch instead)."""
+def plan_resume(checkpointer: Checkpointer, resume: str, name: str, out_dir: str,
+                world_size: int) -> tuple[str | None, dict | None, bool]:
+    """(tag, its run state, whether it loads through the universal form) to resume from, or
+    (None, None, False) for a fresh run; everything checked before any engine exists. Refuses what
+    would replace results: a fresh run where checkpoints already are, and a resume from a tag
+    older than the latest (it says how to branch instead)."""
     latest = checkpointer.latest_tag()
     where = checkpointer.root
     if resume == "none":
         if latest is not None:
             raise FileExistsError(f"{where} already holds checkpoints (latest: {latest}): a fresh run there would "
                                   f"replace them. Continue it with --resume auto, or give this run a new --out")
-        return None, None
+        return None, None, False
     tag = latest if resume == "auto" else resume
     if tag is None:
-        return None, None  # nothing saved yet: start from scratch
+        return None, None, False  # nothing saved yet: start from scratch
     later = [t for t in checkpointer.complete_tags() if re.fullmatch(r"step_\d+", t) and t > tag]
     if resume != "auto" and later:
         raise FileExistsError(
@@ -86,12 +88,12 @@ def plan_resume(checkpointer: Checkpointer, resume: str, name: str, out_dir: str
     if state.get("preset") != name:
         raise ValueError(f"checkpoint {tag} in {out_dir} was written by preset {state.get('preset')!r}, "
                          f"this run is {name!r}: use another --out or the same preset")
-    return tag, state
+    return tag, state, _needs_universal(checkpointer, tag, state, world_size)
 
 
 class UpdateLoop:
-    """Mixed into a job that has: cfg (cfg.train), stepper, stream, sink, preemption, world_size,
-    console, last_checkpoint, save(), validate(), and the hooks below."""
+    """Mixed into a job that has: cfg (cfg.name, cfg.train), stepper, stream, checkpointer, sink,
+    preemption, world_size, console, last_checkpoint, validate(), and the hooks below."""
 
     val_every = 0  # updates between validations (0: none in the loop)
     validate_at_end = True  # also at the last step when val_every divides it (False: the job does its own)
@@ -104,6 +106,33 @@ class UpdateLoop:
 
     def guard(self, step: int, values: dict[str, float]) -> None:
         """Raise to stop the run on a logged value (collapse checks)."""
+
+    def run_state(self) -> dict[str, Any]:
+        """What the job's checkpoints record besides step, preset and epoch (rank 0 writes it)."""
+        return {}
+
+    def save(self) -> str:
+        """An atomic checkpoint of engine, teacher (if any) and data position; all ranks call it."""
+        data = self.stream.state_dict()
+        stepper = self.stepper
+        tag = self.checkpointer.save(
+            stepper.engine, stepper.teacher, stepper.step,
+            run_state={"preset": self.cfg.name, "epoch": int(data.get("epoch", 0)), **self.run_state()},
+            rank_state={"data": data})
+        self.last_checkpoint = tag
+        return tag
+
+    def restore(self, tag: str, *, universal: bool) -> None:
+        """Engine, teacher, step and data position from `tag`; at another world size the data
+        restarts at the recorded epoch boundary."""
+        stepper = self.stepper
+        run_state, side = self.checkpointer.load(stepper.engine, stepper.teacher, tag, universal=universal)
+        stepper.step = int(run_state["step"])
+        if side is not None:
+            self.stream.load_state_dict(side["data"])
+        elif hasattr(self.stream, "restart_epoch"):
+            self.stream.restart_epoch(int(run_state.get("epoch", 0)))
+        self.last_checkpoint = tag
 
     def train(self, max_steps: int | None = None) -> RunSummary:
         cfg, stepper = self.cfg, self.stepper

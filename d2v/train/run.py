@@ -18,7 +18,7 @@ from d2v.config.batch_plan import apply_batch_plan
 from d2v.config.modalities import modality_spec
 from d2v.config.schema import D2vConfig
 from d2v.train.checkpoint import Checkpointer
-from d2v.train.loop import UpdateLoop, needs_universal, plan_resume, with_universal_load
+from d2v.train.loop import UpdateLoop, plan_resume, with_universal_load
 from d2v.train.metrics import MetricsSink
 from d2v.train import distributed
 from d2v.train.preemption import PreemptionFlag
@@ -50,9 +50,7 @@ class Run(UpdateLoop):
         self.checkpointer = Checkpointer(os.path.join(self.out_dir, "checkpoints"), rank=self.rank,
                                          world_size=self.world_size, keep_last=cfg.train.keep_last)
         # Everything about the resume is checked before any engine is built.
-        self.resume_tag, resume_state = plan_resume(self.checkpointer, resume, cfg.name, self.out_dir)
-        reshard = resume_state is not None and needs_universal(self.checkpointer, self.resume_tag, resume_state,
-                                                               self.world_size)
+        self.resume_tag, _, reshard = plan_resume(self.checkpointer, resume, cfg.name, self.out_dir, self.world_size)
         if reshard:
             ds_template = with_universal_load(ds_template)
         student, self.init_report = self._init_student(init_from)
@@ -68,7 +66,7 @@ class Run(UpdateLoop):
         self.last_checkpoint: str | None = None
         self.preemption = PreemptionFlag(self.world_size).install()
         if self.resume_tag is not None:
-            self._resume(self.resume_tag, universal=reshard)
+            self.restore(self.resume_tag, universal=reshard)
         self.sink = MetricsSink(self.out_dir, rank=self.rank, max_steps=cfg.train.max_steps,
                                 wandb_mode=cfg.train.wandb, run_config=to_dict(cfg), start_step=self.trainer.step,
                                 positions_name=modality_spec(cfg.model.modality).position_name)
@@ -102,23 +100,8 @@ class Run(UpdateLoop):
             print(report.summary())
         return student, report
 
-    def _resume(self, tag: str, *, universal: bool) -> None:
-        run_state, side = self.checkpointer.load(self.trainer.engine, self.trainer.teacher, tag, universal=universal)
-        self.trainer.step = int(run_state["step"])
-        if side is not None:
-            self.stream.load_state_dict(side["data"])
-        elif hasattr(self.stream, "restart_epoch"):
-            self.stream.restart_epoch(int(run_state.get("epoch", 0)))
-        self.last_checkpoint = tag
-
-    def save(self) -> str:
-        data = self.stream.state_dict()
-        tag = self.checkpointer.save(
-            self.trainer.engine, self.trainer.teacher, self.trainer.step,
-            run_state={"preset": self.cfg.name, "epoch": int(data.get("epoch", 0)), "config": to_dict(self.cfg)},
-            rank_state={"data": data})
-        self.last_checkpoint = tag
-        return tag
+    def run_state(self) -> dict[str, Any]:
+        return {"config": to_dict(self.cfg)}
 
     # -- validation --------------------------------------------------------------------------
     @torch.no_grad()

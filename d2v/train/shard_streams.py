@@ -7,7 +7,6 @@ built here from the config, one function each per modality, registered in PIPELI
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -16,8 +15,6 @@ from d2v.config.schema import D2vConfig
 from d2v.data.loader import BatchMaker, TrainLoader, ValidationLoader
 from d2v.data.plan import BatchingOptions
 from d2v.data.shards import expand_pattern, load_index
-
-log = logging.getLogger(__name__)
 
 
 def mask_fn(cfg: D2vConfig):
@@ -34,10 +31,6 @@ def mask_fn(cfg: D2vConfig):
     mk = cfg.masking
     return span_mask_fn(mask_prob=mk.mask_prob, mask_length=mk.mask_length, min_masks=mk.min_masks,
                         equalize=mk.equalize)
-
-
-def _audio_batching(cfg: D2vConfig) -> BatchingOptions:
-    return _audio_options(cfg).batching()
 
 
 def _audio_options(cfg: D2vConfig):
@@ -114,7 +107,7 @@ class Pipeline:
 
 
 PIPELINES: dict[str, Pipeline] = {
-    "audio": Pipeline(_audio_batching, _audio_maker, needs_lengths=True),
+    "audio": Pipeline(lambda cfg: _audio_options(cfg).batching(), _audio_maker, needs_lengths=True),
     "image": Pipeline(_fixed_batching, _image_maker, needs_lengths=False),
     "text": Pipeline(_fixed_batching, _text_maker, needs_lengths=False, check=_check_text_shards),
 }

@@ -194,7 +194,8 @@ class Trainer(GuardedCounts):
         values = decision.values
         self.stop_agreed = decision.stop
         if decision.outcome != "update":
-            return self._skip_update(t0, lr, decision.outcome)
+            values = {**self.update.skip(decision), "lr": lr, "step_time": time.perf_counter() - t0}
+            return StepMetrics(self.step, float("nan"), values)
         self.engine.step()
         applied = getattr(self.engine, "was_step_applied", lambda: True)()
         if applied:
@@ -213,13 +214,6 @@ class Trainer(GuardedCounts):
         """The last update's global gradient norm (read at log steps: it may wait for the device)."""
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
-
-    def _skip_update(self, t0: float, lr: float, reason: str) -> StepMetrics:
-        """A window that produced a NaN/inf (or had no real data on any rank): nothing applied."""
-        self.update.skip()
-        values = {"skipped": 1.0, "skipped_steps": float(self.skipped_steps), "lr": lr,
-                  "step_time": time.perf_counter() - t0, "samples": 0.0, "empty": float(reason == "empty")}
-        return StepMetrics(self.step, float("nan"), values)
 
     def norms(self) -> tuple[float, float]:
         """L2 norms of the student's fp32 weights and of the teacher's EMA (all ranks call this).
