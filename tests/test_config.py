@@ -112,3 +112,29 @@ def test_an_unknown_modality_is_named():
 
     with pytest.raises(ValueError, match="unknown modality 'video'"):
         modality_spec("video")
+
+
+def test_each_mask_kind_holds_and_checks_only_the_settings_it_reads():
+    from d2v.config.mask_kinds import MASK_KINDS, Block2dMask, SpanMask, mask_config
+    from d2v.config.modalities import SPECS
+
+    # Every kind a modality offers is a member of the union, and the union has no kind nobody offers.
+    offered = {k for spec in SPECS.values() for k in spec.masks + spec.masks_v2}
+    assert offered == set(MASK_KINDS)
+    for kind, cls in MASK_KINDS.items():
+        assert cls.clones == any(kind in spec.masks_v2 for spec in SPECS.values())
+    audio = resolve("audio_base")
+    span = mask_config(audio.masking)
+    assert isinstance(span, SpanMask) and span.mask_length == 10 and not hasattr(span, "num_mask_patches")
+    assert isinstance(mask_config(resolve("image_base").masking), Block2dMask)
+    # A setting the chosen kind does not read is not checked (it has no effect) ...
+    resolve("audio_base", overrides=["masking.min_aspect=5"])
+    # ... while one it reads is, with the message naming it.
+    with pytest.raises(ValueError, match="masking.min_aspect=5.0 must be in"):
+        resolve("image_base", overrides=["masking.min_aspect=5"])
+    with pytest.raises(ValueError, match="masking.max_block_patches=8 is below masking.min_block_patches=16"):
+        resolve("image_base", overrides=["masking.max_block_patches=8"])
+    with pytest.raises(ValueError, match=r"masking.mask_prob=1.0 must be in \(0, 1\) for 2.0 masks"):
+        resolve("text_base_v2", overrides=["masking.mask_prob=1.0"])
+    with pytest.raises(ValueError, match="random_token_prob \\+ masking.leave_unmasked_prob must be <= 1"):
+        resolve("text_base", overrides=["masking.random_token_prob=0.7", "masking.leave_unmasked_prob=0.5"])

@@ -126,3 +126,38 @@ def test_the_graph_reader_sees_imports_inside_functions():
     # d2v.export imports the trainer's checkpoint engine inside a function.
     assert "d2v.train.safe_checkpoint_engine" in graph["d2v.export"]
     assert "deepspeed" in graph["d2v.collectives"]
+
+
+def _modality_branches(path: str, names: set[str]) -> list[str]:
+    """`x == "audio"`, `x in ("image", "text")`, ... in one file: a comparison against a modality's name."""
+    def names_modality(node) -> bool:
+        if isinstance(node, ast.Constant):
+            return node.value in names
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return any(names_modality(e) for e in node.elts)
+        return False
+
+    found = []
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+        if isinstance(node, ast.Compare) and any(names_modality(n) for n in [node.left, *node.comparators]):
+            found.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
+        elif isinstance(node, ast.MatchValue) and names_modality(node.value):
+            found.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
+    return found
+
+
+def test_no_modality_branch_outside_the_specs():
+    """What differs between modalities is a field of a per-modality table (the config spec in
+    d2v/config/modalities.py, the data pipelines, the interop layouts...), never an if-chain on
+    the modality's name: a new modality adds table entries, not branches."""
+    from d2v.config.modalities import SPECS
+
+    branches = [hit for path in _modules().values() for hit in _modality_branches(path, set(SPECS))]
+    assert not branches, "modality if-chains (make them a field of the modality's table entry):\n" + "\n".join(branches)
+
+
+def test_the_branch_reader_sees_comparisons_and_membership(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text('if cfg.modality == "audio":\n    pass\nok = kind in ("image", "video")\nx = {"text": 1}["text"]\n')
+    assert _modality_branches(str(f), {"audio", "image", "text"}) == [f"{os.path.relpath(str(f), ROOT)}:1",
+                                                                       f"{os.path.relpath(str(f), ROOT)}:3"]

@@ -39,6 +39,17 @@ class ModalitySpec:
     (waveform samples, like fairseq's max_tokens) rather than a count of rows."""
     grid_decoder: bool
     """Whether the 2.0 decoder convolves over a 2-D grid of positions."""
+    cls_token_v1: bool
+    """Whether the 1.0 encoder prepends a CLS token (BEiT's layout, docs/method.md §2.2)."""
+    v2_options: frozenset[str]
+    """The 2.0 position options (model.v2.*) this modality's encoder has."""
+    checks: Callable
+    """checks(cfg) -> problems of settings only this modality reads (messages say what to change)."""
+    grid: Callable = lambda m: None
+    """grid(model_cfg) -> (rows, columns) of the positions where they form a 2-D grid (2-D masks), else None."""
+    learned_attention_bias: Callable = lambda m: False
+    """learned_attention_bias(model_cfg): whether the student adds a learned bias to its attention
+    scores, decided as the model builder decides it (the planned kernels then take that bias)."""
 
     def per_rank_batch(self, cfg) -> int:
         return _get(cfg, self.batch_key)
@@ -62,10 +73,11 @@ def _get(cfg, key: str) -> int:
 
 
 def extra_tokens(m) -> int:
-    """Tokens the encoder prepends (CLS): 1.0 vision always, 2.0 where model.v2.cls_token."""
+    """Tokens the encoder prepends (CLS): 1.0 where the modality's layout has one, 2.0 where
+    model.v2.cls_token."""
     if m.v2.enabled:
         return 1 if m.v2.cls_token else 0
-    return 1 if m.modality == "image" else 0
+    return 1 if modality_spec(m.modality).cls_token_v1 else 0
 
 
 def _audio_positions(m, samples):
@@ -77,20 +89,64 @@ def _image_positions(m, samples):
     return side * side
 
 
+def _image_grid(m):
+    side = m.image.image_size // m.image.patch_size
+    return side, side
+
+
+def _beit_bias(m) -> bool:
+    # 1.0 vision builds BEiT's shared relative position bias on request; the 2.0 one has sin-cos positions.
+    return not m.v2.enabled and m.image.rel_pos_bias
+
+
 def _text_positions(m, samples):
     return m.text.max_positions
+
+
+def _audio_checks(cfg) -> list[str]:
+    m, p = cfg.model, []
+    if m.embed_dim % m.audio.conv_pos_groups:
+        p.append(f"model.embed_dim={m.embed_dim} is not divisible by model.audio.conv_pos_groups={m.audio.conv_pos_groups}")
+    if m.v2.enabled and cfg.data.pad:
+        p.append("2.0 audio masks need equal-length rows: set data.pad=false (batches are cropped to the shortest)")
+    return p
+
+
+def _image_checks(cfg) -> list[str]:
+    m, mk, p = cfg.model, cfg.masking, []
+    im = m.image
+    patches = (im.image_size // im.patch_size) ** 2
+    if im.image_size % im.patch_size:
+        p.append(f"model.image.image_size={im.image_size} is not a multiple of model.image.patch_size={im.patch_size}")
+    elif not m.v2.enabled and not 0 <= mk.num_mask_patches <= patches:
+        p.append(f"masking.num_mask_patches={mk.num_mask_patches} exceeds the {patches} patches")
+    if not m.v2.enabled and cfg.teacher.input != "source":
+        p.append("image models need teacher.input=source (the teacher has its own patch embedding)")
+    if m.v2.enabled and im.rel_pos_bias:
+        p.append("image 2.0 uses sin-cos positions: set model.image.rel_pos_bias=false")
+    if m.v2.enabled and patches * (1.0 - mk.mask_prob) < 1:
+        p.append(f"masking.mask_prob={mk.mask_prob} keeps no patch: lower it")
+    return p
+
+
+def _text_checks(cfg) -> list[str]:
+    t = cfg.model.text
+    if not 0 <= t.pad_id < t.vocab_size:
+        return [f"model.text.pad_id={t.pad_id} is outside the vocabulary of {t.vocab_size}"]
+    return []
 
 
 SPECS = {
     "audio": ModalitySpec("audio", "data.max_samples_per_batch", "waveform samples", "frames", ("span",),
                           ("block_1d",), "features", "masked", _audio_positions, padded=True, varies_in_length=True,
-                          grid_decoder=False),
+                          grid_decoder=False, cls_token_v1=False, v2_options=frozenset({"alibi"}), checks=_audio_checks),
     "image": ModalitySpec("image", "train.micro_batch_size", "images", "patches", ("block_2d",),
                           ("inverse_block_2d",), "source", "kept", _image_positions, padded=False, varies_in_length=False,
-                          grid_decoder=True),
+                          grid_decoder=True, cls_token_v1=True, v2_options=frozenset({"sincos_positions"}), checks=_image_checks,
+                          grid=_image_grid, learned_attention_bias=_beit_bias),
     "text": ModalitySpec("text", "train.micro_batch_size", "sequences", "tokens", ("text_span", "bert"),
                          ("random",), "features", "kept", _text_positions, padded=True, varies_in_length=False,
-                         grid_decoder=False),
+                         grid_decoder=False, cls_token_v1=False, v2_options=frozenset(), checks=_text_checks),
 }
 
 

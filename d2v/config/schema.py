@@ -71,8 +71,10 @@ class TextFeatureConfig:
 
 
 @dataclass(kw_only=True)
-class V2Config:
-    """data2vec 2.0 (docs/method.md §3.3): the student encodes only kept tokens, M masks per sample, conv decoder."""
+class KeptTokensConfig:
+    """The kept-token student of data2vec 2.0 (docs/method.md §3.3): it drops the masked positions
+    instead of filling them with a learned embedding, encodes M masked clones of every sample
+    against one teacher pass, and predicts with a conv decoder. The section is `model.v2`."""
 
     enabled: bool = False
     """Build the 2.0 student (kept tokens only, multi-mask, conv decoder) and pick the 2.0 task."""
@@ -146,8 +148,13 @@ class ModelConfig:
     """Image feature-encoder settings (used when modality is image)."""
     text: TextFeatureConfig = field(default_factory=TextFeatureConfig)
     """Text feature-encoder settings (used when modality is text)."""
-    v2: V2Config = field(default_factory=V2Config)
+    v2: KeptTokensConfig = field(default_factory=KeptTokensConfig)
     """data2vec 2.0 settings (used when v2.enabled)."""
+
+    @property
+    def clones(self) -> int:
+        """M, the masked clones of every sample: model.v2.num_masks for the kept-token student, else 1."""
+        return self.v2.num_masks if self.v2.enabled else 1
 
 
 @dataclass(kw_only=True)

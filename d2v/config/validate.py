@@ -3,6 +3,7 @@
 Imports nothing from the schema (the schema calls it): `cfg` is a d2v.config.schema.D2vConfig."""
 from __future__ import annotations
 
+from d2v.config.mask_kinds import MASK_KINDS, mask_config
 from d2v.config.modalities import SPECS
 
 MODALITIES = tuple(SPECS)
@@ -19,8 +20,6 @@ def _problems(cfg: "D2vConfig") -> list[str]:
         p.append(f"model.modality={m.modality!r} is not available; use one of {MODALITIES}")
     if m.embed_dim % m.num_heads:
         p.append(f"model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads}")
-    if m.modality == "audio" and m.embed_dim % m.audio.conv_pos_groups:
-        p.append(f"model.embed_dim={m.embed_dim} is not divisible by model.audio.conv_pos_groups={m.audio.conv_pos_groups}")
     for name in ("dropout", "attention_dropout", "activation_dropout", "feature_dropout", "layerdrop"):
         v = getattr(m, name)
         if not 0.0 <= v < 1.0:
@@ -49,24 +48,10 @@ def _problems(cfg: "D2vConfig") -> list[str]:
                  f"{'with' if m.v2.enabled else 'without'} model.v2.enabled; use one of {allowed}{hint}")
     if m.v2.enabled:
         p.extend(_v2_problems(cfg))
-    if m.modality == "image":
-        im = m.image
-        if im.image_size % im.patch_size:
-            p.append(f"model.image.image_size={im.image_size} is not a multiple of model.image.patch_size={im.patch_size}")
-        elif not m.v2.enabled and not 0 <= mk.num_mask_patches <= (im.image_size // im.patch_size) ** 2:
-            p.append(f"masking.num_mask_patches={mk.num_mask_patches} exceeds the {(im.image_size // im.patch_size) ** 2} patches")
-        if t.input != "source" and not m.v2.enabled:
-            p.append("image models need teacher.input=source (the teacher has its own patch embedding)")
-    if m.modality == "text" and not 0 <= m.text.pad_id < m.text.vocab_size:
-        p.append(f"model.text.pad_id={m.text.pad_id} is outside the vocabulary of {m.text.vocab_size}")
-    if mk.random_token_prob + mk.leave_unmasked_prob > 1:
-        p.append("masking.random_token_prob + masking.leave_unmasked_prob must be <= 1")
-    if not 0.0 <= mk.mask_prob <= 1.0:
-        p.append(f"masking.mask_prob={mk.mask_prob} must be in [0, 1]")
-    if mk.mask_length < 1:
-        p.append("masking.mask_length must be >= 1")
-    if mk.equalize not in ("min", "target", None):
-        p.append(f"masking.equalize={mk.equalize!r}: use min, target or null")
+    if m.modality in SPECS:
+        p.extend(SPECS[m.modality].checks(cfg))
+    if mk.kind in MASK_KINDS:
+        p.extend(mask_config(mk).problems())
     if lo.kind not in ("l2", "smooth_l1"):
         p.append(f"loss.kind={lo.kind!r}: use l2 or smooth_l1")
     if lo.kind == "smooth_l1" and lo.beta <= 0:
@@ -106,29 +91,26 @@ def _problems(cfg: "D2vConfig") -> list[str]:
 def _v2_problems(cfg: "D2vConfig") -> list[str]:
     """Contradictions specific to data2vec 2.0 (model.v2.enabled)."""
     p: list[str] = []
-    m, v, t, mk = cfg.model, cfg.model.v2, cfg.teacher, cfg.masking
+    m, v, t = cfg.model, cfg.model.v2, cfg.teacher
     if v.num_masks < 1:
         p.append(f"model.v2.num_masks={v.num_masks} must be >= 1")
     if v.prenet_depth < 0:
         p.append(f"model.v2.prenet_depth={v.prenet_depth} must be >= 0")
     if m.layer_norm_first:
         p.append("data2vec 2.0 blocks are post-LN: set model.layer_norm_first=false")
-    if v.alibi and m.modality != "audio":
-        p.append(f"model.v2.alibi is for audio only (model.modality={m.modality!r}): set model.v2.alibi=false")
+    if v.alibi and not _has_option(m.modality, "alibi"):
+        p.append(f"model.v2.alibi is for {_with_option('alibi')} only (model.modality={m.modality!r}): "
+                 f"set model.v2.alibi=false")
     if v.alibi and v.cls_token:
         p.append("model.v2.alibi and model.v2.cls_token cannot be combined (ALiBi positions have no CLS slot)")
-    if v.sincos_positions and m.modality != "image":
-        p.append("model.v2.sincos_positions is for image models only")
+    if v.sincos_positions and not _has_option(m.modality, "sincos_positions"):
+        p.append(f"model.v2.sincos_positions is for {_with_option('sincos_positions')} models only")
     elif v.sincos_positions and m.embed_dim % 4:
         p.append(f"2-D sin-cos positions need model.embed_dim divisible by 4, got {m.embed_dim}")
     if v.cls_loss > 0 and not v.cls_token:
         p.append(f"model.v2.cls_loss={v.cls_loss} needs model.v2.cls_token=true")
     if v.cls_loss < 0 or v.mask_noise_std < 0:
         p.append("model.v2.cls_loss and model.v2.mask_noise_std must be >= 0")
-    if m.modality == "image" and m.image.rel_pos_bias:
-        p.append("image 2.0 uses sin-cos positions: set model.image.rel_pos_bias=false")
-    if m.modality == "image" and (m.image.image_size // m.image.patch_size) ** 2 * (1.0 - mk.mask_prob) < 1:
-        p.append(f"masking.mask_prob={mk.mask_prob} keeps no patch: lower it")
     if v.decoder_dim < 1 or v.decoder_layers < 0 or v.decoder_kernel < 1:
         p.append("model.v2.decoder_dim, decoder_kernel must be >= 1 and decoder_layers >= 0")
     elif v.decoder_kernel % 2 == 0:
@@ -140,18 +122,20 @@ def _v2_problems(cfg: "D2vConfig") -> list[str]:
         p.append(f"model.v2.decoder_projection_layers={v.decoder_projection_layers}: use 1 or 2")
     if not 0.0 <= v.decoder_input_dropout < 1.0:
         p.append(f"model.v2.decoder_input_dropout={v.decoder_input_dropout} must be in [0, 1)")
-    if not 0.0 < mk.mask_prob < 1.0:
-        p.append(f"masking.mask_prob={mk.mask_prob} must be in (0, 1) for 2.0 masks")
-    if mk.block_width < 1 or mk.mask_adjust < 0:
-        p.append("masking.block_width must be >= 1 and masking.mask_adjust >= 0")
     want = TEACHER_INPUT_V2.get(m.modality)
     if want is not None and t.input != want:
         p.append(f"2.0 {m.modality} teachers need teacher.input={want}")
     if t.tap != "ffn":
         p.append("2.0 targets are the blocks' FFN outputs: set teacher.tap=ffn")
-    if m.modality == "audio" and cfg.data.pad:
-        p.append("2.0 audio masks need equal-length rows: set data.pad=false (batches are cropped to the shortest)")
     return p
+
+
+def _has_option(modality: str, option: str) -> bool:
+    return modality in SPECS and option in SPECS[modality].v2_options
+
+
+def _with_option(option: str) -> str:
+    return " and ".join(name for name, spec in SPECS.items() if option in spec.v2_options)
 
 
 def validate(cfg: "D2vConfig") -> None:

@@ -112,10 +112,14 @@ def write_patterns(out: str, train: str, valid: str | None) -> str:
     return path
 
 
+# Modalities whose demo data has its own module (audio's is below).
+OTHER_DEMOS = {"image": "d2v.data.demo_image", "text": "d2v.data.demo_text"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("image", "text"):
-        result = importlib.import_module(f"d2v.data.demo_{argv[0]}").main(argv[1:])
+    if argv and argv[0] in OTHER_DEMOS:
+        result = importlib.import_module(OTHER_DEMOS[argv[0]]).main(argv[1:])
         write_patterns(argv[1], result["patterns"]["train"], result["patterns"].get("valid"))
         return 0
     parser = argparse.ArgumentParser(prog="python -m d2v.data.demo", description=__doc__,

@@ -42,10 +42,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+# Modalities whose `prepare` has its own module (audio's is this one).
+OTHER_PREPARES = {"image": "d2v.data.prepare_image", "text": "d2v.data.prepare_text"}
+
+
 def _run(argv: list[str]) -> int:
-    if argv and argv[0] in ("image", "text"):
-        module = importlib.import_module(f"d2v.data.prepare_{argv[0]}")
-        module.main(argv[1:])
+    if argv and argv[0] in OTHER_PREPARES:
+        importlib.import_module(OTHER_PREPARES[argv[0]]).main(argv[1:])
         return 0
     args = _parser().parse_args(argv)
     report = prepare_audio(args.src, args.out, shard_size_mb=args.shard_size_mb,

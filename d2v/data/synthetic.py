@@ -8,6 +8,8 @@ would, with a generator seeded by (seed, index).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 
@@ -99,41 +101,77 @@ def synthetic_text_batch(batch_size: int, *, seq_len: int, vocab_size: int, mask
                  keys=[f"synthetic-{index}-{b}" for b in range(batch_size)])
 
 
-def synthetic_batch(cfg, batch_size: int, *, seed: int, index: int) -> Batch:
-    """A synthetic micro-batch shaped by a D2vConfig, for any modality (2.0: B×M×T masks)."""
+def _audio_samples(cfg) -> int:
+    return int(cfg.data.synthetic_seconds * cfg.model.audio.sample_rate)
+
+
+def _audio_v1(cfg, batch_size: int, seed: int, index: int) -> Batch:
     m, mk = cfg.model, cfg.masking
-    if m.v2.enabled:
-        return _synthetic_batch_v2(cfg, batch_size, seed=seed, index=index)
-    if m.modality == "audio":
-        n = int(cfg.data.synthetic_seconds * m.audio.sample_rate)
-        return synthetic_audio_batch(batch_size, n, conv_layers=m.audio.conv_layers, mask_prob=mk.mask_prob,
-                                     mask_length=mk.mask_length, min_masks=mk.min_masks, equalize=mk.equalize,
-                                     seed=seed, index=index)
-    if m.modality == "image":
-        return synthetic_image_batch(batch_size, image_size=m.image.image_size, patch_size=m.image.patch_size,
-                                     num_masked=mk.num_mask_patches, min_block=mk.min_block_patches,
-                                     seed=seed, index=index)
-    return synthetic_text_batch(batch_size, seq_len=m.text.max_positions, vocab_size=m.text.vocab_size,
+    return synthetic_audio_batch(batch_size, _audio_samples(cfg), conv_layers=m.audio.conv_layers,
+                                 mask_prob=mk.mask_prob, mask_length=mk.mask_length, min_masks=mk.min_masks,
+                                 equalize=mk.equalize, seed=seed, index=index)
+
+
+def _audio_base(cfg, batch_size: int, seed: int, index: int) -> Batch:
+    return synthetic_audio_batch(batch_size, _audio_samples(cfg), conv_layers=cfg.model.audio.conv_layers,
+                                 mask_prob=0.5, mask_length=1, seed=seed, index=index)
+
+
+def _image_v1(cfg, batch_size: int, seed: int, index: int) -> Batch:
+    im, mk = cfg.model.image, cfg.masking
+    return synthetic_image_batch(batch_size, image_size=im.image_size, patch_size=im.patch_size,
+                                 num_masked=mk.num_mask_patches, min_block=mk.min_block_patches, seed=seed,
+                                 index=index)
+
+
+def _image_base(cfg, batch_size: int, seed: int, index: int) -> Batch:
+    im = cfg.model.image
+    return synthetic_image_batch(batch_size, image_size=im.image_size, patch_size=im.patch_size, num_masked=0,
+                                 min_block=1, seed=seed, index=index)
+
+
+def _text_v1(cfg, batch_size: int, seed: int, index: int) -> Batch:
+    t, mk = cfg.model.text, cfg.masking
+    return synthetic_text_batch(batch_size, seq_len=t.max_positions, vocab_size=t.vocab_size,
                                 mask_prob=mk.mask_prob, mask_length=mk.mask_length, seed=seed, index=index)
 
 
-def _synthetic_batch_v2(cfg, batch_size: int, *, seed: int, index: int) -> Batch:
-    """The 1.0 synthetic inputs with data2vec 2.0 masks (M per sample) made as the collate would."""
-    from dataclasses import replace as dc_replace
+def _text_base(cfg, batch_size: int, seed: int, index: int) -> Batch:
+    t = cfg.model.text
+    return synthetic_text_batch(batch_size, seq_len=t.max_positions, vocab_size=t.vocab_size, mask_prob=0.0,
+                                mask_length=1, seed=seed, index=index)
 
+
+@dataclass(frozen=True)
+class SyntheticMaker:
+    """A modality's synthetic inputs: (cfg, batch_size, seed, index) -> Batch."""
+
+    v1: Callable[..., Batch]
+    """Inputs with the 1.0 masks of the config's masking section."""
+    base: Callable[..., Batch]
+    """The same inputs (the same generator draws) for 2.0, whose masks replace the ones made here."""
+
+
+MAKERS: dict[str, SyntheticMaker] = {
+    "audio": SyntheticMaker(_audio_v1, _audio_base),
+    "image": SyntheticMaker(_image_v1, _image_base),
+    "text": SyntheticMaker(_text_v1, _text_base),
+}
+
+
+def synthetic_batch(cfg, batch_size: int, *, seed: int, index: int) -> Batch:
+    """A synthetic micro-batch shaped by a D2vConfig, for any modality (2.0: B×M×T masks)."""
+    maker = MAKERS[cfg.model.modality]
+    if cfg.model.v2.enabled:
+        return _synthetic_batch_v2(cfg, maker, batch_size, seed=seed, index=index)
+    return maker.v1(cfg, batch_size, seed, index)
+
+
+def _synthetic_batch_v2(cfg, maker: SyntheticMaker, batch_size: int, *, seed: int, index: int) -> Batch:
+    """The 1.0 synthetic inputs with data2vec 2.0 masks (M per sample) made as the collate would."""
     from d2v.masking.multimask import multi_mask_fn
 
-    m = cfg.model
-    if m.modality == "audio":
-        n = int(cfg.data.synthetic_seconds * m.audio.sample_rate)
-        base = synthetic_audio_batch(batch_size, n, conv_layers=m.audio.conv_layers, mask_prob=0.5, mask_length=1,
-                                     seed=seed, index=index)
-    elif m.modality == "image":
-        base = synthetic_image_batch(batch_size, image_size=m.image.image_size, patch_size=m.image.patch_size,
-                                     num_masked=0, min_block=1, seed=seed, index=index)
-    else:
-        base = synthetic_text_batch(batch_size, seq_len=m.text.max_positions, vocab_size=m.text.vocab_size,
-                                    mask_prob=0.0, mask_length=1, seed=seed, index=index)
+    base = maker.base(cfg, batch_size, seed, index)
     gen = torch.Generator().manual_seed((seed * 1_000_003 + index) * 2 + 1)
     mask = multi_mask_fn(cfg)(batch_size, base.mask.shape[1], base.padding_mask, gen)
-    return dc_replace(base, mask=mask, masked_source=None)
+    return replace(base, mask=mask, masked_source=None)

@@ -6,6 +6,7 @@ Profilers that patch torch.nn.functional miss Triton kernels, so d2v reports the
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 from d2v.config.modalities import modality_spec
 from d2v.config.schema import D2vConfig
@@ -129,17 +130,7 @@ def v2_flops(cfg: D2vConfig, seconds: float = 1.0) -> FlopCount:
     the full sequence. `head` holds the decoder."""
     m, v = cfg.model, cfg.model.v2
     M, depth, extra = v.num_masks, v.prenet_depth + m.depth, 1 if v.cls_token else 0
-    if m.modality == "audio":
-        one = audio_flops(cfg, int(round(seconds * m.audio.sample_rate)))
-        T = conv_output_length(int(round(seconds * m.audio.sample_rate)), m.audio.conv_layers)
-        feature, pos = one.feature_encoder, one.positions
-    elif m.modality == "image":
-        one = image_flops(cfg)
-        T = (m.image.image_size // m.image.patch_size) ** 2
-        feature, pos = one.feature_encoder, 0.0
-    else:
-        T = m.text.max_positions
-        feature, pos = 0.0, 0.0
+    T, feature, pos = _counter(cfg).v2_inputs(cfg, seconds)
     kept = kept_per_clone(cfg, T)
     blocks = M * depth * block_flops(kept + extra, m.embed_dim, m.ffn_dim)
     teacher = depth * block_flops(T + extra, m.embed_dim, m.ffn_dim) + pos
@@ -148,14 +139,63 @@ def v2_flops(cfg: D2vConfig, seconds: float = 1.0) -> FlopCount:
     return FlopCount(feature, M * pos, blocks, M * decoder_flops(cfg, T), teacher)
 
 
+def _samples(cfg: D2vConfig, seconds: float) -> int:
+    return int(round(seconds * cfg.model.audio.sample_rate))
+
+
+def _audio_v1(cfg: D2vConfig, seconds: float) -> FlopCount:
+    return audio_flops(cfg, _samples(cfg, seconds))
+
+
+def _image_v1(cfg: D2vConfig, seconds: float) -> FlopCount:
+    return image_flops(cfg)
+
+
+def _text_v1(cfg: D2vConfig, seconds: float) -> FlopCount:
+    return text_flops(cfg)
+
+
+def _audio_v2_inputs(cfg: D2vConfig, seconds: float) -> tuple[int, float, float]:
+    n = _samples(cfg, seconds)
+    one = audio_flops(cfg, n)
+    return conv_output_length(n, cfg.model.audio.conv_layers), one.feature_encoder, one.positions
+
+
+def _image_v2_inputs(cfg: D2vConfig, seconds: float) -> tuple[int, float, float]:
+    im = cfg.model.image
+    return (im.image_size // im.patch_size) ** 2, image_flops(cfg).feature_encoder, 0.0
+
+
+def _text_v2_inputs(cfg: D2vConfig, seconds: float) -> tuple[int, float, float]:
+    return cfg.model.text.max_positions, 0.0, 0.0  # embeddings are look-ups, positions included
+
+
+@dataclass(frozen=True)
+class ModalityFlops:
+    """A modality's FLOP formulas; `seconds` sizes inputs whose length varies, the others ignore it."""
+
+    v1: Callable[[D2vConfig, float], FlopCount]
+    """The whole 1.0 count per sample."""
+    v2_inputs: Callable[[D2vConfig, float], tuple[int, float, float]]
+    """2.0: (positions T, feature encoder forward FLOPs, positional encoder forward FLOPs) per sample."""
+
+
+COUNTERS: dict[str, ModalityFlops] = {
+    "audio": ModalityFlops(_audio_v1, _audio_v2_inputs),
+    "image": ModalityFlops(_image_v1, _image_v2_inputs),
+    "text": ModalityFlops(_text_v1, _text_v2_inputs),
+}
+
+
+def _counter(cfg: D2vConfig) -> ModalityFlops:
+    try:
+        return COUNTERS[cfg.model.modality]
+    except KeyError:
+        raise ValueError(f"no FLOP count for modality {cfg.model.modality!r}") from None
+
+
 def flops_per_sample(cfg: D2vConfig, seconds: float = 1.0) -> FlopCount:
     """Audio: per utterance of `seconds`; image: per image; text: per max_positions-token sequence."""
     if cfg.model.v2.enabled:
         return v2_flops(cfg, seconds)
-    if cfg.model.modality == "audio":
-        return audio_flops(cfg, int(round(seconds * cfg.model.audio.sample_rate)))
-    if cfg.model.modality == "image":
-        return image_flops(cfg)
-    if cfg.model.modality == "text":
-        return text_flops(cfg)
-    raise ValueError(f"no FLOP count for modality {cfg.model.modality!r}")
+    return _counter(cfg).v1(cfg, seconds)

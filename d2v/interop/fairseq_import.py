@@ -18,7 +18,6 @@ table is left behind (d2v recomputes it).
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 from typing import Any
@@ -27,16 +26,13 @@ import torch
 from torch import Tensor
 
 from d2v import safe_load
-from d2v.interop.fairseq_layout import map_state, strip_prefix, to_float
+from d2v.interop.fairseq_layout import (FAIRSEQ_LAYOUTS, ImportRefused, attention_heads, count_blocks,
+                                        fairseq_layout, find_setting, map_state, strip_prefix, to_float)
 from d2v.safe_load.unpickle import to_plain
 
 
-class ImportRefused(ValueError):
-    pass
-
-
 def detect(ckpt: dict[str, Any]) -> tuple[str, dict[str, Tensor]]:
-    """(kind, model state): kind is audio | text | image | v2."""
+    """(kind, model state): kind is a FAIRSEQ_LAYOUTS modality (1.0) or v2."""
     state = ckpt.get("model")
     if not isinstance(state, dict):
         raise ImportRefused(f"no 'model' state dict in the checkpoint (top-level keys: {sorted(ckpt)[:10]})")
@@ -44,60 +40,10 @@ def detect(ckpt: dict[str, Any]) -> tuple[str, dict[str, Tensor]]:
     keys = list(state)
     if any(k.startswith("modality_encoders.") for k in keys):
         return "v2", state
-    if any(k.startswith("feature_extractor.conv_layers.") for k in keys):
-        return "audio", state
-    if any(k.startswith("encoder.sentence_encoder.") for k in keys):
-        return "text", state
-    if "patch_embed.proj.weight" in state and any(k.endswith("attn.qkv.weight") for k in keys):
-        return "image", state
+    for name, layout in FAIRSEQ_LAYOUTS.items():
+        if layout.detects(state):
+            return name, state
     raise ImportRefused(f"not a data2vec checkpoint d2v can read; first keys: {keys[:8]}")
-
-
-def _find(tree: Any, *names: str) -> Any:
-    """The first value under any of `names` (dotted paths allowed) anywhere in a nested dict."""
-    if isinstance(tree, dict):
-        for name in names:
-            node: Any = tree
-            for part in name.split("."):
-                node = node.get(part) if isinstance(node, dict) else None
-            if node is not None:
-                return node
-        for value in tree.values():
-            found = _find(value, *names)
-            if found is not None:
-                return found
-    return None
-
-
-def _literal(expr: str) -> Any:
-    """Evaluates fairseq's conv spec strings ("[(512, 10, 5)] + [(512, 3, 2)] * 4") without eval."""
-    def ev(node: ast.AST) -> Any:
-        if isinstance(node, ast.Expression):
-            return ev(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
-            return node.value
-        if isinstance(node, (ast.List, ast.Tuple)):
-            items = [ev(e) for e in node.elts]
-            return items if isinstance(node, ast.List) else tuple(items)
-        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
-            a, b = ev(node.left), ev(node.right)
-            return a + b if isinstance(node.op, ast.Add) else a * b
-        raise ImportRefused(f"cannot read the conv spec {expr!r}")
-
-    return ev(ast.parse(expr, mode="eval"))
-
-
-def _count(state: dict[str, Tensor], prefix: str) -> int:
-    idx = {int(k[len(prefix):].split(".")[0]) for k in state if k.startswith(prefix)}
-    return max(idx) + 1 if idx else 0
-
-
-def _heads(model_cfg: dict[str, Any], what: str) -> int:
-    heads = _find(model_cfg, "encoder_attention_heads", "transformer.encoder.attention_heads", "num_heads")
-    if heads is None:
-        raise ImportRefused(f"the checkpoint's cfg does not give the number of attention heads of the {what} "
-                            f"model (encoder_attention_heads); d2v cannot infer it from the weights")
-    return int(heads)
 
 
 def build_config(kind: str, student: dict[str, Tensor], cfg_tree: dict[str, Any], *, vocab_size: int | None = None):
@@ -109,66 +55,11 @@ def build_config(kind: str, student: dict[str, Tensor], cfg_tree: dict[str, Any]
     # The recipe (masking, teacher, loss, optimizer) of the nearest preset; sizes from the weights.
     cfg = get_preset(f"{kind}_{ {768: 'base', 1024: 'large'}.get(width, 'tiny') }")
     m = cfg.model
-    m.depth = _count(student, "encoder.blocks.")
+    m.depth = count_blocks(student, "encoder.blocks.")
     m.ffn_dim, m.embed_dim = student["encoder.blocks.0.ffn.fc1.weight"].shape
     cfg.teacher.top_k = min(cfg.teacher.top_k, m.depth)
-    if kind == "audio":
-        if _find(model_cfg, "layer_norm_first"):
-            raise ImportRefused("the checkpoint has layer_norm_first=true (pre-LN); d2v's audio model is post-LN")
-        spec = _find(model_cfg, "conv_feature_layers")
-        convs = _literal(spec) if isinstance(spec, str) else [tuple(c) for c in m.audio.conv_layers]
-        n_conv = _count(student, "frontend.conv_layers.")
-        if len(convs) != n_conv:
-            raise ImportRefused(f"cfg conv_feature_layers has {len(convs)} layers, the weights {n_conv}")
-        for i, (c, k, _) in enumerate(convs):
-            w = student[f"frontend.conv_layers.{i}.conv.weight"]
-            if (w.shape[0], w.shape[2]) != (c, k):
-                raise ImportRefused(f"conv layer {i}: cfg says {c} channels, kernel {k}; the weights are {tuple(w.shape)}")
-        m.audio.conv_layers = tuple(tuple(int(v) for v in c) for c in convs)
-        pos = student["encoder.pos_conv.layers.0.conv.weight"]
-        m.audio.conv_pos_depth = _count(student, "encoder.pos_conv.layers.")
-        m.audio.conv_pos_kernel, m.audio.conv_pos_groups = pos.shape[2], m.embed_dim // pos.shape[1]
-        m.num_heads = _heads(model_cfg, "audio")
-    elif kind == "text":
-        m.num_heads = _heads(model_cfg, "text")
-        m.text.vocab_size = vocab_size if vocab_size is not None else student["frontend.word_embeddings.weight"].shape[0]
-        m.text.max_positions = student["frontend.position_embeddings.weight"].shape[0] - m.text.pad_id - 1
-        if "head.0.weight" not in student:
-            raise ImportRefused("the checkpoint's regression head is not the 2-layer head d2v's text model uses")
-    else:
-        proj = student["frontend.projection.weight"]
-        table = student["encoder.rel_pos_bias.table"] if "encoder.rel_pos_bias.table" in student else None
-        if table is None:
-            raise ImportRefused("the vision checkpoint has no shared relative position bias "
-                                "(rel_pos_bias.relative_position_bias_table); d2v pretrains with one")
-        m.num_heads = table.shape[1]
-        grid = round(((table.shape[0] - 3) ** 0.5 + 1) / 2)
-        m.image.patch_size, m.image.in_chans = proj.shape[2], proj.shape[1]
-        m.image.image_size = grid * proj.shape[2]
-        if "encoder.blocks.0.layer_scale_1.weight" not in student:
-            m.image.layer_scale_init = 0.0
+    fairseq_layout(kind).config(m, student, model_cfg, vocab_size)
     return cfg.validate()
-
-
-def _fairseq_ema(ckpt: dict[str, Any], state: dict[str, Tensor], kind: str) -> dict[str, Tensor] | None:
-    """The EMA teacher's fp32 weights under the student model's fairseq names, if stored."""
-    ema = state.pop("_ema", None)
-    if ema is None:
-        ema = state.pop("encoder._ema", None)
-    if ema is None:
-        ema = ckpt.get("_ema")
-    if ema is None:
-        return None
-    ema = dict(ema)
-    ema.pop("__sq_mom", None)
-    ema = strip_prefix(ema, ("module.",))
-    # fairseq averages a sub-module (audio: the encoder; text: the sentence encoder); its keys are
-    # relative to that module unless the whole model was averaged.
-    if kind == "audio" and not any(k.startswith(("encoder.", "feature_extractor.")) for k in ema):
-        ema = {"encoder." + k: v for k, v in ema.items()}
-    if kind == "text" and not any(k.startswith("encoder.") for k in ema):
-        ema = {"encoder.sentence_encoder." + k: v for k, v in ema.items()}
-    return ema
 
 
 def teacher_from(cfg: Any, student: dict[str, Tensor], mapped_ema: dict[str, Tensor] | None
@@ -230,12 +121,9 @@ def convert(path: str, *, dict_path: str | None = None, encoder_json: str | None
                   "tokenizer": tokenizer}
     if kind == "v2":
         return _convert_v2(path, ckpt, state, cfg_tree, text_files)
+    layout = fairseq_layout(kind)
     state = dict(state)
-    if kind == "image":
-        ema_state = ckpt.get("model_ema")
-        ema = strip_prefix(dict(ema_state), ("module.",)) if isinstance(ema_state, dict) else None
-    else:
-        ema = _fairseq_ema(ckpt, state, kind)
+    ema = layout.ema(ckpt, state)
     student, unused, unmapped = map_state(kind, state)
     if unmapped:
         raise ImportRefused(f"{path}: keys d2v cannot map into its {kind} model: {unmapped}")
@@ -246,7 +134,7 @@ def convert(path: str, *, dict_path: str | None = None, encoder_json: str | None
         if ema_unmapped:
             raise ImportRefused(f"{path}: EMA keys d2v cannot map: {ema_unmapped}")
     tokenizer_json, vocab_size = None, None
-    if kind == "text":
+    if layout.dict_rows:
         student, tokenizer_json, vocab_size = _text_student(path, student, text_files, notes)
     student = to_float(student)
     cfg = build_config(kind, student, cfg_tree, vocab_size=vocab_size)
@@ -333,13 +221,13 @@ def _convert_v2(path: str, ckpt: dict[str, Any], state: dict[str, Tensor], cfg_t
         if ema_unmapped:
             raise ImportRefused(f"{path}: EMA keys d2v cannot map: {ema_unmapped}")
     model_cfg = cfg_tree.get("model", cfg_tree)
-    heads = _heads(model_cfg, "2.0")
+    heads = attention_heads(model_cfg, "2.0")
     positions = [v for k, v in state.items() if k.endswith("fixed_positional_encoder.positions")]
     for target in (student, mapped_ema):
         if target is not None and "encoder.alibi.scale" in target:
             target["encoder.alibi.scale"] = _alibi_scale(target["encoder.alibi.scale"], heads)
     tokenizer_json, vocab_size = None, None
-    if modality == "text":
+    if fairseq_layout(modality).dict_rows:
         student, tokenizer_json, vocab_size = _text_student(path, student, text_files, notes)
     student = to_float(student)
     cfg = build_v2_config(modality, student, model_cfg, heads, vocab_size=vocab_size,
@@ -367,41 +255,23 @@ def build_v2_config(modality: str, student: dict[str, Tensor], model_cfg: dict[s
     width = student["encoder.blocks.0.ffn.fc1.weight"].shape[1]
     cfg = get_preset(f"{modality}_{ {768: 'base', 1024: 'large'}.get(width, 'tiny') }_v2")
     m, v = cfg.model, cfg.model.v2
-    m.depth = _count(student, "encoder.blocks.")
+    m.depth = count_blocks(student, "encoder.blocks.")
     m.ffn_dim, m.embed_dim = student["encoder.blocks.0.ffn.fc1.weight"].shape
     m.num_heads = heads
-    eps = _find(model_cfg, "norm_eps")
+    eps = find_setting(model_cfg, "norm_eps")
     if eps is not None:
         m.norm_eps = float(eps)
-    v.prenet_depth = _count(student, "encoder.prenet.")
+    v.prenet_depth = count_blocks(student, "encoder.prenet.")
     conv = student["decoder.layers.0.conv.weight"]
-    v.decoder_layers = _count(student, "decoder.layers.")
+    v.decoder_layers = count_blocks(student, "decoder.layers.")
     v.decoder_dim, v.decoder_kernel, v.decoder_groups = conv.shape[0], conv.shape[-1], m.embed_dim // conv.shape[1]
     v.decoder_projection_layers = 2 if "decoder.proj.0.weight" in student else 1
-    residual = _find(model_cfg, "decoder_residual")
+    residual = find_setting(model_cfg, "decoder_residual")
     if residual is not None:
         v.decoder_residual = bool(residual)
     v.alibi = "encoder.alibi.scale" in student
     cfg.teacher.top_k = min(cfg.teacher.top_k, m.depth)
-    if modality == "audio":
-        spec = _find(model_cfg, "feature_encoder_spec")
-        convs = _literal(spec) if isinstance(spec, str) else [tuple(c) for c in m.audio.conv_layers]
-        m.audio.conv_layers = tuple(tuple(int(x) for x in c) for c in convs)
-        pos = student["encoder.pos_conv.layers.0.conv.weight"]
-        m.audio.conv_pos_depth = _count(student, "encoder.pos_conv.layers.")
-        m.audio.conv_pos_kernel, m.audio.conv_pos_groups = pos.shape[2], m.embed_dim // pos.shape[1]
-    elif modality == "image":
-        proj = student["frontend.projection.weight"]
-        m.image.patch_size, m.image.in_chans = proj.shape[2], proj.shape[1]
-        size = _find(model_cfg, "input_size")
-        if size is not None:
-            m.image.image_size = int(size)
-        elif num_patches is not None:  # the sin-cos table has one row per patch
-            m.image.image_size = round(num_patches ** 0.5) * m.image.patch_size
-        v.cls_token = "encoder.cls_token.weight" in student
-    else:
-        m.text.vocab_size = vocab_size
-        m.text.max_positions = student["frontend.position_embeddings.weight"].shape[0] - m.text.pad_id - 1
+    fairseq_layout(modality).config_v2(m, student, model_cfg, vocab_size=vocab_size, num_patches=num_patches)
     return cfg.validate()
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from d2v.interop.hf_layout import HF_SHAPES, d2v_to_hf_name, hf_config, is_v2
+from d2v.interop.hf_layout import d2v_to_hf_name, hf_config, hf_layout, is_v2
 
 WEIGHTS = "model.safetensors"
 META = "d2v_export.json"
@@ -46,6 +46,7 @@ def to_hf_state(cfg: Any, student: dict[str, torch.Tensor], teacher: dict[str, t
             raise KeyError(f"teacher weights {unknown[:5]} are not student parameters: the checkpoint does not fit "
                            f"its config")
         merged.update(teacher)
+    shapes = hf_layout(modality).shapes
     out, dropped = {}, []
     for name, tensor in merged.items():
         hf_name = d2v_to_hf_name(modality, name)
@@ -55,7 +56,7 @@ def to_hf_state(cfg: Any, student: dict[str, torch.Tensor], teacher: dict[str, t
                                f"in d2v/interop/hf_layout.py is out of date")
             dropped.append(name)
             continue
-        shape = HF_SHAPES.get(modality, {}).get(hf_name)
+        shape = shapes.get(hf_name)
         t = tensor.detach().float().cpu()
         out[hf_name] = (t.reshape(shape) if shape else t).contiguous()
         if teacher is not None and name not in teacher:
@@ -66,23 +67,8 @@ def to_hf_state(cfg: Any, student: dict[str, torch.Tensor], teacher: dict[str, t
 
 
 def preprocessing(cfg: Any) -> tuple[str, dict[str, Any]] | None:
-    """(file name, JSON) of transformers' preprocessing settings for audio and images."""
-    m = cfg.model
-    if m.modality == "audio":
-        return "preprocessor_config.json", {
-            "feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1,
-            "sampling_rate": m.audio.sample_rate, "padding_value": 0.0, "padding_side": "right",
-            # d2v normalises every utterance to zero mean and unit variance (data.normalize).
-            "do_normalize": bool(cfg.data.normalize), "return_attention_mask": True}
-    if m.modality == "image":
-        im = m.image
-        # d2v's evaluation transform: bicubic resize to image_size, /255, per-channel mean/std.
-        return "preprocessor_config.json", {
-            "image_processor_type": "BeitImageProcessor", "do_resize": True,
-            "size": {"height": im.image_size, "width": im.image_size}, "resample": 3, "do_center_crop": False,
-            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-            "image_mean": list(im.mean), "image_std": list(im.std), "do_reduce_labels": False}
-    return None
+    """(file name, JSON) of transformers' preprocessing settings (audio and images; text ships its tokenizer)."""
+    return hf_layout(cfg.model.modality).preprocessing(cfg)
 
 
 def find_tokenizer(cfg: Any) -> str | None:
@@ -153,7 +139,7 @@ def write_hf(out: str, cfg: Any, student: dict[str, torch.Tensor], *, teacher: d
                          f"exports only as plain state dicts (--format plain)")
     config = hf_config(cfg)
     tok_path = None
-    if cfg.model.modality == "text":
+    if hf_layout(cfg.model.modality).needs_tokenizer:
         tok_path = tokenizer or find_tokenizer(cfg)
         if tok_path is None:
             raise FileNotFoundError(f"the tokenizer of this text run was not found beside "

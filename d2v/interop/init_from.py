@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from d2v import safe_load
-from d2v.interop.hf_layout import HF_IGNORABLE, HF_PREFIXES, hf_to_d2v_name, is_v2, model_fields_from_hf
+from d2v.interop.hf_layout import HF_IGNORABLE, HF_LAYOUTS, hf_layout, hf_to_d2v_name, is_v2, model_fields_from_hf
 
 
 @dataclass
@@ -69,20 +69,11 @@ def structural_fields(model_cfg: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"model.modality": m.modality, "model.embed_dim": m.embed_dim, "model.depth": m.depth,
                            "model.num_heads": m.num_heads, "model.ffn_dim": m.ffn_dim, "model.norm_eps": m.norm_eps,
                            "model.layer_norm_first": m.layer_norm_first}
-    if m.modality == "audio":
-        out.update({"model.audio.conv_layers": tuple(tuple(c) for c in m.audio.conv_layers),
-                    "model.audio.conv_pos_depth": m.audio.conv_pos_depth,
-                    "model.audio.conv_pos_kernel": m.audio.conv_pos_kernel,
-                    "model.audio.conv_pos_groups": m.audio.conv_pos_groups})
-    elif m.modality == "image":
-        out.update({"model.image.image_size": m.image.image_size, "model.image.patch_size": m.image.patch_size,
-                    "model.image.in_chans": m.image.in_chans, "model.image.rel_pos_bias": m.image.rel_pos_bias,
-                    # only whether layer-scale parameters exist; their initial value is overwritten
-                    "model.image.layer_scale_init": m.image.layer_scale_init > 0})
-    elif m.modality == "text":
-        t = m.text
-        out.update({"model.text.vocab_size": t.vocab_size, "model.text.max_positions": t.max_positions,
-                    "model.text.pad_id": t.pad_id, "model.text.bos_id": t.bos_id, "model.text.eos_id": t.eos_id})
+    # A plain export's config is not validated: an unknown modality keeps the common fields, and
+    # check_fits names the difference.
+    layout = HF_LAYOUTS.get(m.modality)
+    if layout is not None:
+        out.update(layout.structural(m))
     return out
 
 
@@ -121,12 +112,12 @@ def read_pretrained(directory: str) -> Pretrained:
         return Pretrained("plain", safe_load.load_safetensors(os.path.join(directory, "student.safetensors")),
                           teacher, fields)
     fields = model_fields_from_hf(config)
-    fields["model.v2.enabled"] = False
-    if "model.image.layer_scale_init" in fields:
-        fields["model.image.layer_scale_init"] = fields["model.image.layer_scale_init"] > 0
     modality = fields["model.modality"]
+    layout = hf_layout(modality)
+    fields = layout.comparable(fields)
+    fields["model.v2.enabled"] = False
     state = _load_weights(directory)
-    prefix = HF_PREFIXES[modality]
+    prefix = layout.prefix
     student, names, ignored, unmapped = {}, {}, [], []
     for key, tensor in state.items():
         base = key[len(prefix):] if key.startswith(prefix) else key  # a task model's backbone

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from d2v.config.modalities import modality_spec
 from d2v.masking.exact_count import block_mask_1d, inverse_block_mask_2d, random_mask
 
 KINDS = ("block_1d", "inverse_block_2d", "random")
@@ -57,7 +58,5 @@ class MultiMaskFn:
 def multi_mask_fn(cfg) -> MultiMaskFn:
     """The 2.0 mask maker of a D2vConfig (masking.kind one of KINDS)."""
     m, mk = cfg.model, cfg.masking
-    grid = None
-    if m.modality == "image":
-        grid = (m.image.image_size // m.image.patch_size,) * 2
+    grid = modality_spec(m.modality).grid(m)
     return MultiMaskFn(mk.kind, m.v2.num_masks, mk.mask_prob, mk.block_width, mk.mask_adjust, grid)

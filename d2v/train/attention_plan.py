@@ -27,7 +27,7 @@ def run_buckets(cfg: D2vConfig, dtype: torch.dtype) -> list:
     head_dim = m.embed_dim // m.num_heads
     common = dict(dtype=dtype, head_dim=head_dim, max_len=max_length(cfg))
     dropout = m.attention_dropout > 0
-    if m.modality == "image" and not m.v2.enabled:  # BEiT's learned relative position bias
+    if modality_spec(m.modality).learned_attention_bias(m):
         return (kernels.attention_buckets(**common, bias=True, bias_grad=True, dropout=dropout, grad=True)
                 + kernels.attention_buckets(**common, bias=True, grad=False))
     if m.v2.alibi:
@@ -44,7 +44,7 @@ def plan_for_run(cfg: D2vConfig, device: torch.device, dtype: torch.dtype) -> li
     head_dim = cfg.model.embed_dim // cfg.model.num_heads
     if device.type != "cuda" or head_dim not in FUSED_HEAD_DIMS:
         return []
-    clones = cfg.model.v2.num_masks if cfg.model.v2.enabled else 1
+    clones = cfg.model.clones
     rows = cfg.train.micro_batch_size * clones
     spec = modality_spec(cfg.model.modality)
     if spec.varies_in_length:  # a budget of input samples: as many rows of a bucket's length as fit

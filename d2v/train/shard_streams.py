@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from d2v.batch import Batch
+from d2v.config.modalities import modality_spec
 from d2v.config.schema import D2vConfig
 from d2v.data.loader import BatchMaker, TrainLoader, ValidationLoader
 from d2v.data.plan import BatchingOptions
@@ -24,8 +25,11 @@ def mask_fn(cfg: D2vConfig):
         from d2v.masking.multimask import multi_mask_fn
 
         return multi_mask_fn(cfg)
-    if cfg.model.modality != "audio":
-        return None
+    masks_v1 = PIPELINES[cfg.model.modality].masks_v1
+    return masks_v1(cfg) if masks_v1 is not None else None
+
+
+def _audio_masks(cfg: D2vConfig):
     from d2v.data import span_mask_fn
 
     mk = cfg.masking
@@ -59,7 +63,7 @@ def _image_maker(cfg: D2vConfig, train: bool) -> BatchMaker:
     transform = ImageTransform(m.image.image_size, m.image.mean, m.image.std, scale=m.image.crop_scale,
                                color_jitter=m.image.color_jitter, train=train)
     masks = mask_fn(cfg)
-    grid = (m.image.image_size // m.image.patch_size,) * 2
+    grid = modality_spec(m.modality).grid(m)
     if masks is not None:
         def collate(images, labels, keys, g):
             return image_collate_v2(images, labels, keys, mask_fn=masks, g=g)
@@ -104,10 +108,12 @@ class Pipeline:
     maker: Callable[[D2vConfig, bool], BatchMaker]
     needs_lengths: bool  # False: shards without a sidecar are planned from their tar headers
     check: Callable[[D2vConfig, str], None] | None = None
+    masks_v1: Callable[[D2vConfig], Any] | None = None  # the loader's 1.0 mask maker; None: the collate masks
 
 
 PIPELINES: dict[str, Pipeline] = {
-    "audio": Pipeline(lambda cfg: _audio_options(cfg).batching(), _audio_maker, needs_lengths=True),
+    "audio": Pipeline(lambda cfg: _audio_options(cfg).batching(), _audio_maker, needs_lengths=True,
+                      masks_v1=_audio_masks),
     "image": Pipeline(_fixed_batching, _image_maker, needs_lengths=False),
     "text": Pipeline(_fixed_batching, _text_maker, needs_lengths=False, check=_check_text_shards),
 }
