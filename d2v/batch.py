@@ -18,8 +18,8 @@ class TargetIndex:
     device: the training step then gathers with these indices instead of indexing with a mask
     (boolean indexing and `.item()` make the host wait for the device).
 
-    M is 1 for a B×T mask (1.0), the number of clones for a B×M×T mask (2.0); rows are the B·M
-    clones in sample-major order.
+    M is the number of clones of every sample (1 for 1.0, whose student fills the masked
+    positions); rows are the B·M clones in sample-major order.
     """
 
     targets: Tensor
@@ -49,6 +49,11 @@ class TargetIndex:
         return replace(self, targets=pin(self.targets), padding_mask=pin(self.padding_mask), kept=pin(self.kept))
 
 
+def as_clone_masks(mask: Tensor) -> Tensor:
+    """B×M×T masks: a B×T mask (one per sample) is M = 1."""
+    return mask.unsqueeze(1) if mask.dim() == 2 else mask
+
+
 def kept_positions(mask_NT: Tensor) -> Tensor:
     """N×K ascending positions of the unmasked tokens; every row must keep the same number K
     (a data2vec 2.0 student encodes K tokens per clone)."""
@@ -62,22 +67,26 @@ def kept_positions(mask_NT: Tensor) -> Tensor:
     return torch.sort(mask_NT.to(torch.int8), dim=1, stable=True).indices[:, :K]
 
 
-def target_index(mask: Tensor, padding_mask: Tensor | None) -> TargetIndex:
-    """The TargetIndex of a host mask (B×T, or B×M×T for 2.0) and padding mask (B×T or None)."""
+def target_index(mask: Tensor, padding_mask: Tensor | None, *, drops_masked: bool) -> TargetIndex:
+    """The TargetIndex of a host mask (B×M×T; a B×T mask is M = 1) and padding mask (B×T or None).
+    drops_masked: whether the student drops the masked positions (then the kept ones are indexed
+    too, and a mask may cover padding, which is simply not a target)."""
     if mask.device.type != "cpu":
         raise ValueError("target_index works on the host copy of a batch (before Batch.to)")
-    clones = mask.dim() == 3
-    B, T = mask.shape[0], mask.shape[-1]
-    M = mask.shape[1] if clones else 1
+    mask = as_clone_masks(mask)
+    B, M, T = mask.shape
+    if M != 1 and not drops_masked:
+        raise ValueError(f"the batch carries {M} masks per sample, but a student that fills the masked positions "
+                         f"takes one (M = 1)")
     mask_NT = mask.reshape(B * M, T)
     pad_NT = None if padding_mask is None else padding_mask.repeat_interleave(M, dim=0)
-    if pad_NT is not None and not clones and bool((mask_NT & pad_NT).any()):
+    if pad_NT is not None and not drops_masked and bool((mask_NT & pad_NT).any()):
         raise ValueError("the mask marks padded positions; masks must respect padding")
     valid = mask_NT if pad_NT is None else mask_NT & ~pad_NT
     targets = valid.flatten().nonzero().flatten()
     real = B * M * T if padding_mask is None else int((~padding_mask).sum()) * M
     kept, kept_padding = None, False
-    if clones:
+    if drops_masked:
         kept = kept_positions(mask_NT)
         kept_padding = pad_NT is not None and bool(torch.gather(pad_NT, 1, kept).any())
     return TargetIndex(targets, int(targets.numel()), targets.numel() / max(real, 1), padding_mask, kept, kept_padding,
@@ -90,8 +99,9 @@ class Batch:
 
     source: the clean input. audio B×S float waveform (zero-padded), image B×3×H×W float,
         text B×T int64 tokens.
-    mask: B×T bool, True where the student's input is masked (targets are predicted there);
-        data2vec 2.0: B×M×T, M masks per sample (masked tokens are dropped from the student's input).
+    mask: B×M×T bool, True where the student's input is masked (targets are predicted there): M
+        masks per sample, each a clone of the sample (data2vec 2.0; masked tokens are dropped
+        from the student's input), or M = 1 (1.0). A B×T mask given here is stored as B×1×T.
     padding_mask: B×T bool at the model's sequence level, True at padding; None if no row is padded.
     source_lengths: B int64 valid samples per row (audio), else None.
     masked_source: a student view built in collate (text: tokens with `<mask>`/random
@@ -110,15 +120,18 @@ class Batch:
     index: TargetIndex | None = None
     """Host-derived target positions (`with_index`), or None."""
 
+    def __post_init__(self) -> None:
+        self.mask = as_clone_masks(self.mask)
+
     @property
     def batch_size(self) -> int:
         return int(self.source.shape[0])
 
-    def with_index(self) -> "Batch":
-        """This host batch with its TargetIndex (computed once)."""
+    def with_index(self, *, drops_masked: bool) -> "Batch":
+        """This host batch with its TargetIndex (computed once); drops_masked: see target_index."""
         if self.index is not None:
             return self
-        return replace(self, index=target_index(self.mask, self.padding_mask))
+        return replace(self, index=target_index(self.mask, self.padding_mask, drops_masked=drops_masked))
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Batch":
         """Moves tensors to `device`; floating-point `source` is cast to `dtype` when given.

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from d2v.batch import Batch, target_index
+from d2v.batch import Batch, as_clone_masks, target_index
 from d2v.config.schema import D2vConfig
 from d2v.losses import per_dim_std, regression_loss
 from d2v.models.audio import Known
@@ -52,7 +52,7 @@ def clone_targets(y_BTD: Tensor, mask: Tensor, padding_mask_BT: Tensor | None,
     """P×D targets at the masked non-padded positions of the B·M rows, in the row-major order of the
     (B·M)×T mask (a B×T mask is M = 1): row r takes sample r // M's targets (indexed, not repeated
     in memory). positions_P: those positions flattened (row·T + t), worked out on the host."""
-    mask_BMT = mask if mask.dim() == 3 else mask.unsqueeze(1)
+    mask_BMT = as_clone_masks(mask)
     B, M, T = mask_BMT.shape
     if positions_P is None:
         valid = mask_BMT if padding_mask_BT is None else mask_BMT & ~padding_mask_BT.unsqueeze(1)
@@ -113,7 +113,8 @@ class Data2VecTask:
             loss_sum, count = loss_sum * weight, int(count * weight)
         loss = loss_sum / self.normalizer(count)
         if index is None:  # outside training: read back from the device once
-            index = target_index(batch.mask.cpu(), None if padding is None else padding.cpu())
+            index = target_index(batch.mask.cpu(), None if padding is None else padding.cpu(),
+                                 drops_masked=self.student.drops_masked)
         metrics.update({
             "loss_sum": loss_sum.detach(),
             "loss_count": float(count),

@@ -191,13 +191,14 @@ def test_collate_shapes_padding_masks():
     assert padded.source_lengths.tolist() == [16_000, 9_000, 24_000]
     assert padded.source[1, 9_000:].abs().sum() == 0
     frames = conv_output_length(24_000)
-    assert padded.mask.shape == padded.padding_mask.shape == (3, frames)
+    # Masks are B×M×T; a 1.0 mask is one per sample (M = 1).
+    assert padded.mask.shape == (3, 1, frames) and padded.padding_mask.shape == (3, frames)
     assert (~padded.padding_mask).sum(1).tolist() == [conv_output_length(n) for n in (16_000, 9_000, 24_000)]
-    assert not (padded.mask & padded.padding_mask).any() and padded.mask.any()
+    assert not (padded.mask[:, 0] & padded.padding_mask).any() and padded.mask.any()
     cropped = collate_audio(waves, ["a", "b", "c"], pad=False, max_sample_size=24_000,
                             mask_fn=span_mask_fn(), generator=g)
     assert cropped.source.shape == (3, 9_000) and cropped.padding_mask is None
-    assert cropped.mask.shape == (3, conv_output_length(9_000))
+    assert cropped.mask.shape == (3, 1, conv_output_length(9_000))
 
 
 def test_loader_batches_respect_budget_and_normalize(shards):
@@ -209,7 +210,7 @@ def test_loader_batches_respect_budget_and_normalize(shards):
         row = b.source[0, : b.source_lengths[0]]
         assert abs(float(row.mean())) < 0.2 and 0.5 < float(row.std()) < 1.5
         if b.padding_mask is not None:
-            assert not (b.mask & b.padding_mask).any()
+            assert not (b.mask[:, 0] & b.padding_mask).any()
     assert loader.stats["too_short"] > 0  # some generated utterances are under 0.5 s (8,000 samples)
 
 

@@ -97,7 +97,7 @@ def test_image_collate_masks_every_image_exactly():
     g = torch.Generator().manual_seed(0)
     batch = image_collate([torch.randn(3, 32, 32) for _ in range(5)], [0, 1, 2, 3, 4], list("abcde"), grid=(8, 8),
                           num_masked=39, min_block=4, max_block=None, min_aspect=0.3, top_up=True, g=g)
-    assert batch.source.shape == (5, 3, 32, 32) and (batch.mask.sum(1) == 39).all()
+    assert batch.source.shape == (5, 3, 32, 32) and batch.mask.shape == (5, 1, 64) and (batch.mask.sum(-1) == 39).all()
     assert batch.extras["labels"].tolist() == [0, 1, 2, 3, 4]
 
 
@@ -142,9 +142,11 @@ def test_text_collate_selects_and_masks_but_keeps_the_clean_view():
                          mask_prob=0.35, mask_length=4, random_token_prob=0.0, leave_unmasked_prob=0.0,
                          g=torch.Generator().manual_seed(0))
     assert torch.equal(batch.source, torch.stack(tokens))
-    assert (batch.masked_source[batch.mask] == 99).all()
-    assert torch.equal(batch.masked_source[~batch.mask], batch.source[~batch.mask])
-    assert not (batch.mask & batch.padding_mask).any()
+    assert batch.mask.shape == (8, 1, 64)
+    selected = batch.mask[:, 0]
+    assert (batch.masked_source[selected] == 99).all()
+    assert torch.equal(batch.masked_source[~selected], batch.source[~selected])
+    assert not (selected & batch.padding_mask).any()
 
 
 def test_a_bpe_tokenizer_json_with_roberta_ids_is_accepted_and_others_refused(tmp_path):

@@ -57,10 +57,10 @@ def test_batch_pin_memory_keeps_every_field(monkeypatch):
 
     pinned = []
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(tuple(self.shape)) or self.clone())
-    b = Batch(source=torch.randn(2, 5), mask=torch.zeros(2, 3, dtype=torch.bool), keys=["a", "b"]).with_index()
+    b = Batch(source=torch.randn(2, 5), mask=torch.zeros(2, 3, dtype=torch.bool), keys=["a", "b"]).with_index(drops_masked=False)
     out = b.pin_memory()
     assert out.keys == ["a", "b"] and torch.equal(out.source, b.source)
-    assert (2, 5) in pinned and (2, 3) in pinned and (0,) in pinned  # source, mask, the target index
+    assert (2, 5) in pinned and (2, 1, 3) in pinned and (0,) in pinned  # source, mask (B×M×T), the target index
 
 
 def test_mfu_is_taken_against_the_named_peak(monkeypatch):

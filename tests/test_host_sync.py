@@ -44,7 +44,7 @@ def test_gathering_with_host_indices_needs_no_sync():
     from d2v.batch import target_index
 
     mask = torch.rand(3, 10) > 0.5
-    index = target_index(mask, None)
+    index = target_index(mask, None, drops_masked=False)
     h = torch.randn(3, 10, 4)
     with host_sync.count_host_syncs(device_view=True) as c:
         gathered = h.flatten(0, 1).index_select(0, index.targets)

@@ -25,7 +25,7 @@ import soundfile
 import torch
 from torch import Tensor
 
-from d2v.batch import Batch
+from d2v.batch import Batch, as_clone_masks
 from d2v.data.loader import TrainLoader, ValidationLoader
 from d2v.data.plan import BatchingOptions
 from d2v.data.shards import expand_pattern, load_index
@@ -139,8 +139,8 @@ def collate_audio(waves: Sequence[np.ndarray], keys: Sequence[str], *, pad: bool
     else:
         mask = mask_fn(len(waves), num_frames, padding_mask, generator)
     if padding_mask is not None:
-        # padding is never a target, whatever mask_fn does (2.0 masks are B×M×T)
-        mask = mask & ~(padding_mask if mask.dim() == 2 else padding_mask.unsqueeze(1))
+        # padding is never a target, whatever mask_fn does
+        mask = as_clone_masks(mask) & ~padding_mask.unsqueeze(1)
     return Batch(source=source, mask=mask, padding_mask=padding_mask,
                  source_lengths=torch.tensor(kept, dtype=torch.long), keys=list(keys))
 

@@ -173,5 +173,5 @@ def _synthetic_batch_v2(cfg, maker: SyntheticMaker, batch_size: int, *, seed: in
 
     base = maker.base(cfg, batch_size, seed, index)
     gen = torch.Generator().manual_seed((seed * 1_000_003 + index) * 2 + 1)
-    mask = multi_mask_fn(cfg)(batch_size, base.mask.shape[1], base.padding_mask, gen)
+    mask = multi_mask_fn(cfg)(batch_size, base.mask.shape[-1], base.padding_mask, gen)
     return replace(base, mask=mask, masked_source=None)

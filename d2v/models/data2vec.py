@@ -100,7 +100,8 @@ class Data2Vec(nn.Module):
     def forward(self, source: Tensor, mask: Tensor, source_lengths: Tensor | None = None, *,
                 masked_source: Tensor | None = None, layer_seed: int | None = None,
                 index: TargetIndex | None = None) -> StudentOutput:
-        """mask: True = masked (predicted); B×T with a head, B×M×T with a decoder.
+        """mask: True = masked (predicted), B×M×T: M = 1 with a head (B×T is read as that), M clones
+        with a decoder.
         masked_source: a token-level student view made in collate (1.0 text); the feature-level
         mask embedding is then not applied.
         index: the batch's host-derived target positions (training); without it the positions
@@ -116,6 +117,11 @@ class Data2Vec(nn.Module):
 
     def _predict_filled(self, feats: Features, mask_BT: Tensor, token_view: bool, layer_seed: int | None,
                         index: TargetIndex | None) -> StudentOutput:
+        if mask_BT.dim() == 3:
+            if mask_BT.shape[1] != 1:
+                raise ValueError(f"the batch carries {mask_BT.shape[1]} masks per sample, but this student fills the "
+                                 f"masked positions and takes one (M = 1)")
+            mask_BT = mask_BT[:, 0]
         if mask_BT.shape != feats.x.shape[:2]:
             raise ValueError(f"mask is {tuple(mask_BT.shape)} but the model produced {tuple(feats.x.shape[:2])} "
                              f"positions; masks must be made for the feature encoder's output length")

@@ -151,7 +151,7 @@ class Trainer(GuardedCounts):
             check = getattr(self.student.frontend, "check_input", None)
             if check is not None:
                 check(batch.source if batch.masked_source is None else batch.masked_source)
-            batch = host_padding(batch, self.student.frontend).with_index()
+            batch = host_padding(batch, self.student.frontend).with_index(drops_masked=self.student.drops_masked)
             if self.device.type == "cuda":
                 batch = batch.pin_memory()
         return batch.to(self.device, self.dtype)
