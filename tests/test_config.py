@@ -1,5 +1,4 @@
 """Config tree: presets, overrides, validation messages, DeepSpeed JSON filling."""
-import dataclasses
 
 import pytest
 

@@ -93,7 +93,6 @@ def _png(seed):
 
 
 def test_image_collate_masks_every_image_exactly():
-    cfg = get_preset("image_tiny")
     g = torch.Generator().manual_seed(0)
     batch = image_collate([torch.randn(3, 32, 32) for _ in range(5)], [0, 1, 2, 3, 4], list("abcde"), grid=(8, 8),
                           num_masked=39, min_block=4, max_block=None, min_aspect=0.3, top_up=True, g=g)

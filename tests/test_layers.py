@@ -161,3 +161,17 @@ def test_the_branch_reader_sees_comparisons_and_membership(tmp_path):
     f.write_text('if cfg.modality == "audio":\n    pass\nok = kind in ("image", "video")\nx = {"text": 1}["text"]\n')
     assert _modality_branches(str(f), {"audio", "image", "text"}) == [f"{os.path.relpath(str(f), ROOT)}:1",
                                                                        f"{os.path.relpath(str(f), ROOT)}:3"]
+
+
+def test_only_the_config_layer_reads_the_version_switch():
+    """Code outside d2v/config asks what the switch decides (model.drops_masked, model.clones, the
+    mask kind's `clones`), never `model.v2.enabled` itself."""
+    reads = []
+    for name, path in _modules().items():
+        if _under(name, "d2v.config"):
+            continue
+        for node in ast.walk(ast.parse(open(path).read(), path)):
+            if (isinstance(node, ast.Attribute) and node.attr == "enabled" and isinstance(node.value, ast.Attribute)
+                    and node.value.attr == "v2"):
+                reads.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
+    assert not reads, "model.v2.enabled read outside d2v/config:\n" + "\n".join(reads)

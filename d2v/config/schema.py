@@ -152,9 +152,15 @@ class ModelConfig:
     """data2vec 2.0 settings (used when v2.enabled)."""
 
     @property
+    def drops_masked(self) -> bool:
+        """Whether the student drops the masked positions (kept-token encoder, conv decoder, M clones)
+        instead of filling them with a learned embedding: the data2vec 2.0 student (model.v2.enabled)."""
+        return self.v2.enabled
+
+    @property
     def clones(self) -> int:
         """M, the masked clones of every sample: model.v2.num_masks for the kept-token student, else 1."""
-        return self.v2.num_masks if self.v2.enabled else 1
+        return self.v2.num_masks if self.drops_masked else 1
 
 
 @dataclass(kw_only=True)

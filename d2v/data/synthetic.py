@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from d2v.batch import Batch
+from d2v.config.mask_kinds import mask_config
 from d2v.masking import span_mask
 from d2v.shapes import conv_output_length
 
@@ -162,7 +163,7 @@ MAKERS: dict[str, SyntheticMaker] = {
 def synthetic_batch(cfg, batch_size: int, *, seed: int, index: int) -> Batch:
     """A synthetic micro-batch shaped by a D2vConfig, for any modality (2.0: B×M×T masks)."""
     maker = MAKERS[cfg.model.modality]
-    if cfg.model.v2.enabled:
+    if mask_config(cfg.masking).clones:
         return _synthetic_batch_v2(cfg, maker, batch_size, seed=seed, index=index)
     return maker.v1(cfg, batch_size, seed, index)
 

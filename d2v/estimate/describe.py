@@ -34,7 +34,7 @@ def describe(preset: str, overrides: list[str] | None = None, seconds: float = 1
         info["flops_per_second_of_audio"] = flops_per_sample(cfg, 1.0).as_dict()
     length = spec.positions(cfg.model, int(seconds * cfg.model.audio.sample_rate) if spec.varies_in_length else None)
     info[f"{spec.position_name}_per_sample"] = length
-    if cfg.model.v2.enabled:
+    if cfg.model.drops_masked:
         info["v2_masks_per_sample"] = cfg.model.v2.num_masks
         info["v2_kept_tokens_per_clone"] = kept_per_clone(cfg, length)
         info["decoder_parameters"] = sum(p.numel() for p in student.decoder.parameters())

@@ -196,6 +196,6 @@ def _counter(cfg: D2vConfig) -> ModalityFlops:
 
 def flops_per_sample(cfg: D2vConfig, seconds: float = 1.0) -> FlopCount:
     """Audio: per utterance of `seconds`; image: per image; text: per max_positions-token sequence."""
-    if cfg.model.v2.enabled:
+    if cfg.model.drops_masked:
         return v2_flops(cfg, seconds)
     return _counter(cfg).v1(cfg, seconds)

@@ -10,7 +10,6 @@ Legend: B batch, S waveform samples, T positions, D width, V outputs (vocabulary
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import NamedTuple
 
 import torch

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")

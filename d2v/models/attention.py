@@ -5,7 +5,6 @@ Separate q/k/v/out projections keep the transformers export a renaming (docs/met
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 import kernels

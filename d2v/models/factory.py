@@ -169,9 +169,10 @@ BUILDERS_V2 = {"audio": build_audio_v2, "image": build_image_v2, "text": build_t
 
 
 def build_model(cfg: D2vConfig | ModelConfig) -> Data2Vec:
-    """The student for a config (or its model section): 1.0, or 2.0 when model.v2.enabled."""
+    """The student for a config (or its model section): one that fills the masked positions (1.0),
+    or one that drops them (2.0: model.v2.enabled)."""
     m = cfg.model if isinstance(cfg, D2vConfig) else cfg
-    builders = BUILDERS_V2 if m.v2.enabled else BUILDERS
+    builders = BUILDERS_V2 if m.drops_masked else BUILDERS
     try:
         builder = builders[m.modality]
     except KeyError:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from d2v.batch import Batch
+from d2v.config.mask_kinds import mask_config
 from d2v.config.modalities import modality_spec
 from d2v.config.schema import D2vConfig
 from d2v.data.loader import BatchMaker, TrainLoader, ValidationLoader
@@ -21,7 +22,7 @@ from d2v.data.shards import expand_pattern, load_index
 def mask_fn(cfg: D2vConfig):
     """The run's mask maker for waveform frames and image/text positions of data2vec 2.0 (B×M×T);
     None for 1.0 images and text, whose masks the collate step makes."""
-    if cfg.model.v2.enabled:
+    if mask_config(cfg.masking).clones:
         from d2v.masking.multimask import multi_mask_fn
 
         return multi_mask_fn(cfg)

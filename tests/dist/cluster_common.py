@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -47,8 +47,6 @@ def count_units(cfg, batch: Batch) -> int:
 def run_reference(preset: str, precision: str, template: dict, *, accumulate: bool):
     """One process: micro-batch 2b, or two accumulated micro-batches of b whose losses are
     normalised by the window's count (so only the reduction order differs)."""
-    import torch
-
     from d2v.train.trainer import Trainer
 
     cfg = equivalence_config(preset, precision, False, micro=MICRO if accumulate else 2 * MICRO,
@@ -69,7 +67,6 @@ def run_reference(preset: str, precision: str, template: dict, *, accumulate: bo
 
 
 def relative_teacher_diff(a: dict, b: dict) -> float:
-    import torch
 
     num = sum(float((a[k].double() - b[k].double()).square().sum()) for k in b)
     den = sum(float(b[k].double().square().sum()) for k in b)

@@ -6,7 +6,6 @@ fp32 state (rank 0), plus ZeRO-3 checks of what the teacher's forward really see
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -96,7 +95,6 @@ def check_forward_sees_ema(trainer, state) -> dict:
     fp32 EMA (cast to the teacher's dtype): the updates written into the partitions landed, for
     partitioned and persistent parameters alike."""
     import deepspeed
-    import torch
 
     module = trainer.teacher.model
     params = dict(module.named_parameters())
