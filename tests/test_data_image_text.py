@@ -10,9 +10,10 @@ from PIL import Image
 
 from d2v.config import get_preset
 from d2v.data.image import ImageTransform, decode_image, image_collate, random_resized_crop_box
+from d2v.masking.makers import BlockMasks2d, TokenSpanMasks
 from d2v.data.prepare_image import prepare_image
 from d2v.data.prepare_text import pack_blocks, prepare_text
-from d2v.data.text import check_tokenizer, decode_tokens, load_tokenizer_meta, text_collate
+from d2v.data.text import TokenView, check_tokenizer, decode_tokens, load_tokenizer_meta, text_collate
 from d2v.data.tokenizer import Tokenizer
 
 
@@ -94,8 +95,9 @@ def _png(seed):
 
 def test_image_collate_masks_every_image_exactly():
     g = torch.Generator().manual_seed(0)
-    batch = image_collate([torch.randn(3, 32, 32) for _ in range(5)], [0, 1, 2, 3, 4], list("abcde"), grid=(8, 8),
-                          num_masked=39, min_block=4, max_block=None, min_aspect=0.3, top_up=True, g=g)
+    masks = BlockMasks2d((8, 8), num_masked=39, min_block=4, max_block=None, min_aspect=0.3, top_up=True)
+    batch = image_collate([torch.randn(3, 32, 32) for _ in range(5)], [0, 1, 2, 3, 4], list("abcde"), masks=masks,
+                          num_patches=64, g=g)
     assert batch.source.shape == (5, 3, 32, 32) and batch.mask.shape == (5, 1, 64) and (batch.mask.sum(-1) == 39).all()
     assert batch.extras["labels"].tolist() == [0, 1, 2, 3, 4]
 
@@ -137,9 +139,8 @@ def test_tokenizer_mismatch_is_a_clear_error():
 def test_text_collate_selects_and_masks_but_keeps_the_clean_view():
     tokens = [torch.randint(4, 99, (64,)) for _ in range(8)]
     tokens[3][40:] = 1
-    batch = text_collate(tokens, [str(i) for i in range(8)], pad_id=1, mask_id=99, kind="text_span",
-                         mask_prob=0.35, mask_length=4, random_token_prob=0.0, leave_unmasked_prob=0.0,
-                         g=torch.Generator().manual_seed(0))
+    batch = text_collate(tokens, [str(i) for i in range(8)], pad_id=1, masks=TokenSpanMasks(0.35, 4),
+                         token_view=TokenView(mask_id=99), g=torch.Generator().manual_seed(0))
     assert torch.equal(batch.source, torch.stack(tokens))
     assert batch.mask.shape == (8, 1, 64)
     selected = batch.mask[:, 0]

@@ -1,4 +1,5 @@
 """data2vec 2.0 masks: exact counts per row, seeds (docs/method.md §3.3)."""
+import pytest
 import torch
 
 from d2v.masking import block_mask_1d, inverse_block_mask_2d, random_mask
@@ -33,3 +34,34 @@ def test_random_mask_text():
     assert ((~m).sum(1) == 266).all()
     assert not (~m[0] & pad[0]).any()  # 400 real tokens: all 266 kept among them
     assert (~m[1, :100]).all()  # 100 real tokens: every one kept, 166 pads fill the count
+
+
+@pytest.mark.parametrize("preset", ["audio_base", "image_base", "text_base", "audio_base_v2", "image_base_v2",
+                                    "text_base_v2"])
+def test_the_one_mask_maker_gives_what_the_kind_s_generator_gives(preset):
+    """mask_maker(cfg) draws exactly what the kind's own generator draws from the same seed, with
+    one mask per sample for a student that fills the masked positions and M for one that drops them."""
+    from d2v.config import get_preset
+    from d2v.config.mask_kinds import MASK_KINDS
+    from d2v.masking import block_mask_2d, multi_mask_fn, span_mask, text_span_mask
+    from d2v.masking.makers import MAKERS, mask_maker
+
+    assert set(MAKERS) == set(MASK_KINDS.values())
+    cfg = get_preset(preset)
+    mk, T = cfg.masking, {"audio": 200, "image": 196, "text": 64}[cfg.model.modality]
+    padding = None
+    if cfg.model.modality == "text":
+        padding = torch.zeros(3, T, dtype=torch.bool)
+        padding[1, 50:] = True
+    got = mask_maker(cfg)(3, T, padding, torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    want = {
+        "span": lambda: span_mask(3, T, mask_prob=mk.mask_prob, mask_length=mk.mask_length, min_masks=mk.min_masks,
+                                  equalize=mk.equalize, generator=g),
+        "block_2d": lambda: block_mask_2d(3, (14, 14), num_masked=mk.num_mask_patches,
+                                          min_block=mk.min_block_patches, min_aspect=mk.min_aspect, generator=g),
+        "text_span": lambda: text_span_mask(3, T, mask_prob=mk.mask_prob, mask_length=mk.mask_length,
+                                            padding_mask=padding, generator=g),
+    }.get(mk.kind, lambda: multi_mask_fn(cfg)(3, T, padding, g))()
+    assert torch.equal(got, want)
+    assert got.shape == ((3, cfg.model.v2.num_masks, T) if cfg.model.drops_masked else (3, T))

@@ -31,26 +31,27 @@ def gen(seed: int) -> torch.Generator:
 
 def test_collate_masks_have_exact_counts_per_row_for_every_modality():
     from d2v.data.audio import collate_audio
-    from d2v.data.image import image_collate_v2
-    from d2v.data.text import text_collate_v2
+    from d2v.data.image import image_collate
+    from d2v.data.text import text_collate
+    from d2v.masking.makers import mask_maker
 
     # audio: 1-D blocks, exactly floor(0.5·T) masked in every one of the B·M rows
     cfg = get_preset("audio_base_v2")
     waves = [np.random.default_rng(i).standard_normal(16_000 + 800 * i).astype(np.float32) for i in range(3)]
     batch = collate_audio(waves, ["a", "b", "c"], pad=False, max_sample_size=320_000,
-                          mask_fn=multi_mask_fn(cfg), generator=gen(0))
+                          mask_fn=mask_maker(cfg), generator=gen(0))
     assert batch.mask.shape == (3, 8, 49)
     assert (batch.mask.sum(-1) == 24).all()
     # image: inverse 3x3 blocks keep exactly 39 of 196 patches (157 masked)
     cfg = get_preset("image_base_v2")
     images = [torch.zeros(3, 224, 224) for _ in range(2)]
-    batch = image_collate_v2(images, [0, 1], ["x", "y"], mask_fn=multi_mask_fn(cfg), g=gen(0))
+    batch = image_collate(images, [0, 1], ["x", "y"], masks=mask_maker(cfg), num_patches=196, g=gen(0))
     assert batch.mask.shape == (2, 16, 196)
     assert ((~batch.mask).sum(-1) == 39).all()
     # text: random 48%, kept int(T·0.52) per row, real tokens kept before padding
     cfg = get_preset("text_base_v2")
     blocks = [torch.arange(4, 104), torch.cat([torch.arange(4, 64), torch.full((40,), 1)])]
-    batch = text_collate_v2(blocks, ["p", "q"], pad_id=1, mask_fn=multi_mask_fn(cfg), g=gen(0))
+    batch = text_collate(blocks, ["p", "q"], pad_id=1, masks=mask_maker(cfg), token_view=None, g=gen(0))
     assert batch.mask.shape == (2, 8, 100) and batch.masked_source is None
     assert ((~batch.mask).sum(-1) == 52).all()
     assert not (~batch.mask[1, :, 60:]).any()  # 60 real tokens >= 52 kept: no pad is kept

@@ -29,7 +29,7 @@ from d2v.batch import Batch, as_clone_masks
 from d2v.data.loader import TrainLoader, ValidationLoader
 from d2v.data.plan import BatchingOptions
 from d2v.data.shards import expand_pattern, load_index
-from d2v.masking.span import span_mask
+from d2v.masking.makers import SpanMasks
 from d2v.shapes import conv_output_length, min_samples_for_frames
 
 # mask_fn(batch_size, num_frames, padding_mask B×T bool or None, generator) -> B×T bool, True = masked
@@ -68,26 +68,10 @@ class AudioLoaderOptions:
                                max_batch_size=self.max_batch_size)
 
 
-@dataclass(frozen=True)
-class SpanMaskFn:
-    """`span_mask` as a mask_fn (a picklable callable, so spawned loader workers can use it)."""
-
-    mask_prob: float = 0.65
-    mask_length: int = 10
-    min_masks: int = 1
-    equalize: str | None = "min"
-
-    def __call__(self, batch_size: int, num_frames: int, padding_mask: Tensor | None,
-                 generator: torch.Generator) -> Tensor:
-        return span_mask(batch_size, num_frames, mask_prob=self.mask_prob, mask_length=self.mask_length,
-                         min_masks=self.min_masks, padding_mask=padding_mask, equalize=self.equalize,
-                         generator=generator)
-
-
 def span_mask_fn(mask_prob: float = 0.65, mask_length: int = 10, min_masks: int = 1,
-                 equalize: str | None = "min") -> SpanMaskFn:
+                 equalize: str | None = "min") -> SpanMasks:
     """The data2vec 1.0 speech mask (docs/method.md §3.2) for `mask_fn`."""
-    return SpanMaskFn(mask_prob, mask_length, min_masks, equalize)
+    return SpanMasks(mask_prob, mask_length, min_masks, equalize)
 
 
 def decode_audio(data: bytes, sample_rate: int) -> np.ndarray:

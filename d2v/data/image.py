@@ -19,7 +19,6 @@ import torch
 from PIL import Image, ImageEnhance
 
 from d2v.batch import Batch
-from d2v.masking import block_mask_2d
 
 
 def decode_image(sample: dict) -> Image.Image:
@@ -88,18 +87,10 @@ class ImageTransform:
         return (x - self.mean) / self.std
 
 
-def image_collate(images: list[torch.Tensor], labels: list[int], keys: list[str], *, grid: tuple[int, int],
-                  num_masked: int, min_block: int, max_block: int | None, min_aspect: float, top_up: bool,
+def image_collate(images: list[torch.Tensor], labels: list[int], keys: list[str], *, masks, num_patches: int,
                   g: torch.Generator) -> Batch:
-    mask = block_mask_2d(len(images), grid, num_masked=num_masked, min_block=min_block, max_block=max_block,
-                         min_aspect=min_aspect, top_up=top_up, generator=g)
-    return Batch(source=torch.stack(images), mask=mask, keys=keys, extras={"labels": torch.tensor(labels)})
-
-
-def image_collate_v2(images: list[torch.Tensor], labels: list[int], keys: list[str], *, mask_fn,
-                     g: torch.Generator) -> Batch:
-    """data2vec 2.0: `mask_fn` (a d2v.masking.multimask.MultiMaskFn) gives B×M×N inverse-block masks."""
-    mask = mask_fn(len(images), mask_fn.grid[0] * mask_fn.grid[1], None, g)
+    """masks: the run's mask maker (d2v.masking.makers), over the `num_patches` patches of an image."""
+    mask = masks(len(images), num_patches, None, g)
     return Batch(source=torch.stack(images), mask=mask, keys=keys, extras={"labels": torch.tensor(labels)})
 
 

@@ -170,9 +170,9 @@ def synthetic_batch(cfg, batch_size: int, *, seed: int, index: int) -> Batch:
 
 def _synthetic_batch_v2(cfg, maker: SyntheticMaker, batch_size: int, *, seed: int, index: int) -> Batch:
     """The 1.0 synthetic inputs with data2vec 2.0 masks (M per sample) made as the collate would."""
-    from d2v.masking.multimask import multi_mask_fn
+    from d2v.masking.makers import mask_maker
 
     base = maker.base(cfg, batch_size, seed, index)
     gen = torch.Generator().manual_seed((seed * 1_000_003 + index) * 2 + 1)
-    mask = multi_mask_fn(cfg)(batch_size, base.mask.shape[-1], base.padding_mask, gen)
+    mask = mask_maker(cfg)(batch_size, base.mask.shape[-1], base.padding_mask, gen)
     return replace(base, mask=mask, masked_source=None)

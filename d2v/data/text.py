@@ -7,12 +7,13 @@ from __future__ import annotations
 import io
 import json
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from d2v.batch import Batch
-from d2v.masking import apply_token_mask, text_span_mask
+from d2v.masking import apply_token_mask
 
 
 def decode_tokens(sample: dict) -> torch.Tensor:
@@ -48,33 +49,30 @@ def check_tokenizer(meta: dict, text_cfg, block_size: int | None = None) -> None
         raise ValueError(f"blocks of {meta['block_size']} tokens exceed model.text.max_positions={text_cfg.max_positions}")
 
 
-def text_collate(blocks: list[torch.Tensor], keys: list[str], *, pad_id: int, mask_id: int, kind: str,
-                 mask_prob: float, mask_length: int, random_token_prob: float, leave_unmasked_prob: float,
+@dataclass(frozen=True)
+class TokenView:
+    """How the student's token-level view replaces the selected tokens (a student that fills the
+    masked positions; one that drops them sees no masked view)."""
+
+    mask_id: int
+    random_token_prob: float = 0.0
+    leave_unmasked_prob: float = 0.0
+
+
+def text_collate(blocks: list[torch.Tensor], keys: list[str], *, pad_id: int, masks, token_view: TokenView | None,
                  g: torch.Generator) -> Batch:
+    """masks: the run's mask maker (d2v.masking.makers); padding is passed to it, and stays marked
+    where a mask covers it (the task never regresses padded positions)."""
     tokens = torch.stack(blocks)
     padding = tokens.eq(pad_id)
-    if kind == "bert":
-        selected = text_span_mask(tokens.shape[0], tokens.shape[1], mask_prob=mask_prob, mask_length=1,
-                                  padding_mask=padding, generator=g)
-    else:
-        selected = text_span_mask(tokens.shape[0], tokens.shape[1], mask_prob=mask_prob, mask_length=mask_length,
-                                  padding_mask=padding, generator=g)
-    masked = apply_token_mask(tokens, selected, mask_id=mask_id, random_token_prob=random_token_prob,
-                              leave_unmasked_prob=leave_unmasked_prob, generator=g)
-    return Batch(source=tokens, mask=selected, masked_source=masked,
+    mask = masks(tokens.shape[0], tokens.shape[1], padding, g)
+    masked = None
+    if token_view is not None:
+        masked = apply_token_mask(tokens, mask, mask_id=token_view.mask_id,
+                                  random_token_prob=token_view.random_token_prob,
+                                  leave_unmasked_prob=token_view.leave_unmasked_prob, generator=g)
+    return Batch(source=tokens, mask=mask, masked_source=masked,
                  padding_mask=padding if bool(padding.any()) else None, keys=keys)
-
-
-def text_collate_v2(blocks: list[torch.Tensor], keys: list[str], *, pad_id: int, mask_fn,
-                    g: torch.Generator) -> Batch:
-    """data2vec 2.0: B×M×T random masks (`mask_fn`, a d2v.masking.multimask.MultiMaskFn); masked tokens
-    are dropped from the student's input, so there is no `<mask>` view (masked_source is None).
-    Padding stays marked where the mask drops it (equal kept counts per row); the task never
-    regresses padded positions."""
-    tokens = torch.stack(blocks)
-    padding = tokens.eq(pad_id)
-    mask = mask_fn(tokens.shape[0], tokens.shape[1], padding, g)
-    return Batch(source=tokens, mask=mask, padding_mask=padding if bool(padding.any()) else None, keys=keys)
 
 
 class TextBatchMaker:

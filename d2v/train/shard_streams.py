@@ -3,7 +3,8 @@
 Every modality runs the same loader (d2v.data.loader: a plan from the sidecar, resumable
 position, one bad-data policy); what differs is a modality's batching (length-bucketed audio,
 fixed-size image and text batches) and its BatchMaker (decode, augment, collate, mask), both
-built here from the config, one function each per modality, registered in PIPELINES.
+built here from the config, one function each per modality, registered in PIPELINES; every
+modality masks with the run's one mask maker (d2v.masking.makers).
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from d2v.batch import Batch
-from d2v.config.mask_kinds import mask_config
 from d2v.config.modalities import modality_spec
 from d2v.config.schema import D2vConfig
 from d2v.data.loader import BatchMaker, TrainLoader, ValidationLoader
@@ -20,22 +20,10 @@ from d2v.data.shards import expand_pattern, load_index
 
 
 def mask_fn(cfg: D2vConfig):
-    """The run's mask maker for waveform frames and image/text positions of data2vec 2.0 (B×M×T);
-    None for 1.0 images and text, whose masks the collate step makes."""
-    if mask_config(cfg.masking).clones:
-        from d2v.masking.multimask import multi_mask_fn
+    """The run's mask maker (d2v.masking.makers), for every modality and masking.kind."""
+    from d2v.masking.makers import mask_maker
 
-        return multi_mask_fn(cfg)
-    masks_v1 = PIPELINES[cfg.model.modality].masks_v1
-    return masks_v1(cfg) if masks_v1 is not None else None
-
-
-def _audio_masks(cfg: D2vConfig):
-    from d2v.data import span_mask_fn
-
-    mk = cfg.masking
-    return span_mask_fn(mask_prob=mk.mask_prob, mask_length=mk.mask_length, min_masks=mk.min_masks,
-                        equalize=mk.equalize)
+    return mask_maker(cfg)
 
 
 def _audio_options(cfg: D2vConfig):
@@ -58,38 +46,29 @@ def _audio_maker(cfg: D2vConfig, train: bool) -> BatchMaker:
 
 
 def _image_maker(cfg: D2vConfig, train: bool) -> BatchMaker:
-    from d2v.data.image import ImageBatchMaker, ImageTransform, image_collate, image_collate_v2
+    from d2v.data.image import ImageBatchMaker, ImageTransform, image_collate
 
-    m, mk = cfg.model, cfg.masking
+    m = cfg.model
     transform = ImageTransform(m.image.image_size, m.image.mean, m.image.std, scale=m.image.crop_scale,
                                color_jitter=m.image.color_jitter, train=train)
-    masks = mask_fn(cfg)
-    grid = modality_spec(m.modality).grid(m)
-    if masks is not None:
-        def collate(images, labels, keys, g):
-            return image_collate_v2(images, labels, keys, mask_fn=masks, g=g)
-    else:
-        def collate(images, labels, keys, g):
-            return image_collate(images, labels, keys, grid=grid, num_masked=mk.num_mask_patches,
-                                 min_block=mk.min_block_patches, max_block=mk.max_block_patches,
-                                 min_aspect=mk.min_aspect, top_up=mk.top_up, g=g)
+    masks, patches = mask_fn(cfg), modality_spec(m.modality).positions(m, None)
+
+    def collate(images, labels, keys, g):
+        return image_collate(images, labels, keys, masks=masks, num_patches=patches, g=g)
     return ImageBatchMaker(transform, collate)
 
 
 def _text_maker(cfg: D2vConfig, train: bool) -> BatchMaker:
-    from d2v.data.text import TextBatchMaker, text_collate, text_collate_v2
+    from d2v.data.text import TextBatchMaker, TokenView, text_collate
 
     t, mk = cfg.model.text, cfg.masking
     masks = mask_fn(cfg)
-    if masks is not None:
-        def collate(blocks, keys, g):
-            return text_collate_v2(blocks, keys, pad_id=t.pad_id, mask_fn=masks, g=g)
-    else:
-        def collate(blocks, keys, g):
-            return text_collate(blocks, keys, pad_id=t.pad_id, mask_id=t.vocab_size - 1, kind=mk.kind,
-                                mask_prob=mk.mask_prob, mask_length=mk.mask_length,
-                                random_token_prob=mk.random_token_prob, leave_unmasked_prob=mk.leave_unmasked_prob,
-                                g=g)
+    # The student that fills the masked positions reads a token view with <mask> (1.0); the one
+    # that drops them reads the clean tokens.
+    view = None if cfg.model.drops_masked else TokenView(t.vocab_size - 1, mk.random_token_prob, mk.leave_unmasked_prob)
+
+    def collate(blocks, keys, g):
+        return text_collate(blocks, keys, pad_id=t.pad_id, masks=masks, token_view=view, g=g)
     first_regular = max(t.pad_id, t.bos_id, t.eos_id, t.unk_id) + 1
     return TextBatchMaker(max_positions=t.max_positions, vocab_size=t.vocab_size, first_regular_id=first_regular,
                           collate=collate)
@@ -109,12 +88,10 @@ class Pipeline:
     maker: Callable[[D2vConfig, bool], BatchMaker]
     needs_lengths: bool  # False: shards without a sidecar are planned from their tar headers
     check: Callable[[D2vConfig, str], None] | None = None
-    masks_v1: Callable[[D2vConfig], Any] | None = None  # the loader's 1.0 mask maker; None: the collate masks
 
 
 PIPELINES: dict[str, Pipeline] = {
-    "audio": Pipeline(lambda cfg: _audio_options(cfg).batching(), _audio_maker, needs_lengths=True,
-                      masks_v1=_audio_masks),
+    "audio": Pipeline(lambda cfg: _audio_options(cfg).batching(), _audio_maker, needs_lengths=True),
     "image": Pipeline(_fixed_batching, _image_maker, needs_lengths=False),
     "text": Pipeline(_fixed_batching, _text_maker, needs_lengths=False, check=_check_text_shards),
 }
