@@ -137,3 +137,17 @@ def test_each_mask_kind_holds_and_checks_only_the_settings_it_reads():
         resolve("text_base_v2", overrides=["masking.mask_prob=1.0"])
     with pytest.raises(ValueError, match="random_token_prob \\+ masking.leave_unmasked_prob must be <= 1"):
         resolve("text_base", overrides=["masking.random_token_prob=0.7", "masking.leave_unmasked_prob=0.5"])
+
+
+def test_bert_masks_select_single_tokens_whatever_mask_length_says():
+    """masking.mask_length is not a setting of the bert kind: validation, the mask maker and the FLOP
+    count all read BERT's spans of one token."""
+    from d2v.estimate.flops import flops_per_sample
+
+    def flops(*overrides):
+        return flops_per_sample(resolve("text_tiny", overrides=list(overrides))).as_dict()
+
+    bert = flops("masking.kind=bert", "masking.mask_length=0")
+    assert bert == flops("masking.kind=bert", "masking.mask_length=7")
+    assert bert == flops("masking.kind=text_span", "masking.mask_length=1")
+    assert bert != flops("masking.kind=text_span", "masking.mask_length=4")

@@ -110,3 +110,16 @@ def test_attention_is_planned_for_every_shape_family_of_a_gpu_run(monkeypatch, p
     # a CPU run, or a head width no fused kernel serves, plans nothing
     assert attention_plan.plan_for_run(cfg, torch.device("cpu"), torch.bfloat16) == []
     assert attention_plan.plan_for_run(resolve("audio_tiny"), torch.device("cuda", 0), torch.bfloat16) == []
+
+
+@pytest.mark.parametrize("rel_pos_bias", [True, False])
+def test_the_planned_attention_bias_is_the_one_the_model_has(rel_pos_bias):
+    """The plan times bias kernels exactly when the student's encoder holds a learned bias: a vision
+    1.0 model without BEiT's relative position bias gets the unbiased kernels it launches."""
+    from d2v.models import build_model
+    from d2v.train.attention_plan import run_buckets
+
+    cfg = resolve("image_tiny", overrides=[f"model.image.rel_pos_bias={str(rel_pos_bias).lower()}"])
+    has_bias = build_model(cfg).encoder.rel_pos_bias is not None
+    assert has_bias == rel_pos_bias
+    assert {b.bias for b in run_buckets(cfg, torch.bfloat16)} == {has_bias}

@@ -100,6 +100,8 @@ class TextSpanMask(_MaskKind):
 class BertMask(_MaskKind):
     """BERT's token selection, then <mask> / random token / unchanged."""
     kind: ClassVar[str] = "bert"
+    mask_length: ClassVar[int] = 1
+    """BERT selects single tokens: spans of one (masking.mask_length is not read)."""
     mask_prob: float
     random_token_prob: float
     leave_unmasked_prob: float

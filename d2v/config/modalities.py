@@ -118,7 +118,7 @@ def _image_checks(cfg) -> list[str]:
     patches = (im.image_size // im.patch_size) ** 2
     if im.image_size % im.patch_size:
         p.append(f"model.image.image_size={im.image_size} is not a multiple of model.image.patch_size={im.patch_size}")
-    elif not m.v2.enabled and not 0 <= mk.num_mask_patches <= patches:
+    elif not m.v2.enabled and mk.num_mask_patches > patches:
         p.append(f"masking.num_mask_patches={mk.num_mask_patches} exceeds the {patches} patches")
     if not m.v2.enabled and cfg.teacher.input != "source":
         p.append("image models need teacher.input=source (the teacher has its own patch embedding)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+from d2v.config.mask_kinds import mask_config
 from d2v.config.modalities import modality_spec
 from d2v.config.schema import D2vConfig
 from d2v.masking.span import expected_span_rate
@@ -87,8 +88,8 @@ def text_flops(cfg: D2vConfig, tokens: int | None = None) -> FlopCount:
     m = cfg.model
     t = tokens if tokens is not None else m.text.max_positions
     blocks = m.depth * block_flops(t, m.embed_dim, m.ffn_dim)
-    mk = cfg.masking
-    masked = expected_span_rate(mk.mask_prob, mk.mask_length) * t
+    kind = mask_config(cfg.masking)  # BERT's selection is spans of one token
+    masked = expected_span_rate(kind.mask_prob, kind.mask_length) * t
     return FlopCount(0.0, 0.0, blocks, head_flops(cfg, masked), blocks)
 
 

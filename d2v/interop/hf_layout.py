@@ -284,7 +284,7 @@ def hf_to_d2v_name(modality: str, name: str) -> str | None:
 def is_v2(cfg: Any) -> bool:
     """True for a data2vec 2.0 config, whose student drops the masked positions (transformers has
     only the students that fill them)."""
-    return bool(getattr(cfg.model, "drops_masked", False))
+    return cfg.model.drops_masked
 
 
 def hf_config(cfg: Any) -> dict[str, Any]:

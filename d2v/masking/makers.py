@@ -89,12 +89,8 @@ def _blocks_2d(cfg, kind: Block2dMask) -> MaskFn:
                         kind.min_aspect, kind.top_up)
 
 
-def _token_spans(cfg, kind: TextSpanMask) -> MaskFn:
+def _token_spans(cfg, kind: TextSpanMask | BertMask) -> MaskFn:
     return TokenSpanMasks(kind.mask_prob, kind.mask_length)
-
-
-def _bert(cfg, kind: BertMask) -> MaskFn:
-    return TokenSpanMasks(kind.mask_prob, 1)
 
 
 def _clones(cfg, kind) -> MaskFn:
@@ -102,7 +98,7 @@ def _clones(cfg, kind) -> MaskFn:
 
 
 MAKERS: dict[type, Callable] = {SpanMask: _spans, Block2dMask: _blocks_2d, TextSpanMask: _token_spans,
-                                BertMask: _bert, Block1dMask: _clones, InverseBlock2dMask: _clones,
+                                BertMask: _token_spans, Block1dMask: _clones, InverseBlock2dMask: _clones,
                                 RandomMask: _clones}
 
 
