@@ -34,6 +34,13 @@ def _probability(name: str, value: float, *, open_interval: bool = False) -> lis
     return []
 
 
+def _spans(mask_prob: float, mask_length: int) -> list[str]:
+    p = _probability("mask_prob", mask_prob)
+    if mask_length < 1:
+        p.append("masking.mask_length must be >= 1")
+    return p
+
+
 def _replacement(random_token_prob: float, leave_unmasked_prob: float) -> list[str]:
     if random_token_prob + leave_unmasked_prob > 1:
         return ["masking.random_token_prob + masking.leave_unmasked_prob must be <= 1"]
@@ -50,9 +57,7 @@ class SpanMask(_MaskKind):
     equalize: str | None
 
     def problems(self) -> list[str]:
-        p = _probability("mask_prob", self.mask_prob)
-        if self.mask_length < 1:
-            p.append("masking.mask_length must be >= 1")
+        p = _spans(self.mask_prob, self.mask_length)
         if self.equalize not in ("min", "target", None):
             p.append(f"masking.equalize={self.equalize!r}: use min, target or null")
         return p
@@ -90,10 +95,8 @@ class TextSpanMask(_MaskKind):
     leave_unmasked_prob: float
 
     def problems(self) -> list[str]:
-        p = _probability("mask_prob", self.mask_prob) + _replacement(self.random_token_prob, self.leave_unmasked_prob)
-        if self.mask_length < 1:
-            p.append("masking.mask_length must be >= 1")
-        return p
+        return _spans(self.mask_prob, self.mask_length) + _replacement(self.random_token_prob,
+                                                                       self.leave_unmasked_prob)
 
 
 @dataclass(frozen=True)
