@@ -84,14 +84,14 @@ def _audio_positions(m, samples):
     return conv_output_length(samples, m.audio.conv_layers)
 
 
-def _image_positions(m, samples):
-    side = m.image.image_size // m.image.patch_size
-    return side * side
-
-
 def _image_grid(m):
     side = m.image.image_size // m.image.patch_size
     return side, side
+
+
+def _image_positions(m, samples):
+    rows, columns = _image_grid(m)
+    return rows * columns
 
 
 def _beit_bias(m) -> bool:
@@ -115,7 +115,7 @@ def _audio_checks(cfg) -> list[str]:
 def _image_checks(cfg) -> list[str]:
     m, mk, p = cfg.model, cfg.masking, []
     im = m.image
-    patches = (im.image_size // im.patch_size) ** 2
+    patches = _image_positions(m, None)
     if im.image_size % im.patch_size:
         p.append(f"model.image.image_size={im.image_size} is not a multiple of model.image.patch_size={im.patch_size}")
     elif not m.v2.enabled and mk.num_mask_patches > patches:

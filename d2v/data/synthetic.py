@@ -15,8 +15,8 @@ import torch
 
 from d2v.batch import Batch
 from d2v.config.mask_kinds import mask_config
+from d2v.config.modalities import modality_spec
 from d2v.masking import apply_token_mask
-from d2v.shapes import conv_output_length
 
 
 def synthetic_waveform(num_samples: int, generator: torch.Generator, sample_rate: int = 16_000) -> torch.Tensor:
@@ -45,8 +45,6 @@ class SyntheticInputs:
     """A modality's synthetic inputs, before masking: the batch's source and what masking needs."""
 
     source: torch.Tensor
-    length: int
-    """Positions the model produces per row (frames, patches, tokens): the masks' T."""
     source_lengths: torch.Tensor | None = None
     padding_mask: torch.Tensor | None = None
     mask_id: int | None = None
@@ -59,8 +57,7 @@ def _audio_inputs(cfg, batch_size: int, gen: torch.Generator) -> SyntheticInputs
     m = cfg.model
     n = int(cfg.data.synthetic_seconds * m.audio.sample_rate)
     source = torch.stack([synthetic_waveform(n, gen) for _ in range(batch_size)])
-    return SyntheticInputs(source, conv_output_length(n, m.audio.conv_layers),
-                           source_lengths=torch.full((batch_size,), n, dtype=torch.long))
+    return SyntheticInputs(source, source_lengths=torch.full((batch_size,), n, dtype=torch.long))
 
 
 def _image_inputs(cfg, batch_size: int, gen: torch.Generator) -> SyntheticInputs:
@@ -70,7 +67,7 @@ def _image_inputs(cfg, batch_size: int, gen: torch.Generator) -> SyntheticInputs
     images = torch.nn.functional.interpolate(coarse, size=(im.image_size, im.image_size), mode="bilinear",
                                              align_corners=False)
     images = images + 0.1 * torch.randn(images.shape, generator=gen)
-    return SyntheticInputs(images, (im.image_size // im.patch_size) ** 2)
+    return SyntheticInputs(images)
 
 
 def _text_inputs(cfg, batch_size: int, gen: torch.Generator, seed: int) -> SyntheticInputs:
@@ -86,7 +83,7 @@ def _text_inputs(cfg, batch_size: int, gen: torch.Generator, seed: int) -> Synth
         pick = torch.randint(0, 3, (batch_size,), generator=gen)
         cur = successors[cur, pick]
         tokens[:, i] = cur
-    return SyntheticInputs(tokens, seq_len, mask_id=mask_id)
+    return SyntheticInputs(tokens, mask_id=mask_id)
 
 
 # Per modality: (cfg, batch_size, generator, seed) -> SyntheticInputs.
@@ -107,7 +104,9 @@ def synthetic_batch(cfg, batch_size: int, *, seed: int, index: int) -> Batch:
     inputs = INPUTS[cfg.model.modality](cfg, batch_size, gen, seed)
     if mask_config(cfg.masking).clones:
         gen = torch.Generator().manual_seed((seed * 1_000_003 + index) * 2 + 1)
-    mask = mask_maker(cfg)(batch_size, inputs.length, inputs.padding_mask, gen)
+    spec = modality_spec(cfg.model.modality)
+    length = spec.positions(cfg.model, inputs.source.shape[-1] if spec.varies_in_length else None)
+    mask = mask_maker(cfg)(batch_size, length, inputs.padding_mask, gen)
     masked = None
     if inputs.mask_id is not None and not cfg.model.drops_masked:
         mk = cfg.masking

@@ -131,7 +131,9 @@ def v2_flops(cfg: D2vConfig, seconds: float = 1.0) -> FlopCount:
     the full sequence. `head` holds the decoder."""
     m, v = cfg.model, cfg.model.v2
     M, depth, extra = v.num_masks, v.prenet_depth + m.depth, 1 if v.cls_token else 0
-    T, feature, pos = _counter(cfg).v2_inputs(cfg, seconds)
+    spec = modality_spec(m.modality)
+    T = spec.positions(m, _samples(cfg, seconds) if spec.varies_in_length else None)
+    feature, pos = _counter(cfg).v2_encoders(cfg, seconds)
     kept = kept_per_clone(cfg, T)
     blocks = M * depth * block_flops(kept + extra, m.embed_dim, m.ffn_dim)
     teacher = depth * block_flops(T + extra, m.embed_dim, m.ffn_dim) + pos
@@ -156,19 +158,17 @@ def _text_v1(cfg: D2vConfig, seconds: float) -> FlopCount:
     return text_flops(cfg)
 
 
-def _audio_v2_inputs(cfg: D2vConfig, seconds: float) -> tuple[int, float, float]:
-    n = _samples(cfg, seconds)
-    one = audio_flops(cfg, n)
-    return conv_output_length(n, cfg.model.audio.conv_layers), one.feature_encoder, one.positions
+def _audio_v2_encoders(cfg: D2vConfig, seconds: float) -> tuple[float, float]:
+    one = audio_flops(cfg, _samples(cfg, seconds))
+    return one.feature_encoder, one.positions
 
 
-def _image_v2_inputs(cfg: D2vConfig, seconds: float) -> tuple[int, float, float]:
-    im = cfg.model.image
-    return (im.image_size // im.patch_size) ** 2, image_flops(cfg).feature_encoder, 0.0
+def _image_v2_encoders(cfg: D2vConfig, seconds: float) -> tuple[float, float]:
+    return image_flops(cfg).feature_encoder, 0.0
 
 
-def _text_v2_inputs(cfg: D2vConfig, seconds: float) -> tuple[int, float, float]:
-    return cfg.model.text.max_positions, 0.0, 0.0  # embeddings are look-ups, positions included
+def _text_v2_encoders(cfg: D2vConfig, seconds: float) -> tuple[float, float]:
+    return 0.0, 0.0  # embeddings are look-ups, positions included
 
 
 @dataclass(frozen=True)
@@ -177,14 +177,14 @@ class ModalityFlops:
 
     v1: Callable[[D2vConfig, float], FlopCount]
     """The whole 1.0 count per sample."""
-    v2_inputs: Callable[[D2vConfig, float], tuple[int, float, float]]
-    """2.0: (positions T, feature encoder forward FLOPs, positional encoder forward FLOPs) per sample."""
+    v2_encoders: Callable[[D2vConfig, float], tuple[float, float]]
+    """2.0: (feature encoder, positional encoder) forward FLOPs per sample."""
 
 
 COUNTERS: dict[str, ModalityFlops] = {
-    "audio": ModalityFlops(_audio_v1, _audio_v2_inputs),
-    "image": ModalityFlops(_image_v1, _image_v2_inputs),
-    "text": ModalityFlops(_text_v1, _text_v2_inputs),
+    "audio": ModalityFlops(_audio_v1, _audio_v2_encoders),
+    "image": ModalityFlops(_image_v1, _image_v2_encoders),
+    "text": ModalityFlops(_text_v1, _text_v2_encoders),
 }
 
 

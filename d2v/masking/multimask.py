@@ -13,10 +13,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from d2v.config.mask_kinds import MASK_KINDS
 from d2v.config.modalities import modality_spec
 from d2v.masking.exact_count import block_mask_1d, inverse_block_mask_2d, random_mask
 
-KINDS = ("block_1d", "inverse_block_2d", "random")
+KINDS = tuple(kind for kind, variant in MASK_KINDS.items() if variant.clones)
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,7 @@ from d2v.config.schema import D2vConfig
 from d2v.data.loader import BatchMaker, TrainLoader, ValidationLoader
 from d2v.data.plan import BatchingOptions
 from d2v.data.shards import expand_pattern, load_index
-
-
-def mask_fn(cfg: D2vConfig):
-    """The run's mask maker (d2v.masking.makers), for every modality and masking.kind."""
-    from d2v.masking.makers import mask_maker
-
-    return mask_maker(cfg)
+from d2v.masking.makers import mask_maker
 
 
 def _audio_options(cfg: D2vConfig):
@@ -42,7 +36,7 @@ def _fixed_batching(cfg: D2vConfig) -> BatchingOptions:
 def _audio_maker(cfg: D2vConfig, train: bool) -> BatchMaker:
     from d2v.data.audio import AudioBatchMaker
 
-    return AudioBatchMaker(_audio_options(cfg), mask_fn(cfg))
+    return AudioBatchMaker(_audio_options(cfg), mask_maker(cfg))
 
 
 def _image_maker(cfg: D2vConfig, train: bool) -> BatchMaker:
@@ -51,7 +45,7 @@ def _image_maker(cfg: D2vConfig, train: bool) -> BatchMaker:
     m = cfg.model
     transform = ImageTransform(m.image.image_size, m.image.mean, m.image.std, scale=m.image.crop_scale,
                                color_jitter=m.image.color_jitter, train=train)
-    masks, patches = mask_fn(cfg), modality_spec(m.modality).positions(m, None)
+    masks, patches = mask_maker(cfg), modality_spec(m.modality).positions(m, None)
 
     def collate(images, labels, keys, g):
         return image_collate(images, labels, keys, masks=masks, num_patches=patches, g=g)
@@ -62,7 +56,7 @@ def _text_maker(cfg: D2vConfig, train: bool) -> BatchMaker:
     from d2v.data.text import TextBatchMaker, TokenView, text_collate
 
     t, mk = cfg.model.text, cfg.masking
-    masks = mask_fn(cfg)
+    masks = mask_maker(cfg)
     # The student that fills the masked positions reads a token view with <mask> (1.0); the one
     # that drops them reads the clean tokens.
     view = None if cfg.model.drops_masked else TokenView(t.vocab_size - 1, mk.random_token_prob, mk.leave_unmasked_prob)
