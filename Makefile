@@ -1,11 +1,14 @@
 # d2v: `make demo` and `make test` work on a fresh CPU machine with Python 3.11.
 # torch is installed first, pinned to the CPU build, so that nothing pulls a CUDA torch.
+# Every package comes at the version in constraints.txt, the versions the suite passed with;
+# `make lock` moves them to the newest releases (README "Tests").
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-TORCH ?= torch==2.13.0
-TRITON ?= triton==3.9.0
+LOCK ?= constraints.txt
+TORCH ?= $(shell grep -E '^torch==' $(LOCK))
+TRITON ?= $(shell grep -E '^triton==' $(LOCK))
 EXTRAS ?= test,triton,demo,bench,hf
 MODALITY ?= audio
 # e.g. PRESET=image_tiny_v2 MODALITY=image for the data2vec 2.0 demo
@@ -16,15 +19,20 @@ PYTEST_ARGS ?=
 # The rendezvous port of the 2 local ranks: set another one to run two demos at once.
 MASTER_PORT ?= 29500
 
-.PHONY: venv test demo demo-data clean-venv wheels gpu-check
+.PHONY: venv test demo demo-data clean-venv wheels gpu-check lock
 
-$(VENV)/.installed: setup.py
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(TORCH)
+# Installs into VENV at the versions in CONSTRAINTS (empty: the newest releases setup.py allows).
+define install
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q $(2) --upgrade pip setuptools
+	$(1)/bin/python -m pip install -q $(2) $(3)
 	# deepspeed is an sdist whose setup imports torch: build it against the torch above.
-	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation $(TRITON) -e ".[$(EXTRAS)]"
-	$(PY) -c "import torch, deepspeed; assert '+cpu' in torch.__version__ or torch.cuda.is_available(), torch.__version__"
+	DS_BUILD_OPS=0 $(1)/bin/python -m pip install -q --no-build-isolation $(2) $(4) -e ".[$(EXTRAS)]"
+	$(1)/bin/python -c "import torch, deepspeed; assert '+cpu' in torch.__version__ or torch.cuda.is_available(), torch.__version__"
+endef
+
+$(VENV)/.installed: setup.py $(LOCK)
+	$(call install,$(VENV),-c $(LOCK),$(TORCH),$(TRITON))
 	touch $@
 
 venv: $(VENV)/.installed
@@ -48,6 +56,23 @@ demo: venv demo-data
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Refreshes constraints.txt: a scratch venv takes the newest releases that setup.py allows (torch
+# and triton stay at the versions named here: a newer torch has no CPU build on PyPI's default
+# index), and its exact versions become the lock. Then `make test` installs them; commit the file
+# once the suite passes.
+LOCK_VENV ?= .venv-lock
+LOCK_TORCH ?= $(TORCH)
+LOCK_TRITON ?= $(TRITON)
+lock:
+	rm -rf $(LOCK_VENV)
+	$(call install,$(LOCK_VENV),,$(LOCK_TORCH),$(LOCK_TRITON))
+	{ echo "# d2v's tested environment (make lock; Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version(), platform.machine())'), CPU torch)."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable | sed -E 's/^(torch==[^+]*)\+cpu$$/\1/' | grep -vE '^(d2v|nvidia-[a-z0-9-]+)==|^-e '; \
+	} > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf $(LOCK_VENV)
+	@echo "wrote $(LOCK); run make test before committing it"
 
 # Pretrained versus random-init evaluation of the three demos (about 20-30 minutes on 2 CPU cores;
 # not part of CI). Pretrains runs/demo-<modality> first where it has no checkpoint yet.

@@ -7,7 +7,11 @@ setup(
     version="0.1.0",
     description="data2vec (1.0 and 2.0) pretraining for speech, vision and text on DeepSpeed, with Triton kernels",
     python_requires=">=3.10",
-    packages=find_packages(include=["d2v", "d2v.*", "kernels", "kernels.*"]),
+    # One import name, d2v: a second top-level name could collide with another distribution's.
+    packages=find_packages(include=["d2v", "d2v.*"]),
+    # The DeepSpeed templates ship inside the package (the checkout's ds_configs/ links to them),
+    # so `--ds_config zero2.json` works from any directory.
+    package_data={"d2v": ["ds_configs/*.json", "ds_configs/README.md"]},
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16",

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 
-# The script's own folder would shadow the `kernels` package with benchmarks/kernels.py.
+# d2v from this checkout.
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from benchmarks.common import ROOT, machine, table, write_record  # noqa: E402

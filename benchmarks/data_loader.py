@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any
 
-# The script's own folder would shadow the `kernels` package with benchmarks/kernels.py.
+# d2v from this checkout.
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from benchmarks.common import ROOT, machine, table, write_record  # noqa: E402

@@ -41,7 +41,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-# The script's own folder would shadow the `kernels` package with benchmarks/kernels.py.
+# d2v from this checkout.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[0] = ROOT
 
@@ -454,7 +454,7 @@ ALL_SECTIONS = ("kernels", "runs", "teacher", "two_ranks")
 def row_names(args, device: torch.device) -> dict[str, list[str]]:
     import importlib
 
-    dispatch = importlib.import_module("kernels.attention")
+    dispatch = importlib.import_module("d2v.kernels.attention")
     kernels_rows = [f"attention/{n}/{d}" for n in dispatch.RUNNERS for d in args.dtypes]
     kernels_rows += [f"targets/triton/{d}" for d in args.dtypes]
     return {"kernels": kernels_rows,

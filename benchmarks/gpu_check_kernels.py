@@ -34,7 +34,7 @@ def attention_cases(quick: bool, on_gpu: bool) -> dict[str, tuple[int, int, int,
 
 
 def _attention_inputs(tq, tk, dh, options, device, gen, B=2, H=4):
-    from kernels.attention_reference import Alibi, alibi_slopes
+    from d2v.kernels.attention_reference import Alibi, alibi_slopes
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen, device=device)
@@ -76,7 +76,7 @@ def _leaves(x) -> list[torch.Tensor]:
 
 
 def _with_leaves(x, leaves):
-    from kernels.attention_reference import Alibi
+    from d2v.kernels.attention_reference import Alibi
 
     y = dict(x, q=leaves[0], k=leaves[1], v=leaves[2])
     i = 3
@@ -102,7 +102,7 @@ def _forward_backward(fn, x, dtype, do):
 def _alibi_grad_magnitude(x, do) -> torch.Tensor:
     """slope_h · Σ |dS_ij| · dist_ij in float64: the size of the terms of d scale_h, which cancel
     (Σ_j dS_ij = 0), so the gradient's error is judged against them, not against the small sum."""
-    from kernels.attention_reference import Alibi, alibi_bias, attention_reference
+    from d2v.kernels.attention_reference import Alibi, alibi_bias, attention_reference
 
     leaves = [t.detach().to(x["_round"]).double() for t in _leaves(x)]
     y = {k: v for k, v in _with_leaves(x, leaves).items() if k != "_round"}
@@ -121,7 +121,7 @@ def _eligibility(name: str, x, dtype: torch.dtype, on_gpu: bool, interpreting: b
     """None when `name` may run this call, else why not."""
     import importlib
 
-    dispatch = importlib.import_module("kernels.attention")
+    dispatch = importlib.import_module("d2v.kernels.attention")
     if name == "reference":
         return None
     if name == "xformers":
@@ -155,9 +155,9 @@ def _eligibility(name: str, x, dtype: torch.dtype, on_gpu: bool, interpreting: b
 def check_attention(report, args, device: torch.device) -> None:
     import importlib
 
-    from kernels.attention_reference import attention_reference
+    from d2v.kernels.attention_reference import attention_reference
 
-    dispatch = importlib.import_module("kernels.attention")
+    dispatch = importlib.import_module("d2v.kernels.attention")
     on_gpu = device.type == "cuda"
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     limits = LIMITS_GPU if on_gpu else LIMITS_CPU
@@ -222,9 +222,9 @@ TARGET_NORMS = (("instance", None), (None, "layer"), ("layer", None), ("instance
 
 
 def check_targets(report, args, device: torch.device) -> None:
-    import kernels
-    import kernels.targets as kt
-    from kernels import targets_reference as ref
+    from d2v import kernels
+    import d2v.kernels.targets as kt
+    from d2v.kernels import targets_reference as ref
 
     on_gpu = device.type == "cuda"
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"

@@ -16,7 +16,7 @@ writes HBM; eager PyTorch (kernels.targets_reference) runs, per layer:
   None:     x.float() (r s, w 4) · acc.add_ (r 8, w 4)
   (the first layer has no add: its normalised output becomes the sum)
   finalize: acc.div_(K) (r 4, w 4), then the final norm as above without the cast.
-The fused kernels (kernels/targets_triton.py), per layer:
+The fused kernels (d2v/kernels/targets_triton.py), per layer:
   instance: statistics (r s) + normalise-and-add (r s, r 4, w 4);  layer/None: (r s, r 4, w 4)
   (first layer: no read of the sum) · finalize: instance r 4 + (r 4, w 4); layer/None (r 4, w 4).
 Padding adds masked_fill passes to the unfused path (r 4, w 4 each) and nothing to the fused
@@ -95,8 +95,8 @@ class TargetsCase:
                     flop_per_byte_fused=self.flops() / fused)
 
     def run_gpu(self, reps: int) -> dict:
-        import kernels
-        import kernels.targets_reference as ref
+        from d2v import kernels
+        import d2v.kernels.targets_reference as ref
 
         gen = torch.Generator(device="cuda").manual_seed(0)
         layers = [torch.randn(self.B, self.T, self.D, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -175,9 +175,9 @@ class AttentionCase:
     def run_gpu(self, reps: int) -> dict:
         import importlib
 
-        from kernels import Alibi, alibi_slopes
+        from d2v.kernels import Alibi, alibi_slopes
 
-        dispatch = importlib.import_module("kernels.attention")
+        dispatch = importlib.import_module("d2v.kernels.attention")
         gen = torch.Generator(device="cuda").manual_seed(0)
         q, k, v = (torch.randn(self.B, self.H, self.T, self.Dh, device="cuda", dtype=torch.bfloat16,
                                generator=gen, requires_grad=True) for _ in range(3))

@@ -22,7 +22,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
-# The script's own folder would shadow the `kernels` package with benchmarks/kernels.py.
+# d2v from this checkout.
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
@@ -95,7 +95,7 @@ def top_ops(profiler, steps: int, count: int) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import kernels
+    from d2v import kernels
     from d2v.config import load_template, resolve
     from d2v.data.synthetic import synthetic_batch
     from d2v.estimate.flops import flops_per_sample, student_tokens_per_sample

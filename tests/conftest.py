@@ -20,7 +20,7 @@ LAYERS = {
              "test_untrusted_files"],
     "kernels": ["test_kernels_attention", "test_kernels_targets", "test_kernels_compile"],
     "integration": ["test_train_single", "test_interop", "test_finetune", "test_benchmarks", "test_gpu_check",
-                    "test_nothing_lost"],
+                    "test_nothing_lost", "test_install"],
     "distributed": ["test_dist_pretrain", "test_dist_v2", "test_zero", "test_cluster_ops", "test_host_sync"],
 }
 _LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}
@@ -37,3 +37,17 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError(f"test modules without a layer: {unknown}; add them to LAYERS in tests/conftest.py")
     for item in items:
         item.add_marker(getattr(pytest.mark, _LAYER_OF[item.module.__name__]))
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory):
+    """The built-in demo data of every modality as prepared shards, built once per session:
+    {"root": folder, "audio": make_audio_demo's summary (120 utterances), "image": ..., "text": ...}."""
+    pytest.importorskip("espeakng_loader", reason="the speech demo needs the `demo` extra (espeakng-loader)")
+    from d2v.data.demo import make_audio_demo
+    from d2v.data.demo_image import build_image_demo
+    from d2v.data.demo_text import build_text_demo
+
+    root = tmp_path_factory.mktemp("demo_data")
+    return {"root": root, "audio": make_audio_demo(str(root / "audio"), utterances=120, workers=1),
+            "image": build_image_demo(str(root / "image")), "text": build_text_demo(str(root / "text"))}

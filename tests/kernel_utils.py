@@ -11,7 +11,7 @@ and the sm_80/sm_90 compile tests, so neither may set the variable globally:
   was first imported, normally in compiled mode) through the interpreter. Dispatch code must reach
   kernels through the module attribute (`_tt.kernel`), which a reload updates in place.
   Use it from a module-scoped fixture.
-* `gpu_compile_results(modules)` runs `python -m kernels.gpu_compile --json` in a subprocess
+* `gpu_compile_results(modules)` runs `python -m d2v.kernels.gpu_compile --json` in a subprocess
   with TRITON_INTERPRET removed and returns the resource records as dicts.
 * `nan_poison()` makes torch.empty* return NaN-filled memory (deterministic mode) so any output
   element a kernel forgets to write fails the comparison.
@@ -86,7 +86,7 @@ def gpu_compile_results(modules: list[str] | None = None, timeout: float = 300) 
     """(exit code, resource records, stderr) of kernels.gpu_compile run in a clean subprocess."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the 3.9 default; silences its warning
-    cmd = [sys.executable, "-m", "kernels.gpu_compile", "--json"]
+    cmd = [sys.executable, "-m", "d2v.kernels.gpu_compile", "--json"]
     for m in modules or []:
         cmd += ["--module", m]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

@@ -61,7 +61,7 @@ def collective_calls(path: str) -> list[str]:
 
 def library_files() -> list[str]:
     out = []
-    for top in ("d2v", "kernels", "launchers", "benchmarks"):
+    for top in ("d2v", "launchers", "benchmarks"):
         for dirpath, _, files in os.walk(os.path.join(ROOT, top)):
             out += [os.path.join(dirpath, f) for f in files if f.endswith(".py")]
     return sorted(out)

@@ -11,6 +11,9 @@ import pytest
 
 from launch import launch_two_ranks
 
+STEPS = 60  # the loss falls by then for every modality (first 20 steps against the last 20)
+RESUMED_STEPS = 10  # a resumed run goes on this far, not to the end: enough to show it repeats exactly
+
 
 def corrupt_copy(pattern_dir: str, out_dir: str) -> None:
     """Copies audio shards and garbles one utterance's FLAC bytes inside the first one."""
@@ -34,26 +37,20 @@ def corrupt_copy(pattern_dir: str, out_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    pytest.importorskip("espeakng_loader", reason="the speech demo needs the `demo` extra (espeakng-loader)")
-    from d2v.data.demo import make_audio_demo
-    from d2v.data.demo_image import build_image_demo
-    from d2v.data.demo_text import build_text_demo
-
-    data_dir = tmp_path_factory.mktemp("demo_data")
-    audio = make_audio_demo(str(data_dir / "audio"), utterances=120, workers=1)
-    corrupt_copy(str(data_dir / "audio" / "shards"), str(data_dir / "audio_corrupt"))
-    image = build_image_demo(str(data_dir / "image"))
-    text = build_text_demo(str(data_dir / "text"))
+def ranks(tmp_path_factory, demo_shards):
+    data_dir, audio, image, text = (demo_shards[k] for k in ("root", "audio", "image", "text"))
+    corrupt_dir = tmp_path_factory.mktemp("audio_corrupt") / "shards"
+    corrupt_copy(str(data_dir / "audio" / "shards"), str(corrupt_dir))
     patterns = {
         "audio": [audio["train"]["pattern"], audio["val"]["pattern"]],
-        "audio_corrupt": [audio["train"]["pattern"].replace(str(data_dir / "audio" / "shards"),
-                                                            str(data_dir / "audio_corrupt")), None],
+        "audio_corrupt": [audio["train"]["pattern"].replace(str(data_dir / "audio" / "shards"), str(corrupt_dir)),
+                          None],
         "image": [image["patterns"]["train"], image["patterns"]["valid"]],
         "text": [text["patterns"]["train"], text["patterns"]["valid"]],
     }
     out = str(tmp_path_factory.mktemp("dist_pretrain"))
-    return out, launch_two_ranks("tests/dist/pretrain_scenarios.py", out, "--steps", "100", "--data",
+    return out, launch_two_ranks("tests/dist/pretrain_scenarios.py", out, "--steps", str(STEPS),
+                                 "--resumed-steps", str(RESUMED_STEPS), "--data",
                                  json.dumps(patterns))
 
 
@@ -67,7 +64,7 @@ def test_two_ranks_ran_and_loss_falls_for_every_modality(ranks):
         for name in ("full", "image", "text"):
             run = res[name]
             assert run["rank"] == r and run["world_size"] == 2
-            assert len(run["losses"]) == 100, name
+            assert len(run["losses"]) == STEPS, name
             assert _falls(run["losses"]), (name, run["losses"][:5], run["losses"][-5:])
             assert min(run["target_std"]) > 0.1, name
 
@@ -81,7 +78,7 @@ def test_logs_and_checkpoints_appear(ranks):
     out, _ = ranks
     lines = [json.loads(line) for line in open(os.path.join(out, "full", "metrics.jsonl"))]
     train = [row for row in lines if row["split"] == "train"]
-    assert [row["step"] for row in train] == list(range(10, 101, 10))
+    assert [row["step"] for row in train] == list(range(10, STEPS + 1, 10))
     for key in ("loss", "target_std", "pred_std", "mask_rate", "ema_decay", "lr", "grad_norm", "model_norm",
                 "ema_norm", "samples_per_s", "corrupt_samples", "positions_per_s", "tflops_per_device",
                 "peak_mem_gib"):
@@ -92,11 +89,11 @@ def test_logs_and_checkpoints_appear(ranks):
         assert 10 < row["positions_per_s"] / row["samples_per_s"] < 1000
     assert "mfu" not in train[0]  # a CPU has no datasheet peak and none was given
     valid = [row for row in lines if row["split"] == "valid"]
-    assert [row["step"] for row in valid] == [50, 100] and all(row["loss"] > 0 for row in valid)
+    assert [row["step"] for row in valid] == [STEPS // 2, STEPS] and all(row["loss"] > 0 for row in valid)
     assert glob.glob(os.path.join(out, "full", "tensorboard", "events.out.tfevents.*"))
     ckpt = os.path.join(out, "full", "checkpoints")
-    assert open(os.path.join(ckpt, "latest")).read().strip() == "step_00000100"
-    tag = os.path.join(ckpt, "step_00000100")
+    assert open(os.path.join(ckpt, "latest")).read().strip() == f"step_{STEPS:08d}"
+    tag = os.path.join(ckpt, f"step_{STEPS:08d}")
     for name in ("COMPLETE", "teacher.pt", "rank_00000.pt", "rank_00001.pt", "d2v_state.json"):
         assert os.path.exists(os.path.join(tag, name)), name
     assert json.load(open(os.path.join(out, "full", "config.json")))["name"] == "audio_tiny"
@@ -117,11 +114,13 @@ def test_resume_mid_epoch_gives_the_same_losses_as_an_uninterrupted_run(ranks):
     for full, first, second in (("full", "first_half", "second_half"), ("image", "image_first", "image_second"),
                                 ("text", "text_first", "text_second")):
         for res in results:
-            stop = len(res[first]["losses"])
+            stop, resumed = len(res[first]["losses"]), len(res[second]["losses"])
             assert res[second]["start"] == stop and stop % res[full]["steps_per_epoch"] != 0, (full, stop)
+            assert resumed == RESUMED_STEPS, full
             assert res[first]["losses"] == res[full]["losses"][:stop], full
-            assert res[second]["losses"] == res[full]["losses"][stop:], full
-            assert res[first]["keys"] + res[second]["keys"] == res[full]["keys"], full
+            assert res[second]["losses"] == res[full]["losses"][stop:stop + resumed], full
+            keys = res[first]["keys"] + res[second]["keys"]
+            assert keys == res[full]["keys"][:len(keys)], full
 
 
 def test_a_corrupt_sample_is_skipped_counted_and_logged(ranks):

@@ -11,17 +11,10 @@ STEPS, ZERO_STEPS = 40, 3
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    pytest.importorskip("espeakng_loader", reason="the speech demo needs the `demo` extra (espeakng-loader)")
-    from d2v.data.demo import make_audio_demo
-    from d2v.data.demo_image import build_image_demo
-    from d2v.data.demo_text import build_text_demo
-
-    data_dir = tmp_path_factory.mktemp("demo_data_v2")
-    audio = make_audio_demo(str(data_dir / "audio"), utterances=120, workers=1)
-    patterns = {"audio": audio["train"]["pattern"],
-                "image": build_image_demo(str(data_dir / "image"))["patterns"]["train"],
-                "text": build_text_demo(str(data_dir / "text"))["patterns"]["train"]}
+def ranks(tmp_path_factory, demo_shards):
+    patterns = {"audio": demo_shards["audio"]["train"]["pattern"],
+                "image": demo_shards["image"]["patterns"]["train"],
+                "text": demo_shards["text"]["patterns"]["train"]}
     out = str(tmp_path_factory.mktemp("dist_v2"))
     return launch_two_ranks("tests/dist/v2_scenarios.py", out, "--steps", str(STEPS), "--zero-steps",
                             str(ZERO_STEPS), "--data", json.dumps(patterns))

@@ -88,7 +88,7 @@ def test_mfu_is_taken_against_the_named_peak(monkeypatch):
 def test_attention_is_planned_for_every_shape_family_of_a_gpu_run(monkeypatch, preset):
     """On a GPU every rank plans the backends once at start-up with one summing collective; the
     student's family needs gradients (and the bias gradient where the bias is learned)."""
-    import kernels
+    from d2v import kernels
     from d2v.train import attention_plan
 
     seen = {}

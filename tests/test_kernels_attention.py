@@ -13,20 +13,20 @@ import os
 import pytest
 import torch
 
-import kernels
+from d2v import kernels
 from kernel_utils import interpreted, nan_poison
-from kernels.attention_reference import Alibi, alibi_bias, alibi_slopes, attention_reference
+from d2v.kernels.attention_reference import Alibi, alibi_bias, alibi_slopes, attention_reference
 
 # The package exports the function `attention`, which shadows the module of the same name.
-dispatch = importlib.import_module("kernels.attention")
+dispatch = importlib.import_module("d2v.kernels.attention")
 
 
 @pytest.fixture(scope="module")
 def interp():
     """The Triton kernels under the interpreter (kernels.attention_flash looks its kernels up
     on kernels.attention_triton, which `interpreted` reloads)."""
-    with interpreted("kernels.attention_triton"):
-        yield importlib.import_module("kernels.attention_flash")
+    with interpreted("d2v.kernels.attention_triton"):
+        yield importlib.import_module("d2v.kernels.attention_flash")
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """GPU-compile checks without a GPU (docs/method.md §5): every entry of every kernel module's
 GPU_COMPILE_SPECS is compiled for sm_80 and sm_90 at its production block sizes; a spill
 (LOCAL or STACK > 0) or shared memory over the per-block limit fails, and kernels/RESOURCES.md
-must match the live numbers (regenerate: python -m kernels.gpu_compile --markdown kernels/RESOURCES.md).
+must match the live numbers (regenerate: python -m d2v.kernels.gpu_compile --markdown kernels/RESOURCES.md).
 
 The compile runs in a subprocess without TRITON_INTERPRET (tests/kernel_utils.py), so this
 module can share a pytest session with the interpreter tests.
@@ -14,9 +14,9 @@ import re
 import pytest
 
 from kernel_utils import REPO, gpu_compile_results
-from kernels.gpu_compile import CCS, SHARED_LIMIT, ResourceError, Resources, _parse_usage, check
+from d2v.kernels.gpu_compile import CCS, SHARED_LIMIT, ResourceError, Resources, _parse_usage, check
 
-SPEC_MODULES = sorted(f"kernels.{p.stem}" for p in (REPO / "kernels").glob("*.py")
+SPEC_MODULES = sorted(f"d2v.kernels.{p.stem}" for p in (REPO / "d2v" / "kernels").glob("*.py")
                       if re.search(r"^GPU_COMPILE_SPECS\s*=", p.read_text(), re.M))
 _RESULTS: dict[str, tuple[int, list[dict], str]] = {}
 
@@ -28,7 +28,7 @@ def results_for(module: str) -> tuple[int, list[dict], str]:
 
 
 def test_targets_module_declares_specs():
-    assert "kernels.targets_triton" in SPEC_MODULES
+    assert "d2v.kernels.targets_triton" in SPEC_MODULES
 
 
 @pytest.mark.parametrize("module", SPEC_MODULES)
@@ -66,7 +66,7 @@ def test_resources_table_matches_live_numbers(module):
     assert len(live) == len(records), "two compile units share a table key"
     recorded = _table_rows(module)
     assert recorded == live, ("kernels/RESOURCES.md is stale; regenerate it with "
-                              "`python -m kernels.gpu_compile --markdown kernels/RESOURCES.md`")
+                              "`python -m d2v.kernels.gpu_compile --markdown kernels/RESOURCES.md`")
 
 
 def test_every_row_is_built_with_the_runtime_specialisation():
@@ -101,8 +101,8 @@ def test_aot_units_specialise_like_the_runtime_launch(H, options, monkeypatch):
         pytest.skip("kernels are interpreted in this process")
     import torch
 
-    import kernels.attention_flash as af
-    from kernels.gpu_compile import runtime_specialisation, units
+    import d2v.kernels.attention_flash as af
+    from d2v.kernels.gpu_compile import runtime_specialisation, units
 
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # the 3.9 default; silences its warning
     T = 197 if "bias" in options else 999
@@ -143,7 +143,7 @@ def test_preset_calls_match_d2v_presets():
     """The launch table names every preset whose head dim has Triton kernels, with its heads
     and options; presets with other head dims (tiny: Dh 16) are absent."""
     from d2v.config.presets import get_preset, list_presets
-    from kernels.attention_flash import HEAD_DIMS, PRESET_CALLS
+    from d2v.kernels.attention_flash import HEAD_DIMS, PRESET_CALLS
 
     for name in list_presets():
         m = get_preset(name).model
@@ -161,7 +161,7 @@ def test_preset_calls_match_d2v_presets():
 
 def test_target_calls_match_d2v_presets():
     from d2v.config.presets import get_preset, list_presets
-    from kernels.targets_triton import PRESET_TARGETS
+    from d2v.kernels.targets_triton import PRESET_TARGETS
 
     for name in list_presets():
         cfg = get_preset(name)
@@ -180,9 +180,9 @@ def test_aot_target_units_specialise_like_the_runtime_launch(layer_norm, mask, m
         pytest.skip("kernels are interpreted in this process")
     import torch
 
-    import kernels
-    import kernels.targets_triton as tt
-    from kernels.gpu_compile import runtime_specialisation, units
+    from d2v import kernels
+    import d2v.kernels.targets_triton as tt
+    from d2v.kernels.gpu_compile import runtime_specialisation, units
 
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
     monkeypatch.setenv("D2V_KERNELS", "triton")  # the Triton path for CPU tensors; nothing launches

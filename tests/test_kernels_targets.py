@@ -13,9 +13,9 @@ import random
 import pytest
 import torch
 
-import kernels
-import kernels.targets as kt
-from kernels import targets_reference as ref
+from d2v import kernels
+import d2v.kernels.targets as kt
+from d2v.kernels import targets_reference as ref
 from kernel_utils import interpreted, nan_poison
 
 NORMS = ["instance", "layer", None]
@@ -26,7 +26,7 @@ EPS = 1e-5
 
 @pytest.fixture(scope="module")
 def tt():
-    with interpreted("kernels.targets_triton") as (module,):
+    with interpreted("d2v.kernels.targets_triton") as (module,):
         yield module
 
 

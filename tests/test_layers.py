@@ -1,7 +1,7 @@
-"""The import graph of d2v and kernels, read from the source (every import, also those inside
+"""The import graph of d2v, read from the source (every import, also those inside
 functions): no cycles, and dependencies point one way,
 
-    kernels <- config/batch/shapes/safe_load <- masking, losses, data <- models, flops
+    d2v.kernels <- config/batch/shapes/safe_load <- masking, losses, data <- models, flops
             <- teacher <- task, interop <- train
 
 with the applications (finetune, export, probes, memory estimates, the CLI) on top. Models never
@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Longest prefix wins; modules under no prefix are applications (may import any layer below them).
 LAYERS = {
-    "kernels": 0,
+    "d2v.kernels": 0,
     "d2v.config": 1, "d2v.batch": 1, "d2v.shapes": 1, "d2v.safe_load": 1, "d2v.collectives": 1,
     "d2v.masking": 2, "d2v.losses": 2, "d2v.data": 2,
     "d2v.models": 3, "d2v.estimate.flops": 3,
@@ -32,7 +32,7 @@ FORBIDDEN = {
 
 def _modules() -> dict[str, str]:
     mods = {}
-    for base in ("d2v", "kernels"):
+    for base in ("d2v",):
         for folder, _, files in os.walk(os.path.join(ROOT, base)):
             for f in files:
                 if f.endswith(".py"):
@@ -119,6 +119,17 @@ def test_forbidden_imports(package):
     bad = sorted(f"{n} imports {m}" for n, deps in graph.items() if _under(n, package)
                  for m in deps for f in FORBIDDEN[package] if _under(m, f))
     assert not bad, "\n".join(bad)
+
+
+def test_kernels_import_only_torch_and_triton():
+    """d2v.kernels stays a base any project could vendor: torch, triton, the optional xformers
+    attention candidate and the standard library; nothing else of d2v (the layers) or of PyPI."""
+    import sys
+
+    graph = _graph()
+    external = sorted({m for n, deps in graph.items() if _under(n, "d2v.kernels") for m in deps
+                       if m not in graph and m not in sys.stdlib_module_names and m != "__future__"})
+    assert external == ["torch", "triton", "xformers"], external
 
 
 def test_the_graph_reader_sees_imports_inside_functions():

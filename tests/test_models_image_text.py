@@ -55,7 +55,7 @@ def test_image_teacher_averages_everything_and_uses_block_ends():
     images = torch.randn(2, 3, 32, 32)
     seen = []
     teacher.model(images, tap=lambda i, out: seen.append(out.x))
-    from kernels.targets_reference import fused_targets as build_targets
+    from d2v.kernels.targets_reference import fused_targets as build_targets
 
     want = build_targets(seen, top_k=3, layer_norm="layer", final_norm="layer")
     assert seen[0].shape == (2, 64, 64)  # CLS removed from the taps

@@ -3,9 +3,9 @@ streaming form training runs (kernels.accumulate/finalize), the fused kernel and
 import pytest
 import torch
 
-import kernels
-from kernels import accumulate, finalize
-from kernels.targets_reference import fused_targets as build_targets
+from d2v import kernels
+from d2v.kernels import accumulate, finalize
+from d2v.kernels.targets_reference import fused_targets as build_targets
 
 
 def ref_norm(x, kind, valid):

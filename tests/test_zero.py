@@ -1,6 +1,6 @@
 """ZeRO 1/2/3 students with a sharded, offloadable fp32 EMA teacher.
 
-One 2-rank launch runs every stage x preset x precision for 20 steps on fixed global batches
+One 2-rank launch runs every stage x preset x precision for 10 steps on fixed global batches
 (tests/dist/zero_equivalence.py). Here, one process runs the same global batches with the same
 DeepSpeed template twice: micro-batch 2b, and two accumulated micro-batches of b. Their
 difference is the spread that reduction order alone causes; the 2-rank runs must stay within a

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from typing import Any
 
 from d2v.config.schema import D2vConfig
@@ -33,7 +34,29 @@ def _agree(template: dict[str, Any], key: str, value: Any, source: str) -> None:
             f"(from {source}); remove {key!r} from the JSON or change {source}")
 
 
+# The templates d2v ships (the checkout's ds_configs/ is a link to this folder).
+SHIPPED_TEMPLATES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
+
+
+def shipped_template_names() -> list[str]:
+    return sorted(f for f in os.listdir(SHIPPED_TEMPLATES) if f.endswith(".json"))
+
+
+def template_path(path: str) -> str:
+    """The file at `path`; where none exists, the shipped template of that file name, so that the
+    documented `--ds_config ds_configs/zero2.json` (or just `zero2.json`) works from any directory
+    and from an installed d2v."""
+    if os.path.exists(path):
+        return path
+    name = os.path.basename(path)
+    if name in shipped_template_names():
+        return os.path.join(SHIPPED_TEMPLATES, name)
+    raise DeepSpeedConfigError(f"DeepSpeed template {path}: no such file, and d2v ships no template of that name; "
+                               f"pass a JSON file or one of {', '.join(shipped_template_names())}")
+
+
 def load_template(path: str) -> dict[str, Any]:
+    path = template_path(path)
     with open(path) as f:
         try:
             return json.load(f)

@@ -62,14 +62,14 @@ def finetune(task: str, init: str, data: dict[str, str], out: str, *, random_ini
     """One launcher run; returns its result record (the last JSON line it prints)."""
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     cmd = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(_port()),
-           os.path.join(ROOT, "launchers", "finetune.py"), "--ds_config", os.path.join(ROOT, "ds_configs", "cpu.json"),
+           "--module", "d2v.launchers.finetune", "--ds_config", "cpu.json",
            "--task", task, "--init", init, "--train-data", data["train"], "--eval-data", data["eval"], "--out", out,
            "--resume", "auto",  # a run an earlier `make eval` finished or was interrupted in is continued
            *(["--random-init"] if random_init else []), *overrides]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT}  # the ranks import this same d2v
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "launch.log"), "w") as log:
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT)
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
         log.write(proc.stdout)
     if proc.returncode != 0:
         raise RuntimeError(f"fine-tuning {task} ({'random' if random_init else 'pretrained'}) failed with exit "

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-import kernels
-
-
+from d2v import kernels
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, *, dropout: float = 0.0,
                  qkv_bias: tuple[bool, bool, bool] = (True, True, True)) -> None:

@@ -6,9 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-import kernels
-
-
+from d2v import kernels
 class AlibiScale(nn.Module):
     """A learned per-head ALiBi scale, clamped at >= 0 when used (a module so ZeRO-3 gathers it)."""
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-import kernels
+from d2v import kernels
 from d2v.config.schema import TeacherConfig
 from d2v.models.blocks import BlockOutput
 from d2v.models.data2vec import Data2Vec, TeacherNet

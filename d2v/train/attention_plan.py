@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-import kernels
+from d2v import kernels
 from d2v import collectives
 from d2v.config.modalities import modality_spec
 from d2v.config.schema import D2vConfig

@@ -19,6 +19,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--data", required=True, help="JSON: modality -> [train pattern, valid pattern]")
     ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--resumed-steps", type=int, default=10, help="steps the resumed runs go on for")
     ap.add_argument("--local_rank", type=int, default=None)
     args = ap.parse_args()
 
@@ -57,11 +58,13 @@ def main() -> None:
 
     audio = data["audio"]
     # The resumed runs stop one step past a save and a validation (mid-epoch): the resumed half
-    # must repeat the uninterrupted run's dropout draws and batches exactly from there.
+    # must repeat the uninterrupted run's dropout draws and batches exactly from there, for
+    # --resumed-steps steps (the position, the RNG and the optimizer state are all in play by then).
     every = [f"train.save_every={half}", f"train.val_every={half}"]
     results["full"] = scenario("full", "audio_tiny", audio, every)
     results["first_half"] = scenario("resumed", "audio_tiny", audio, every, stop=half + 3)
-    results["second_half"] = scenario("resumed", "audio_tiny", audio, every, resume="auto")
+    results["second_half"] = scenario("resumed", "audio_tiny", audio, every, resume="auto",
+                                      stop=half + 3 + args.resumed_steps)
     results["corrupt"] = scenario("corrupt", "audio_tiny", data["audio_corrupt"], ["train.max_steps=30"])
     quarter = [f"train.save_every={args.steps // 4}", f"train.val_every={args.steps // 4}"]
     for modality, preset in (("image", "image_tiny"), ("text", "text_tiny")):
@@ -69,7 +72,7 @@ def main() -> None:
         results[f"{modality}_first"] = scenario(f"{modality}_resumed", preset, data[modality], quarter,
                                                 stop=args.steps // 4 + 3)
         results[f"{modality}_second"] = scenario(f"{modality}_resumed", preset, data[modality], quarter,
-                                                 resume="auto")
+                                                 resume="auto", stop=args.steps // 4 + 3 + args.resumed_steps)
     rank = results["full"]["rank"]
     from d2v.train.distributed import shm_buffer_path
 

@@ -1,5 +1,5 @@
 """Run by `deepspeed --num_gpus 2` from tests/test_zero.py: ZeRO 1/2/3 (two persistence
-thresholds) and an offloaded teacher, for each tiny preset and precision, 20 steps on fixed
+thresholds) and an offloaded teacher, for each tiny preset and precision, 10 steps on fixed
 global batches split over the two ranks. Writes per-step global losses and the teacher's full
 fp32 state (rank 0), plus ZeRO-3 checks of what the teacher's forward really sees.
 """

@@ -20,10 +20,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from kernels import targets_reference as ref
+from d2v.kernels import targets_reference as ref
 
 try:
-    from kernels import targets_triton as _tt  # module attribute: tests reload it interpreted
+    from d2v.kernels import targets_triton as _tt  # module attribute: tests reload it interpreted
 except ImportError:  # pragma: no cover - triton missing
     _tt = None
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels.attention_reference import Alibi, alibi_bias, alibi_slopes, attention_reference
+from d2v.kernels.attention_reference import Alibi, alibi_bias, alibi_slopes, attention_reference
 
 BACKENDS = ("triton", "xformers", "sdpa", "reference")
 # Timed in this order on every rank (ineligible ones as +inf), so that the lists handed to
@@ -113,7 +113,7 @@ def _xformers_available() -> bool:
 
 @functools.cache
 def _triton_head_dims() -> tuple[int, ...]:
-    from kernels.attention_flash import HEAD_DIMS
+    from d2v.kernels.attention_flash import HEAD_DIMS
 
     return HEAD_DIMS
 
@@ -289,7 +289,7 @@ def _run_xformers(q, k, v, key_padding_mask, bias, alibi, dropout_p, scale):
 
 
 def _run_triton(q, k, v, key_padding_mask, bias, alibi, dropout_p, scale):
-    from kernels.attention_flash import flash_attention
+    from d2v.kernels.attention_flash import flash_attention
 
     return flash_attention(q, k, v, key_padding_mask=key_padding_mask, bias=bias, alibi=alibi,
                            dropout_p=dropout_p, scale=scale)
@@ -423,7 +423,7 @@ def plan(buckets: Iterable[Bucket], *, num_heads: int, batch: int | Callable[[Bu
     over ranks (one collective for the whole plan; None on a single process), and the smallest
     sum wins, ties in CANDIDATES order. Returns the installed {bucket: backend}."""
     if torch.compiler.is_compiling():
-        raise RuntimeError("kernels.attention.plan times kernels: call it at start-up, outside torch.compile")
+        raise RuntimeError("d2v.kernels.attention.plan times kernels: call it at start-up, outside torch.compile")
     buckets = list(dict.fromkeys(buckets))
     timer = timer or _timer or (lambda name, run: _cuda_time(run))
     device = torch.device(device)

@@ -13,11 +13,11 @@ import torch
 import triton
 from torch import Tensor
 
-from kernels.attention_reference import Alibi
+from d2v.kernels.attention_reference import Alibi
 # Kernels are looked up on the module at call time: @triton.jit picks interpreter or GPU
 # mode when the module is imported, and tests re-import it under TRITON_INTERPRET=1.
-from kernels import attention_triton as _k
-from kernels.attention_triton import LOG2E
+from d2v.kernels import attention_triton as _k
+from d2v.kernels.attention_triton import LOG2E
 
 HEAD_DIMS = (64, 80, 128)
 
