@@ -7,6 +7,7 @@ COMMANDS = {
     "describe": "d2v.estimate.describe",
     "export": "d2v.export",
     "import-fairseq": "d2v.interop.fairseq_import",
+    "plan": "d2v.plan",
     "probe": "d2v.finetune.probe:main_shards",
 }
 

@@ -20,7 +20,7 @@ LAYERS = {
              "test_untrusted_files"],
     "kernels": ["test_kernels_attention", "test_kernels_targets", "test_kernels_compile"],
     "integration": ["test_train_single", "test_interop", "test_finetune", "test_benchmarks", "test_gpu_check",
-                    "test_nothing_lost", "test_install"],
+                    "test_nothing_lost", "test_install", "test_run_plan"],
     "distributed": ["test_dist_pretrain", "test_dist_v2", "test_zero", "test_cluster_ops", "test_host_sync"],
 }
 _LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}
@@ -29,6 +29,22 @@ _LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in mo
 def pytest_configure(config):
     for layer in LAYERS:
         config.addinivalue_line("markers", f"{layer}: {layer} tests (tests/conftest.py)")
+
+
+_LAYER_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Adds each test's setup, call and teardown time to its layer (printed at the end)."""
+    layer = _LAYER_OF.get(report.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py"))
+    if layer is not None:
+        _LAYER_SECONDS[layer] = _LAYER_SECONDS.get(layer, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _LAYER_SECONDS:
+        terminalreporter.write_line("seconds per layer: " + ", ".join(
+            f"{layer} {_LAYER_SECONDS[layer]:.0f}" for layer in LAYERS if layer in _LAYER_SECONDS))
 
 
 def pytest_collection_modifyitems(config, items):

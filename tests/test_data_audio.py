@@ -16,7 +16,7 @@ from d2v.data.audio import collate_audio
 from d2v.data.prepare import main as prepare_main
 from d2v.data.prepare_audio import prepare_audio
 from d2v.data.shards import expand_pattern
-from d2v.shapes import conv_output_length
+from d2v.shapes import AUDIO_CONV_LAYERS, conv_output_length
 
 OPTS = AudioLoaderOptions(min_sample_size=8_000, max_sample_size=24_000, max_samples_per_batch=64_000,
                           bucket_buffer=6)
@@ -186,7 +186,8 @@ def test_collate_shapes_padding_masks():
     waves = [np.ones(n, np.float32) for n in (16_000, 9_000, 30_000)]
     g = torch.Generator().manual_seed(0)
     padded = collate_audio(waves, ["a", "b", "c"], pad=True, max_sample_size=24_000,
-                           mask_fn=span_mask_fn(mask_prob=0.9, mask_length=3), generator=g)
+                           mask_fn=span_mask_fn(mask_prob=0.9, mask_length=3), generator=g,
+                           conv_layers=AUDIO_CONV_LAYERS)
     assert padded.source.shape == (3, 24_000)
     assert padded.source_lengths.tolist() == [16_000, 9_000, 24_000]
     assert padded.source[1, 9_000:].abs().sum() == 0
@@ -196,7 +197,7 @@ def test_collate_shapes_padding_masks():
     assert (~padded.padding_mask).sum(1).tolist() == [conv_output_length(n) for n in (16_000, 9_000, 24_000)]
     assert not (padded.mask[:, 0] & padded.padding_mask).any() and padded.mask.any()
     cropped = collate_audio(waves, ["a", "b", "c"], pad=False, max_sample_size=24_000,
-                            mask_fn=span_mask_fn(), generator=g)
+                            mask_fn=span_mask_fn(), generator=g, conv_layers=AUDIO_CONV_LAYERS)
     assert cropped.source.shape == (3, 9_000) and cropped.padding_mask is None
     assert cropped.mask.shape == (3, 1, conv_output_length(9_000))
 
@@ -280,3 +281,22 @@ def test_a_sigterm_to_a_loader_worker_does_not_fail_the_rank(shards):
         os.kill(pid, signal.SIGTERM)
     batches += list(it)  # a killed worker would raise "DataLoader worker ... killed by signal: Terminated"
     assert len(batches) == loader.plan(0).steps_per_epoch
+
+
+def test_the_loader_counts_frames_with_the_models_conv_stack():
+    """A six-layer waveform encoder (as a fairseq import can bring) gives other frame counts than
+    the default seven layers: the loader's masks and padding must have the model's frames."""
+    from d2v.config import get_preset
+    from d2v.models import build_model
+    from d2v.train.shard_streams import _audio_options
+
+    cfg = get_preset("audio_tiny")
+    cfg.model.audio.conv_layers = cfg.model.audio.conv_layers[:-1]
+    cfg.validate()
+    opts = _audio_options(cfg)
+    waves = [np.ones(n, np.float32) for n in (8_000, 6_000)]
+    batch = collate_audio(waves, ["a", "b"], pad=True, max_sample_size=8_000, mask_fn=span_mask_fn(),
+                          generator=torch.Generator().manual_seed(0), conv_layers=opts.conv_layers)
+    model_frames = build_model(cfg).frontend.num_frames(8_000)
+    assert model_frames != conv_output_length(8_000)  # the stacks really differ
+    assert batch.mask.shape[-1] == batch.padding_mask.shape[-1] == model_frames

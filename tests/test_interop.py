@@ -643,6 +643,11 @@ def _v2_fairseq_state(sd, encoder, modality):
         out[P + "project_features.2.weight"] = sd["frontend.projection.weight"]
         out[P + "project_features.2.bias"] = sd["frontend.projection.bias"]
         out[P + "alibi_scale"] = sd["encoder.alibi.scale"].view(1, 1, -1, 1, 1)
+    elif modality == "text":
+        out[P + "local_encoder.embed_tokens.weight"] = sd["frontend.word_embeddings.weight"]
+        out[P + "local_encoder.embed_positions.weight"] = sd["frontend.position_embeddings.weight"]
+        out[P + "local_encoder.layernorm_embedding.weight"] = sd["frontend.LayerNorm.weight"]
+        out[P + "local_encoder.layernorm_embedding.bias"] = sd["frontend.LayerNorm.bias"]
     else:
         out[P + "local_encoder.proj.weight"] = sd["frontend.projection.weight"]
         out[P + "local_encoder.proj.bias"] = sd["frontend.projection.bias"]
@@ -674,6 +679,40 @@ def test_fairseq_data2vec2_import(preset, encoder, tmp_path):
     assert all(torch.equal(student.state_dict()[k], v) for k, v in sd.items()), info
     assert torch.equal(teacher["encoder.blocks.1.attention.k_proj.bias"], 2 * sd["encoder.blocks.1.attention.k_proj.bias"])
     assert set(teacher) == set(ema_names(icfg, student))
+
+
+def test_fairseq_data2vec2_text_as_fairseq_saves_it(tmp_path):
+    """The text recipes' layout: the EMA holds the encoder blocks only, keyed without `blocks.`
+    (ema_encoder_only), and every modality's decoder defaults are in the cfg, audio's residual
+    first: the text section's `decoder_residual: false` must win."""
+    from d2v.config import apply_overrides, get_preset
+    from d2v.export import load_exported
+    from d2v.interop.fairseq_import import import_fairseq
+    from d2v.models import build_model
+
+    cfg = apply_overrides(get_preset("text_tiny_v2"), ["model.text.vocab_size=10", "model.text.max_positions=16",
+                                                       "model.v2.decoder_residual=false"]).validate()
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    sd = model.state_dict()
+    fs = _v2_fairseq_state(sd, "TEXT", "text")
+    ema = {k[len("blocks."):]: v * 2 for k, v in fs.items() if k.startswith("blocks.")}
+    assert ema and all(k.split(".")[0].isdigit() for k in ema)
+    tree = {"model": {"_name": "data2vec_multi", "num_heads": cfg.model.num_heads, "norm_eps": cfg.model.norm_eps,
+                      "ema_encoder_only": True,
+                      "modalities": {"audio": {"decoder": {"decoder_residual": True}},
+                                     "image": {"decoder": {"decoder_residual": True}},
+                                     "text": {"decoder": {"decoder_residual": False}}}}}
+    ckpt = str(tmp_path / "v2_text.pt")
+    _save_fairseq(ckpt, lambda c: {"cfg": _omegaconf(c, tree), "model": {**fs, "_ema": ema}})
+    dict_txt, enc, bpe = _gpt2_files(tmp_path)
+    info = import_fairseq(ckpt, str(tmp_path / "d2v"), dict_path=dict_txt, encoder_json=enc, vocab_bpe=bpe)
+    student, teacher, icfg = load_exported(str(tmp_path / "d2v"))
+    assert icfg.model.v2.decoder_residual is False
+    moved = ("frontend.word_embeddings.weight", "frontend.token_type_embeddings.weight")  # dict.txt rows; fairseq has none
+    assert all(torch.equal(student.state_dict()[k], v) for k, v in sd.items() if k not in moved), info
+    assert torch.equal(teacher["encoder.blocks.1.ffn.fc1.weight"], 2 * sd["encoder.blocks.1.ffn.fc1.weight"])
+    assert any("ema_encoder_only" in n for n in info["notes"])
 
 
 def ema_names(cfg, student):

@@ -39,7 +39,7 @@ def test_collate_masks_have_exact_counts_per_row_for_every_modality():
     cfg = get_preset("audio_base_v2")
     waves = [np.random.default_rng(i).standard_normal(16_000 + 800 * i).astype(np.float32) for i in range(3)]
     batch = collate_audio(waves, ["a", "b", "c"], pad=False, max_sample_size=320_000,
-                          mask_fn=mask_maker(cfg), generator=gen(0))
+                          mask_fn=mask_maker(cfg), generator=gen(0), conv_layers=cfg.model.audio.conv_layers)
     assert batch.mask.shape == (3, 8, 49)
     assert (batch.mask.sum(-1) == 24).all()
     # image: inverse 3x3 blocks keep exactly 39 of 196 patches (157 masked)

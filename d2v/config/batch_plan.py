@@ -18,11 +18,12 @@ the message then says whether the run still matches the reference global batch. 
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
 from d2v.config.modalities import modality_spec
-from d2v.config.schema import D2vConfig
+from d2v.config.schema import D2vConfig, freeze, is_frozen
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class BatchPlan:
     """micro_batch x grad_accum x world size equals the reference run's global batch."""
     message: str
     """One line for the run's log."""
+    world_size: int
+    """The data-parallel ranks planned for."""
 
 
 def _unit(cfg: D2vConfig) -> tuple[str, str]:
@@ -68,31 +71,39 @@ def plan_batch(cfg: D2vConfig, world_size: int) -> BatchPlan:
     if ref <= 0:
         return BatchPlan(micro, accum, False,
                          f"batch: {micro:,} {unit} x {accum} accumulation x {world_size} ranks = "
-                         f"{micro * accum * world_size:,} per update (preset {cfg.name} reproduces no reference run)")
+                         f"{micro * accum * world_size:,} per update (preset {cfg.name} reproduces no reference run)",
+                         world_size)
     source = f"the reference run: {ref:,} {unit} per update on {gpus} GPUs"
     if _preset_batch(cfg) not in (None, (micro, accum)):
         total = micro * accum * world_size
         if total == ref:
             return BatchPlan(micro, accum, True, f"batch: {key}={micro:,} x grad_accum={accum} x {world_size} ranks "
-                                                 f"= {total:,} {unit} per update, as in {source}")
+                                                 f"= {total:,} {unit} per update, as in {source}", world_size)
         return BatchPlan(micro, accum, False,
                          f"batch: {key}={micro:,} x grad_accum={accum} x {world_size} ranks = {total:,} {unit} per "
                          f"update (set by the config) NO LONGER MATCHES {source} ({total / ref:.3g}x); the learning "
-                         f"rate and schedule were tuned for the reference batch")
+                         f"rate and schedule were tuned for the reference batch", world_size)
     ref_micro = max(ref // max(gpus, 1), 1)
+    smallest = modality_spec(cfg.model.modality).smallest_per_rank_batch(cfg)
+    if ref < smallest * world_size:
+        total = smallest * world_size
+        return BatchPlan(smallest, 1, False,
+                         f"batch: {source} cannot be split over {world_size} ranks: the smallest per-rank batch "
+                         f"is {key}={smallest:,}, so {total:,} {unit} per update ({total / ref:.3g}x the reference); "
+                         f"at most {ref // smallest} ranks reach the reference batch", world_size)
     if ref % world_size:
         accum = max(1, round(ref / (world_size * ref_micro)))
         total = ref_micro * accum * world_size
         return BatchPlan(ref_micro, accum, False,
                          f"batch: {world_size} ranks do not divide {source}; using {key}={ref_micro:,} x "
-                         f"grad_accum={accum} = {total:,} per update ({total / ref:.3g}x the reference)")
+                         f"grad_accum={accum} = {total:,} per update ({total / ref:.3g}x the reference)", world_size)
     share = ref // world_size
     accum = math.ceil(share / ref_micro)
     while share % accum:
         accum += 1
     micro = share // accum
     return BatchPlan(micro, accum, True, f"batch: {key}={micro:,} x grad_accum={accum} x {world_size} ranks = "
-                                         f"{ref:,} {unit} per update, as in {source}")
+                                         f"{ref:,} {unit} per update, as in {source}", world_size)
 
 
 def apply_batch_plan(cfg: D2vConfig, world_size: int) -> BatchPlan:
@@ -101,3 +112,14 @@ def apply_batch_plan(cfg: D2vConfig, world_size: int) -> BatchPlan:
     modality_spec(cfg.model.modality).set_per_rank_batch(cfg, plan.micro_batch)
     cfg.train.grad_accum = plan.grad_accum
     return plan
+
+
+def run_config(cfg: D2vConfig, world_size: int) -> tuple[D2vConfig, BatchPlan]:
+    """The config a run on `world_size` ranks reads, and its batch plan: a validated, frozen copy
+    of `cfg` with the plan's per-rank batch and accumulation written in. Everything a run builds
+    (loader, DeepSpeed JSON, engine, logs) is built from this one object, after the plan."""
+    if is_frozen(cfg):  # already a run config: its batch is the plan (the config's own setting)
+        return cfg, plan_batch(cfg, world_size)
+    resolved = copy.deepcopy(cfg)
+    plan = apply_batch_plan(resolved, world_size)
+    return freeze(resolved.validate()), plan

@@ -54,6 +54,11 @@ class ModalitySpec:
     def per_rank_batch(self, cfg) -> int:
         return _get(cfg, self.batch_key)
 
+    def smallest_per_rank_batch(self, cfg) -> int:
+        """The least a rank's micro-batch can be: one input; for inputs whose length varies, a
+        budget that holds one of the shortest the loader keeps (data.min_sample_size, as validate asks)."""
+        return cfg.data.min_sample_size if self.varies_in_length else 1
+
     def set_per_rank_batch(self, cfg, value: int) -> None:
         section, _, field = self.batch_key.partition(".")
         setattr(getattr(cfg, section), field, value)

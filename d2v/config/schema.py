@@ -5,11 +5,45 @@ Standard library only (the dependency direction: config imports nothing of d2v).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 
+class FrozenConfigError(AttributeError):
+    """A component tried to change the resolved run config."""
+
+
+class Section:
+    """Base of every config section: editable while a config is put together (preset, YAML,
+    overrides, an import's settings), read-only once `freeze` has made it a run's config, so that
+    no component can change a value another component already read."""
+
+    _frozen = False
+
+    def __setattr__(self, name: str, value) -> None:
+        if self._frozen:
+            raise FrozenConfigError(
+                f"the run config is resolved: {type(self).__name__}.{name} cannot change any more; set it in the "
+                f"preset, the YAML file or a key=value override")
+        object.__setattr__(self, name, value)
+
+
+def freeze(cfg: Section) -> Section:
+    """Makes `cfg` and every section under it read-only; returns it."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, Section):
+            freeze(value)
+    object.__setattr__(cfg, "_frozen", True)
+    return cfg
+
+
+def is_frozen(cfg: Section) -> bool:
+    return cfg._frozen
+
+
 @dataclass(kw_only=True)
-class AudioFeatureConfig:
+class AudioFeatureConfig(Section):
     """The waveform encoder and the convolutional positional encoder (docs/method.md §3.2, audio)."""
 
     conv_layers: tuple[tuple[int, int, int], ...] = (
@@ -27,7 +61,7 @@ class AudioFeatureConfig:
 
 
 @dataclass(kw_only=True)
-class ImageFeatureConfig:
+class ImageFeatureConfig(Section):
     """Patch embedding and BEiT-style positions (docs/method.md §3.2, vision)."""
 
     image_size: int = 224
@@ -53,7 +87,7 @@ class ImageFeatureConfig:
 
 
 @dataclass(kw_only=True)
-class TextFeatureConfig:
+class TextFeatureConfig(Section):
     """Token embedding in the RoBERTa layout (docs/method.md §3.2, §8)."""
 
     vocab_size: int = 50_265
@@ -71,7 +105,7 @@ class TextFeatureConfig:
 
 
 @dataclass(kw_only=True)
-class KeptTokensConfig:
+class KeptTokensConfig(Section):
     """The kept-token student of data2vec 2.0 (docs/method.md §3.3): it drops the masked positions
     instead of filling them with a learned embedding, encodes M masked clones of every sample
     against one teacher pass, and predicts with a conv decoder. The section is `model.v2`."""
@@ -111,7 +145,7 @@ class KeptTokensConfig:
 
 
 @dataclass(kw_only=True)
-class ModelConfig:
+class ModelConfig(Section):
     """The student: feature encoder, shared Transformer encoder and regression head."""
 
     modality: str = "audio"
@@ -164,7 +198,7 @@ class ModelConfig:
 
 
 @dataclass(kw_only=True)
-class MaskingConfig:
+class MaskingConfig(Section):
     """How the student's view is masked; masks are made in the collate step (docs/method.md §2)."""
 
     kind: str = "span"
@@ -198,7 +232,7 @@ class MaskingConfig:
 
 
 @dataclass(kw_only=True)
-class TeacherConfig:
+class TeacherConfig(Section):
     """The EMA teacher: what it tracks, its decay schedule and its targets (docs/method.md §3.1)."""
 
     ema_start: float = 0.999
@@ -226,7 +260,7 @@ class TeacherConfig:
 
 
 @dataclass(kw_only=True)
-class LossConfig:
+class LossConfig(Section):
     """The regression loss at masked positions (docs/method.md §3.1 step 4)."""
 
     kind: str = "l2"
@@ -246,7 +280,7 @@ class LossConfig:
 
 
 @dataclass(kw_only=True)
-class OptimConfig:
+class OptimConfig(Section):
     """Optimizer and learning-rate schedule (filled into the DeepSpeed JSON)."""
 
     lr: float = 5e-4
@@ -280,7 +314,7 @@ class OptimConfig:
 
 
 @dataclass(kw_only=True)
-class DataConfig:
+class DataConfig(Section):
     """Where batches come from and how they are shaped."""
 
     train_shards: str = ""
@@ -306,7 +340,7 @@ class DataConfig:
 
 
 @dataclass(kw_only=True)
-class TrainConfig:
+class TrainConfig(Section):
     """The loop: steps, batches, precision, logging and checkpoints."""
 
     max_steps: int = 400_000
@@ -354,7 +388,7 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
-class D2vConfig:
+class D2vConfig(Section):
     """A whole run."""
 
     name: str = "audio_base"

@@ -30,13 +30,14 @@ from d2v.data.loader import TrainLoader, ValidationLoader
 from d2v.data.plan import BatchingOptions
 from d2v.data.shards import expand_pattern, load_index
 from d2v.masking.makers import SpanMasks
-from d2v.shapes import conv_output_length, min_samples_for_frames
+from d2v.shapes import AUDIO_CONV_LAYERS, conv_output_length, min_samples_for_frames
 
 # mask_fn(batch_size, num_frames, padding_mask B×T bool or None, generator) -> B×T bool, True = masked
 # (2.0: B×M×T, M masks per utterance; see d2v.masking.multimask)
 MaskFn = Callable[[int, int, "Tensor | None", torch.Generator], Tensor]
 
 AUDIO_EXTENSIONS = ("flac", "wav")
+ConvLayers = Sequence[Sequence[int]]
 
 
 @dataclass(kw_only=True)
@@ -61,6 +62,9 @@ class AudioLoaderOptions:
     """Utterances sorted together to form batches; a worker holds their FLAC bytes in memory."""
     lengths_file: str | None = None
     """Length sidecar; default `lengths.json` beside the shards."""
+    conv_layers: tuple[tuple[int, int, int], ...] = AUDIO_CONV_LAYERS
+    """The model's waveform encoder (model.audio.conv_layers): the frames of a crop, its mask and
+    its padding are counted with it, so the loader's masks fit the model's frames."""
 
     def batching(self) -> BatchingOptions:
         return BatchingOptions(budget=self.max_samples_per_batch, max_length=self.max_sample_size,
@@ -88,17 +92,17 @@ def normalize_waveform(wav: np.ndarray) -> np.ndarray:
     return (wav - wav.mean()) / np.sqrt(wav.var() + 1e-5)
 
 
-def frame_padding_mask(lengths: Sequence[int], num_samples: int) -> Tensor | None:
+def frame_padding_mask(lengths: Sequence[int], num_samples: int, conv_layers: ConvLayers) -> Tensor | None:
     """B×T bool, True at frames that come only from padding; None when no row is padded."""
-    frames = torch.tensor([conv_output_length(n) for n in lengths], dtype=torch.long)
-    num_frames = conv_output_length(num_samples)
+    frames = torch.tensor([conv_output_length(n, conv_layers) for n in lengths], dtype=torch.long)
+    num_frames = conv_output_length(num_samples, conv_layers)
     if bool((frames >= num_frames).all()):
         return None
     return torch.arange(num_frames)[None, :] >= frames[:, None]
 
 
 def collate_audio(waves: Sequence[np.ndarray], keys: Sequence[str], *, pad: bool, max_sample_size: int,
-                  mask_fn: MaskFn | None, generator: torch.Generator) -> Batch:
+                  mask_fn: MaskFn | None, generator: torch.Generator, conv_layers: ConvLayers) -> Batch:
     """Crops (random offsets from `generator`), pads, and masks a list of waveforms.
 
     pad False: every row cropped to the shortest (capped at max_sample_size), no padding mask.
@@ -116,8 +120,8 @@ def collate_audio(waves: Sequence[np.ndarray], keys: Sequence[str], *, pad: bool
         rows[row, : len(wav)] = wav
         kept.append(len(wav))
     source = torch.from_numpy(rows)
-    padding_mask = frame_padding_mask(kept, target)
-    num_frames = conv_output_length(target)
+    padding_mask = frame_padding_mask(kept, target, conv_layers)
+    num_frames = conv_output_length(target, conv_layers)
     if mask_fn is None:
         mask = torch.zeros(len(waves), num_frames, dtype=torch.bool)
     else:
@@ -147,7 +151,7 @@ class AudioBatchMaker:
                 if payload is None:
                     raise ValueError("no audio field")
                 wav = decode_audio(payload, self.options.sample_rate)
-                if len(wav) < min_samples_for_frames(1):
+                if len(wav) < min_samples_for_frames(1, self.options.conv_layers):
                     raise ValueError("shorter than one frame")
             except (RuntimeError, ValueError, soundfile.LibsndfileError):
                 stats["corrupt"] = stats.get("corrupt", 0) + 1
@@ -158,15 +162,15 @@ class AudioBatchMaker:
         if not waves:
             return None
         batch = collate_audio(waves, keys, pad=self.options.pad, max_sample_size=self.options.max_sample_size,
-                              mask_fn=self.mask_fn, generator=generator)
+                              mask_fn=self.mask_fn, generator=generator, conv_layers=self.options.conv_layers)
         batch.extras["transcripts"] = texts
         return batch
 
     def filler(self, generator: torch.Generator) -> Batch:
-        length = max(self.options.min_sample_size, min_samples_for_frames(1))
+        length = max(self.options.min_sample_size, min_samples_for_frames(1, self.options.conv_layers))
         batch = collate_audio([np.zeros(length, np.float32)], ["<filler>"], pad=self.options.pad,
                               max_sample_size=self.options.max_sample_size, mask_fn=self.mask_fn,
-                              generator=generator)
+                              generator=generator, conv_layers=self.options.conv_layers)
         batch.extras["transcripts"] = [None]
         return batch
 

@@ -217,6 +217,11 @@ def _convert_v2(path: str, ckpt: dict[str, Any], state: dict[str, Tensor], cfg_t
     if ema is not None:
         ema = dict(ema)
         ema.pop("__sq_mom", None)
+        if ema and all(k.split(".")[0].isdigit() for k in ema):
+            # ema_encoder_only (fairseq's default, the text recipes): the EMA copies model.blocks
+            # alone, so its keys have no `blocks.` prefix (data2vec2.py's make_ema_teacher).
+            ema = {f"blocks.{k}": v for k, v in ema.items()}
+            notes.append("the checkpoint's EMA holds the encoder blocks only (ema_encoder_only)")
         _, mapped_ema, _, ema_unmapped = map_v2_state(ema, encoders[0])
         if ema_unmapped:
             raise ImportRefused(f"{path}: EMA keys d2v cannot map: {ema_unmapped}")
@@ -247,6 +252,16 @@ def _alibi_scale(scale: Tensor, heads: int) -> Tensor:
     return flat.expand(heads).clone() if flat.numel() == 1 else flat
 
 
+# fairseq's D2vDecoderConfig.decoder_residual default (examples/data2vec/models/modalities/base.py).
+FAIRSEQ_DECODER_RESIDUAL = True
+
+
+def modality_section(model_cfg: dict[str, Any], encoder: str) -> dict[str, Any]:
+    """model.modalities.<audio|image|text> of a data2vec_multi cfg: the settings that modality owns."""
+    section = (model_cfg.get("modalities") or {}).get(encoder.lower())
+    return section if isinstance(section, dict) else {}
+
+
 def build_v2_config(modality: str, student: dict[str, Tensor], model_cfg: dict[str, Any], heads: int, *,
                     vocab_size: int | None = None, num_patches: int | None = None):
     """The d2v 2.0 config whose student has exactly these weights."""
@@ -266,9 +281,11 @@ def build_v2_config(modality: str, student: dict[str, Tensor], model_cfg: dict[s
     v.decoder_layers = count_blocks(student, "decoder.layers.")
     v.decoder_dim, v.decoder_kernel, v.decoder_groups = conv.shape[0], conv.shape[-1], m.embed_dim // conv.shape[1]
     v.decoder_projection_layers = 2 if "decoder.proj.0.weight" in student else 1
-    residual = find_setting(model_cfg, "decoder_residual")
-    if residual is not None:
-        v.decoder_residual = bool(residual)
+    # The modality's own decoder section: every modality's defaults are in the saved cfg, and
+    # audio's (residual) differs from the text recipes' (none).
+    decoder = modality_section(model_cfg, fairseq_layout(modality).v2_encoder).get("decoder") or {}
+    residual = decoder.get("decoder_residual")
+    v.decoder_residual = FAIRSEQ_DECODER_RESIDUAL if residual is None else bool(residual)
     v.alibi = "encoder.alibi.scale" in student
     cfg.teacher.top_k = min(cfg.teacher.top_k, m.depth)
     fairseq_layout(modality).config_v2(m, student, model_cfg, vocab_size=vocab_size, num_patches=num_patches)

@@ -66,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         run = build_run(cfg, load_template(args.ds_config), resume=args.resume, init_from=args.init_from)
     except STARTUP_ERRORS as err:  # every rank finds the same problem: each says it and leaves
         return report_startup_error(err)
+    if run.rank == 0:  # what `python -m d2v plan` says for this run, from the same functions
+        from d2v.plan import summary, table
+
+        info = summary(run.cfg, run.batch_plan, run.trainer.ds_config)
+        info["steps_per_epoch"] = getattr(getattr(run.stream, "loader", None), "steps_per_epoch", None)
+        print(table(info), flush=True)
     try:
         summary = run.train()
     except NonFiniteError as e:  # every rank stops here together (the skip count is all-reduced)

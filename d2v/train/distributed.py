@@ -65,6 +65,13 @@ def release_shm_name(dist) -> None:
         pass
 
 
+def planned_world_size() -> int:
+    """The world size the launcher announced (WORLD_SIZE, after mapping Slurm's and OpenMPI's
+    variables), read before any process group exists: the run config is resolved for it."""
+    map_launcher_env()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed() -> tuple[int, int]:
     """Initialises deepspeed.comm (gloo on CPU, nccl on GPU); returns (rank, world_size)."""
     import deepspeed

@@ -5,13 +5,18 @@ import os
 import sys
 from typing import Any
 
+from d2v.config.batch_plan import run_config
 from d2v.config.schema import D2vConfig
+from d2v.train import distributed
 from d2v.train.run import Run
 from d2v.train.streams import SyntheticStream
 
 
 def build_run(cfg: D2vConfig, ds_template: dict[str, Any], *, resume: str = "none", console: bool = True,
               init_from: str | None = None) -> Run:
+    """The config is resolved for this world size (batch plan applied, frozen) before anything
+    reads it: the loader draws the batch the plan and the logs state."""
+    cfg, batch_plan = run_config(cfg, distributed.planned_world_size())
     if cfg.data.train_shards:
         from d2v.train.shard_streams import shard_stream_factories
 
@@ -21,8 +26,8 @@ def build_run(cfg: D2vConfig, ds_template: dict[str, Any], *, resume: str = "non
             return SyntheticStream(cfg, rank=rank, world_size=world_size)
 
         make_val = None
-    return Run(cfg, ds_template, make_stream, make_val_stream=make_val, resume=resume, console=console,
-               init_from=init_from)
+    return Run(cfg, ds_template, make_stream, batch_plan=batch_plan, make_val_stream=make_val, resume=resume,
+               console=console, init_from=init_from)
 
 
 # What a run can know is wrong before it trains: a bad config value, a missing or changed shard,

@@ -14,9 +14,9 @@ import torch
 
 from d2v import collectives
 from d2v.config import to_dict
-from d2v.config.batch_plan import apply_batch_plan
+from d2v.config.batch_plan import BatchPlan
 from d2v.config.modalities import modality_spec
-from d2v.config.schema import D2vConfig
+from d2v.config.schema import D2vConfig, is_frozen
 from d2v.train.checkpoint import Checkpointer
 from d2v.train.loop import UpdateLoop, plan_resume, with_universal_load
 from d2v.train.metrics import MetricsSink
@@ -38,15 +38,19 @@ class Run(UpdateLoop):
     rate_keys = ("samples", "positions", "flops")
 
     def __init__(self, cfg: D2vConfig, ds_template: dict[str, Any], make_stream: StreamFactory, *,
-                 make_val_stream: StreamFactory | None = None, resume: str = "none", console: bool = True,
-                 init_from: str | None = None) -> None:
+                 batch_plan: BatchPlan, make_val_stream: StreamFactory | None = None, resume: str = "none",
+                 console: bool = True, init_from: str | None = None) -> None:
+        """cfg: the frozen run config of this world size (d2v.config.batch_plan.run_config)."""
+        if not is_frozen(cfg):
+            raise TypeError("Run reads a resolved run config: build it with d2v.train.launch.build_run")
         self.cfg = cfg
         self.out_dir = cfg.train.out_dir
         self.rank, self.world_size = distributed.init_distributed()
+        if batch_plan.world_size != self.world_size:
+            raise ValueError(f"the run config was planned for {batch_plan.world_size} ranks but {self.world_size} "
+                             f"joined: start the ranks with WORLD_SIZE set (deepspeed, torchrun, srun, mpirun do)")
         # The reference run's global batch at this world size (or the config's own, said so).
-        self.batch_plan = apply_batch_plan(cfg, self.world_size)
-        if self.rank == 0 and console:
-            print(self.batch_plan.message, flush=True)
+        self.batch_plan = batch_plan
         self.checkpointer = Checkpointer(os.path.join(self.out_dir, "checkpoints"), rank=self.rank,
                                          world_size=self.world_size, keep_last=cfg.train.keep_last)
         # Everything about the resume is checked before any engine is built.
@@ -70,6 +74,7 @@ class Run(UpdateLoop):
         self.sink = MetricsSink(self.out_dir, rank=self.rank, max_steps=cfg.train.max_steps,
                                 wandb_mode=cfg.train.wandb, run_config=to_dict(cfg), start_step=self.trainer.step,
                                 positions_name=modality_spec(cfg.model.modality).position_name)
+        self.sink.message(self.batch_plan.message)
         for line in self.trainer.attention_plan:
             self.sink.message(f"attention {line}")
         self.peak_tflops, peak_source = peak_tflops(cfg, self.trainer.device)

@@ -26,7 +26,8 @@ def _audio_options(cfg: D2vConfig):
     d = cfg.data
     return AudioLoaderOptions(sample_rate=cfg.model.audio.sample_rate, min_sample_size=d.min_sample_size,
                               max_sample_size=d.max_sample_size, max_samples_per_batch=d.max_samples_per_batch,
-                              normalize=d.normalize, pad=d.pad, bucket_buffer=min(d.buffer_size, 512))
+                              normalize=d.normalize, pad=d.pad, bucket_buffer=min(d.buffer_size, 512),
+                              conv_layers=cfg.model.audio.conv_layers)
 
 
 def _fixed_batching(cfg: D2vConfig) -> BatchingOptions:

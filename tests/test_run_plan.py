@@ -1,0 +1,111 @@
+"""The run config is resolved once, for the world size, before anything reads it; `python -m d2v
+plan` says what a rank of an N-rank run trains, through the launcher's own steps."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from d2v.config import fill_ds_config, get_preset, list_presets, load_template, resolve
+from d2v.config.batch_plan import plan_batch, run_config
+from d2v.config.modalities import modality_spec
+from d2v.config.schema import FrozenConfigError, is_frozen
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORLD_SIZES = (1, 2, 8, 16, 64, 512)
+
+
+def test_the_run_config_is_frozen_and_the_input_untouched():
+    cfg = resolve("image_base")
+    run_cfg, plan = run_config(cfg, 32)
+    assert is_frozen(run_cfg) and not is_frozen(cfg)
+    assert cfg.train.micro_batch_size == 128 and run_cfg.train.micro_batch_size == plan.micro_batch == 64
+    with pytest.raises(FrozenConfigError, match="TrainConfig.micro_batch_size"):
+        run_cfg.train.micro_batch_size = 128
+    with pytest.raises(FrozenConfigError):
+        run_cfg.model.audio.conv_pos_depth = 3
+    assert run_config(run_cfg, 32)[0] is run_cfg
+
+
+def test_no_component_changes_the_run_config_while_a_run_trains(tmp_path):
+    """Two updates through build_run with every section frozen: any write raises."""
+    from d2v.train.launch import build_run
+
+    cfg = resolve("audio_tiny", overrides=[f"train.out_dir={tmp_path}", "train.max_steps=2", "train.save_every=0",
+                                           "train.log_every=1", "train.precision=fp32"])
+    run = build_run(cfg, load_template("cpu.json"), console=False)
+    assert is_frozen(run.cfg) and run.trainer.cfg is run.cfg
+    run.train()
+    run.close()
+
+
+def test_the_loader_of_a_launched_run_draws_the_planned_batch(tmp_path, monkeypatch):
+    """image_base at 32 ranks plans 64 images per rank (the preset's per-GPU batch is 128): the
+    stream built by build_run, the launcher's own path, must draw 64."""
+    from d2v.data.demo_image import build_image_demo
+    from d2v.train import distributed, launch
+
+    patterns = build_image_demo(str(tmp_path / "image"))["patterns"]
+    monkeypatch.setattr(distributed, "planned_world_size", lambda: 32)
+    monkeypatch.setattr(launch, "Run", lambda cfg, template, make_stream, **kw: (cfg, make_stream, kw["batch_plan"]))
+    cfg = resolve("image_base", overrides=[f"data.train_shards={patterns['train']}", "data.num_workers=0"])
+    run_cfg, make_stream, plan = launch.build_run(cfg, load_template("zero2.json"))
+    assert plan.micro_batch == 64 and plan.matches_reference and run_cfg.train.micro_batch_size == 64
+    batch = make_stream(5, 32).next_batch()
+    assert batch.batch_size == 64
+
+
+@pytest.mark.parametrize("preset", [p for p in list_presets() if "tiny" not in p])
+def test_every_preset_at_every_world_size_and_stage(preset):
+    """The reference global batch wherever the world size divides it (else the plan says why),
+    and a DeepSpeed JSON that agrees with the plan, for ZeRO 0-3."""
+    base = get_preset(preset)
+    for world in WORLD_SIZES:
+        cfg, plan = run_config(base, world)
+        ref = base.train.reference_batch
+        total = plan.micro_batch * plan.grad_accum * world
+        smallest = modality_spec(base.model.modality).smallest_per_rank_batch(base)
+        if ref and ref % world == 0 and ref >= smallest * world:
+            assert plan.matches_reference and total == ref, (preset, world, plan.message)
+        elif ref:
+            assert not plan.matches_reference, (preset, world, plan.message)
+            assert "do not divide" in plan.message or "cannot be split" in plan.message, (preset, world, plan.message)
+        for stage in range(4):
+            template = load_template(f"zero{stage}.json" if stage else "cpu.json")
+            ds = fill_ds_config(template, cfg, world, on_cpu=False)
+            assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+                cfg.train.micro_batch_size, plan.grad_accum)
+            assert ds["train_batch_size"] == cfg.train.micro_batch_size * plan.grad_accum * world
+
+
+def _plan(*args):
+    proc = subprocess.run([sys.executable, "-m", "d2v", "plan", *args, "--json"], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_plan_command_json_keys_and_drawn_batches(tmp_path):
+    from d2v.data.demo_image import build_image_demo
+
+    patterns = build_image_demo(str(tmp_path / "image"))["patterns"]
+    info = _plan("image_base", "--world-size", "32", "--rank", "3", "--zero", "2", "--data", patterns["train"],
+                 "data.num_workers=0")
+    for key in ("world_size", "rank", "global_batch", "reference_global_batch", "matches_reference", "micro_batch",
+                "grad_accum", "ds_train_batch_size", "steps_per_epoch", "drawn_batches", "memory_per_rank_gb",
+                "fits_device", "flops_per_update"):
+        assert key in info, key
+    assert (info["world_size"], info["rank"], info["matches_reference"]) == (32, 3, True)
+    assert info["global_batch"] == {"value": 2048, "unit": "images"} == info["reference_global_batch"]
+    assert info["micro_batch"] == {"value": 64, "unit": "images"} and info["ds_train_batch_size"] == 2048
+    assert info["steps_per_epoch"] >= 1 and info["fits_device"]
+    assert info["drawn_batches"] and all(b == {"samples": 64, "positions": 64 * 196} for b in info["drawn_batches"])
+    want = plan_batch(get_preset("image_base"), 32)
+    assert info["message"] == want.message
+
+
+def test_plan_command_refuses_a_rank_outside_the_world_with_one_line():
+    proc = subprocess.run([sys.executable, "-m", "d2v", "plan", "image_base", "--world-size", "4", "--rank", "4"],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr
