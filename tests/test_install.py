@@ -8,6 +8,7 @@ nothing is downloaded and nothing of the checkout is on its path."""
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -82,9 +83,14 @@ def test_import_kernels_from_the_checkout_root_is_not_d2v():
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
+    """Built from a copy of the source: an in-tree build/ folder keeps files deleted since, and
+    setuptools would pack them."""
     out = tmp_path_factory.mktemp("dist")
+    src = tmp_path_factory.mktemp("src") / "d2v"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "build", "*.egg-info", "runs", "demo_data", "wheels", "__pycache__", "results"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-                    "-w", str(out), ROOT], check=True, capture_output=True, text=True)
+                    "-w", str(out), str(src)], check=True, capture_output=True, text=True)
     (path,) = out.glob("d2v-*.whl")
     return str(path)
 
