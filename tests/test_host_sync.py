@@ -94,3 +94,20 @@ def test_sync_budget_two_ranks(two_ranks, i):
         case = rank[i]
         _check((case["preset"], case["zero"], "world 2"), case["steps"], case["groups"], case["zero"],
                case["precision"])
+
+
+def test_the_counter_sees_device_wide_waits():
+    """The accelerator's synchronize() dispatches no tensor operation: counted all the same."""
+    from deepspeed.accelerator import get_accelerator
+
+    with host_sync.count_host_syncs(device_view=True) as c:
+        get_accelerator().synchronize()
+    assert dict(c.counts) == {"device_wide": 1}
+    assert get_accelerator().synchronize.__name__ != "counted"  # restored
+
+
+def test_deepspeeds_throughput_timer_is_off_in_the_filled_json():
+    from d2v.config import fill_ds_config, get_preset
+
+    ds = fill_ds_config({"zero_optimization": {"stage": 2}}, get_preset("audio_tiny"), 2, on_cpu=False)
+    assert ds["timers"]["throughput"] == {"enabled": False, "synchronized": False}

@@ -275,8 +275,11 @@ class RecordingCopies:
         dst.copy_(src)
 
     def empty(self, numel, dtype, device, stream):
+        # An allocation is a use on its stream: the caching allocator may hand out memory that
+        # kernels queued there before it still read.
         t = torch.empty(numel, dtype=dtype, device=device)
         self.allocs.append((t, stream))
+        self.log.append(("alloc", stream, (t,)))
         return t
 
     def host_buffer(self, numel, dtype):
@@ -286,6 +289,35 @@ class RecordingCopies:
 
     def is_pinned(self, t):
         return any(_in_buffer(t, b) for b in self.pinned)
+
+
+def unordered_first_writes(log):
+    """Writes on one stream into a buffer allocated on another, with no wait (on the writing
+    stream) for an event the allocating stream recorded after the allocation."""
+    bad = []
+    for k, (op, stream, what) in enumerate(log):
+        if op != "copy":
+            continue
+        dst = what[0]
+        allocs = [(a, s) for a, (o, s, w) in enumerate(log[:k]) if o == "alloc" and _in_buffer(dst, w[0])]
+        if not allocs:
+            continue
+        a, home = allocs[-1]
+        if home == stream:
+            continue
+        recorded = {w: r for r, (o, s, w) in enumerate(log[:k]) if o == "record" and s == home and r > a}
+        if not any(o == "wait" and s == stream and w in recorded and recorded[w] < i
+                   for i, (o, s, w) in enumerate(log[:k]) if i > a):
+            bad.append(k)
+    return bad
+
+
+def test_the_first_write_reader_sees_a_missing_ordering():
+    buf = torch.empty(4)
+    log = [("alloc", "compute", (buf,)), ("copy", "copy", (buf[:2], buf[2:]))]
+    assert unordered_first_writes(log) == [1]
+    ordered = [log[0], ("record", "compute", "a"), ("wait", "copy", "a"), log[1]]
+    assert unordered_first_writes(ordered) == []
 
 
 def _instrument(teacher, log):
@@ -379,6 +411,8 @@ def test_offload_streamer_orders_copies_events_and_slots_like_cuda_needs(dtype):
         assert 4 * numel <= streamed <= 4 * (numel + gaps)
     else:
         assert 2 * numel <= streamed <= 2 * (numel + small + gaps)  # only norms and such in fp32
+    # The slots are allocated on the compute stream: the first copy into each waits for it.
+    assert not unordered_first_writes(log), [log[k][:2] for k in unordered_first_writes(log)]
     # Every copy was waited for by the compute stream (which then releases the slots).
     assert {w for op, s, w in log if op == "wait" and s == "compute"} == {f"copied:{i}" for i in range(n)}
 

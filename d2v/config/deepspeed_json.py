@@ -81,6 +81,9 @@ def fill_ds_config(template: dict[str, Any], cfg: D2vConfig, world_size: int, *,
     _agree(ds, "train_micro_batch_size_per_gpu", tr.micro_batch_size, "train.micro_batch_size")
     _agree(ds, "gradient_accumulation_steps", tr.grad_accum, "train.grad_accum")
     _agree(ds, "train_batch_size", global_batch, "train.micro_batch_size x train.grad_accum x world size")
+    # DeepSpeed's throughput timer synchronises the whole device twice per micro-batch when no
+    # data loader is handed to it (d2v's case); the run log measures throughput itself.
+    ds.setdefault("timers", {"throughput": {"enabled": False, "synchronized": False}})
     ds["train_micro_batch_size_per_gpu"] = tr.micro_batch_size
     ds["gradient_accumulation_steps"] = tr.grad_accum
     ds["train_batch_size"] = global_batch

@@ -238,6 +238,10 @@ class LayerStreamer:
         sizes = [max((b[1] - b[0] for b in host.bounds), default=0), max((b[2] - b[1] for b in host.bounds), default=0)]
         self.slots = [[c.empty(sizes[0], self.dtype, self.device, self.compute),
                        c.empty(sizes[1], torch.float32, self.device, self.compute)] for _ in range(2)]
+        # The allocator may have handed the slots memory that kernels queued on the compute stream
+        # still read: the copy stream's first fills wait for everything queued there so far.
+        self.allocated = c.event("slots")
+        c.record(self.allocated, self.compute)
         self.occupant: list[int | None] = [None, None]
         self.copied: dict[int, Any] = {}
         self.waited: set[int] = set()
@@ -256,6 +260,8 @@ class LayerStreamer:
         previous = self.occupant[k]
         if previous is not None:
             c.wait(self.copy_stream, self.done[previous])  # the slot's last reader has finished
+        else:
+            c.wait(self.copy_stream, self.allocated)
         for buf, src in zip(self.slots[k], self.host.pieces(j, self.dtype)):
             if src.numel():
                 c.copy(buf[:src.numel()], src, self.copy_stream)

@@ -3,7 +3,8 @@
 On a GPU these are `.item()` / `float()` / `bool()` of a device tensor, data-dependent shapes
 (`nonzero`, boolean-mask indexing, `masked_select`, `repeat_interleave` without an output size,
 `unique`), comparisons that return a Python bool (`equal`) and device-to-host copies (`.cpu()`,
-`.tolist()`, `.numpy()`). Each one stalls the CPU until the GPU has drained its queue, so the
+`.tolist()`, `.numpy()`), and device-wide waits (the accelerator's, an Event's or a Stream's
+`synchronize()`). Each one stalls the CPU until the GPU has drained its queue, so the
 next kernels are launched late; a training step should need about one (the skip decision).
 
 `device_view=True` (the default on a CPU-only machine) treats every tensor as if it lived on an
@@ -140,9 +141,37 @@ def count_host_syncs(device_view: bool | None = None, *, sites: bool = False) ->
                 return out
 
             setattr(torch.Tensor, name, wrapper)
+    waits = _patch_device_waits(counter)
     try:
         with counter:
             yield counter
     finally:
         for name, original in patched.items():
             setattr(torch.Tensor, name, original)
+        for owner, name, original in waits:
+            setattr(owner, name, original)
+
+
+def _patch_device_waits(counter: HostSyncCounter) -> list[tuple[object, str, object]]:
+    """Counts the waits no tensor operation shows: the accelerator's `synchronize()` (DeepSpeed
+    calls it from its timers and ZeRO; a no-op on its CPU accelerator but still called),
+    torch.cuda's, and an Event's or Stream's `synchronize()` (as "device_wide")."""
+    owners: list[tuple[object, str]] = []
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        owners.append((get_accelerator(), "synchronize"))
+    except ImportError:
+        pass
+    owners += [(torch.cuda, "synchronize"), (torch.cuda.Event, "synchronize"), (torch.cuda.Stream, "synchronize")]
+    patched = []
+    for owner, name in owners:
+        original = getattr(owner, name)
+        patched.append((owner, name, original))
+
+        def counted(*a, _original=original, **k):
+            counter._hit("device_wide")
+            return _original(*a, **k)
+
+        setattr(owner, name, counted)
+    return patched
