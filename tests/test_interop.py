@@ -463,6 +463,41 @@ def test_fairseq_audio_import_student_and_ema_teacher(tmp_path):
     assert any("encoder.pos_conv" in n for n in info["notes"])
 
 
+def test_fairseq_audio_import_keeps_the_checkpoints_method(tmp_path):
+    """A 1.0 audio checkpoint whose recipe differs from every preset (top-K 2, no LayerDrop, an EMA
+    annealed over `${optimization.max_update}` = 300 updates, layer-normed targets): the imported
+    run config trains that method; what d2v does not take (channel masking) is named."""
+    from d2v.export import load_exported
+    from d2v.interop.fairseq_import import import_fairseq
+
+    _, model = _model("audio_tiny")
+    fairseq_sd = _audio_fairseq_state(model)
+    ckpt = str(tmp_path / "checkpoint_last.pt")
+
+    def payload(c):
+        model_cfg = {"_name": "data2vec_audio", "encoder_attention_heads": 4, "extractor_mode": "layer_norm",
+                     "conv_feature_layers": "[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2",
+                     "average_top_k_layers": 2, "encoder_layerdrop": 0.0, "ema_decay": 0.998,
+                     "ema_end_decay": 0.99995, "ema_anneal_end_step": "${optimization.max_update}",
+                     "layer_norm_target_layer": True, "instance_norm_target_layer": False,
+                     "instance_norm_targets": False, "layer_norm_targets": True, "loss_beta": 0.25,
+                     "mask_prob": 0.5, "mask_length": 7, "dropout": 0.0, "mask_channel_prob": 0.1,
+                     # another section's defaults, which a first-match lookup would take
+                     "modalities": {"audio": {"mask_prob": 0.9}}}
+        tree = {"model": model_cfg, "optimization": {"max_update": 300}, "task": {"sample_rate": 16000}}
+        return {"cfg": _omegaconf(c, tree), "model": fairseq_sd}
+
+    _save_fairseq(ckpt, payload)
+    info = import_fairseq(ckpt, str(tmp_path / "d2v"))
+    _, _, icfg = load_exported(str(tmp_path / "d2v"))
+    t = icfg.teacher
+    assert (t.top_k, t.ema_start, t.ema_end, t.ema_anneal_steps) == (2, 0.998, 0.99995, 300)
+    assert (t.layer_norm, t.final_norm, icfg.loss.beta) == ("layer", "layer", 0.25)
+    assert (icfg.model.layerdrop, icfg.model.dropout, icfg.masking.mask_prob, icfg.masking.mask_length) == (
+        0.0, 0.0, 0.5, 7)
+    assert any("mask_channel_prob" in n for n in info["notes"]), info["notes"]
+
+
 def test_fairseq_import_refuses_keys_it_cannot_map(tmp_path):
     from d2v.interop.fairseq_import import ImportRefused, import_fairseq
 
@@ -699,7 +734,8 @@ def test_fairseq_data2vec2_text_as_fairseq_saves_it(tmp_path):
     ema = {k[len("blocks."):]: v * 2 for k, v in fs.items() if k.startswith("blocks.")}
     assert ema and all(k.split(".")[0].isdigit() for k in ema)
     tree = {"model": {"_name": "data2vec_multi", "num_heads": cfg.model.num_heads, "norm_eps": cfg.model.norm_eps,
-                      "ema_encoder_only": True,
+                      "ema_encoder_only": True, "clone_batch": 4, "average_top_k_layers": 1, "layerdrop": 0.0,
+                      "ema_anneal_end_step": 1234, "post_mlp_drop": 0.1,
                       "modalities": {"audio": {"decoder": {"decoder_residual": True}},
                                      "image": {"decoder": {"decoder_residual": True}},
                                      "text": {"decoder": {"decoder_residual": False}}}}}
@@ -709,6 +745,9 @@ def test_fairseq_data2vec2_text_as_fairseq_saves_it(tmp_path):
     info = import_fairseq(ckpt, str(tmp_path / "d2v"), dict_path=dict_txt, encoder_json=enc, vocab_bpe=bpe)
     student, teacher, icfg = load_exported(str(tmp_path / "d2v"))
     assert icfg.model.v2.decoder_residual is False
+    assert (icfg.model.v2.num_masks, icfg.teacher.top_k, icfg.model.layerdrop, icfg.teacher.ema_anneal_steps) == (
+        4, 1, 0.0, 1234)
+    assert any("post_mlp_drop" in n for n in info["notes"]), info["notes"]
     moved = ("frontend.word_embeddings.weight", "frontend.token_type_embeddings.weight")  # dict.txt rows; fairseq has none
     assert all(torch.equal(student.state_dict()[k], v) for k, v in sd.items() if k not in moved), info
     assert torch.equal(teacher["encoder.blocks.1.ffn.fc1.weight"], 2 * sd["encoder.blocks.1.ffn.fc1.weight"])

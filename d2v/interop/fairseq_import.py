@@ -28,6 +28,7 @@ from torch import Tensor
 from d2v import safe_load
 from d2v.interop.fairseq_layout import (FAIRSEQ_LAYOUTS, ImportRefused, attention_heads, count_blocks,
                                         fairseq_layout, find_setting, map_state, strip_prefix, to_float)
+from d2v.interop.fairseq_method import MULTI, NOT_READ, TEACHER_AND_LOSS, V1_READERS, apply_method
 from d2v.safe_load.unpickle import to_plain
 
 
@@ -46,8 +47,11 @@ def detect(ckpt: dict[str, Any]) -> tuple[str, dict[str, Tensor]]:
     raise ImportRefused(f"not a data2vec checkpoint d2v can read; first keys: {keys[:8]}")
 
 
-def build_config(kind: str, student: dict[str, Tensor], cfg_tree: dict[str, Any], *, vocab_size: int | None = None):
-    """The d2v config whose student has exactly these weights (sizes read from the weights)."""
+def build_config(kind: str, student: dict[str, Tensor], cfg_tree: dict[str, Any], *, vocab_size: int | None = None,
+                 notes: list[str] | None = None):
+    """The d2v config whose student has exactly these weights (sizes read from the weights) and
+    the checkpoint's own method where its cfg states it (fairseq_method); `notes` gets what was read."""
+    notes = [] if notes is None else notes
     from d2v.config import get_preset
 
     model_cfg = cfg_tree.get("model", cfg_tree) if isinstance(cfg_tree, dict) else {}
@@ -57,8 +61,9 @@ def build_config(kind: str, student: dict[str, Tensor], cfg_tree: dict[str, Any]
     m = cfg.model
     m.depth = count_blocks(student, "encoder.blocks.")
     m.ffn_dim, m.embed_dim = student["encoder.blocks.0.ffn.fc1.weight"].shape
-    cfg.teacher.top_k = min(cfg.teacher.top_k, m.depth)
     fairseq_layout(kind).config(m, student, model_cfg, vocab_size)
+    notes += apply_method(cfg, model_cfg, cfg_tree, V1_READERS[kind], NOT_READ[kind], "model")
+    cfg.teacher.top_k = min(cfg.teacher.top_k, m.depth)
     return cfg.validate()
 
 
@@ -137,7 +142,7 @@ def convert(path: str, *, dict_path: str | None = None, encoder_json: str | None
     if layout.dict_rows:
         student, tokenizer_json, vocab_size = _text_student(path, student, text_files, notes)
     student = to_float(student)
-    cfg = build_config(kind, student, cfg_tree, vocab_size=vocab_size)
+    cfg = build_config(kind, student, cfg_tree, vocab_size=vocab_size, notes=notes)
     _check_complete(cfg, student)
     teacher, teacher_notes = teacher_from(cfg, student, mapped_ema)
     return {"cfg": cfg, "student": student, "teacher": teacher, "notes": notes + teacher_notes,
@@ -236,7 +241,7 @@ def _convert_v2(path: str, ckpt: dict[str, Any], state: dict[str, Tensor], cfg_t
         student, tokenizer_json, vocab_size = _text_student(path, student, text_files, notes)
     student = to_float(student)
     cfg = build_v2_config(modality, student, model_cfg, heads, vocab_size=vocab_size,
-                          num_patches=positions[0].shape[1] if positions else None)
+                          num_patches=positions[0].shape[1] if positions else None, notes=notes, tree=cfg_tree)
     _check_complete(cfg, student)
     teacher, teacher_notes = teacher_from(cfg, student, mapped_ema)
     return {"cfg": cfg, "student": student, "teacher": teacher, "notes": notes + teacher_notes,
@@ -263,7 +268,8 @@ def modality_section(model_cfg: dict[str, Any], encoder: str) -> dict[str, Any]:
 
 
 def build_v2_config(modality: str, student: dict[str, Tensor], model_cfg: dict[str, Any], heads: int, *,
-                    vocab_size: int | None = None, num_patches: int | None = None):
+                    vocab_size: int | None = None, num_patches: int | None = None,
+                    notes: list[str] | None = None, tree: dict[str, Any] | None = None):
     """The d2v 2.0 config whose student has exactly these weights."""
     from d2v.config import get_preset
 
@@ -287,8 +293,13 @@ def build_v2_config(modality: str, student: dict[str, Tensor], model_cfg: dict[s
     residual = decoder.get("decoder_residual")
     v.decoder_residual = FAIRSEQ_DECODER_RESIDUAL if residual is None else bool(residual)
     v.alibi = "encoder.alibi.scale" in student
-    cfg.teacher.top_k = min(cfg.teacher.top_k, m.depth)
     fairseq_layout(modality).config_v2(m, student, model_cfg, vocab_size=vocab_size, num_patches=num_patches)
+    if notes is not None:
+        notes += apply_method(cfg, model_cfg, tree or {}, TEACHER_AND_LOSS + MULTI, NOT_READ["multi"], "model")
+        encoder = fairseq_layout(modality).v2_encoder.lower()
+        notes += apply_method(cfg, modality_section(model_cfg, encoder), tree or {}, [],
+                              NOT_READ["multi_modality"], f"model.modalities.{encoder}")
+    cfg.teacher.top_k = min(cfg.teacher.top_k, m.depth)
     return cfg.validate()
 
 
