@@ -24,6 +24,8 @@ import sys
 import time
 from typing import Any
 
+from d2v.finetune.config import TASK_MODALITY
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -94,7 +96,6 @@ ROWS = (  # (task, metric, what, pipeline)
     ("text_cls", "accuracy", "docstring topics (linear probe)", "probe"),
     ("text_cls", "accuracy", "docstring topics (fine-tuning)", "finetune"),
 )
-MODALITY = {"asr": "audio", "image_cls": "image", "text_cls": "text"}
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -110,9 +111,9 @@ def evaluate(data: str, runs: str, out: str, *, ranks: int, steps: dict[str, int
     paths = ensure_data(data)
     inits = {}
     for task in tasks:
-        run = os.path.join(runs, f"demo-{MODALITY[task]}")
+        run = os.path.join(runs, f"demo-{TASK_MODALITY[task]}")
         if not os.path.exists(os.path.join(run, "checkpoints", "latest")):
-            raise FileNotFoundError(f"{run} has no checkpoint: run `make demo MODALITY={MODALITY[task]}` first "
+            raise FileNotFoundError(f"{run} has no checkpoint: run `make demo MODALITY={TASK_MODALITY[task]}` first "
                                     f"(make eval does)")
         inits[task] = run
     results: dict[str, Any] = {"tasks": {}, "seconds": {}}
