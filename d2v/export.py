@@ -21,19 +21,22 @@ import torch
 from d2v import safe_load
 from d2v.config import from_dict
 from d2v.config.schema import D2vConfig
+from d2v.train.checkpoint import checked_tag
 
 FILES = ("student.safetensors", "teacher.safetensors", "config.json", "export.json")
 
 
 def resolve_tag_dir(path: str, tag: str | None = None) -> str:
     """Accepts a run directory, its checkpoints directory or a tag directory."""
+    if tag is not None:
+        checked_tag(tag, "--tag")
     for root in (path, os.path.join(path, "checkpoints")):
         if tag is not None and os.path.isdir(os.path.join(root, tag)):
             return os.path.join(root, tag)
         latest = os.path.join(root, "latest")
         if tag is None and os.path.exists(latest):
             with open(latest) as f:
-                return os.path.join(root, f.read().strip())
+                return os.path.join(root, checked_tag(f.read().strip(), latest))
     if os.path.exists(os.path.join(path, "COMPLETE")):
         return path
     raise FileNotFoundError(f"{path} holds no complete d2v checkpoint (no latest file, no COMPLETE marker)")

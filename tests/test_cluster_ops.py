@@ -284,3 +284,26 @@ def test_slurm_and_openmpi_environments_map_to_ranks(monkeypatch):
     with pytest.raises(RuntimeError, match="MASTER_ADDR"):
         map_launcher_env()
     assert os.environ["RANK"] == "3" and os.environ["WORLD_SIZE"] == "4"
+
+
+@pytest.mark.parametrize("name", ["../other/checkpoints/step_00000006", "/abs/step_00000006",
+                                  "step_00000006/../step_00000003", "step_00000006.partial", ".."])
+def test_a_tag_is_a_plain_name_inside_the_runs_checkpoints(tmp_path, name):
+    """`latest`, --resume and export --tag name a folder of this run's checkpoints/, nothing else."""
+    from d2v.export import resolve_tag_dir
+    from d2v.train.checkpoint import Checkpointer
+    from d2v.train.loop import plan_resume
+
+    ckpt = tmp_path / "checkpoints"
+    (ckpt / "step_00000006").mkdir(parents=True)
+    (ckpt / "step_00000006" / "COMPLETE").write_text("")
+    (ckpt / "latest").write_text(name)
+    with pytest.raises(ValueError, match="not a checkpoint tag"):
+        Checkpointer(str(ckpt), rank=0, world_size=1).latest_tag()
+    with pytest.raises(ValueError, match="not a checkpoint tag"):
+        resolve_tag_dir(str(tmp_path))
+    with pytest.raises(ValueError, match="--tag"):
+        resolve_tag_dir(str(tmp_path), name)
+    (ckpt / "latest").write_text("step_00000006")
+    with pytest.raises(ValueError, match="--resume"):
+        plan_resume(Checkpointer(str(ckpt), rank=0, world_size=1), name, "audio_tiny", str(tmp_path), 1)

@@ -4,7 +4,7 @@ import pytest
 
 from d2v.config import (
     DeepSpeedConfigError, apply_overrides, fill_ds_config, from_dict, get_preset, list_presets, load_yaml, resolve,
-    to_dict,
+    set_value, to_dict,
 )
 from d2v.config import schema
 
@@ -151,3 +151,23 @@ def test_bert_masks_select_single_tokens_whatever_mask_length_says():
     assert bert == flops("masking.kind=bert", "masking.mask_length=7")
     assert bert == flops("masking.kind=text_span", "masking.mask_length=1")
     assert bert != flops("masking.kind=text_span", "masking.mask_length=4")
+
+
+@pytest.mark.parametrize("override", ["optim.lr=1e999", "train.max_steps=1e999", "optim.clip_norm=-1e999",
+                                      "optim.lr=NaN", "optim.clip_norm=nan"])
+def test_settings_are_finite(override):
+    with pytest.raises(ValueError, match=override.split("=")[0]):
+        resolve("audio_tiny", overrides=[override])
+    cfg = get_preset("audio_tiny")
+    with pytest.raises(ValueError, match="finite"):
+        set_value(cfg, "optim.lr", float("inf"))
+
+
+def test_one_shard_under_two_spellings_is_refused(tmp_path, monkeypatch):
+    from d2v.data.shards import expand_pattern
+
+    (tmp_path / "x.tar").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="names one shard twice"):
+        expand_pattern("x.tar ./x.tar")
+    assert expand_pattern("x.tar") == ["x.tar"]

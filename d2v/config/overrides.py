@@ -10,6 +10,7 @@ import ast
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from typing import Any, Iterable
@@ -69,6 +70,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             value = _parse_literal(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # NaN and infinities turn weights and schedules into NaN
+            raise ValueError(f"{key}: expected a finite number, got {value!r}")
         if hint is int and float(value) != int(value):
             raise ValueError(f"{key}: expected an integer, got {value!r}")
         return hint(value)

@@ -44,8 +44,13 @@ def expand_pattern(pattern: str | Sequence[str]) -> list[str]:
             shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
             raise FileNotFoundError(f"{len(missing)} of {len(expanded)} shards of {pat!r} do not exist: {shown}")
         paths.extend(expanded)
-    if len(set(paths)) != len(paths):
-        raise ValueError(f"shard pattern {pattern!r} names some shards twice")
+    seen: dict[str, str] = {}
+    for path in paths:  # one file under two spellings (x.tar, ./x.tar, a link) is one shard
+        real = os.path.realpath(path)
+        if real in seen:
+            raise ValueError(f"shard pattern {pattern!r} names one shard twice ({seen[real]} and {path}): "
+                             f"an epoch would read it twice")
+        seen[real] = path
     return paths
 
 

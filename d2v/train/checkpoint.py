@@ -21,6 +21,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 from typing import Any
 
@@ -34,6 +35,18 @@ COMPLETE = "COMPLETE"
 PARTIAL = ".partial"
 UNIVERSAL = ".universal"
 SAVE_STAGES = ("start", "deepspeed", "rank_state", "teacher", "run_state", "complete", "rename", "latest", "prune")
+
+
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def checked_tag(tag: str, source: str) -> str:
+    """A tag names a folder inside the run's checkpoints/: a plain name, no path separator, no
+    `..`, no `.partial` (an unfinished save). `source` says where the name came from."""
+    if not _TAG.fullmatch(tag) or ".." in tag or tag.endswith(PARTIAL):
+        raise ValueError(f"{source} names {tag!r}, which is not a checkpoint tag of this run (a plain name such as "
+                         f"step_00001000, inside its checkpoints/ folder)")
+    return tag
 
 
 def tag_for(step: int) -> str:
@@ -117,7 +130,7 @@ class Checkpointer:
         if not os.path.exists(path):
             return None
         with open(path) as f:
-            tag = f.read().strip()
+            tag = checked_tag(f.read().strip(), path)
         if not os.path.exists(os.path.join(self.root, tag, COMPLETE)):
             raise ValueError(f"{path} names {tag!r}, which is not a complete d2v checkpoint (written by another "
                              f"tool or an older d2v): move {self.root} aside or give this run a new --out")

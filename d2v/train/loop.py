@@ -22,7 +22,7 @@ from typing import Any
 
 from d2v import collectives
 from d2v.train import host_sync
-from d2v.train.checkpoint import Checkpointer
+from d2v.train.checkpoint import Checkpointer, checked_tag
 
 
 class NonFiniteError(RuntimeError):
@@ -74,7 +74,7 @@ def plan_resume(checkpointer: Checkpointer, resume: str, name: str, out_dir: str
             raise FileExistsError(f"{where} already holds checkpoints (latest: {latest}): a fresh run there would "
                                   f"replace them. Continue it with --resume auto, or give this run a new --out")
         return None, None, False
-    tag = latest if resume == "auto" else resume
+    tag = latest if resume == "auto" else checked_tag(resume, "--resume")
     if tag is None:
         return None, None, False  # nothing saved yet: start from scratch
     later = [t for t in checkpointer.complete_tags() if re.fullmatch(r"step_\d+", t) and t > tag]
