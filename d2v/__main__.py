@@ -1,6 +1,7 @@
 """`python -m d2v COMMAND ...` (also the `d2v` console script)."""
 from __future__ import annotations
 
+import os
 import sys
 
 COMMANDS = {
@@ -26,6 +27,12 @@ def main(argv: list[str] | None = None) -> None:
         getattr(importlib.import_module(module), function or "main")(argv[1:])
     except RefusedFile as e:  # a file that is not plain weights: the message says which and why
         print(f"python -m d2v {argv[0]}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (ValueError, KeyError, OSError) as e:  # bad input: one line (the traceback with D2V_TRACEBACK=1)
+        if os.environ.get("D2V_TRACEBACK"):
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: python -m d2v {argv[0]}: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

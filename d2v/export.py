@@ -32,14 +32,29 @@ def resolve_tag_dir(path: str, tag: str | None = None) -> str:
         checked_tag(tag, "--tag")
     for root in (path, os.path.join(path, "checkpoints")):
         if tag is not None and os.path.isdir(os.path.join(root, tag)):
-            return os.path.join(root, tag)
+            return _complete(os.path.join(root, tag))
         latest = os.path.join(root, "latest")
         if tag is None and os.path.exists(latest):
             with open(latest) as f:
-                return os.path.join(root, checked_tag(f.read().strip(), latest))
+                return _complete(os.path.join(root, checked_tag(f.read().strip(), latest)))
     if os.path.exists(os.path.join(path, "COMPLETE")):
         return path
     raise FileNotFoundError(f"{path} holds no complete d2v checkpoint (no latest file, no COMPLETE marker)")
+
+
+def _complete(tag_dir: str) -> str:
+    """Only a checkpoint whose save finished (its COMPLETE marker) is read."""
+    if not os.path.exists(os.path.join(tag_dir, "COMPLETE")):
+        raise FileNotFoundError(f"{tag_dir} is not a complete checkpoint (its save did not finish): export another "
+                                f"tag with --tag")
+    return tag_dir
+
+
+def _fresh_out(out: str, overwrite: bool) -> None:
+    """An export never replaces an earlier one unasked."""
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise FileExistsError(f"{out} already holds files (an earlier export?): choose another output folder or pass "
+                              f"--overwrite to replace them")
 
 
 def _stage0_fp32(tag_dir: str, cfg: D2vConfig) -> dict[str, torch.Tensor]:
@@ -71,10 +86,11 @@ def student_fp32(tag_dir: str, cfg: D2vConfig) -> dict[str, torch.Tensor]:
     return _stage0_fp32(tag_dir, cfg)
 
 
-def export_checkpoint(path: str, out: str, tag: str | None = None) -> dict[str, Any]:
+def export_checkpoint(path: str, out: str, tag: str | None = None, *, overwrite: bool = False) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     tag_dir = resolve_tag_dir(path, tag)
+    _fresh_out(out, overwrite)
     with open(os.path.join(tag_dir, "d2v_state.json")) as f:
         run_state = json.load(f)
     cfg = from_dict(run_state["config"])
@@ -95,12 +111,13 @@ def export_checkpoint(path: str, out: str, tag: str | None = None) -> dict[str, 
 
 
 def export_hf_checkpoint(path: str, out: str, tag: str | None = None, *, teacher: bool = False,
-                         tokenizer: str | None = None) -> dict[str, Any]:
+                         tokenizer: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """A transformers-format directory (d2v.interop.hf_export) of the student or the EMA teacher."""
     from d2v.interop.hf_export import write_hf
     from d2v.interop.hf_layout import is_v2
 
     tag_dir = resolve_tag_dir(path, tag)
+    _fresh_out(out, overwrite)
     with open(os.path.join(tag_dir, "d2v_state.json")) as f:
         run_state = json.load(f)
     cfg = from_dict(run_state["config"])
@@ -155,13 +172,14 @@ def main(argv: list[str] | None = None) -> None:
                     help="--format hf: export the EMA teacher's weights instead of the student's")
     ap.add_argument("--tokenizer", default=None,
                     help="--format hf, text: the tokenizer file (default: the one beside the run's shards)")
+    ap.add_argument("--overwrite", action="store_true", help="replace what the output folder holds")
     args = ap.parse_args(argv)
     if args.format == "hf":
         info = export_hf_checkpoint(args.checkpoint, args.out, args.tag, teacher=args.teacher,
-                                    tokenizer=args.tokenizer)
+                                    tokenizer=args.tokenizer, overwrite=args.overwrite)
         print(json.dumps(info, indent=2))
         return
     if args.teacher or args.tokenizer:
         ap.error("--teacher and --tokenizer apply to --format hf (the plain export holds student and teacher)")
-    info = export_checkpoint(args.checkpoint, args.out, args.tag)
+    info = export_checkpoint(args.checkpoint, args.out, args.tag, overwrite=args.overwrite)
     print(json.dumps(info, indent=2))

@@ -761,7 +761,7 @@ def ema_names(cfg, student):
     return t.ema_names + t.copy_names
 
 
-def test_data2vec_2_checkpoint_exports_as_plain_state_dicts(tmp_path):
+def test_data2vec_2_checkpoint_exports_as_plain_state_dicts(tmp_path, capsys):
     """2.0 has no transformers architecture: its export is the plain one, and it loads back exactly."""
     from safetensors.torch import load_file
 
@@ -783,7 +783,33 @@ def test_data2vec_2_checkpoint_exports_as_plain_state_dicts(tmp_path):
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, trained[name].float()), name
     assert teacher and set(teacher) == set(load_file(str(tmp_path / "plain" / "teacher.safetensors")))
-    with pytest.raises(ValueError, match="2.0"):
-        from d2v.__main__ import main
+    from d2v.__main__ import main
 
+    with pytest.raises(SystemExit) as exit_:
         main(["export", out, str(tmp_path / "hf"), "--format", "hf"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error:") and "2.0" in err and "Traceback" not in err
+
+
+def test_export_reads_complete_tags_only_and_never_replaces_an_export(audio_run, tmp_path, capsys):
+    import shutil
+
+    from d2v.__main__ import main
+    from d2v.export import export_checkpoint
+
+    out = str(tmp_path / "plain")
+    export_checkpoint(audio_run, out)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export_checkpoint(audio_run, out)
+    export_checkpoint(audio_run, out, overwrite=True)
+    run = tmp_path / "run"
+    shutil.copytree(audio_run, run)
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    (run / "checkpoints" / latest / "COMPLETE").unlink()  # a save that never finished
+    for argv in (["export", str(run), str(tmp_path / "a")],
+                 ["export", str(run), str(tmp_path / "b"), "--tag", f"{latest}.partial"],
+                 ["export", audio_run, out]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith("error:") and err.count("\n") == 1, err
