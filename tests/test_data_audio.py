@@ -300,3 +300,28 @@ def test_the_loader_counts_frames_with_the_models_conv_stack():
     model_frames = build_model(cfg).frontend.num_frames(8_000)
     assert model_frames != conv_output_length(8_000)  # the stacks really differ
     assert batch.mask.shape[-1] == batch.padding_mask.shape[-1] == model_frames
+
+
+def test_a_waveform_with_nan_or_inf_is_a_corrupt_sample(tmp_path):
+    """A float WAV can hold NaN/inf: that one sample is skipped and counted, the rest of the batch kept."""
+    import io
+
+    import soundfile
+
+    from d2v.data.audio import AudioBatchMaker
+
+    def wav_bytes(x):
+        buf = io.BytesIO()
+        soundfile.write(buf, x, 16_000, format="WAV", subtype="FLOAT")
+        return buf.getvalue()
+
+    good = np.random.default_rng(0).standard_normal(16_000).astype(np.float32) * 0.1
+    bad = good.copy()
+    bad[100] = np.inf
+    maker = AudioBatchMaker(AudioLoaderOptions(min_sample_size=8_000, max_sample_size=16_000,
+                                               max_samples_per_batch=64_000), span_mask_fn())
+    stats = {}
+    batch = maker([("a", {"wav": wav_bytes(good)}), ("b", {"wav": wav_bytes(bad)})],
+                  torch.Generator().manual_seed(0), stats)
+    assert batch.keys == ["a"] and stats == {"corrupt": 1}
+    assert torch.isfinite(batch.source).all()

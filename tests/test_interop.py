@@ -813,3 +813,24 @@ def test_export_reads_complete_tags_only_and_never_replaces_an_export(audio_run,
             main(argv)
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and err.startswith("error:") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("where", ["student", "teacher"])
+def test_init_from_refuses_non_finite_weights_by_name(tmp_path, where):
+    from d2v.interop import init_from as load_pretrained
+    from d2v.models import build_model
+
+    cfg, model = _model("audio_tiny")
+    teacher = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("encoder.blocks")}
+    if where == "student":
+        with torch.no_grad():
+            model.encoder.blocks[1].ffn.fc1.weight[0, 0] = float("nan")
+    else:
+        teacher["encoder.blocks.0.ffn.fc2.bias"][3] = float("inf")
+    _write_plain(str(tmp_path / "export"), cfg, model, teacher)
+    fresh = build_model(cfg)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    name = "encoder.blocks.1.ffn.fc1.weight" if where == "student" else "teacher encoder.blocks.0.ffn.fc2.bias"
+    with pytest.raises(ValueError, match=name):
+        load_pretrained(fresh, str(tmp_path / "export"), cfg)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())  # untouched

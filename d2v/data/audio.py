@@ -83,6 +83,8 @@ def decode_audio(data: bytes, sample_rate: int) -> np.ndarray:
     wav, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
     if rate != sample_rate:
         raise ValueError(f"sample rate {rate}, expected {sample_rate}")
+    if not np.isfinite(wav).all():  # a float file can hold them; one would turn the whole batch NaN
+        raise ValueError("NaN or infinite samples")
     return wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]
 
 

@@ -186,6 +186,11 @@ def init_from(model: nn.Module, directory: str, cfg: Any | None = None, *,
     Raises before touching the model if anything does not fit.
     """
     pre = read_pretrained(directory)
+    broken = [f"{what}{pre.source_names.get(n, n)}" for what, state in (("", pre.student), ("teacher ", pre.teacher or {}))
+              for n, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if broken:
+        raise ValueError(f"{directory} holds weights with NaN or infinite values: {broken[:8]}"
+                         f"{' ...' if len(broken) > 8 else ''}; a run started from them would train on NaN")
     if cfg is not None:
         check_fits(cfg, pre, directory)
     expected = model.state_dict()
