@@ -178,7 +178,7 @@ def test_installed_pretrain_then_hf_export_loaded_by_transformers(installed):
 
 def test_installed_import_fairseq_data2vec2_audio(installed, tmp_path):
     """Building a 2.0 audio model reads d2v.kernels' ALiBi slopes: what PyPI's kernels shadowed."""
-    from test_interop import _model, _omegaconf, _save_fairseq, _v2_fairseq_state
+    from test_fairseq_import import _model, _omegaconf, _save_fairseq, _v2_fairseq_state
 
     cfg, model = _model("audio_tiny_v2")
     fs = _v2_fairseq_state(model.state_dict(), "AUDIO", "audio")

@@ -294,11 +294,11 @@ def build_v2_config(modality: str, student: dict[str, Tensor], model_cfg: dict[s
     v.decoder_residual = FAIRSEQ_DECODER_RESIDUAL if residual is None else bool(residual)
     v.alibi = "encoder.alibi.scale" in student
     fairseq_layout(modality).config_v2(m, student, model_cfg, vocab_size=vocab_size, num_patches=num_patches)
-    if notes is not None:
-        notes += apply_method(cfg, model_cfg, tree or {}, TEACHER_AND_LOSS + MULTI, NOT_READ["multi"], "model")
-        encoder = fairseq_layout(modality).v2_encoder.lower()
-        notes += apply_method(cfg, modality_section(model_cfg, encoder), tree or {}, [],
-                              NOT_READ["multi_modality"], f"model.modalities.{encoder}")
+    notes = [] if notes is None else notes
+    notes += apply_method(cfg, model_cfg, tree or {}, TEACHER_AND_LOSS + MULTI, NOT_READ["multi"], "model")
+    encoder = fairseq_layout(modality).v2_encoder.lower()
+    notes += apply_method(cfg, modality_section(model_cfg, encoder), tree or {}, [],
+                          NOT_READ["multi_modality"], f"model.modalities.{encoder}")
     cfg.teacher.top_k = min(cfg.teacher.top_k, m.depth)
     return cfg.validate()
 
