@@ -16,14 +16,16 @@ from torch import Tensor
 from d2v.config.schema import LossConfig
 
 
+# loss.kind -> per-element loss (the names are CHOICES["loss.kind"])
+ELEMENTWISE = {
+    "l2": lambda pred, target, beta: (pred - target).square(),
+    "smooth_l1": lambda pred, target, beta: F.smooth_l1_loss(pred, target, reduction="none", beta=beta),
+}
+
+
 def elementwise(pred: Tensor, target: Tensor, kind: str, beta: float) -> Tensor:
     """Per-element loss in fp32."""
-    pred, target = pred.float(), target.float()
-    if kind == "l2":
-        return (pred - target).square()
-    if kind == "smooth_l1":
-        return F.smooth_l1_loss(pred, target, reduction="none", beta=beta)
-    raise ValueError(f"unknown loss kind {kind!r}")
+    return ELEMENTWISE[kind](pred.float(), target.float(), beta)
 
 
 def regression_loss(pred_ND: Tensor, target_ND: Tensor, cfg: LossConfig) -> tuple[Tensor, int]:

@@ -14,7 +14,7 @@ import argparse
 import json
 from typing import Any
 
-from d2v.config import fill_ds_config, load_template, resolve
+from d2v.config import fill_ds_config, load_template, resolve, to_dict
 from d2v.config.batch_plan import BatchPlan, run_config
 from d2v.config.modalities import modality_spec
 from d2v.config.schema import D2vConfig
@@ -99,6 +99,7 @@ def plan_run(preset: str, world_size: int, *, rank: int = 0, zero: int | None = 
         if make_val is not None:
             make_val(rank, world_size)  # a held-out set too small for this many ranks fails here, as in a run
     info["ds_config"] = ds
+    info["config"] = to_dict(cfg)
     return info
 
 
@@ -110,7 +111,7 @@ def table(info: dict[str, Any]) -> str:
             return f"{v:.4g}"
         return str(v)
 
-    rows = [(k, show(v)) for k, v in info.items() if k not in ("ds_config", "drawn_batches", "message")]
+    rows = [(k, show(v)) for k, v in info.items() if k not in ("ds_config", "config", "drawn_batches", "message")]
     rows += [(f"drawn batch {i}", f"{b['samples']:,} samples, {b['positions']:,} positions")
              for i, b in enumerate(info["drawn_batches"])]
     width = max(len(k) for k, _ in rows)
@@ -120,7 +121,7 @@ def table(info: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m d2v plan", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("preset")
+    ap.add_argument("preset", help="preset name, or a `python -m d2v export` / import-fairseq directory")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     ap.add_argument("--world-size", type=int, required=True)
     ap.add_argument("--rank", type=int, default=0)

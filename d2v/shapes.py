@@ -7,13 +7,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-# (channels, kernel, stride) of the wav2vec 2.0 / data2vec waveform encoder (docs/method.md §3.2).
-AUDIO_CONV_LAYERS: tuple[tuple[int, int, int], ...] = (
-    (512, 10, 5), (512, 3, 2), (512, 3, 2), (512, 3, 2), (512, 3, 2), (512, 2, 2), (512, 2, 2),
-)
-
-
-def conv_output_length(num_samples: int, conv_layers: Sequence[Sequence[int]] = AUDIO_CONV_LAYERS) -> int:
+def conv_output_length(num_samples: int, conv_layers: Sequence[Sequence[int]]) -> int:
     """Frames produced by unpadded strided convolutions: 16,000 samples -> 49, 320,000 -> 999."""
     n = int(num_samples)
     for _, kernel, stride in conv_layers:
@@ -23,7 +17,7 @@ def conv_output_length(num_samples: int, conv_layers: Sequence[Sequence[int]] = 
     return n
 
 
-def min_samples_for_frames(num_frames: int, conv_layers: Sequence[Sequence[int]] = AUDIO_CONV_LAYERS) -> int:
+def min_samples_for_frames(num_frames: int, conv_layers: Sequence[Sequence[int]]) -> int:
     """Smallest waveform length that yields `num_frames` frames (inverse of conv_output_length)."""
     n = int(num_frames)
     for _, kernel, stride in reversed(list(conv_layers)):

@@ -171,3 +171,19 @@ def test_one_shard_under_two_spellings_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="names one shard twice"):
         expand_pattern("x.tar ./x.tar")
     assert expand_pattern("x.tar") == ["x.tar"]
+
+
+def test_each_choice_has_one_list_that_validation_and_the_implementation_share():
+    """The values a choice setting takes are listed once (CHOICES): validation names exactly them,
+    and the modules that implement a choice dispatch over exactly them."""
+    from d2v.config.choices import CHOICES
+    from d2v.losses import ELEMENTWISE
+    from d2v.models.factory import HEADS
+    from d2v.train.schedule import SCHEDULES
+
+    assert tuple(SCHEDULES) == CHOICES["optim.schedule"]
+    assert tuple(ELEMENTWISE) == CHOICES["loss.kind"]
+    assert tuple(HEADS) == CHOICES["model.head"]
+    for key in CHOICES:
+        with pytest.raises(ValueError, match=f"{key}='nonsense': use one of"):
+            apply_overrides(get_preset("audio_tiny"), [f"{key}=nonsense"]).validate()

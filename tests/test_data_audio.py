@@ -16,10 +16,22 @@ from d2v.data.audio import collate_audio
 from d2v.data.prepare import main as prepare_main
 from d2v.data.prepare_audio import prepare_audio
 from d2v.data.shards import expand_pattern
-from d2v.shapes import AUDIO_CONV_LAYERS, conv_output_length
+from d2v.config.schema import AudioFeatureConfig
+from d2v.shapes import conv_output_length
 
-OPTS = AudioLoaderOptions(min_sample_size=8_000, max_sample_size=24_000, max_samples_per_batch=64_000,
-                          bucket_buffer=6)
+AUDIO_CONV_LAYERS = AudioFeatureConfig().conv_layers  # the reference's stack, model.audio.conv_layers' default
+
+def _options(**settings):
+    """The loader options of audio_tiny's run config, with these loader settings changed."""
+    import dataclasses
+
+    from d2v.config import get_preset
+
+    return dataclasses.replace(AudioLoaderOptions.from_config(get_preset("audio_tiny")), **settings)
+
+
+OPTS = _options(min_sample_size=8_000, max_sample_size=24_000, max_samples_per_batch=64_000, bucket_buffer=6,
+                conv_layers=AUDIO_CONV_LAYERS)
 
 
 def _tree(root, speakers=("11", "22", "33"), per_speaker=10, corrupt=True):
@@ -191,15 +203,16 @@ def test_collate_shapes_padding_masks():
     assert padded.source.shape == (3, 24_000)
     assert padded.source_lengths.tolist() == [16_000, 9_000, 24_000]
     assert padded.source[1, 9_000:].abs().sum() == 0
-    frames = conv_output_length(24_000)
+    frames = conv_output_length(24_000, AUDIO_CONV_LAYERS)
     # Masks are B×M×T; a 1.0 mask is one per sample (M = 1).
     assert padded.mask.shape == (3, 1, frames) and padded.padding_mask.shape == (3, frames)
-    assert (~padded.padding_mask).sum(1).tolist() == [conv_output_length(n) for n in (16_000, 9_000, 24_000)]
+    lengths = (16_000, 9_000, 24_000)
+    assert (~padded.padding_mask).sum(1).tolist() == [conv_output_length(n, AUDIO_CONV_LAYERS) for n in lengths]
     assert not (padded.mask[:, 0] & padded.padding_mask).any() and padded.mask.any()
     cropped = collate_audio(waves, ["a", "b", "c"], pad=False, max_sample_size=24_000,
                             mask_fn=span_mask_fn(), generator=g, conv_layers=AUDIO_CONV_LAYERS)
     assert cropped.source.shape == (3, 9_000) and cropped.padding_mask is None
-    assert cropped.mask.shape == (3, 1, conv_output_length(9_000))
+    assert cropped.mask.shape == (3, 1, conv_output_length(9_000, AUDIO_CONV_LAYERS))
 
 
 def test_loader_batches_respect_budget_and_normalize(shards):
@@ -298,7 +311,7 @@ def test_the_loader_counts_frames_with_the_models_conv_stack():
     batch = collate_audio(waves, ["a", "b"], pad=True, max_sample_size=8_000, mask_fn=span_mask_fn(),
                           generator=torch.Generator().manual_seed(0), conv_layers=opts.conv_layers)
     model_frames = build_model(cfg).frontend.num_frames(8_000)
-    assert model_frames != conv_output_length(8_000)  # the stacks really differ
+    assert model_frames != conv_output_length(8_000, AUDIO_CONV_LAYERS)  # the stacks really differ
     assert batch.mask.shape[-1] == batch.padding_mask.shape[-1] == model_frames
 
 
@@ -318,8 +331,8 @@ def test_a_waveform_with_nan_or_inf_is_a_corrupt_sample(tmp_path):
     good = np.random.default_rng(0).standard_normal(16_000).astype(np.float32) * 0.1
     bad = good.copy()
     bad[100] = np.inf
-    maker = AudioBatchMaker(AudioLoaderOptions(min_sample_size=8_000, max_sample_size=16_000,
-                                               max_samples_per_batch=64_000), span_mask_fn())
+    maker = AudioBatchMaker(_options(min_sample_size=8_000, max_sample_size=16_000,
+                                     max_samples_per_batch=64_000, conv_layers=AUDIO_CONV_LAYERS), span_mask_fn())
     stats = {}
     batch = maker([("a", {"wav": wav_bytes(good)}), ("b", {"wav": wav_bytes(bad)})],
                   torch.Generator().manual_seed(0), stats)

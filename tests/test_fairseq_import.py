@@ -69,6 +69,13 @@ def _save_fairseq(path, payload_fn):
                 sys.modules[k] = v
 
 
+def _planned(out, world_size=8):
+    """The run config `python -m d2v plan OUT --world-size N` resolves for an import directory."""
+    from d2v.plan import plan_run
+
+    return plan_run(out, world_size)["config"]
+
+
 def _audio_fairseq_state(model):
     """d2v audio names -> fairseq data2vec_audio names, written out by hand."""
     sd = model.state_dict()
@@ -251,7 +258,14 @@ def test_fairseq_text_import_remaps_dict_rows_to_tokenizer_ids(tmp_path):
     ema = {k[len("encoder.sentence_encoder."):]: v * 2 for k, v in fs.items() if "sentence_encoder.layers" in k}
     ckpt = str(tmp_path / "ckpt" / "checkpoint.pt")
     os.makedirs(tmp_path / "ckpt")
-    tree = {"model": {"_name": "data2vec_text", "transformer": {"encoder": {"attention_heads": 4}}}}
+    # a recipe unlike every preset's: dropouts and LayerDrop in the encoder's TransformerConfig,
+    # masking in the masked_lm task, which owns it; the model section holds the teacher and loss
+    tree = {"model": {"_name": "data2vec_text", "average_top_k_layers": 1, "loss_beta": 0.5,
+                      "ema_anneal_end_step": 77, "layer_norm_target_layer": False, "instance_norm_target_layer": True,
+                      "transformer": {"dropout": 0.25, "attention_dropout": 0.15, "activation_dropout": 0.05,
+                                      "encoder": {"attention_heads": 4, "layerdrop": 0.2}}},
+            "task": {"_name": "masked_lm", "mask_prob": 0.3, "mask_multiple_length": 3, "random_token_prob": 0.0,
+                     "leave_unmasked_prob": 0.0, "mask_stdev": 1.5}}
     _save_fairseq(ckpt, lambda c: {"cfg": _omegaconf(c, tree), "model": {**fs, "encoder._ema": ema}})
     with pytest.raises(ImportRefused, match="dict.txt"):  # never paired with a tokenizer unmapped
         import_fairseq(ckpt, str(tmp_path / "refused"))
@@ -267,26 +281,30 @@ def test_fairseq_text_import_remaps_dict_rows_to_tokenizer_ids(tmp_path):
     assert tok.encode("ab") == [6] and tok.encode(" a") == [8] and tok.encode("a b") == [4, 7, 5]
     assert torch.equal(teacher["encoder.blocks.1.ffn.fc1.weight"], 2 * sd["encoder.blocks.1.ffn.fc1.weight"])
     assert icfg.model.text.vocab_size == 10 and icfg.model.text.max_positions == 16
+    planned = _planned(out)
+    m, mk, t = planned["model"], planned["masking"], planned["teacher"]
+    assert (m["dropout"], m["attention_dropout"], m["activation_dropout"], m["layerdrop"]) == (0.25, 0.15, 0.05, 0.2)
+    assert (mk["mask_prob"], mk["mask_length"], mk["random_token_prob"], mk["leave_unmasked_prob"]) == (0.3, 3, 0, 0)
+    assert (t["top_k"], t["ema_anneal_steps"], t["layer_norm"], planned["loss"]["beta"]) == (1, 77, "instance", 0.5)
+    with open(os.path.join(out, "export.json")) as f:
+        assert any("task.mask_stdev=1.5" in n for n in json.load(f)["notes"])
     with pytest.raises(ValueError, match="rows"):  # a dict.txt of another model
         (tmp_path / "short.txt").write_text("2 1\n0 1\n")
         import_fairseq(ckpt, str(tmp_path / "x"), dict_path=str(tmp_path / "short.txt"), encoder_json=enc,
                        vocab_bpe=bpe)
 
 
-def test_beit_vision_import_splits_qkv_and_keeps_layer_scale(tmp_path):
-    from d2v.export import load_exported
-    from d2v.interop.fairseq_import import import_fairseq
-
-    cfg, model = _model("image_tiny")
-    sd = model.state_dict()
+def _beit_state(sd, depth, grid):
+    """d2v image 1.0 names -> data2vec_vision (BEiT) names: fused qkv weight, separate q/v biases, gamma_1/2."""
+    tokens = grid * grid + 1
     beit = {"cls_token": sd["encoder.cls_token.weight"], "mask_token": sd["mask_embedding.weight"].view(1, 1, -1),
             "patch_embed.proj.weight": sd["frontend.projection.weight"],
             "patch_embed.proj.bias": sd["frontend.projection.bias"],
             "rel_pos_bias.relative_position_bias_table": sd["encoder.rel_pos_bias.table"],
-            "rel_pos_bias.relative_position_index": torch.zeros(65, 65, dtype=torch.long),
+            "rel_pos_bias.relative_position_index": torch.zeros(tokens, tokens, dtype=torch.long),
             "norm.weight": sd["encoder.final_norm.weight"], "norm.bias": sd["encoder.final_norm.bias"],
             "lm_head.weight": sd["head.weight"], "lm_head.bias": sd["head.bias"]}
-    for b in range(4):
+    for b in range(depth):
         p = f"encoder.blocks.{b}."
         beit[f"blocks.{b}.attn.qkv.weight"] = torch.cat([sd[p + "attention.q_proj.weight"],
                                                          sd[p + "attention.k_proj.weight"],
@@ -299,13 +317,33 @@ def test_beit_vision_import_splits_qkv_and_keeps_layer_scale(tmp_path):
                      ("mlp.fc1", "ffn.fc1"), ("mlp.fc2", "ffn.fc2")]:
             for q in ("weight", "bias"):
                 beit[f"blocks.{b}.{a}.{q}"] = sd[p + f"{d}.{q}"]
-    ema = {k: v * 3 for k, v in beit.items()}
-    ckpt = str(tmp_path / "beit.pth")
+    return beit
+
+
+# run_cyclical.py's namespace with a recipe unlike every preset's (its own names and spellings)
+BEIT_ARGS = dict(model="beit_tiny", target_layers="[2, 3]", layer_scale_init_value=1e-4, drop_path=0.25,
+                 attn_drop_rate=0.02, ema_decay_init=0.5, ema_decay=0.6, ema_start_at=40, num_mask_patches=20,
+                 min_mask_patches_per_block=5, max_mask_patches_per_block=None, l2_loss=True, l1_beta=0.12,
+                 loss_scale=-1, no_target_layer_norm_last=False, target_instance_norm=False,
+                 post_target_layer_norm=False, post_target_instance_norm=True, mask_dropout_prob=-1.0,
+                 layer_results="end", var_w0=0.0, target_batch_norm=False, input_size=32)
+
+
+def test_beit_vision_import_splits_qkv_and_keeps_its_method(tmp_path):
     import argparse
 
-    torch.save({"model": beit, "model_ema": ema, "epoch": 799, "args": argparse.Namespace(model="beit_tiny")}, ckpt)
-    import_fairseq(ckpt, str(tmp_path / "d2v"))
-    student, teacher, icfg = load_exported(str(tmp_path / "d2v"))
+    from d2v.export import load_exported
+    from d2v.interop.fairseq_import import import_fairseq
+
+    cfg, model = _model("image_tiny")
+    sd = model.state_dict()
+    beit = _beit_state(sd, 4, 8)
+    ema = {k: v * 3 for k, v in beit.items()}
+    ckpt = str(tmp_path / "beit.pth")
+    torch.save({"model": beit, "model_ema": ema, "epoch": 799, "args": argparse.Namespace(**BEIT_ARGS)}, ckpt)
+    out = str(tmp_path / "d2v")
+    info = import_fairseq(ckpt, out)
+    student, teacher, icfg = load_exported(out)
     assert (icfg.model.num_heads, icfg.model.image.image_size, icfg.model.image.patch_size) == (4, 32, 4)
     assert all(torch.equal(student.state_dict()[k], v) for k, v in sd.items())
     assert torch.equal(teacher["encoder.blocks.2.attention.k_proj.weight"], 3 * sd["encoder.blocks.2.attention.k_proj.weight"])
@@ -314,6 +352,38 @@ def test_beit_vision_import_splits_qkv_and_keeps_layer_scale(tmp_path):
     a, _ = _d2v_hidden(model, cfg, x, None)
     b, _ = _d2v_hidden(student.eval(), icfg, x, None)
     assert torch.equal(a, b)
+    planned = _planned(out)
+    m, t, mk, lo = planned["model"], planned["teacher"], planned["masking"], planned["loss"]
+    assert (t["top_k"], t["ema_start"], t["ema_end"], t["ema_anneal_steps"]) == (2, 0.5, 0.6, 40)
+    assert (t["layer_norm"], t["final_norm"]) == ("layer", "instance")
+    assert (m["image"]["layer_scale_init"], m["image"]["drop_path"], m["attention_dropout"]) == (1e-4, 0.25, 0.02)
+    assert (mk["num_mask_patches"], mk["min_block_patches"], mk["max_block_patches"]) == (20, 5, None)
+    assert (lo["kind"], lo["scale"]) == ("l2", 1.0)
+    assert not any("not taken" in n for n in info["notes"]), info["notes"]  # -1.0 is mask dropout's "off"
+
+
+def test_beit_vision_import_of_another_image_size(tmp_path):
+    """A 64-px / patch-16 model (16 patches) whose namespace names no mask count and whose target
+    layers are not the top ones: imported with the preset's share of masked patches, and the
+    layers d2v cannot average are named."""
+    import argparse
+
+    from d2v.config import apply_overrides, get_preset
+    from d2v.interop.fairseq_import import import_fairseq
+    from d2v.models import build_model
+
+    cfg = apply_overrides(get_preset("image_tiny"), ["model.image.image_size=64", "model.image.patch_size=16",
+                                                     "masking.num_mask_patches=10"]).validate()
+    torch.manual_seed(0)
+    sd = build_model(cfg).state_dict()
+    ckpt = str(tmp_path / "beit64.pth")
+    args = argparse.Namespace(model="beit_tiny_patch16_64", target_layers="[1, 2]", drop_path=0.0)
+    torch.save({"model": _beit_state(sd, 4, 4), "args": args}, ckpt)
+    info = import_fairseq(ckpt, str(tmp_path / "d2v"))
+    planned = _planned(str(tmp_path / "d2v"))
+    assert (planned["model"]["image"]["image_size"], planned["model"]["image"]["patch_size"]) == (64, 16)
+    assert planned["masking"]["num_mask_patches"] == round(16 * 39 / 64)
+    assert any("args.target_layers=[1, 2]" in n for n in info["notes"]), info["notes"]
 
 
 def _v2_fairseq_state(sd, encoder, modality):
@@ -377,9 +447,21 @@ def test_fairseq_data2vec2_import(preset, encoder, tmp_path):
     sd = model.state_dict()
     fs = _v2_fairseq_state(sd, encoder, cfg.model.modality)
     ema = {k: v * 2 for k, v in fs.items() if not k.startswith(f"modality_encoders.{encoder}.decoder")}
+    # every modality's section is saved; only this encoder's may be read (the others differ)
+    sections = {name: {"mask_prob": 0.9, "mask_length": 9, "mask_prob_adjust": 0.3, "mask_noise_std": 0.5,
+                       "decoder": {"decoder_residual": False, "input_dropout": 0.4}}
+                for name in ("audio", "image", "text")}
+    sections[encoder.lower()] = {"mask_prob": 0.6, "mask_length": 2, "mask_prob_adjust": 0.02, "mask_noise_std": 0.05,
+                                 "inverse_mask": encoder == "IMAGE", "input_size": 32, "prenet_dropout": 0.0,
+                                 "feature_encoder_spec": str(list(cfg.model.audio.conv_layers)),
+                                 "decoder": {"decoder_residual": True, "input_dropout": 0.2}}
+    top_k = cfg.model.depth - 1
     tree = {"model": {"_name": "data2vec_multi", "num_heads": cfg.model.num_heads, "norm_eps": cfg.model.norm_eps,
-                      "modalities": {encoder.lower(): {"feature_encoder_spec": str(list(cfg.model.audio.conv_layers)),
-                                                       "decoder": {"decoder_residual": True}}}}}
+                      "encoder_dropout": 0.05, "post_mlp_drop": 0.05, "attention_dropout": 0.07,
+                      "activation_dropout": 0.03, "clone_batch": 3, "average_top_k_layers": top_k, "ema_decay": 0.9,
+                      "ema_end_decay": 0.95, "ema_anneal_end_step": 50, "layer_norm_target_layer": True,
+                      "instance_norm_target_layer": False, "instance_norm_targets": True, "layer_norm_targets": False,
+                      "cls_loss": 0.5 if encoder == "IMAGE" else 0.0, "modalities": sections}}
     ckpt = str(tmp_path / "v2.pt")
     _save_fairseq(ckpt, lambda c: {"cfg": _omegaconf(c, tree), "model": {**fs, "_ema": ema}})
     info = import_fairseq(ckpt, str(tmp_path / "d2v"))
@@ -388,6 +470,15 @@ def test_fairseq_data2vec2_import(preset, encoder, tmp_path):
     assert all(torch.equal(student.state_dict()[k], v) for k, v in sd.items()), info
     assert torch.equal(teacher["encoder.blocks.1.attention.k_proj.bias"], 2 * sd["encoder.blocks.1.attention.k_proj.bias"])
     assert set(teacher) == set(ema_names(icfg, student))
+    planned = _planned(str(tmp_path / "d2v"))
+    m, v, mk, t = planned["model"], planned["model"]["v2"], planned["masking"], planned["teacher"]
+    assert (mk["mask_prob"], mk["block_width"], mk["mask_adjust"]) == (0.6, 2, 0.02)
+    assert (v["mask_noise_std"], v["decoder_input_dropout"], v["decoder_residual"]) == (0.05, 0.2, True)
+    assert v["num_masks"] == 3
+    assert (m["dropout"], m["attention_dropout"], m["activation_dropout"]) == (0.05, 0.07, 0.03)
+    assert (t["top_k"], t["ema_start"], t["ema_end"], t["ema_anneal_steps"]) == (top_k, 0.9, 0.95, 50)
+    assert (t["layer_norm"], t["final_norm"], v["cls_loss"]) == ("layer", "instance", 0.5 if encoder == "IMAGE" else 0)
+    assert not any("not taken" in n for n in info["notes"]), info["notes"]
 
 
 def test_fairseq_data2vec2_text_as_fairseq_saves_it(tmp_path):
@@ -409,10 +500,11 @@ def test_fairseq_data2vec2_text_as_fairseq_saves_it(tmp_path):
     assert ema and all(k.split(".")[0].isdigit() for k in ema)
     tree = {"model": {"_name": "data2vec_multi", "num_heads": cfg.model.num_heads, "norm_eps": cfg.model.norm_eps,
                       "ema_encoder_only": True, "clone_batch": 4, "average_top_k_layers": 1, "layerdrop": 0.0,
-                      "ema_anneal_end_step": 1234, "post_mlp_drop": 0.1,
-                      "modalities": {"audio": {"decoder": {"decoder_residual": True}},
-                                     "image": {"decoder": {"decoder_residual": True}},
-                                     "text": {"decoder": {"decoder_residual": False}}}}}
+                      "ema_anneal_end_step": 1234, "post_mlp_drop": 0.3,
+                      "modalities": {"audio": {"mask_prob": 0.65, "decoder": {"decoder_residual": True}},
+                                     "image": {"mask_prob": 0.8, "decoder": {"decoder_residual": True}},
+                                     "text": {"mask_prob": 0.4, "mask_length": 1, "mask_prob_adjust": 0.1,
+                                              "decoder": {"decoder_residual": False, "input_dropout": 0.0}}}}}
     ckpt = str(tmp_path / "v2_text.pt")
     _save_fairseq(ckpt, lambda c: {"cfg": _omegaconf(c, tree), "model": {**fs, "_ema": ema}})
     dict_txt, enc, bpe = _gpt2_files(tmp_path)
@@ -421,7 +513,12 @@ def test_fairseq_data2vec2_text_as_fairseq_saves_it(tmp_path):
     assert icfg.model.v2.decoder_residual is False
     assert (icfg.model.v2.num_masks, icfg.teacher.top_k, icfg.model.layerdrop, icfg.teacher.ema_anneal_steps) == (
         4, 1, 0.0, 1234)
-    assert any("post_mlp_drop" in n for n in info["notes"]), info["notes"]
+    # d2v's block drops out after attention and FFN alike; a different post-FFN rate is named
+    assert any("post_mlp_drop=0.3" in n for n in info["notes"]), info["notes"]
+    assert any("mask_prob_adjust=0.1" in n for n in info["notes"]), info["notes"]  # random masks have none
+    planned = _planned(str(tmp_path / "d2v"))
+    assert (planned["masking"]["mask_prob"], planned["model"]["v2"]["decoder_input_dropout"]) == (0.4, 0.0)
+    assert planned["model"]["v2"]["decoder_residual"] is False
     moved = ("frontend.word_embeddings.weight", "frontend.token_type_embeddings.weight")  # dict.txt rows; fairseq has none
     assert all(torch.equal(student.state_dict()[k], v) for k, v in sd.items() if k not in moved), info
     assert torch.equal(teacher["encoder.blocks.1.ffn.fc1.weight"], 2 * sd["encoder.blocks.1.ffn.fc1.weight"])

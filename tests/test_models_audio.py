@@ -9,14 +9,19 @@ import torch
 from d2v.config import get_preset
 from d2v.estimate.flops import flops_per_sample
 from d2v.models import build_model
+from d2v.config.schema import AudioFeatureConfig
 from d2v.shapes import conv_output_length
+
+AUDIO_CONV_LAYERS = AudioFeatureConfig().conv_layers  # the reference's stack, model.audio.conv_layers' default
 
 
 def test_frame_counts():
-    assert conv_output_length(16_000) == 49 and conv_output_length(320_000) == 999
+    assert conv_output_length(16_000, AUDIO_CONV_LAYERS) == 49
+    assert conv_output_length(320_000, AUDIO_CONV_LAYERS) == 999
     model = build_model(get_preset("audio_tiny"))
     for n in (16_000, 12_345, 400):
-        assert model.features(torch.randn(1, n)).x.shape[1] == conv_output_length(n) == model.frontend.num_frames(n)
+        frames = conv_output_length(n, AUDIO_CONV_LAYERS)
+        assert model.features(torch.randn(1, n)).x.shape[1] == frames == model.frontend.num_frames(n)
 
 
 def test_audio_base_parameter_count_and_layout():
@@ -49,7 +54,8 @@ def test_padding_content_never_reaches_valid_frames():
     for wav in (batch, noisy):
         feats = model.features(wav, lengths)
         assert feats.padding_mask is not None
-        assert feats.padding_mask[0].sum() == conv_output_length(24_000) - 49 and not feats.padding_mask[1].any()
+        assert feats.padding_mask[0].sum() == conv_output_length(24_000, AUDIO_CONV_LAYERS) - 49
+        assert not feats.padding_mask[1].any()
         outs.append(model.encode(feats.x, feats.padding_mask))
     assert torch.allclose(outs[0][:, :49], outs[1][:, :49], atol=1e-5)
     assert torch.allclose(outs[0][1], outs[1][1], atol=1e-5)

@@ -112,6 +112,27 @@ def test_plan_command_refuses_a_rank_outside_the_world_with_one_line():
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr
 
 
+def test_an_export_directory_continues_its_method_not_its_location(tmp_path):
+    """`plan DIR` / `--preset DIR` start from the directory's own config; where that run wrote and
+    what it read are not handed on (a new run must never write into the old one's directory)."""
+    from d2v.config import apply_overrides, to_dict
+
+    old = apply_overrides(get_preset("audio_tiny"), ["teacher.top_k=1", "masking.mask_prob=0.5",
+                                                     "train.out_dir=/elsewhere/run", "data.train_shards=/x/a.tar"])
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "config.json").write_text(json.dumps(to_dict(old)))
+    cfg = resolve(str(tmp_path / "export"), None, ["optim.lr=1e-4"])
+    assert (cfg.teacher.top_k, cfg.masking.mask_prob, cfg.optim.lr) == (1, 0.5, 1e-4)
+    assert (cfg.train.out_dir, cfg.data.train_shards) == (get_preset("audio_tiny").train.out_dir, "")
+    info = _plan(str(tmp_path / "export"), "--world-size", "8")
+    assert info["config"]["teacher"]["top_k"] == 1 and info["world_size"] == 8
+    (tmp_path / "hf").mkdir()  # public transformers weights carry no d2v method
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "data2vec-audio"}))
+    proc = subprocess.run([sys.executable, "-m", "d2v", "plan", str(tmp_path / "hf"), "--world-size", "2"], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 2 and "--init-from" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def _synthetic_index(lengths):
     """A ShardIndex as a sidecar of that many samples would give (the planner reads lengths only)."""
     from d2v.data.shards import ShardIndex

@@ -1,7 +1,7 @@
 """d2v's typed configuration: sections, presets, overrides and the DeepSpeed JSON filler."""
 from d2v.config.deepspeed_json import DeepSpeedConfigError, fill_ds_config, load_template
 from d2v.config.overrides import apply_overrides, from_dict, load_yaml, set_value, to_dict
-from d2v.config.presets import get_preset, list_presets
+from d2v.config.presets import base_config, directory_config, find_directory_config, get_preset, list_presets
 from d2v.config.schema import (
     AudioFeatureConfig,
     D2vConfig,
@@ -16,8 +16,9 @@ from d2v.config.schema import (
 
 
 def resolve(preset: str, config_file: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> D2vConfig:
-    """Preset, then a YAML of differences, then key=value overrides; validated."""
-    cfg = get_preset(preset)
+    """Preset (a name, or an export / import directory whose method continues), then a YAML of
+    differences, then key=value overrides; validated."""
+    cfg = base_config(preset)
     if config_file:
         load_yaml(cfg, config_file)
     apply_overrides(cfg, overrides)
@@ -27,5 +28,6 @@ def resolve(preset: str, config_file: str | None = None, overrides: list[str] | 
 __all__ = [
     "AudioFeatureConfig", "D2vConfig", "DataConfig", "LossConfig", "MaskingConfig", "ModelConfig",
     "OptimConfig", "TeacherConfig", "TrainConfig", "DeepSpeedConfigError", "apply_overrides", "fill_ds_config",
-    "from_dict", "get_preset", "list_presets", "load_template", "load_yaml", "resolve", "set_value", "to_dict",
+    "base_config", "directory_config", "find_directory_config", "from_dict", "get_preset", "list_presets",
+    "load_template", "load_yaml", "resolve", "set_value", "to_dict",
 ]

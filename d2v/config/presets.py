@@ -9,6 +9,8 @@ reproduce no reference run (reference_batch 0) and keep their per-rank batches.
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Callable
 
 from d2v.config.schema import D2vConfig
@@ -97,6 +99,55 @@ def get_preset(name: str) -> D2vConfig:
 
 def list_presets() -> list[str]:
     return sorted(_PRESETS)
+
+
+# Where a run wrote and what it read: not part of the method a directory hands on.
+_RUN_LOCATION = ("train.out_dir", "data.train_shards", "data.val_shards")
+
+
+def find_directory_config(directory: str) -> D2vConfig | None:
+    """The config a `python -m d2v export` or `import-fairseq` directory was written with: config.json
+    of the plain layout, d2v_export.json of the transformers one; None for a directory without one
+    (public transformers weights). Its run location is reset. Not validated."""
+    from d2v.config.overrides import from_dict, set_value
+
+    for name, key in (("d2v_export.json", "d2v_config"), ("config.json", None)):
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if not isinstance(data, dict) or (key is None and "model_type" in data):
+            continue  # a transformers config.json
+        if key is not None:
+            if key not in data:
+                continue
+            data = data[key]
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} does not hold a d2v config (a JSON object)")
+        cfg = from_dict(data)
+        fresh = D2vConfig()
+        for dotted in _RUN_LOCATION:
+            section, name_ = dotted.split(".")
+            set_value(cfg, dotted, getattr(getattr(fresh, section), name_))
+        return cfg
+    return None
+
+
+def directory_config(directory: str) -> D2vConfig:
+    cfg = find_directory_config(directory)
+    if cfg is None:
+        raise ValueError(f"{directory} holds no d2v config (config.json of `python -m d2v export` or import-fairseq, "
+                         f"or d2v_export.json): for public transformers weights, pass a preset and "
+                         f"--init-from {directory}")
+    return cfg
+
+
+def base_config(source: str) -> D2vConfig:
+    """A preset by name, or the method of an export / import directory (a path to one)."""
+    if os.path.isdir(source):
+        return directory_config(source)
+    return get_preset(source)
 
 
 @preset

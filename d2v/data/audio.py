@@ -10,7 +10,7 @@ masks. Masks are made here, by the caller's `mask_fn`, from the batch's generato
 
 Usage (see `TrainLoader` and `ValidationLoader` for iteration, steps and resume):
 
-    loader = audio_train_loader("shards/train-{000000..000011}.tar", AudioLoaderOptions(),
+    loader = audio_train_loader("shards/train-{000000..000011}.tar", AudioLoaderOptions.from_config(cfg),
                                 span_mask_fn(), seed=1, rank=rank, world_size=world, num_workers=2)
     for batch in loader: ...            # loader.steps_per_epoch batches, then the next epoch
 """
@@ -30,7 +30,7 @@ from d2v.data.loader import TrainLoader, ValidationLoader
 from d2v.data.plan import BatchingOptions
 from d2v.data.shards import expand_pattern, load_index
 from d2v.masking.makers import SpanMasks
-from d2v.shapes import AUDIO_CONV_LAYERS, conv_output_length, min_samples_for_frames
+from d2v.shapes import conv_output_length, min_samples_for_frames
 
 # mask_fn(batch_size, num_frames, padding_mask B×T bool or None, generator) -> B×T bool, True = masked
 # (2.0: B×M×T, M masks per utterance; see d2v.masking.multimask)
@@ -42,29 +42,39 @@ ConvLayers = Sequence[Sequence[int]]
 
 @dataclass(kw_only=True)
 class AudioLoaderOptions:
-    """Loader settings the training config maps onto (lengths in samples at `sample_rate`)."""
+    """Loader settings (lengths in samples at `sample_rate`). The run config owns every setting that
+    has no default here: `from_config` is the one mapping, so the loader never keeps a value of its own."""
 
-    sample_rate: int = 16_000
+    sample_rate: int
     """Every sample must decode at this rate (prepare resamples to it)."""
-    min_sample_size: int = 32_000
-    """Utterances shorter than this are skipped (counted as `too_short`); 2 s as the reference."""
-    max_sample_size: int = 320_000
-    """Longer utterances are randomly cropped to this; 20 s as the reference."""
-    max_samples_per_batch: int = 3_800_000
-    """Budget: batch size × padded length (fairseq max_tokens: 3.8M per GPU for audio Base)."""
+    min_sample_size: int
+    """Utterances shorter than this are skipped (counted as `too_short`)."""
+    max_sample_size: int
+    """Longer utterances are randomly cropped to this."""
+    max_samples_per_batch: int
+    """Budget: batch size × padded length (fairseq max_tokens)."""
+    normalize: bool
+    """Zero mean, unit variance per utterance (before cropping, as the reference)."""
+    pad: bool
+    """False: crop the batch to its shortest utterance (the reference); True: pad to the longest."""
+    conv_layers: tuple[tuple[int, int, int], ...]
+    """The model's waveform encoder (model.audio.conv_layers): the frames of a crop, its mask and
+    its padding are counted with it, so the loader's masks fit the model's frames."""
     max_batch_size: int | None = None
     """Optional cap on utterances per batch."""
-    normalize: bool = True
-    """Zero mean, unit variance per utterance (before cropping, as the reference)."""
-    pad: bool = False
-    """False: crop the batch to its shortest utterance (the reference); True: pad to the longest."""
     bucket_buffer: int = 512
     """Utterances sorted together to form batches; a worker holds their FLAC bytes in memory."""
     lengths_file: str | None = None
     """Length sidecar; default `lengths.json` beside the shards."""
-    conv_layers: tuple[tuple[int, int, int], ...] = AUDIO_CONV_LAYERS
-    """The model's waveform encoder (model.audio.conv_layers): the frames of a crop, its mask and
-    its padding are counted with it, so the loader's masks fit the model's frames."""
+
+    @classmethod
+    def from_config(cls, cfg) -> "AudioLoaderOptions":
+        """The loader settings of a run config (model.audio and data)."""
+        d = cfg.data
+        return cls(sample_rate=cfg.model.audio.sample_rate, min_sample_size=d.min_sample_size,
+                   max_sample_size=d.max_sample_size, max_samples_per_batch=d.max_samples_per_batch,
+                   normalize=d.normalize, pad=d.pad, bucket_buffer=min(d.buffer_size, 512),
+                   conv_layers=tuple(tuple(c) for c in cfg.model.audio.conv_layers))
 
     def batching(self) -> BatchingOptions:
         return BatchingOptions(budget=self.max_samples_per_batch, max_length=self.max_sample_size,
@@ -177,21 +187,19 @@ class AudioBatchMaker:
         return batch
 
 
-def audio_train_loader(pattern: str | Sequence[str], options: AudioLoaderOptions | None = None,
+def audio_train_loader(pattern: str | Sequence[str], options: AudioLoaderOptions,
                        mask_fn: MaskFn | None = None, *, seed: int = 0, rank: int = 0, world_size: int = 1,
                        num_workers: int = 0, prefetch_factor: int = 2) -> TrainLoader:
     """The training loader of one rank over the shards of `pattern` (brace-expanded)."""
-    options = options or AudioLoaderOptions()
     index = load_index(expand_pattern(pattern), options.lengths_file)
     return TrainLoader(index, options.batching(), AudioBatchMaker(options, mask_fn), seed=seed, rank=rank,
                        world_size=world_size, num_workers=num_workers, prefetch_factor=prefetch_factor)
 
 
-def audio_validation_loader(pattern: str | Sequence[str], options: AudioLoaderOptions | None = None,
+def audio_validation_loader(pattern: str | Sequence[str], options: AudioLoaderOptions,
                             mask_fn: MaskFn | None = None, *, seed: int = 0, rank: int = 0,
                             world_size: int = 1, num_workers: int = 0) -> ValidationLoader:
     """The validation loader of one rank: a fixed list of batches, `steps` on every rank."""
-    options = options or AudioLoaderOptions()
     index = load_index(expand_pattern(pattern), options.lengths_file)
     return ValidationLoader(index, options.batching(), AudioBatchMaker(options, mask_fn), seed=seed,
                             rank=rank, world_size=world_size, num_workers=num_workers)

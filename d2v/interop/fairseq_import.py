@@ -27,8 +27,8 @@ from torch import Tensor
 
 from d2v import safe_load
 from d2v.interop.fairseq_layout import (FAIRSEQ_LAYOUTS, ImportRefused, attention_heads, count_blocks,
-                                        fairseq_layout, find_setting, map_state, strip_prefix, to_float)
-from d2v.interop.fairseq_method import MULTI, NOT_READ, TEACHER_AND_LOSS, V1_READERS, apply_method
+                                        fairseq_layout, map_state, modality_section, setting, strip_prefix, to_float)
+from d2v.interop.fairseq_method import apply_method, v2_sections
 from d2v.safe_load.unpickle import to_plain
 
 
@@ -54,15 +54,17 @@ def build_config(kind: str, student: dict[str, Tensor], cfg_tree: dict[str, Any]
     notes = [] if notes is None else notes
     from d2v.config import get_preset
 
-    model_cfg = cfg_tree.get("model", cfg_tree) if isinstance(cfg_tree, dict) else {}
+    layout = fairseq_layout(kind)
+    root = layout.settings_root
+    model_cfg = cfg_tree if root is None else cfg_tree.get(root, cfg_tree)
     width = student["encoder.blocks.0.ffn.fc1.weight"].shape[1]
     # The recipe (masking, teacher, loss, optimizer) of the nearest preset; sizes from the weights.
     cfg = get_preset(f"{kind}_{ {768: 'base', 1024: 'large'}.get(width, 'tiny') }")
     m = cfg.model
     m.depth = count_blocks(student, "encoder.blocks.")
     m.ffn_dim, m.embed_dim = student["encoder.blocks.0.ffn.fc1.weight"].shape
-    fairseq_layout(kind).config(m, student, model_cfg, vocab_size)
-    notes += apply_method(cfg, model_cfg, cfg_tree, V1_READERS[kind], NOT_READ[kind], "model")
+    layout.config(m, student, model_cfg, vocab_size)
+    notes += layout.method(cfg, cfg_tree)
     cfg.teacher.top_k = min(cfg.teacher.top_k, m.depth)
     return cfg.validate()
 
@@ -261,12 +263,6 @@ def _alibi_scale(scale: Tensor, heads: int) -> Tensor:
 FAIRSEQ_DECODER_RESIDUAL = True
 
 
-def modality_section(model_cfg: dict[str, Any], encoder: str) -> dict[str, Any]:
-    """model.modalities.<audio|image|text> of a data2vec_multi cfg: the settings that modality owns."""
-    section = (model_cfg.get("modalities") or {}).get(encoder.lower())
-    return section if isinstance(section, dict) else {}
-
-
 def build_v2_config(modality: str, student: dict[str, Tensor], model_cfg: dict[str, Any], heads: int, *,
                     vocab_size: int | None = None, num_patches: int | None = None,
                     notes: list[str] | None = None, tree: dict[str, Any] | None = None):
@@ -279,7 +275,7 @@ def build_v2_config(modality: str, student: dict[str, Tensor], model_cfg: dict[s
     m.depth = count_blocks(student, "encoder.blocks.")
     m.ffn_dim, m.embed_dim = student["encoder.blocks.0.ffn.fc1.weight"].shape
     m.num_heads = heads
-    eps = find_setting(model_cfg, "norm_eps")
+    eps = setting(model_cfg, "norm_eps")
     if eps is not None:
         m.norm_eps = float(eps)
     v.prenet_depth = count_blocks(student, "encoder.prenet.")
@@ -295,10 +291,8 @@ def build_v2_config(modality: str, student: dict[str, Tensor], model_cfg: dict[s
     v.alibi = "encoder.alibi.scale" in student
     fairseq_layout(modality).config_v2(m, student, model_cfg, vocab_size=vocab_size, num_patches=num_patches)
     notes = [] if notes is None else notes
-    notes += apply_method(cfg, model_cfg, tree or {}, TEACHER_AND_LOSS + MULTI, NOT_READ["multi"], "model")
-    encoder = fairseq_layout(modality).v2_encoder.lower()
-    notes += apply_method(cfg, modality_section(model_cfg, encoder), tree or {}, [],
-                          NOT_READ["multi_modality"], f"model.modalities.{encoder}")
+    tree = tree or {"model": model_cfg}
+    notes += apply_method(cfg, v2_sections(cfg, tree, fairseq_layout(modality).v2_encoder), tree)
     cfg.teacher.top_k = min(cfg.teacher.top_k, m.depth)
     return cfg.validate()
 

@@ -21,6 +21,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from d2v.interop.fairseq_method import audio_v1_method, beit_method, text_v1_method
+
 
 class ImportRefused(ValueError):
     """A checkpoint d2v will not import; the message names what does not fit."""
@@ -99,20 +101,23 @@ def apply_rules(rules, key: str) -> str | None:
 
 
 # -- reading the reference cfg and the weights' sizes ------------------------------------------
-def find_setting(tree: Any, *names: str) -> Any:
-    """The first value under any of `names` (dotted paths allowed) anywhere in a nested dict."""
-    if isinstance(tree, dict):
-        for name in names:
-            node: Any = tree
-            for part in name.split("."):
-                node = node.get(part) if isinstance(node, dict) else None
-            if node is not None:
-                return node
-        for value in tree.values():
-            found = find_setting(value, *names)
-            if found is not None:
-                return found
+def setting(section: Any, *paths: str) -> Any:
+    """The value at the first of `paths` (dotted, from `section`) that is set. Never searched for
+    elsewhere in the tree: a saved data2vec_multi cfg holds every modality's defaults, and the
+    first match would be another modality's."""
+    for path in paths:
+        node: Any = section
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            return node
     return None
+
+
+def modality_section(model_cfg: dict[str, Any], encoder: str) -> dict[str, Any]:
+    """model.modalities.<audio|image|text> of a data2vec_multi cfg: the settings that modality owns."""
+    section = setting(model_cfg, f"modalities.{encoder.lower()}")
+    return section if isinstance(section, dict) else {}
 
 
 def conv_spec(expr: str) -> Any:
@@ -139,7 +144,7 @@ def count_blocks(state: dict[str, Tensor], prefix: str) -> int:
 
 
 def attention_heads(model_cfg: dict[str, Any], what: str) -> int:
-    heads = find_setting(model_cfg, "encoder_attention_heads", "transformer.encoder.attention_heads", "num_heads")
+    heads = setting(model_cfg, "encoder_attention_heads", "transformer.encoder.attention_heads", "num_heads")
     if heads is None:
         raise ImportRefused(f"the checkpoint's cfg does not give the number of attention heads of the {what} "
                             f"model (encoder_attention_heads); d2v cannot infer it from the weights")
@@ -247,9 +252,9 @@ def _pos_conv_sizes(m: Any, student: dict[str, Tensor]) -> None:
 
 
 def _audio_config(m: Any, student: dict[str, Tensor], model_cfg: dict[str, Any], vocab_size: int | None) -> None:
-    if find_setting(model_cfg, "layer_norm_first"):
+    if setting(model_cfg, "layer_norm_first"):
         raise ImportRefused("the checkpoint has layer_norm_first=true (pre-LN); d2v's audio model is post-LN")
-    spec = find_setting(model_cfg, "conv_feature_layers")
+    spec = setting(model_cfg, "conv_feature_layers")
     convs = conv_spec(spec) if isinstance(spec, str) else [tuple(c) for c in m.audio.conv_layers]
     n_conv = count_blocks(student, "frontend.conv_layers.")
     if len(convs) != n_conv:
@@ -287,7 +292,7 @@ def _image_config(m: Any, student: dict[str, Tensor], model_cfg: dict[str, Any],
 
 def _audio_config_v2(m: Any, student: dict[str, Tensor], model_cfg: dict[str, Any], *,
                      vocab_size: int | None, num_patches: int | None) -> None:
-    spec = find_setting(model_cfg, "feature_encoder_spec")
+    spec = setting(modality_section(model_cfg, "audio"), "feature_encoder_spec")
     convs = conv_spec(spec) if isinstance(spec, str) else [tuple(c) for c in m.audio.conv_layers]
     m.audio.conv_layers = tuple(tuple(int(x) for x in c) for c in convs)
     _pos_conv_sizes(m, student)
@@ -297,7 +302,7 @@ def _image_config_v2(m: Any, student: dict[str, Tensor], model_cfg: dict[str, An
                      vocab_size: int | None, num_patches: int | None) -> None:
     proj = student["frontend.projection.weight"]
     m.image.patch_size, m.image.in_chans = proj.shape[2], proj.shape[1]
-    size = find_setting(model_cfg, "input_size")
+    size = setting(modality_section(model_cfg, "image"), "input_size")
     if size is not None:
         m.image.image_size = int(size)
     elif num_patches is not None:  # the sin-cos table has one row per patch
@@ -337,6 +342,10 @@ class FairseqLayout:
     """The same for 2.0 keys (relative to the modality encoder), besides the fused qkv all share."""
     dict_rows: bool = False
     """Whether the word embedding's rows follow fairseq's dict.txt (moved to the tokenizer's ids on import)."""
+    method: Callable[[Any, dict[str, Any]], list[str]] | None = None
+    """method(d2v config, saved settings tree) -> notes: the 1.0 training settings (fairseq_method)."""
+    settings_root: str | None = "model"
+    """Where the 1.0 model's own settings sit in the saved tree (None: the tree itself)."""
 
 
 def _is_audio(state: dict[str, Tensor]) -> bool:
@@ -355,11 +364,14 @@ def _is_beit(state: dict[str, Tensor]) -> bool:
 FAIRSEQ_LAYOUTS = {layout.name: layout for layout in (
     FairseqLayout("audio", detects=_is_audio, rules=tuple(_AUDIO), ema=_audio_ema, config=_audio_config,
                   v2_encoder="AUDIO", v2_rules=tuple(_AUDIO_V2), config_v2=_audio_config_v2,
-                  split_v2=_split_pos_conv),
+                  split_v2=_split_pos_conv, method=audio_v1_method),
     FairseqLayout("text", detects=_is_text, rules=tuple(_TEXT), ema=_text_ema, config=_text_config,
-                  v2_encoder="TEXT", v2_rules=tuple(_TEXT_V2), config_v2=_text_config_v2, dict_rows=True),
+                  v2_encoder="TEXT", v2_rules=tuple(_TEXT_V2), config_v2=_text_config_v2, dict_rows=True,
+                  method=text_v1_method),
     FairseqLayout("image", detects=_is_beit, rules=tuple(_VISION), ema=_beit_ema, config=_image_config,
-                  v2_encoder="IMAGE", v2_rules=tuple(_IMAGE_V2), config_v2=_image_config_v2, split=_split_qkv),
+                  v2_encoder="IMAGE", v2_rules=tuple(_IMAGE_V2), config_v2=_image_config_v2, split=_split_qkv,
+                  # data2vec_vision saves its argparse namespace, where `model` names the timm model
+                  method=beit_method, settings_root=None),
 )}
 V2_MODALITIES = {layout.v2_encoder: name for name, layout in FAIRSEQ_LAYOUTS.items()}
 _COMPILED = {name: [(_compile(a), b) for a, b in layout.rules] for name, layout in FAIRSEQ_LAYOUTS.items()}

@@ -134,18 +134,11 @@ def pretrained_config(directory: str) -> Any:
     """The d2v config a pretrained directory describes: the run's own config for d2v exports (plain,
     or transformers format written by d2v), else the nearest 1.0 preset of the modality with the
     architecture of the transformers config.json (public weights). Validated."""
-    from d2v.config import from_dict, get_preset, set_value
+    from d2v.config import find_directory_config, get_preset, set_value
 
-    for name, key in (("d2v_export.json", "d2v_config"), ("config.json", None)):
-        path = os.path.join(directory, name)
-        if not os.path.isfile(path):
-            continue
-        with open(path) as f:
-            data = json.load(f)
-        if key is not None and key in data:
-            return from_dict(data[key]).validate()
-        if key is None and "model_type" not in data:
-            return from_dict(data).validate()
+    own = find_directory_config(directory)
+    if own is not None:
+        return own.validate()
     with open(os.path.join(directory, "config.json")) as f:
         fields = model_fields_from_hf(json.load(f))
     size = {768: "base", 1024: "large"}.get(fields["model.embed_dim"], "tiny")

@@ -21,7 +21,9 @@ import sys
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ds_config", required=True, help="DeepSpeed JSON template (ds_configs/*.json)")
-    ap.add_argument("--preset", default="audio_tiny", help="preset name (python -m d2v describe lists sizes)")
+    ap.add_argument("--preset", default="audio_tiny",
+                    help="preset name (python -m d2v describe lists sizes), or a `python -m d2v export` / "
+                         "import-fairseq directory: its method continues (pair it with --init-from for its weights)")
     ap.add_argument("--config", default=None, help="YAML file of config differences")
     ap.add_argument("--data", default=None, help="brace-expanded training shard pattern (default: synthetic data)")
     ap.add_argument("--val-data", default=None, help="brace-expanded validation shard pattern")

@@ -6,6 +6,8 @@ Initialisation follows each reference model (docs/method.md, section "Initialisa
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -21,12 +23,15 @@ from d2v.models.positions import AlibiScale, SinCosPositions
 from d2v.models.init import bert_init, exempt_from_weight_decay, trunc_init
 
 
+# model.head -> the regression head (the names are CHOICES["model.head"])
+HEADS: dict[str, Callable[[int], nn.Module]] = {
+    "linear": lambda d: nn.Linear(d, d),
+    "mlp": lambda d: nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d)),
+}
+
+
 def build_head(m: ModelConfig) -> nn.Module:
-    if m.head == "linear":
-        return nn.Linear(m.embed_dim, m.embed_dim)
-    if m.head == "mlp":
-        return nn.Sequential(nn.Linear(m.embed_dim, 2 * m.embed_dim), nn.GELU(), nn.Linear(2 * m.embed_dim, m.embed_dim))
-    raise ValueError(f"unknown head {m.head!r}")
+    return HEADS[m.head](m.embed_dim)
 
 
 def build_blocks(m: ModelConfig, count: int | None = None, *, drop_path: float = 0.0, layer_scale_init: float = 0.0,

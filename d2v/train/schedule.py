@@ -40,11 +40,13 @@ def constant(warmup: int) -> Callable[[int], float]:
     return lambda step: min(1.0, step / warmup) if warmup > 0 else 1.0
 
 
+# optim.schedule -> the schedule of a run (the names are CHOICES["optim.schedule"])
+SCHEDULES: dict[str, Callable[[OptimConfig, int], Callable[[int], float]]] = {
+    "tri_stage": lambda opt, n: tri_stage(n, opt.phase_ratios, opt.init_lr_scale, opt.final_lr_scale),
+    "cosine": lambda opt, n: cosine(n, opt.warmup_steps, opt.min_lr / opt.lr),
+    "constant": lambda opt, n: constant(opt.warmup_steps),
+}
+
+
 def lr_factor(opt: OptimConfig, max_steps: int) -> Callable[[int], float]:
-    if opt.schedule == "tri_stage":
-        return tri_stage(max_steps, opt.phase_ratios, opt.init_lr_scale, opt.final_lr_scale)
-    if opt.schedule == "cosine":
-        return cosine(max_steps, opt.warmup_steps, opt.min_lr / opt.lr)
-    if opt.schedule == "constant":
-        return constant(opt.warmup_steps)
-    raise ValueError(f"unknown schedule {opt.schedule!r}")
+    return SCHEDULES[opt.schedule](opt, max_steps)

@@ -23,11 +23,7 @@ from d2v.masking.makers import mask_maker
 def _audio_options(cfg: D2vConfig):
     from d2v.data import AudioLoaderOptions
 
-    d = cfg.data
-    return AudioLoaderOptions(sample_rate=cfg.model.audio.sample_rate, min_sample_size=d.min_sample_size,
-                              max_sample_size=d.max_sample_size, max_samples_per_batch=d.max_samples_per_batch,
-                              normalize=d.normalize, pad=d.pad, bucket_buffer=min(d.buffer_size, 512),
-                              conv_layers=cfg.model.audio.conv_layers)
+    return AudioLoaderOptions.from_config(cfg)
 
 
 def _fixed_batching(cfg: D2vConfig) -> BatchingOptions:
