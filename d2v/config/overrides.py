@@ -145,7 +145,13 @@ def load_yaml(cfg: D2vConfig, path: str) -> D2vConfig:
     import yaml
 
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:  # a syntax error, or a tag such as !!python/object (never run)
+            where = getattr(err, "problem_mark", None)
+            at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+            raise ValueError(f"{path}{at} is not a plain YAML mapping: {getattr(err, 'problem', None) or err}; "
+                             f"write sections of key: value settings") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of config sections")
     merge_dict(cfg, data)

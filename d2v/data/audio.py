@@ -147,17 +147,23 @@ def collate_audio(waves: Sequence[np.ndarray], keys: Sequence[str], *, pad: bool
 
 class AudioBatchMaker:
     """Decodes, normalizes and collates a planned batch; undecodable samples are counted as
-    `corrupt` and left out of the batch."""
+    `corrupt` and left out of the batch.
+
+    The plan budgeted the batch with the sidecar's lengths; a sample that decodes longer than
+    its listed length would break that budget (a tenth-length claim packs ten times the audio),
+    so it is left out too, counted as `corrupt` and as `longer_than_sidecar`."""
+
+    takes_lengths = True  # the loader passes the sidecar's lengths (d2v.data.loader)
 
     def __init__(self, options: AudioLoaderOptions, mask_fn: MaskFn | None):
         self.options, self.mask_fn = options, mask_fn
 
     def __call__(self, raw: list[tuple[str, dict[str, bytes]]], generator: torch.Generator,
-                 stats: dict[str, int]) -> Batch | None:
+                 stats: dict[str, int], lengths: Sequence[int] | None = None) -> Batch | None:
         waves: list[np.ndarray] = []
         keys: list[str] = []
         texts: list[str | None] = []
-        for key, fields in raw:
+        for j, (key, fields) in enumerate(raw):
             payload = next((fields[e] for e in AUDIO_EXTENSIONS if e in fields), None)
             try:
                 if payload is None:
@@ -167,6 +173,10 @@ class AudioBatchMaker:
                     raise ValueError("shorter than one frame")
             except (RuntimeError, ValueError, soundfile.LibsndfileError):
                 stats["corrupt"] = stats.get("corrupt", 0) + 1
+                continue
+            if lengths is not None and len(wav) > lengths[j]:
+                stats["corrupt"] = stats.get("corrupt", 0) + 1
+                stats["longer_than_sidecar"] = stats.get("longer_than_sidecar", 0) + 1
                 continue
             waves.append(normalize_waveform(wav) if self.options.normalize else wav)
             keys.append(key)

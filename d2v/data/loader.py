@@ -46,6 +46,15 @@ class BatchMaker(Protocol):
         ...
 
 
+def _make(maker: BatchMaker, raw: list[tuple[str, dict[str, bytes]]], lengths: list[int],
+          generator: torch.Generator, stats: dict[str, int]) -> Batch | None:
+    """Calls the maker, with the sidecar's length of each sample when it budgets by them
+    (`takes_lengths`): the plan trusted those lengths, so the maker must hold samples to them."""
+    if getattr(maker, "takes_lengths", False):
+        return maker(raw, generator, stats, lengths=lengths)
+    return maker(raw, generator, stats)
+
+
 def _add(total: dict[str, int], delta: dict[str, int]) -> None:
     for k, v in delta.items():
         total[k] = total.get(k, 0) + v
@@ -89,8 +98,10 @@ class PlannedBatches(IterableDataset):
                         rest = [it for b in plan[position:] if b is not None and b.group == group for it in b.items]
                         rest.sort(key=lambda item: (self.shard_rank.get(item[0], item[0]), item[1]))
                         cache = reader.read(rest)
-                    raw = [(self.index.keys[it[0]][it[1]], cache.pop(it)) for it in planned.items if it in cache]
-                    batch = self.maker(raw, generator, stats) if raw else None
+                    present = [it for it in planned.items if it in cache]
+                    raw = [(self.index.keys[s][i], cache.pop((s, i))) for s, i in present]
+                    lengths = [int(self.index.lengths[s][i]) for s, i in present]
+                    batch = _make(self.maker, raw, lengths, generator, stats) if raw else None
                     if batch is None:
                         stats["filler_batches"] = stats.get("filler_batches", 0) + 1
                 weight = 1.0 if batch is not None else 0.0
@@ -145,8 +156,9 @@ class TrainLoader:
 
     `stats` (this rank, cumulative since construction; read it for the logs): batches, samples,
     corrupt (undecodable samples left out of their batch), missing (samples a shard did not
-    deliver), bad_shards (unreadable or truncated shards), filler_batches (planned batches with
-    nothing decodable: a one-row weight-0 batch stands in), too_short (samples under
+    deliver), longer_than_sidecar (of the corrupt: samples longer than lengths.json says, which the
+    budget was planned with), bad_shards (unreadable or truncated shards), filler_batches (planned
+    batches with nothing decodable: a one-row weight-0 batch stands in), too_short (samples under
     min_sample_size, whole epoch), dropped_batches (this rank's batches beyond the common length).
     """
 
@@ -270,6 +282,7 @@ class ValidationLoader:
                              f"validation data or lower train.micro_batch_size")
         self.batches = per_rank[rank]
         self.rank, self.world_size = rank, world_size
+        self.stats: dict[str, int] = {}
 
     @property
     def steps(self) -> int:
@@ -281,7 +294,8 @@ class ValidationLoader:
         seeds = [[stream_seed(self.seed, -1, b.group if b is not None else -2 - self.rank) for b in lst]
                  for lst in batches]
         dataset = PlannedBatches(self.index, batches, seeds, [0] * k, 0, self.maker)
+        self.stats = {}  # this pass's counters (corrupt samples, fillers): a validation reports them
         for batch in _data_loader(dataset, self.num_workers, 2):
-            batch.extras.pop(STATS_KEY, None)
+            _add(self.stats, batch.extras.pop(STATS_KEY, {}))
             batch.extras.pop(BROKEN_KEY, None)
             yield batch

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
 from d2v.data.prepare_audio import prepare_audio, print_summary
+from d2v.data.shard_writer import naming_full_disk
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,11 +37,26 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Bad input (a missing source, an unwritable or full output folder, an unreadable tokenizer)
+    is one `error:` line and exit code 2, as `python -m d2v` does; D2V_TRACEBACK=1 re-raises."""
     try:
         return _run(list(sys.argv[1:] if argv is None else argv))
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
-        print(f"error: {err}", file=sys.stderr)  # what to change, not a traceback
+    except (ValueError, KeyError, OSError) as err:
+        if os.environ.get("D2V_TRACEBACK"):
+            raise
+        print(f"error: {error_line(err)}", file=sys.stderr)  # what to change, not a traceback
         return 2
+
+
+def error_line(err: BaseException) -> str:
+    """The message of `err` on one line, without a KeyError's quotes or an OSError's `[Errno N]`."""
+    if isinstance(err, KeyError) and err.args:
+        message = str(err.args[0])
+    elif isinstance(err, OSError) and err.strerror:
+        message = err.strerror + (f": {err.filename}" if err.filename is not None else "")
+    else:
+        message = str(err)
+    return " ".join(line.strip() for line in message.splitlines() if line.strip()) or type(err).__name__
 
 
 # Modalities whose `prepare` has its own module (audio's is this one).
@@ -51,10 +68,11 @@ def _run(argv: list[str]) -> int:
         importlib.import_module(OTHER_PREPARES[argv[0]]).main(argv[1:])
         return 0
     args = _parser().parse_args(argv)
-    report = prepare_audio(args.src, args.out, shard_size_mb=args.shard_size_mb,
-                           samples_per_shard=args.samples_per_shard,
-                           val_fraction=0.0 if args.val_speakers else args.val_fraction,
-                           val_speakers=args.val_speakers, workers=args.workers, clean=args.clean)
+    with naming_full_disk(args.out):
+        report = prepare_audio(args.src, args.out, shard_size_mb=args.shard_size_mb,
+                               samples_per_shard=args.samples_per_shard,
+                               val_fraction=0.0 if args.val_speakers else args.val_fraction,
+                               val_speakers=args.val_speakers, workers=args.workers, clean=args.clean)
     print_summary(report)
     return 0
 

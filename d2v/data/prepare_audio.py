@@ -14,7 +14,6 @@ import hashlib
 import io
 import json
 import os
-import re
 from dataclasses import dataclass
 from math import gcd
 from multiprocessing import Pool
@@ -23,7 +22,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import soundfile
 
-from d2v.data.shard_writer import ShardWriter, claim_output, write_sidecar
+from d2v.data.shard_writer import ShardWriter, check_output, claim_output, unique_keys, write_sidecar
 
 TARGET_RATE = 16_000
 AUDIO_SUFFIXES = (".flac", ".wav", ".ogg")
@@ -91,15 +90,10 @@ def scan(src: str, problems: list[dict[str, str]] | None = None) -> list[Utteran
             elif name.lower().endswith(AUDIO_SUFFIXES):
                 files.append(os.path.relpath(full, src))
     files.sort()
-    seen: set[str] = set()
+    stems = [os.path.splitext(os.path.basename(rel))[0] for rel in files]
     out: list[Utterance] = []
-    for rel in files:
-        stem = os.path.splitext(os.path.basename(rel))[0]
-        base = re.sub(r"[^A-Za-z0-9_-]", "_", stem)
-        key, n = base, 1
-        while key in seen:  # same stem in two folders, or two stems that sanitize alike
-            key, n = f"{base}_{n}", n + 1
-        seen.add(key)
+    # Same stem in two folders, or two stems that sanitize alike: numbered in path order.
+    for rel, stem, key in zip(files, stems, unique_keys(stems)):
         parts = rel.split(os.sep)
         speaker = parts[0] if len(parts) >= 2 else ""  # a plain folder of files has no speakers
         chapter = parts[1] if len(parts) >= 3 else ""
@@ -146,6 +140,7 @@ def prepare_audio(src: str, out: str, *, shard_size_mb: float | None = None, sam
     """Writes train/val shards, `lengths.json` and `prepare_report.json` into `out`; returns the report."""
     if not os.path.isdir(src):
         raise FileNotFoundError(f"source folder {src} does not exist")
+    check_output(out)
     skipped: list[dict[str, str]] = []
     utts = scan(src, skipped)
     bad_transcripts = len(skipped)

@@ -3,9 +3,11 @@ JPEG/PNG files) into WebDataset shards with the labels kept.
 
 Each sample holds the original encoded bytes (`jpg` or `png`; re-encoded as PNG when the source is
 another format), the class index (`cls`) and the relative path (`json`). Class indices follow the
-sorted folder names and are written to `classes.json`; `lengths.json` lists every shard's keys. Unreadable images are skipped and listed
-in `report.json`. A fraction of each class (or a list of class-balanced files) is held out as
-validation shards.
+sorted folder names and are written to `classes.json`; `lengths.json` lists every shard's keys.
+Keys come from the relative paths (dots and slashes become `_`); paths that read alike that way
+(`c/a.b.png`, `c/a_b.png`, `c_a/b.png`) get numbered keys in path order, so every file is one
+sample. Unreadable images are skipped and listed in `report.json`. A fraction of each class (or
+a list of class-balanced files) is held out as validation shards.
 """
 from __future__ import annotations
 
@@ -16,12 +18,14 @@ import os
 import random
 from typing import Any
 
-from d2v.data.shard_writer import ShardWriter, claim_output, write_sidecar
+from d2v.data.shard_writer import ShardWriter, check_output, claim_output, naming_full_disk, unique_keys, write_sidecar
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 
 def scan_tree(src: str) -> tuple[list[str], list[tuple[str, int]]]:
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"source folder {src} does not exist")
     classes = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d)))
     if not classes:
         raise ValueError(f"{src} has no class folders (expected SRC/<class>/<image>)")
@@ -52,14 +56,14 @@ def _encoded(path: str) -> tuple[str, bytes]:
         return "png", buf.getvalue()
 
 
-def _key(rel: str) -> str:
-    """WebDataset keys may not contain dots (they split extensions)."""
-    return rel.replace(os.sep, "_").replace(".", "_")
-
-
 def prepare_image(src: str, out: str, *, samples_per_shard: int = 1000, val_fraction: float = 0.1,
                   seed: int = 0, clean: bool = False) -> dict[str, Any]:
+    check_output(out)
     classes, files = scan_tree(src)
+    # Keys over the whole sorted tree, before the split: unique across train and valid, and the
+    # same for the same tree whatever the seed.
+    rels = sorted(os.path.relpath(path, src) for path, _ in files)
+    keys = dict(zip(rels, unique_keys(rels)))
     rng = random.Random(seed)
     by_class: dict[int, list[str]] = {}
     for path, idx in files:
@@ -86,7 +90,7 @@ def prepare_image(src: str, out: str, *, samples_per_shard: int = 1000, val_frac
                 skipped.append({"path": rel, "reason": f"{type(e).__name__}: {e}"})
                 continue
             meta = json.dumps({"path": rel, "class": classes[idx]}, sort_keys=True).encode()
-            writer.write(_key(rel), {ext: data, "cls": str(idx).encode(), "json": meta}, 1)
+            writer.write(keys[rel], {ext: data, "cls": str(idx).encode(), "json": meta}, 1)
         writer.close()
         writers.append(writer)
         counts[name] = sum(len(v) for v in writer.shards.values())
@@ -111,8 +115,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--clean", action="store_true", help="delete an earlier prepare's shards in OUT first")
     args = ap.parse_args(argv)
-    report = prepare_image(args.src, args.out, samples_per_shard=args.samples_per_shard,
-                           val_fraction=args.val_fraction, seed=args.seed, clean=args.clean)
+    with naming_full_disk(args.out):
+        report = prepare_image(args.src, args.out, samples_per_shard=args.samples_per_shard,
+                               val_fraction=args.val_fraction, seed=args.seed, clean=args.clean)
     print(f"{report['samples']} images in {report['classes']} classes; skipped {len(report['skipped'])} "
           f"(see {os.path.join(args.out, 'report.json')})")
     for name, pattern in report["patterns"].items():

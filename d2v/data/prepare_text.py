@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from d2v.data.shard_writer import ShardWriter, claim_output, write_sidecar
+from d2v.data.shard_writer import ShardWriter, check_output, claim_output, naming_full_disk, write_sidecar
 from d2v.data.tokenizer import Tokenizer, train_sentencepiece
 
 
@@ -85,9 +85,17 @@ def prepare_text(src: str, out: str, *, vocab_size: int | None = None, tokenizer
                  seed: int = 0, clean: bool = False, encoding: str = "utf-8") -> dict[str, Any]:
     if (vocab_size is None) == (tokenizer is None):
         raise ValueError("give exactly one of --vocab-size (train SentencePiece) or --tokenizer FILE")
-    # Read before the output folder is claimed: the given tokenizer may live in it (and --clean
-    # deletes earlier tokenizers there).
-    given = None if tokenizer is None else (os.path.basename(tokenizer), open(tokenizer, "rb").read())
+    if not os.path.exists(src):
+        raise FileNotFoundError(f"source {src} does not exist")
+    check_output(out)
+    # Read and checked before the output folder is claimed: the given tokenizer may live in it
+    # (and --clean deletes earlier tokenizers there), and a bad one must not cost an earlier run.
+    given = None
+    if tokenizer is not None:
+        if not os.path.isfile(tokenizer):
+            raise FileNotFoundError(f"tokenizer file {tokenizer} does not exist")
+        Tokenizer(tokenizer)
+        given = (os.path.basename(tokenizer), open(tokenizer, "rb").read())
     claim_output(out, clean=clean)
     skipped: list[dict[str, str]] = []
     docs = list(read_documents(src, skipped, encoding=encoding))
@@ -147,10 +155,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--encoding", default="utf-8", help="the corpus's text encoding; files not valid in it are skipped")
     ap.add_argument("--clean", action="store_true", help="delete an earlier prepare's shards in OUT first")
     args = ap.parse_args(argv)
-    meta = prepare_text(args.src, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
-                        block_size=args.block_size, val_fraction=args.val_fraction,
-                        samples_per_shard=args.samples_per_shard, seed=args.seed, clean=args.clean,
-                        encoding=args.encoding)
+    with naming_full_disk(args.out):
+        meta = prepare_text(args.src, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+                            block_size=args.block_size, val_fraction=args.val_fraction,
+                            samples_per_shard=args.samples_per_shard, seed=args.seed, clean=args.clean,
+                            encoding=args.encoding)
     print(f"{meta['documents']} documents -> {meta['blocks']} blocks of {meta['block_size']} tokens; "
           f"{meta['kind']} vocabulary of {meta['vocab_size']} (mask id {meta['mask_id']})")
     for name, pattern in meta["patterns"].items():

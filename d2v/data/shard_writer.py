@@ -5,15 +5,21 @@ member metadata (reproducible bytes), a new shard past a size or count limit, an
 the (key, length) of each sample in tar order plus the shard's final size in bytes. `write_sidecar`
 stores that as `lengths.json`, which the loader plans every epoch from and checks the files against
 before training starts. `claim_output` keeps a second `prepare` from mixing its shards with an
-earlier run's.
+earlier run's; `check_output` refuses a folder that cannot be written before any work, and
+`naming_full_disk` says which folder filled its device.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import io
 import json
 import os
+import re
 import tarfile
-from typing import Any
+import tempfile
+from typing import Any, Iterator, Sequence
 
 from d2v.data.shards import SIDECAR_NAME, brace_pattern
 
@@ -21,6 +27,69 @@ from d2v.data.shards import SIDECAR_NAME, brace_pattern
 _OUTPUT_SUFFIXES = (".tar", ".tar.tmp")
 _OUTPUT_FILES = (SIDECAR_NAME, "index.json", "report.json", "prepare_report.json", "tokenizer.json",
                  "classes.json")
+
+
+# A USTAR member name without a slash holds at most 100 characters: room for the key's extension.
+MAX_KEY_LENGTH = 90
+
+
+def unique_keys(names: Sequence[str]) -> list[str]:
+    """One sample key per name, every key distinct, in the order given (sort the names first for
+    keys that do not depend on listing order).
+
+    Characters outside [A-Za-z0-9_-] become `_` (WebDataset reads a dot as the start of the
+    extension), so distinct names can sanitize alike: the later ones get `_1`, `_2`, ... Overlong
+    keys keep their start and a hash of the whole name.
+    """
+    seen: set[str] = set()
+    keys = []
+    for name in names:
+        base = re.sub(r"[^A-Za-z0-9_-]", "_", name) or "_"
+        if len(base) > MAX_KEY_LENGTH:
+            base = f"{base[:MAX_KEY_LENGTH - 9]}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+        key, n = base, 1
+        while key in seen:
+            key, n = f"{base}_{n}", n + 1
+        seen.add(key)
+        keys.append(key)
+    return keys
+
+
+def check_output(out: str) -> None:
+    """Refuses an output folder that cannot be written, before any work; creates nothing.
+
+    An existing folder is probed with a real file (permissions, read-only mounts, squashed root);
+    a folder still to be made needs a writable nearest existing parent.
+    """
+    if os.path.isdir(out):
+        try:
+            fd, probe = tempfile.mkstemp(dir=out, prefix=".d2v-write-check-")
+        except OSError as err:
+            raise OSError(err.errno, f"output folder {out} is not writable ({err.strerror}): choose another OUT "
+                                     f"or make it writable") from None
+        os.close(fd)
+        os.remove(probe)
+        return
+    if os.path.exists(out):
+        raise NotADirectoryError(f"output folder {out} is a file: choose a folder for OUT")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise OSError(errno.EACCES, f"output folder {out} cannot be created: {parent} is not a writable folder")
+
+
+@contextlib.contextmanager
+def naming_full_disk(out: str) -> Iterator[None]:
+    """Turns "no space left" (or an exceeded quota) while writing into a message naming `out`:
+    the error from a tar write names no file."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise OSError(err.errno, f"no space left on the device holding {out} ({err.strerror}): free space there "
+                                 f"or choose another OUT, then re-run with --clean") from err
 
 
 def claim_output(out: str, *, clean: bool) -> None:
@@ -51,6 +120,7 @@ class ShardWriter:
         self.out, self.prefix, self.max_bytes, self.max_count = out, prefix, max_bytes, max_count
         self.shards: dict[str, list[tuple[str, int]]] = {}
         self.sizes: dict[str, int] = {}
+        self._keys: set[str] = set()
         self._tar: tarfile.TarFile | None = None
         self._name = ""
         self._bytes = 0
@@ -66,6 +136,9 @@ class ShardWriter:
         """One sample: `fields` maps an extension to its bytes; `length` is what batching plans with."""
         if not key or "." in key or "/" in key:
             raise ValueError(f"sample key {key!r}: keys must be non-empty, without dots or slashes")
+        if key in self._keys:  # a reader would merge the two samples, or the sidecar outcount the tar
+            raise ValueError(f"sample key {key!r} written twice to {self.prefix} shards")
+        self._keys.add(key)
         entries = self.shards.get(self._name)
         full = entries is not None and (
             (self.max_count is not None and len(entries) >= self.max_count)

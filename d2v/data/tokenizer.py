@@ -48,6 +48,12 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _first_line(err: BaseException) -> str:
+    """A library's message, one line (some carry a C++ stack or a JSON excerpt)."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
 def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int, *, seed: int = 0) -> str:
     """Trains a unigram SentencePiece model with RoBERTa's special ids; returns the .model path.
     The model has vocab_size - 1 pieces: `<mask>` takes the last id."""
@@ -68,7 +74,10 @@ class Tokenizer:
         if path.endswith(".model"):
             import sentencepiece as spm
 
-            self._sp = spm.SentencePieceProcessor(model_file=path)
+            try:
+                self._sp = spm.SentencePieceProcessor(model_file=path)
+            except (RuntimeError, OSError) as err:  # its parser reports garbage as RuntimeError
+                raise ValueError(f"{path} is not a readable SentencePiece model ({_first_line(err)})") from None
             pieces = self._sp.get_piece_size()
             ids = {"bos": self._sp.bos_id(), "pad": self._sp.pad_id(), "eos": self._sp.eos_id(), "unk": self._sp.unk_id()}
             if ids != SPECIALS:
@@ -80,7 +89,10 @@ class Tokenizer:
         elif path.endswith(".json"):
             from tokenizers import Tokenizer as HfTokenizer
 
-            self._hf = HfTokenizer.from_file(path)
+            try:
+                self._hf = HfTokenizer.from_file(path)
+            except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception for bad files
+                raise ValueError(f"{path} is not a readable tokenizers file ({_first_line(err)})") from None
             vocab = self._hf.get_vocab(with_added_tokens=True)
             ids = {k: vocab.get(t) for k, t in (("bos", "<s>"), ("pad", "<pad>"), ("eos", "</s>"), ("unk", "<unk>"))}
             mask = vocab.get("<mask>")

@@ -22,6 +22,7 @@ from d2v.train import distributed
 from d2v.train.checkpoint import Checkpointer, atomic_write_text
 from d2v.train.guarded_update import GuardedCounts, GuardedUpdate
 from d2v.train.loop import UpdateLoop, plan_resume, with_universal_load
+from d2v.train.run_lock import lock_run_directory
 from d2v.train.metrics import MetricsSink
 from d2v.train.preemption import PreemptionFlag
 from d2v.train.schedule import lr_factor
@@ -131,14 +132,24 @@ class FinetuneRun(UpdateLoop):
 
     def __init__(self, cfg: FinetuneConfig, ds_template: dict[str, Any], *, random_init: bool = False,
                  resume: str = "none", console: bool = True) -> None:
-        import deepspeed
-
         self.cfg = cfg
         self.random_init = random_init
         self.console = console
         self.rank, self.world_size = distributed.init_distributed()
         self.device = distributed.device()
         self.out_dir = cfg.train.out_dir
+        # Held before anything in the directory is read or written; released by close().
+        self.lock, _ = lock_run_directory(self.out_dir, self.rank)
+        try:
+            self._start(cfg, ds_template, random_init, resume)
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
+
+    def _start(self, cfg: FinetuneConfig, ds_template: dict[str, Any], random_init: bool, resume: str) -> None:
+        import deepspeed
+
         distributed.set_cpu_threads(cfg.train.threads)
         self.checkpointer = Checkpointer(os.path.join(self.out_dir, "checkpoints"), rank=self.rank,
                                          world_size=self.world_size, keep_last=cfg.train.keep_last)
@@ -253,6 +264,8 @@ class FinetuneRun(UpdateLoop):
         communication threads aborted that one at interpreter exit (seen once in ~10 launches)."""
         self.preemption.uninstall()
         self.sink.close()
+        if self.lock is not None:
+            self.lock.release()
         distributed.shutdown()
 
 

@@ -42,9 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from d2v.train.preemption import exit_on_signal_during_startup
+    from d2v.train.preemption import exit_on_signal_during_startup, watch_launcher
 
     exit_on_signal_during_startup()
+    watch_launcher()
     args = parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rank {run.rank}: {e}", file=sys.stderr)
         run.close()
         return EXIT_NONFINITE
+    except OSError as e:  # the file system failed (a full disk while logging or saving): one line
+        return report_startup_error(e)
     run.close()  # not on other errors: the launcher then stops the other ranks, a barrier would wait for them
     if result["preempted"]:
         if run.rank == 0:

@@ -41,9 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from d2v.train.preemption import exit_on_signal_during_startup
+    from d2v.train.preemption import exit_on_signal_during_startup, watch_launcher
 
     exit_on_signal_during_startup()
+    watch_launcher()
     args = parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rank {run.rank}: {e}", file=sys.stderr)
         shutdown()
         return EXIT_NO_DATA
+    except OSError as e:  # the file system failed (a full disk while logging or saving): one line
+        return report_startup_error(e)
     finally:
         run.close()
     shutdown()

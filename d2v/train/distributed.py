@@ -83,7 +83,14 @@ def init_distributed() -> tuple[int, int]:
     else:
         torch.cuda.set_device(device())  # before NCCL starts: its communicators bind to this device
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl", auto_mpi_discovery=False)
+        try:
+            deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl", auto_mpi_discovery=False)
+        except RuntimeError as err:  # torch's DistNetworkError is one
+            if "EADDRINUSE" not in str(err) and "address already in use" not in str(err).lower():
+                raise
+            raise ValueError(f"MASTER_PORT {os.environ.get('MASTER_PORT')} on {os.environ.get('MASTER_ADDR')} is "
+                             f"already in use (another run, or a stale process of one): start with "
+                             f"`deepspeed --master_port N` (torchrun --master-port N; or set MASTER_PORT)") from None
         if on_cpu():
             release_shm_name(dist)
     return dist.get_rank(), dist.get_world_size()

@@ -3,9 +3,10 @@
 After the micro-batches' backward passes, the host waits for the device once, for one decision
 that every rank agrees on (docs/method.md §4, "One update loop"): is the loss and every gradient
 finite, did any rank have real data (filler batches stand in for unreadable samples), was any
-rank asked to stop. A
+rank asked to stop, and did the previous update leave finite weights. A
 non-finite or data-less window is skipped on every rank: gradients dropped, weights untouched,
-DeepSpeed's micro-step count kept aligned with the window.
+DeepSpeed's micro-step count kept aligned with the window. Weights that an update with finite
+gradients made non-finite (a far too large LR) cannot be skipped back: the run stops on every rank.
 """
 from __future__ import annotations
 
@@ -14,6 +15,40 @@ from dataclasses import dataclass
 import torch
 
 from d2v import collectives
+
+
+class NonFiniteError(RuntimeError):
+    """Too many updates in a row were skipped for NaN/inf, or the state itself is not finite."""
+
+
+def _local_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """This rank's share of the module's weights (ZeRO-3 keeps only a partition, `ds_tensor`)."""
+    out = []
+    for p in module.parameters():
+        t = getattr(p, "ds_tensor", p).detach()
+        if t.numel():
+            out.append(t)
+    return out
+
+
+def nonfinite_count(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """How many of `tensors` hold a NaN/inf, as a device scalar (one fused norm per dtype)."""
+    if not tensors:
+        return torch.zeros((), device=device)
+    norms = torch._foreach_norm(tensors)  # an offloaded teacher's norms are host scalars
+    return (~torch.isfinite(torch.stack([n.float().to(device) for n in norms]))).sum().float()
+
+
+def state_is_finite(engine, extra: list[torch.Tensor], device: torch.device) -> bool:
+    """Whether the student's weights, the optimizer's master weights and moments and `extra`
+    (the teacher) are finite on every rank. A collective with a host read: called at saves only."""
+    opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    tensors = _local_tensors(engine.module) + [t for t in extra if t.numel()]
+    if opt is not None:
+        tensors += [p.detach() for g in opt.param_groups for p in g["params"] if p.numel()]
+        tensors += [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.numel() > 1]
+    bad = collectives.all_reduce_values([float(nonfinite_count(tensors, device))])[0]
+    return bad == 0
 
 
 @dataclass
@@ -30,6 +65,8 @@ class GuardedUpdate:
         self.consecutive_skips = 0  # non-finite windows in a row
         self.consecutive_empty = 0  # windows in a row where no rank had a readable sample
         self._grad_sum = torch.zeros((), device=device)
+        self._model = model
+        self._weights_bad = torch.zeros((), device=device)
         for p in model.parameters():
             if p.requires_grad:
                 p.register_hook(self._check_grad)
@@ -42,15 +79,22 @@ class GuardedUpdate:
 
     def begin(self) -> None:
         self._grad_sum = torch.zeros((), device=self.device)
+        # What the previous update left: read with this window's decision, no wait of its own.
+        self._weights_bad = nonfinite_count(_local_tensors(self._model), self.device)
 
     def decide(self, losses: torch.Tensor, local: torch.Tensor, *, stop_requested: bool,
                has_data: bool = True) -> Decision:
         """The one synchronisation of the step; `losses` is the window's summed loss (device)."""
         # A NaN/inf loss makes the gradients non-finite too; the sum over all of them decides.
         bad = (~torch.isfinite(self._grad_sum) | ~torch.isfinite(losses)).float().reshape(1)
-        flags = torch.cat([bad, collectives.to_group_device([float(stop_requested), float(has_data)],
-                                                            torch.float32, self.device)])
-        (nonfinite, stop, any_data), values = collectives.agree_and_read(flags, local)
+        flags = torch.cat([bad, (self._weights_bad > 0).float().reshape(1),
+                           collectives.to_group_device([float(stop_requested), float(has_data)],
+                                                       torch.float32, self.device)])
+        (nonfinite, broken, stop, any_data), values = collectives.agree_and_read(flags, local)
+        if broken > 0:
+            raise NonFiniteError("the weights are NaN/inf after the last update, whose loss and gradients were "
+                                 "finite: the step itself broke them (optim.lr far too large, or an overflow in "
+                                 "the optimizer); skipping cannot undo that")
         if any_data == 0:
             self.consecutive_empty += 1
             return Decision("empty", stop > 0, values)

@@ -43,5 +43,7 @@ def report_startup_error(err: BaseException) -> int:
 
         traceback.print_exception(err)
     message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    if isinstance(err, OSError) and err.strerror and err.filename is None:
+        message = err.strerror  # d2v's own OSErrors carry the whole message there, not "[Errno N]"
     print(f"error: {message}", file=sys.stderr)
     return EXIT_USAGE

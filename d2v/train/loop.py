@@ -23,10 +23,7 @@ from typing import Any
 from d2v import collectives
 from d2v.train import host_sync
 from d2v.train.checkpoint import Checkpointer, checked_tag
-
-
-class NonFiniteError(RuntimeError):
-    """Too many updates in a row were skipped for NaN/inf; a checkpoint of the last good state exists."""
+from d2v.train.guarded_update import NonFiniteError, state_is_finite
 
 
 class NoDataError(RuntimeError):
@@ -49,10 +46,12 @@ class RunSummary:
     history: list[dict[str, Any]]
 
 
-def _needs_universal(checkpointer: Checkpointer, tag: str, state: dict[str, Any], world_size: int) -> bool:
-    """A ZeRO checkpoint written at another world size is loaded through DeepSpeed's universal form
-    (a stage-0 checkpoint holds whole tensors and loads anywhere)."""
-    if state["world_size"] == world_size:
+def _needs_universal(checkpointer: Checkpointer, tag: str, state: dict[str, Any], world_size: int,
+                     zero_stage: int | None) -> bool:
+    """A ZeRO checkpoint written at another world size or ZeRO stage is loaded through DeepSpeed's
+    universal form (a stage-0 checkpoint holds whole tensors and loads anywhere)."""
+    saved_stage = (state.get("identity") or {}).get("zero_stage", zero_stage)
+    if state["world_size"] == world_size and saved_stage == zero_stage:
         return False
     return bool(glob.glob(os.path.join(checkpointer.root, tag, "*zero_pp_rank_*optim_states.pt")))
 
@@ -62,7 +61,7 @@ def with_universal_load(ds_template: dict[str, Any]) -> dict[str, Any]:
 
 
 def plan_resume(checkpointer: Checkpointer, resume: str, name: str, out_dir: str,
-                world_size: int) -> tuple[str | None, dict | None, bool]:
+                world_size: int, zero_stage: int | None = None) -> tuple[str | None, dict | None, bool]:
     """(tag, its run state, whether it loads through the universal form) to resume from, or
     (None, None, False) for a fresh run; everything checked before any engine exists. Refuses what
     would replace results: a fresh run where checkpoints already are, and a resume from a tag
@@ -88,7 +87,7 @@ def plan_resume(checkpointer: Checkpointer, resume: str, name: str, out_dir: str
     if state.get("preset") != name:
         raise ValueError(f"checkpoint {tag} in {out_dir} was written by preset {state.get('preset')!r}, "
                          f"this run is {name!r}: use another --out or the same preset")
-    return tag, state, _needs_universal(checkpointer, tag, state, world_size)
+    return tag, state, _needs_universal(checkpointer, tag, state, world_size, zero_stage)
 
 
 class UpdateLoop:
@@ -112,15 +111,26 @@ class UpdateLoop:
         return {}
 
     def save(self) -> str:
-        """An atomic checkpoint of engine, teacher (if any) and data position; all ranks call it."""
+        """An atomic checkpoint of engine, teacher (if any) and data position; all ranks call it.
+        Only a finite state is ever written: a checkpoint is what a resume trusts."""
         data = self.stream.state_dict()
         stepper = self.stepper
+        teacher = stepper.teacher.ema_parameters() if stepper.teacher is not None else []
+        if not state_is_finite(stepper.engine, teacher, stepper.device):
+            raise NonFiniteError(self._not_saved(f"at step {stepper.step} the weights, optimizer state or teacher "
+                                                 f"hold NaN/inf"))
         tag = self.checkpointer.save(
             stepper.engine, stepper.teacher, stepper.step,
-            run_state={"preset": self.cfg.name, "epoch": int(data.get("epoch", 0)), **self.run_state()},
+            run_state={"preset": self.cfg.name, "epoch": int(data.get("epoch", 0)),
+                       "batches_consumed": int(data.get("batches_consumed", 0)), **self.run_state()},
             rank_state={"data": data})
         self.last_checkpoint = tag
         return tag
+
+    def _not_saved(self, what: str) -> str:
+        last = self.last_checkpoint or self.checkpointer.latest_tag()
+        return (f"{what}: nothing was saved (a checkpoint is only ever a finite state); the last good checkpoint is "
+                f"{last or 'none: this run saved none'}. Lower optim.lr or check the data, then resume from it")
 
     def restore(self, tag: str, *, universal: bool) -> None:
         """Engine, teacher, step and data position from `tag`; at another world size the data
@@ -146,7 +156,10 @@ class UpdateLoop:
             with host_sync.host_work():  # the data stream works on host memory only
                 micro = [self.stream.next_batch() for _ in range(cfg.train.grad_accum)]
             # The stop request rides on the step's one synchronisation: every rank learns it there.
-            m = stepper.train_step(micro, stop_requested=self.preemption.requested)
+            try:
+                m = stepper.train_step(micro, stop_requested=self.preemption.requested)
+            except NonFiniteError as err:  # agreed on every rank: the state itself is broken
+                raise NonFiniteError(self._not_saved(f"step {stepper.step}: {err}")) from None
             step = stepper.step
             history.append({"step": step, "loss": m.loss, **m.values})
             skipped = bool(m.values.get("skipped"))

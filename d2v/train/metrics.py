@@ -74,7 +74,11 @@ class MetricsSink:
         if not self.active:
             return
         record = {"step": step, "split": prefix, "time": time.time(), **values}
-        self._jsonl.write(json.dumps(record) + "\n")
+        try:
+            self._jsonl.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk: said as one, with where (the step's metrics are lost)
+            raise OSError(err.errno, f"cannot append step {step}'s metrics to {self._jsonl.name} "
+                                     f"({err.strerror}): free space there, then resume with --resume auto") from None
         if self._tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):

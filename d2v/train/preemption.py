@@ -12,6 +12,34 @@ import threading
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the Slurm example requeues on it
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Set by a rank that a launcher started: its launcher's pid. A rank whose launcher is gone (killed
+# alone, as `kill PID` or a container stop does) would otherwise train on unattended.
+_launcher_pid: int | None = None
+_LAUNCHER_ENV = ("LOCAL_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK")
+PR_SET_PDEATHSIG = 1
+
+
+def watch_launcher() -> None:
+    """Called first thing by the entry points: when a launcher (deepspeed, torchrun, srun, mpirun:
+    they set one of _LAUNCHER_ENV) started this rank, its death is a preemption. Linux sends
+    SIGTERM then (PR_SET_PDEATHSIG); elsewhere the flag notices the new parent at the next step."""
+    global _launcher_pid
+    if not any(k in os.environ for k in _LAUNCHER_ENV):
+        return  # started by hand: a closed terminal is not a preemption (nohup users expect that)
+    _launcher_pid = os.getppid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # no prctl: the parent check below still sees it
+    if os.getppid() != _launcher_pid:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def launcher_gone() -> bool:
+    return _launcher_pid is not None and os.getppid() != _launcher_pid
 
 
 def exit_on_signal_during_startup() -> None:
@@ -34,9 +62,19 @@ def exit_on_signal_during_startup() -> None:
 class PreemptionFlag:
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
-        self.requested = False
+        self._requested = False
         self.signal_name: str | None = None
         self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        if not self._requested and launcher_gone():
+            self._requested, self.signal_name = True, "the launcher's death"
+        return self._requested
+
+    @requested.setter
+    def requested(self, value: bool) -> None:
+        self._requested = value
 
     def install(self) -> "PreemptionFlag":
         if threading.current_thread() is threading.main_thread():
@@ -50,8 +88,8 @@ class PreemptionFlag:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True  # nothing else: the loop decides, at a step boundary, on every rank
-        self.signal_name = signal.Signals(signum).name
+        self._requested = True  # nothing else: the loop decides, at a step boundary, on every rank
+        self.signal_name = signal.Signals(signum).name + (" (the launcher is gone)" if launcher_gone() else "")
 
     def should_stop(self) -> bool:
         """True on every rank once any rank got a signal (a collective: all ranks call it). The

@@ -13,11 +13,13 @@ from typing import Any, Callable
 import torch
 
 from d2v import collectives
-from d2v.config import to_dict
+from d2v.config import fill_ds_config, to_dict
 from d2v.config.batch_plan import BatchPlan
 from d2v.config.modalities import modality_spec
 from d2v.config.schema import D2vConfig, is_frozen
 from d2v.train.checkpoint import Checkpointer
+from d2v.train.identity import check_resume, run_identity
+from d2v.train.run_lock import lock_run_directory
 from d2v.train.loop import UpdateLoop, plan_resume, with_universal_load
 from d2v.train.metrics import MetricsSink
 from d2v.train import distributed
@@ -51,10 +53,27 @@ class Run(UpdateLoop):
                              f"joined: start the ranks with WORLD_SIZE set (deepspeed, torchrun, srun, mpirun do)")
         # The reference run's global batch at this world size (or the config's own, said so).
         self.batch_plan = batch_plan
+        # Held before anything in the directory is read or written; released by close().
+        self.lock, lock_note = lock_run_directory(self.out_dir, self.rank)
+        try:
+            self._start(cfg, ds_template, make_stream, make_val_stream, resume, console, init_from, lock_note)
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
+
+    def _start(self, cfg, ds_template, make_stream, make_val_stream, resume, console, init_from, lock_note) -> None:
         self.checkpointer = Checkpointer(os.path.join(self.out_dir, "checkpoints"), rank=self.rank,
                                          world_size=self.world_size, keep_last=cfg.train.keep_last)
-        # Everything about the resume is checked before any engine is built.
-        self.resume_tag, _, reshard = plan_resume(self.checkpointer, resume, cfg.name, self.out_dir, self.world_size)
+        # Everything about the resume is checked before any engine is built: the checkpoint must
+        # be this run's (identity), and what changed since is said in the log.
+        stage = int(fill_ds_config(ds_template, cfg, self.world_size, on_cpu=distributed.on_cpu())
+                    .get("zero_optimization", {}).get("stage", 0))
+        self.identity = run_identity(cfg, world_size=self.world_size, zero_stage=stage)
+        self.resume_tag, state, reshard = plan_resume(self.checkpointer, resume, cfg.name, self.out_dir,
+                                                      self.world_size, stage)
+        resume_notes = check_resume(state, cfg, self.identity, tag=self.resume_tag, out_dir=self.out_dir) \
+            if state is not None else []
         if reshard:
             ds_template = with_universal_load(ds_template)
         student, self.init_report = self._init_student(init_from)
@@ -75,6 +94,10 @@ class Run(UpdateLoop):
                                 wandb_mode=cfg.train.wandb, run_config=to_dict(cfg), start_step=self.trainer.step,
                                 positions_name=modality_spec(cfg.model.modality).position_name)
         self.sink.message(self.batch_plan.message)
+        if lock_note:
+            self.sink.message(f"{self.out_dir}: {lock_note}")
+        for note in resume_notes:
+            self.sink.message(f"resume from {self.resume_tag}: {note}")
         for line in self.trainer.attention_plan:
             self.sink.message(f"attention {line}")
         self.peak_tflops, peak_source = peak_tflops(cfg, self.trainer.device)
@@ -106,7 +129,7 @@ class Run(UpdateLoop):
         return student, report
 
     def run_state(self) -> dict[str, Any]:
-        return {"config": to_dict(self.cfg)}
+        return {"config": to_dict(self.cfg), "identity": self.identity}
 
     # -- validation --------------------------------------------------------------------------
     @torch.no_grad()
@@ -117,14 +140,33 @@ class Run(UpdateLoop):
         task, trainer = self.trainer.task, self.trainer
         trainer.student.eval()
         total, count = torch.zeros((), dtype=torch.float64, device=trainer.device), 0.0
+        stopped = False
         for batch in stream:
+            # A stop request is agreed between batches (every rank runs the same forward passes):
+            # a long validation must not outlast the launcher's grace period before the checkpoint.
+            if collectives.any_rank(self.preemption.requested):
+                stopped = True
+                break
             out = task(trainer.stage(batch), step=trainer.step)
             total += out.metrics["loss_sum"].double()
             count += out.metrics["loss_count"]
         trainer.student.train()
-        total, count = collectives.all_reduce_values([float(total), count])
-        return {"loss": total / max(count, 1.0), "targets": count,
-                "samples_left_out": float(getattr(stream, "left_out", 0))}
+        if stopped:
+            self.sink.message(f"step {trainer.step}: validation stopped early for the stop request")
+            return None
+        stats = getattr(stream, "stats", {})
+        keys = ("corrupt", "missing", "filler_batches")
+        total, count, *lost = collectives.all_reduce_values([float(total), count] + [stats.get(k, 0) for k in keys])
+        lost = dict(zip(("corrupt_samples", "missing_samples", "filler_batches"), lost))
+        if count == 0:
+            from d2v.train.loop import NoDataError
+
+            raise NoDataError(f"validation at step {trainer.step} found no readable sample in "
+                              f"{self.cfg.data.val_shards} ({ {k: int(v) for k, v in lost.items() if v} }): a loss "
+                              f"of nothing is no result; check the validation shards (the log names each damaged "
+                              f"shard) or re-run prepare")
+        return {"loss": total / count, "targets": count,
+                "samples_left_out": float(getattr(stream, "left_out", 0)), **lost}
 
     # -- what the loop asks of this job ---------------------------------------------------------
     def log_values(self, step: int, m, totals: dict[str, float], elapsed: float) -> dict[str, float]:
@@ -150,3 +192,5 @@ class Run(UpdateLoop):
     def close(self) -> None:
         self.preemption.uninstall()
         self.sink.close()
+        if self.lock is not None:
+            self.lock.release()
