@@ -344,9 +344,10 @@ def check_two_ranks(report: Report, args, device: torch.device, out_dir: str) ->
     if gpus >= 2:
         report.na(name, "the NCCL rows cover two ranks on this machine")
         return
-    backend = "cuda:gloo" if device.type == "cuda" else None
-    what = ("two ranks on one GPU over a CUDA-only gloo group (cuda:gloo), ZeRO 0" if backend else
-            "two CPU ranks over gloo, ZeRO 0")
+    # The CPU smoke run takes the same --backend path as the one-GPU stand-in (the CPU suite runs it).
+    backend = "cuda:gloo" if device.type == "cuda" else "gloo"
+    what = ("two ranks on one GPU over a CUDA-only gloo group (cuda:gloo), ZeRO 0" if device.type == "cuda" else
+            "two CPU ranks over a gloo group made by --backend gloo, ZeRO 0")
 
     def gloo():
         res = launch_two_ranks(0, backend, args, os.path.join(out_dir, "gloo_zero0"),
@@ -447,8 +448,10 @@ def _stream_batches(cfg, trainer, steps: int) -> list[list]:
 
 
 # -- main --------------------------------------------------------------------------------------
-# Runs before the teacher checks: the ZeRO-3 engine of the latter is the last one built here.
-ALL_SECTIONS = ("kernels", "runs", "teacher", "two_ranks")
+# The two-rank rows first: they run in their own processes (nothing of this one's state), and an
+# overrun of the in-process sections' budget cannot starve the only rows that cross ranks. Runs
+# before the teacher checks: the ZeRO-3 engine of the latter is the last one built here.
+ALL_SECTIONS = ("two_ranks", "kernels", "runs", "teacher")
 
 
 def row_names(args, device: torch.device) -> dict[str, list[str]]:

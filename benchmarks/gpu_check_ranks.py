@@ -54,6 +54,7 @@ def run_rank(args) -> dict:
     counts, _ = count_run_syncs(run, args.steps, device_view=distributed.on_cpu())
     out = {"rank": trainer.rank, "world_size": trainer.world_size, "zero": trainer.zero_stage,
            "precision": cfg.train.precision, "backend": torch.distributed.get_backend(), "steps": args.steps,
+           "group_from": "--backend" if args.backend else "d2v",
            "losses": losses + ([float("nan")] if skipped else []),
            "samples_per_s": cfg.train.micro_batch_size * cfg.train.grad_accum * trainer.world_size / step_s,
            "syncs": [{"step": s.step, "log_step": s.log_step, "count": s.count, "kinds": s.kinds,

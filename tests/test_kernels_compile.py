@@ -8,6 +8,7 @@ module can share a pytest session with the interpreter tests.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import re
 
@@ -239,3 +240,11 @@ def test_cuobjdump_output_is_parsed():
     usage = _parse_usage(text)
     assert usage["_k_a"]["REG"] == 40 and usage["_k_a"]["LOCAL"] == 8 and usage["_k_a"]["SHARED"] == 2048
     assert usage["_k_b"]["STACK"] == 16
+
+
+def test_every_dtype_the_gpu_path_takes_is_compiled():
+    """The compile check covers each dtype the dispatcher hands the Triton kernels on a GPU."""
+    dispatch = importlib.import_module("d2v.kernels.attention")
+    af = importlib.import_module("d2v.kernels.attention_flash")
+    compiled = {af.COMPILE_DTYPES[s["label"].split()[0]] for s in af.GPU_COMPILE_SPECS}
+    assert compiled == set(dispatch.TRITON_DTYPES)

@@ -351,23 +351,30 @@ OTHER_HEAD_DIM_CALLS = [(f"head dim {dh}, no preset", 16, 999, opts) for dh in (
                         for opts in (("pad", "grad"), ("pad", "bias", "alibi", "positions", "dropout", "grad"))]
 
 
-def _call_launches(H: int, T: int, Dh: int, options: tuple[str, ...]) -> list[tuple]:
-    x = model_inputs(2, H, T, Dh, torch.bfloat16, options)
+def _call_launches(H: int, T: int, Dh: int, options: tuple[str, ...], dtype: torch.dtype) -> list[tuple]:
+    x = model_inputs(2, H, T, Dh, dtype, options)
     return record_launches(**x, grad="grad" in options)
+
+
+# The dtypes the dispatcher hands these kernels on a GPU (d2v.kernels.attention.TRITON_DTYPES).
+COMPILE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _specs() -> list[dict]:
     """What the GPU-compile check compiles (tests/test_kernels_compile.py): the launches of
-    every preset call in bf16, recorded lazily (the inputs are built only when compiling)."""
+    every preset call in every dtype the GPU path takes, recorded lazily (the inputs are built
+    only when compiling)."""
     specs = []
-    for presets, H, T, options in PRESET_CALLS:
-        specs.append(dict(label=f"bf16 Dh=64 H={H} {'+'.join(o for o in options if o != 'grad') or 'plain'}",
-                          used_by=presets,
-                          launches=lambda H=H, T=T, options=options: _call_launches(H, T, 64, options)))
-    for what, H, T, options in OTHER_HEAD_DIM_CALLS:
-        dh = int(what.split()[2].rstrip(","))
-        specs.append(dict(label=f"bf16 Dh={dh} H={H} {'+'.join(o for o in options if o != 'grad')}", used_by=what,
-                          launches=lambda H=H, T=T, options=options, dh=dh: _call_launches(H, T, dh, options)))
+    for name, dtype in COMPILE_DTYPES.items():
+        for presets, H, T, options in PRESET_CALLS:
+            specs.append(dict(label=f"{name} Dh=64 H={H} {'+'.join(o for o in options if o != 'grad') or 'plain'}",
+                              used_by=presets, launches=lambda H=H, T=T, options=options, dtype=dtype:
+                              _call_launches(H, T, 64, options, dtype)))
+        for what, H, T, options in OTHER_HEAD_DIM_CALLS:
+            dh = int(what.split()[2].rstrip(","))
+            specs.append(dict(label=f"{name} Dh={dh} H={H} {'+'.join(o for o in options if o != 'grad')}",
+                              used_by=what, launches=lambda H=H, T=T, options=options, dh=dh, dtype=dtype:
+                              _call_launches(H, T, dh, options, dtype)))
     return specs
 
 
