@@ -142,3 +142,27 @@ def test_layerdrop_is_drawn_per_micro_batch_and_the_trainer_numbers_them():
     trainer.task = recording
     _fit(trainer, synthetic_batches_for(cfg))
     assert calls == [{"step": 0, "micro": 0}, {"step": 0, "micro": 1}]
+
+
+def test_logged_flops_count_only_the_blocks_layerdrop_ran():
+    """The MFU's FLOPs: a block LayerDrop skipped did no work (forward and backward: 3 forwards
+    of that block); the teacher still runs every block."""
+    from d2v.estimate.flops import flops_per_sample
+    from d2v.models.encoder import layerdrop_kept
+    from d2v.task import layer_seed
+    from d2v.train.trainer import Trainer
+
+    cfg = resolve("audio_tiny", overrides=["model.layerdrop=0.5", "train.max_steps=8", "train.micro_batch_size=2"])
+    trainer = Trainer(cfg, load_template(os.path.join(ROOT, "ds_configs", "cpu.json")))
+    batches = synthetic_batches_for(cfg)
+    ran = []
+    for step in range(8):
+        batch = next(batches)
+        m = trainer.train_step([batch])
+        count = flops_per_sample(cfg, batch.source.shape[1] / cfg.model.audio.sample_rate)
+        blocks = len(layerdrop_kept(cfg.model.depth, 0.5, layer_seed(cfg.train.seed, step)))
+        ran.append(blocks)
+        # float64 by hand: every student block forward costs count.blocks / depth
+        want = 2 * (count.train_step - 3 * count.blocks * (cfg.model.depth - blocks) / cfg.model.depth)
+        assert m.values["flops"] == pytest.approx(want, rel=1e-12), (step, blocks)
+    assert min(ran) < cfg.model.depth  # LayerDrop skipped blocks in some update

@@ -100,6 +100,7 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(blocks)  # the main blocks: the teacher taps these
         self.final_norm = final_norm
         self.layerdrop = layerdrop
+        self.blocks_run = len(self.prenet) + len(self.blocks)
         # Recompute each block in backward instead of storing its activations (set by the trainer).
         self.checkpoint_blocks = False
 
@@ -130,7 +131,9 @@ class Encoder(nn.Module):
         else:
             bias = None
         npre = len(self.prenet)
-        for i in self.kept_blocks(layer_seed):
+        kept = self.kept_blocks(layer_seed)
+        self.blocks_run = len(kept)  # what this forward computed (the FLOPs logged count it)
+        for i in kept:
             block = self.prenet[i] if i < npre else self.blocks[i - npre]
             if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
                 out = checkpoint(block, x_BTD, padding_mask_BT, bias, use_reentrant=False)

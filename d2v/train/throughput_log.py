@@ -43,22 +43,28 @@ def peak_tflops(cfg: D2vConfig, device: torch.device) -> tuple[float | None, str
 
 
 class StepFlops:
-    """Analytic training FLOPs of micro-batches, cached by the one shape that varies (audio length)."""
+    """Analytic training FLOPs of micro-batches, cached by the one shape that varies (audio length).
+    Only the student blocks that ran count: LayerDrop skips some in training (the teacher runs all)."""
 
     def __init__(self, cfg: D2vConfig) -> None:
         self.cfg = cfg
         self.spec = modality_spec(cfg.model.modality)
-        self._per_sample: dict[int, float] = {}
+        self.num_blocks = cfg.model.depth + (cfg.model.v2.prenet_depth if cfg.model.v2.enabled else 0)
+        self._per_sample: dict[int, tuple[float, float]] = {}
 
-    def __call__(self, source: torch.Tensor) -> float:
+    def __call__(self, source: torch.Tensor, blocks_run: int | None = None) -> float:
         from d2v.estimate.flops import flops_per_sample
 
         spec = self.spec
         length = int(source.shape[1]) if spec.varies_in_length else 0
         if length not in self._per_sample:
             seconds = spec.seconds(self.cfg, length) if spec.varies_in_length else 1.0
-            self._per_sample[length] = flops_per_sample(self.cfg, seconds).train_step
-        return int(source.shape[0]) * self._per_sample[length]
+            count = flops_per_sample(self.cfg, seconds)
+            self._per_sample[length] = count.train_step, count.blocks
+        step, blocks = self._per_sample[length]
+        skipped = 0 if blocks_run is None else self.num_blocks - blocks_run
+        # every block costs the same (one width, the same tokens); forward + backward = 3 forwards
+        return int(source.shape[0]) * (step - 3.0 * blocks * skipped / self.num_blocks)
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -168,7 +168,7 @@ class Trainer(GuardedCounts):
         self.student.train()
         lr = float(self.scheduler.get_last_lr()[0])
         staged = [self.stage(b) for b in micro_batches]
-        flops = sum(self.step_flops(b.source) for b in micro_batches)
+        flops = 0.0
         positions = sum(b.index.positions for b in staged)
         self.update.begin()
         losses = torch.zeros((), device=self.device)
@@ -176,6 +176,7 @@ class Trainer(GuardedCounts):
         host_sums: dict[str, float] = {}
         for i, batch in enumerate(staged):
             out = self.task(batch, step=self.step, micro=i)
+            flops += self.step_flops(micro_batches[i].source, blocks_run=self.student.encoder.blocks_run)
             self.engine.backward(out.loss)
             if i + 1 < len(staged):
                 self.engine.step()  # inside the accumulation window: DeepSpeed only counts it
