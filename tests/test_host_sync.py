@@ -111,3 +111,19 @@ def test_deepspeeds_throughput_timer_is_off_in_the_filled_json():
 
     ds = fill_ds_config({"zero_optimization": {"stage": 2}}, get_preset("audio_tiny"), 2, on_cpu=False)
     assert ds["timers"]["throughput"] == {"enabled": False, "synchronized": False}
+
+
+def test_the_counter_sees_tensors_built_from_host_data_on_a_device():
+    """torch.tensor(x, device=d) copies from pageable host memory and blocks, and dispatches no
+    operator (DeepSpeed builds one per gradient-norm group): counted; a host tensor is not, and a
+    `.tolist()` is counted once although a torch-function mode sees it too."""
+    import torch
+
+    with host_sync.count_host_syncs(device_view=True) as c:
+        torch.tensor([1.0, 2.0], device="cpu")  # a GPU run names its accelerator here
+        torch.as_tensor(3.0, device="cpu")
+        torch.tensor([1.0])  # a host tensor, copied later without blocking if at all
+        with host_sync.host_work():
+            torch.tensor([4.0], device="cpu")
+        torch.ones(2).tolist()
+    assert dict(c.counts) == {"host_data_to_device": 2, "device_to_host": 1}

@@ -4,8 +4,10 @@ On a GPU these are `.item()` / `float()` / `bool()` of a device tensor, data-dep
 (`nonzero`, boolean-mask indexing, `masked_select`, `repeat_interleave` without an output size,
 `unique`), comparisons that return a Python bool (`equal`) and device-to-host copies (`.cpu()`,
 `.tolist()`, `.numpy()`), and device-wide waits (the accelerator's, an Event's or a Stream's
-`synchronize()`). Each one stalls the CPU until the GPU has drained its queue, so the
-next kernels are launched late; a training step should need about one (the skip decision).
+`synchronize()`), and tensors built from host data on a device (`torch.tensor(x, device=...)`,
+a blocking host-to-device copy that dispatches no operator). Each one stalls the CPU until the
+GPU has drained its queue, so the next kernels are launched late; a training step should need
+about one (the skip decision).
 
 `device_view=True` (the default on a CPU-only machine) treats every tensor as if it lived on an
 accelerator: during a training step every tensor is a device tensor on a GPU run (the host-side
@@ -20,6 +22,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
@@ -118,6 +121,29 @@ class HostSyncCounter(TorchDispatchMode):
         return sum(v for k, v in self.counts.items() if k != "h2d_pageable")
 
 
+_FROM_HOST_DATA = (torch.tensor, torch.as_tensor, torch.scalar_tensor)
+
+
+class HostDataCounter(TorchFunctionMode):
+    """Counts tensors built from host data straight on a device (`torch.tensor(x, device=d)`):
+    the copy blocks and no operator shows it to a dispatch mode. In device view an explicit device
+    counts whatever it is (DeepSpeed names its accelerator's, which is `cpu` on a CPU run)."""
+
+    def __init__(self, counter: HostSyncCounter) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _FROM_HOST_DATA and not _paused[0]:
+            device = kwargs.get("device")
+            data = args[0] if args else kwargs.get("data")
+            from_host = not isinstance(data, torch.Tensor) or data.device.type == "cpu"
+            if device is not None and from_host and (self.counter.device_view or torch.device(device).type != "cpu"):
+                self.counter._hit("host_data_to_device")
+        return func(*args, **kwargs)
+
+
 @contextmanager
 def count_host_syncs(device_view: bool | None = None, *, sites: bool = False) -> Iterator[HostSyncCounter]:
     """Counts synchronisations inside the block. In device view, `.tolist()`, `.numpy()` and
@@ -125,15 +151,21 @@ def count_host_syncs(device_view: bool | None = None, *, sites: bool = False) ->
     counter = HostSyncCounter(device_view)
     counter.record_sites = sites
     patched = {}
+    inside = [0]
     if counter.device_view:
         for name in ("tolist", "numpy", "cpu"):
             original = getattr(torch.Tensor, name)
             patched[name] = original
 
             def wrapper(self, *a, _original=original, _name=name, **k):
-                if not _paused[0] and counter._on_device(self):
+                # a torch-function mode hands the call back to this wrapper once more: count once
+                if not _paused[0] and not inside[0] and counter._on_device(self):
                     counter._hit("device_to_host")
-                out = _original(self, *a, **k)
+                inside[0] += 1
+                try:
+                    out = _original(self, *a, **k)
+                finally:
+                    inside[0] -= 1
                 if _name == "cpu":
                     # a distinct host copy (on a CPU `.cpu()` returns the tensor itself)
                     out = out.clone()
@@ -143,7 +175,7 @@ def count_host_syncs(device_view: bool | None = None, *, sites: bool = False) ->
             setattr(torch.Tensor, name, wrapper)
     waits = _patch_device_waits(counter)
     try:
-        with counter:
+        with counter, HostDataCounter(counter):
             yield counter
     finally:
         for name, original in patched.items():

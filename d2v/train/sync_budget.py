@@ -14,13 +14,16 @@ from typing import Any
 
 from d2v.train import host_sync
 
-# DeepSpeed's own reads per update, by (ZeRO stage, precision), as (fixed, per parameter group),
-# with the settings d2v chooses (bf16 overflow checks off: d2v decides finiteness). ZeRO 0 bf16
-# reads each group's gradient norm twice (deepspeed/runtime/utils.py get_global_norm, for
-# clipping); ZeRO 1/2 check each group's clip norm once when clipping is on (stage_1_and_2.py
-# unscale_and_clip_grads) and, in fp32, the global norm once more; ZeRO 3 the global norm once.
-DEEPSPEED_PER_STEP = {(0, "bf16"): (0, 2), (0, "fp32"): (0, 0), (1, "bf16"): (0, 1), (2, "bf16"): (0, 1),
-                      (1, "fp32"): (1, 1), (2, "fp32"): (1, 1), (3, "bf16"): (1, 0), (3, "fp32"): (1, 0)}
+# DeepSpeed's own waits per update, by (ZeRO stage, precision), as (fixed, per parameter group),
+# with the settings d2v chooses (bf16 overflow checks off: d2v decides finiteness; timers off).
+# docs/method.md §4 ("What a step waits for") lists each with its source line and why it stays.
+# ZeRO 0 bf16 reads each group's gradient norm twice (deepspeed/runtime/utils.py get_global_norm,
+# for clipping). ZeRO 1/2 build one tensor from host data per group (get_grad_norm_direct's
+# mask_nan_or_inf_with_val_inplace: torch.tensor(-1.0, device=...)), check each group's clip norm
+# once when clipping is on (unscale_and_clip_grads) and, in fp32, read the global norm once more.
+# ZeRO 3 builds one such tensor and reads the global norm once.
+DEEPSPEED_PER_STEP = {(0, "bf16"): (0, 2), (0, "fp32"): (0, 0), (1, "bf16"): (0, 2), (2, "bf16"): (0, 2),
+                      (1, "fp32"): (1, 2), (2, "fp32"): (1, 2), (3, "bf16"): (2, 0), (3, "fp32"): (2, 0)}
 D2V_PER_STEP = 1
 # weight norms (one read), gradient norm (one read), the window's all-reduce (one read)
 LOG_STEP_EXTRA = 3
