@@ -338,3 +338,23 @@ def test_a_waveform_with_nan_or_inf_is_a_corrupt_sample(tmp_path):
                   torch.Generator().manual_seed(0), stats)
     assert batch.keys == ["a"] and stats == {"corrupt": 1}
     assert torch.isfinite(batch.source).all()
+
+
+def test_cropped_batch_lengths_are_rounded_to_the_multiple():
+    """data.length_multiple: the crop to the shortest utterance rounds down (fewer batch shapes);
+    never below the shortest's own length when it is shorter than the multiple, never for padding."""
+    from d2v.data.audio import batch_length
+
+    assert batch_length([17_999, 30_000], pad=False, max_sample_size=320_000) == 17_999  # the reference
+    assert batch_length([17_999, 30_000], pad=False, max_sample_size=320_000, length_multiple=4_000) == 16_000
+    assert batch_length([3_000, 30_000], pad=False, max_sample_size=320_000, length_multiple=4_000) == 3_000
+    assert batch_length([400_000] * 2, pad=False, max_sample_size=318_500, length_multiple=4_000) == 316_000
+    g = torch.Generator().manual_seed(0)
+    waves = [np.ones(n, np.float32) for n in (17_999, 30_000)]
+    batch = collate_audio(waves, ["a", "b"], pad=False, max_sample_size=320_000, mask_fn=span_mask_fn(),
+                          generator=g, conv_layers=AUDIO_CONV_LAYERS, length_multiple=4_000)
+    assert batch.source.shape == (2, 16_000) and batch.mask.shape[-1] == conv_output_length(16_000, AUDIO_CONV_LAYERS)
+    from d2v.config import apply_overrides, get_preset
+
+    with pytest.raises(ValueError, match="needs data.pad=false"):
+        apply_overrides(get_preset("audio_base"), ["data.pad=true"]).validate()

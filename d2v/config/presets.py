@@ -35,6 +35,10 @@ def audio_base() -> D2vConfig:
     # fairseq's tri_stage default final_lr_scale (0.01), not overridden by the yaml.
     cfg.optim.final_lr_scale = 0.01
     cfg.data.max_samples_per_batch = 3_800_000
+    # Batches cut to a multiple of 0.25 s (the reference crops to the shortest utterance): at most 80
+    # batch lengths, about 160 (B, T) shapes per epoch instead of 780, for 1 % less audio
+    # (benchmarks/audio_shapes.py; docs/method.md §12).
+    cfg.data.length_multiple = 4_000
     cfg.train.reference_batch, cfg.train.reference_gpus = 60_800_000, 16
     return cfg
 
@@ -83,6 +87,7 @@ def audio_tiny() -> D2vConfig:
     cfg.train.save_every = 100
     cfg.data.min_sample_size = 8_000
     cfg.data.max_sample_size = 48_000
+    cfg.data.length_multiple = 0  # the demo's few batches: the reference's crop
     cfg.data.max_samples_per_batch = 160_000
     cfg.data.synthetic_seconds = 1.0
     cfg.data.num_workers = 0  # CPU demos: decoding in the rank's process leaves the 2 cores to the ranks

@@ -331,6 +331,10 @@ class DataConfig(Section):
     """Audio: normalise each utterance to zero mean and unit variance."""
     pad: bool = False
     """Audio: pad to the longest utterance with padding masks instead of cropping to the shortest (the reference)."""
+    length_multiple: int = 0
+    """Audio, cropping: each batch is cut to a multiple of this many samples (0: to its shortest
+    utterance, as the reference): a few batch lengths instead of one per batch, so attention plans,
+    cuDNN graphs and compiled kernels are made once each; costs under this many samples per row."""
     num_workers: int = 2
     """Loader worker processes per rank."""
     buffer_size: int = 1_000

@@ -75,6 +75,10 @@ def _problems(cfg: "D2vConfig") -> list[str]:
     d = cfg.data
     if d.min_sample_size > d.max_sample_size:
         p.append(f"data.min_sample_size={d.min_sample_size} exceeds data.max_sample_size={d.max_sample_size}")
+    if d.length_multiple < 0 or (d.length_multiple and d.pad):
+        p.append(f"data.length_multiple={d.length_multiple} rounds cropped batches: it must be >= 0 and needs "
+                 f"data.pad=false (padded batches are budgeted at their longest length); with data.pad=true "
+                 f"set data.length_multiple=0")
     if d.max_samples_per_batch < d.min_sample_size:
         p.append(f"data.max_samples_per_batch={d.max_samples_per_batch} cannot hold one utterance of data.min_sample_size={d.min_sample_size}")
     return p

@@ -57,6 +57,8 @@ class AudioLoaderOptions:
     """Zero mean, unit variance per utterance (before cropping, as the reference)."""
     pad: bool
     """False: crop the batch to its shortest utterance (the reference); True: pad to the longest."""
+    length_multiple: int
+    """Cropped batch lengths are rounded down to a multiple of this many samples (0: not rounded)."""
     conv_layers: tuple[tuple[int, int, int], ...]
     """The model's waveform encoder (model.audio.conv_layers): the frames of a crop, its mask and
     its padding are counted with it, so the loader's masks fit the model's frames."""
@@ -74,6 +76,7 @@ class AudioLoaderOptions:
         return cls(sample_rate=cfg.model.audio.sample_rate, min_sample_size=d.min_sample_size,
                    max_sample_size=d.max_sample_size, max_samples_per_batch=d.max_samples_per_batch,
                    normalize=d.normalize, pad=d.pad, bucket_buffer=min(d.buffer_size, 512),
+                   length_multiple=d.length_multiple,
                    conv_layers=tuple(tuple(c) for c in cfg.model.audio.conv_layers))
 
     def batching(self) -> BatchingOptions:
@@ -113,15 +116,27 @@ def frame_padding_mask(lengths: Sequence[int], num_samples: int, conv_layers: Co
     return torch.arange(num_frames)[None, :] >= frames[:, None]
 
 
+def batch_length(lengths: Sequence[int], *, pad: bool, max_sample_size: int, length_multiple: int = 0) -> int:
+    """Samples per row of a batch of utterances of `lengths`: the shortest (cropping, the reference)
+    or the longest (padding), at most max_sample_size. Cropping rounds down to a multiple of
+    length_multiple (when the shortest allows): fewer distinct batch shapes, each planned once."""
+    target = min(min(lengths) if not pad else max(lengths), max_sample_size)
+    if length_multiple and not pad and target >= length_multiple:
+        target -= target % length_multiple
+    return target
+
+
 def collate_audio(waves: Sequence[np.ndarray], keys: Sequence[str], *, pad: bool, max_sample_size: int,
-                  mask_fn: MaskFn | None, generator: torch.Generator, conv_layers: ConvLayers) -> Batch:
+                  mask_fn: MaskFn | None, generator: torch.Generator, conv_layers: ConvLayers,
+                  length_multiple: int = 0) -> Batch:
     """Crops (random offsets from `generator`), pads, and masks a list of waveforms.
 
-    pad False: every row cropped to the shortest (capped at max_sample_size), no padding mask.
+    pad False: every row cropped to the shortest (capped at max_sample_size; rounded down to a
+    multiple of length_multiple), no padding mask.
     pad True: rows longer than max_sample_size cropped to it, the rest zero-padded to the longest.
     """
-    lengths = [len(w) for w in waves]
-    target = min(min(lengths) if not pad else max(lengths), max_sample_size)
+    target = batch_length([len(w) for w in waves], pad=pad, max_sample_size=max_sample_size,
+                          length_multiple=length_multiple)
     # Filled in numpy, then wrapped: row-wise copies into a torch tensor were ~5x slower here.
     rows = np.zeros((len(waves), target), dtype=np.float32)
     kept: list[int] = []
@@ -184,7 +199,8 @@ class AudioBatchMaker:
         if not waves:
             return None
         batch = collate_audio(waves, keys, pad=self.options.pad, max_sample_size=self.options.max_sample_size,
-                              mask_fn=self.mask_fn, generator=generator, conv_layers=self.options.conv_layers)
+                              mask_fn=self.mask_fn, generator=generator, conv_layers=self.options.conv_layers,
+                              length_multiple=self.options.length_multiple)
         batch.extras["transcripts"] = texts
         return batch
 
