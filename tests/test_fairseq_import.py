@@ -177,6 +177,9 @@ def test_fairseq_audio_import_keeps_the_checkpoints_method(tmp_path):
     assert (icfg.model.layerdrop, icfg.model.dropout, icfg.masking.mask_prob, icfg.masking.mask_length) == (
         0.0, 0.0, 0.5, 7)
     assert any("mask_channel_prob" in n for n in info["notes"]), info["notes"]
+    planned = _planned(str(tmp_path / "d2v"), 64)  # what a 64-rank run continuing from it trains
+    assert (planned["teacher"]["top_k"], planned["teacher"]["ema_anneal_steps"], planned["model"]["layerdrop"]) == (
+        2, 300, 0.0)
 
 
 def test_fairseq_import_refuses_keys_it_cannot_map(tmp_path):

@@ -344,3 +344,37 @@ def test_every_entry_point_says_bad_input_in_one_line(entry, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_full_disk_while_logging_is_one_line(tmp_path, monkeypatch, capsys):
+    """The metrics file cannot grow: the launcher says where, in one line (exit 2), not a traceback."""
+    import errno
+
+    import d2v.train.metrics as metrics
+    import d2v.train.preemption as preemption
+    from d2v.launchers import pretrain
+
+    for name in ("watch_launcher", "exit_on_signal_during_startup"):  # process-wide: not in a test
+        monkeypatch.setattr(preemption, name, lambda: None)
+    class FullFile:
+        name = str(tmp_path / "run" / "metrics.jsonl")
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            pass
+
+    real_init = metrics.MetricsSink.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        if getattr(self, "_jsonl", None) is not None:
+            self._jsonl.close()
+            self._jsonl = FullFile()
+
+    monkeypatch.setattr(metrics.MetricsSink, "__init__", init)
+    rc = pretrain.main(["--ds_config", "cpu.json", "--preset", "audio_tiny", "--out", str(tmp_path / "run"),
+                        "train.max_steps=2", "train.log_every=1", "train.micro_batch_size=2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: cannot append step 1's metrics to" in err and "No space left" in err, err

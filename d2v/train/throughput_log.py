@@ -49,7 +49,7 @@ class StepFlops:
     def __init__(self, cfg: D2vConfig) -> None:
         self.cfg = cfg
         self.spec = modality_spec(cfg.model.modality)
-        self.num_blocks = cfg.model.depth + (cfg.model.v2.prenet_depth if cfg.model.v2.enabled else 0)
+        self.num_blocks = cfg.model.depth + cfg.model.v2.prenet_depth  # 1.0 models have no prenet
         self._per_sample: dict[int, tuple[float, float]] = {}
 
     def __call__(self, source: torch.Tensor, blocks_run: int | None = None) -> float:
