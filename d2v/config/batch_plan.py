@@ -87,10 +87,14 @@ def plan_batch(cfg: D2vConfig, world_size: int) -> BatchPlan:
     smallest = modality_spec(cfg.model.modality).smallest_per_rank_batch(cfg)
     if ref < smallest * world_size:
         total = smallest * world_size
+        spec = modality_spec(cfg.model.modality)
+        share = ref // world_size
+        hint = (f", or set data.max_sample_size={share:,} (shorter crops) to split it here"
+                if spec.varies_in_length and share >= cfg.data.min_sample_size else "")
         return BatchPlan(smallest, 1, False,
                          f"batch: {source} cannot be split over {world_size} ranks: the smallest per-rank batch "
                          f"is {key}={smallest:,}, so {total:,} {unit} per update ({total / ref:.3g}x the reference); "
-                         f"at most {ref // smallest} ranks reach the reference batch", world_size)
+                         f"at most {ref // smallest} ranks reach the reference batch{hint}", world_size)
     if ref % world_size:
         accum = max(1, round(ref / (world_size * ref_micro)))
         total = ref_micro * accum * world_size

@@ -56,8 +56,10 @@ class ModalitySpec:
 
     def smallest_per_rank_batch(self, cfg) -> int:
         """The least a rank's micro-batch can be: one input; for inputs whose length varies, a
-        budget that holds one of the shortest the loader keeps (data.min_sample_size, as validate asks)."""
-        return cfg.data.min_sample_size if self.varies_in_length else 1
+        budget that holds one crop of the longest length the loader keeps (data.max_sample_size).
+        A smaller budget still gets one such utterance per batch (a batch holds at least one), so
+        the run would train more, and use more memory, than the plan says."""
+        return cfg.data.max_sample_size if self.varies_in_length else 1
 
     def set_per_rank_batch(self, cfg, value: int) -> None:
         section, _, field = self.batch_key.partition(".")
