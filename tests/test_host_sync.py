@@ -127,3 +127,33 @@ def test_the_counter_sees_tensors_built_from_host_data_on_a_device():
             torch.tensor([4.0], device="cpu")
         torch.ones(2).tolist()
     assert dict(c.counts) == {"host_data_to_device": 2, "device_to_host": 1}
+
+
+def test_the_finiteness_hook_is_one_kernel_per_gradient():
+    """The guarded update watches every gradient for NaN/inf: one reduction per parameter per
+    micro-batch (its sums are added once, at the decision), not a reduction and an add."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from d2v.train.guarded_update import GuardedUpdate
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def backward_ops(hooked: bool) -> int:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(5)])  # 10 parameters
+        if hooked:
+            GuardedUpdate(None, model, 1, torch.device("cpu")).begin()
+        loss = model(torch.randn(2, 4)).square().sum()
+        with Ops() as ops:
+            loss.backward()
+        return ops.n
+
+    assert backward_ops(True) - backward_ops(False) == 10

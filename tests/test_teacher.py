@@ -487,3 +487,37 @@ def test_on_cuda_the_streamed_teacher_equals_the_resident_one(preset):
             scale = torch.maximum(before[n].abs(), sp[n].detach().double().cpu().abs()).float()
             assert ((r.double().cpu() - o.double()).abs() <= _ulp(scale).double()).all(), n
         offloaded.load_state(resident.export_state())  # the next step starts from the same weights
+
+
+def test_the_replicated_ema_casts_a_bounded_chunk_at_a_time(monkeypatch):
+    """A bf16 student's weights are cast to fp32 for the EMA chunk by chunk (no transient fp32
+    copy of the whole student), with the same result as one cast of everything."""
+    import d2v.teacher.core as core
+    from d2v.config import get_preset
+    from d2v.models import build_model
+
+    cfg = get_preset("audio_tiny")
+    torch.manual_seed(0)
+    student = build_model(cfg).to(torch.bfloat16)
+    whole, chunked = core.Teacher(student, cfg.teacher), core.Teacher(student, cfg.teacher)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    whole.update(5)
+    casts = []
+    real_to = torch.Tensor.to
+
+    def counting_to(self, *a, **k):
+        out = real_to(self, *a, **k)
+        if out.dtype == torch.float32 and self.dtype == torch.bfloat16:
+            casts.append(out.numel())
+        return out
+
+    monkeypatch.setattr(core, "EMA_CHUNK_ELEMENTS", 5_000)
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    chunks = core.ema_chunks(chunked._ema_pairs)
+    chunked.update(5)
+    monkeypatch.undo()
+    assert len(chunks) > 1 and all(sum(t.numel() for t, _ in c) <= 5_000 or len(c) == 1 for c in chunks)
+    assert sum(casts) == sum(t.numel() for t, _ in chunked._ema_pairs)
+    assert all(torch.equal(a, b) for a, b in zip(whole.ema_parameters(), chunked.ema_parameters()))

@@ -38,6 +38,24 @@ def _under(name: str, prefixes: tuple[str, ...]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
+EMA_CHUNK_ELEMENTS = 16 * 2**20  # 64 MB of fp32 copies at a time
+
+
+def ema_chunks(pairs: list[tuple[Tensor, Tensor]]) -> list[list[tuple[Tensor, Tensor]]]:
+    """(EMA, student) pairs in order, cut into runs of at most EMA_CHUNK_ELEMENTS (a larger
+    tensor alone)."""
+    chunks: list[list[tuple[Tensor, Tensor]]] = [[]]
+    size = 0
+    for pair in pairs:
+        n = pair[0].numel()
+        if chunks[-1] and size + n > EMA_CHUNK_ELEMENTS:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(pair)
+        size += n
+    return [c for c in chunks if c]
+
+
 class Teacher(nn.Module):
     def __init__(self, student: Data2Vec, cfg: TeacherConfig) -> None:
         super().__init__()
@@ -154,10 +172,12 @@ class Teacher(nn.Module):
             self._update_on_host(tau)
             return tau
         if tau < 1.0:
-            targets = [t for t, _ in self._ema_pairs]
-            # bf16 students: cast to fp32 (exact).
-            sources = [s.detach().to(device=t.device, dtype=torch.float32) for t, s in self._ema_pairs]
-            torch._foreach_lerp_(targets, sources, 1.0 - tau)
+            # bf16 students: cast to fp32 (exact), a chunk at a time, so that the transient fp32
+            # copies stay under EMA_CHUNK_ELEMENTS instead of a second copy of the whole student
+            # (380 MB for audio_base).
+            for chunk in ema_chunks(self._ema_pairs):
+                sources = [s.detach().to(device=t.device, dtype=torch.float32) for t, s in chunk]
+                torch._foreach_lerp_([t for t, _ in chunk], sources, 1.0 - tau)
         for t, s in self._copy_pairs:
             t.copy_(s.detach())
         return tau

@@ -64,7 +64,7 @@ class GuardedUpdate:
         self.skipped_steps = 0  # updates skipped for a non-finite loss or gradient, or no data
         self.consecutive_skips = 0  # non-finite windows in a row
         self.consecutive_empty = 0  # windows in a row where no rank had a readable sample
-        self._grad_sum = torch.zeros((), device=device)
+        self._grad_sums: list[torch.Tensor] = []
         self._model = model
         self._weights_bad = torch.zeros((), device=device)
         for p in model.parameters():
@@ -72,13 +72,14 @@ class GuardedUpdate:
                 p.register_hook(self._check_grad)
 
     def _check_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        # Runs in autograd before DeepSpeed's own gradient hooks. A NaN/inf anywhere makes the
-        # running sum non-finite: one reduction per gradient, no host sync until the decision.
-        self._grad_sum = self._grad_sum + grad.sum(dtype=torch.float32)
+        # Runs in autograd before DeepSpeed's own gradient hooks. A NaN/inf anywhere makes its
+        # sum non-finite: one kernel per gradient (the sums are added once, at the decision), no
+        # host sync until the decision.
+        self._grad_sums.append(grad.sum(dtype=torch.float32))
         return grad
 
     def begin(self) -> None:
-        self._grad_sum = torch.zeros((), device=self.device)
+        self._grad_sums = []
         # What the previous update left: read with this window's decision, no wait of its own.
         self._weights_bad = nonfinite_count(_local_tensors(self._model), self.device)
 
@@ -86,7 +87,8 @@ class GuardedUpdate:
                has_data: bool = True) -> Decision:
         """The one synchronisation of the step; `losses` is the window's summed loss (device)."""
         # A NaN/inf loss makes the gradients non-finite too; the sum over all of them decides.
-        bad = (~torch.isfinite(self._grad_sum) | ~torch.isfinite(losses)).float().reshape(1)
+        grad_sum = torch.stack(self._grad_sums).sum() if self._grad_sums else torch.zeros((), device=self.device)
+        bad = (~torch.isfinite(grad_sum) | ~torch.isfinite(losses)).float().reshape(1)
         flags = torch.cat([bad, (self._weights_bad > 0).float().reshape(1),
                            collectives.to_group_device([float(stop_requested), float(has_data)],
                                                        torch.float32, self.device)])
