@@ -142,7 +142,7 @@ def test_at_the_reference_gpu_count_each_rank_gets_the_reference_per_gpu_batch(r
     ("image_base_v2", 8, 16, 2),           # fewer GPUs: the reference micro-batch, accumulated
     ("image_base_v2", 32, 8, 1),           # more GPUs: the share itself
     ("text_large_v2", 1, 2, 32),
-    ("audio_large_v2", 64, 240_000, 1),    # 15.36 M samples over 64 ranks
+    ("audio_base", 32, 1_900_000, 1),      # 60.8 M samples over 32 ranks
     ("audio_base", 5, 3_040_000, 4),       # 12.16 M per rank: 3.8 M does not divide it, 4 x 3.04 M does
 ])
 def test_the_batch_plan_keeps_the_reference_global_batch(name, world, micro, accum):
@@ -239,3 +239,13 @@ def test_inits_follow_the_reference_models():
         for w in [layer.conv.weight for layer in model.decoder.layers] + [m.weight for m in linears]:
             bound = w[0].numel() ** -0.5  # U(+-1/sqrt(fan_in)): kaiming_uniform(a=sqrt(5))
             assert bound * 0.9 < float(w.detach().abs().max()) <= bound * (1 + 1e-6), name
+
+
+def test_an_audio_budget_holds_one_longest_crop():
+    """A batch holds at least one utterance, cropped to data.max_sample_size: a smaller per-rank
+    budget would train more (and use more memory) than planned. audio_large_v2's 15.36 M samples
+    over 64 ranks would be 240,000 each, under one 320,000-sample crop: the plan says it cannot
+    split them and names the crop length that would."""
+    plan = plan_batch(get_preset("audio_large_v2"), 64)
+    assert (plan.micro_batch, plan.grad_accum, plan.matches_reference) == (320_000, 1, False)
+    assert "cannot be split over 64 ranks" in plan.message and "data.max_sample_size=240,000" in plan.message
