@@ -15,12 +15,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launcher_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a launched run, without the rank variables that in-process
+    runs of this session set (their MASTER_PORT is held by this process)."""
+    return {**{k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}, "DS_ACCELERATOR": "cpu", **extra}
+
+
 def launch_two_ranks(script: str, out: str, *extra: str, timeout: int = 900) -> list[dict]:
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     # In-process tests of this session may have set a world-size-1 rendezvous in os.environ.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=ROOT)
+    env = launcher_env(PYTHONPATH=ROOT)
     cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), os.path.join(ROOT, script), "--out", out,
            *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from launch import ROOT
+from launch import ROOT, launcher_env
 
 
 def _template():
@@ -297,7 +297,7 @@ def test_shards_from_another_tokenizer_fail_before_any_engine(tmp_path, monkeypa
 # -- preemption while starting ---------------------------------------------------------------------
 
 def test_a_signal_during_start_up_exits_75(tmp_path):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    env = launcher_env(PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launchers", "pretrain.py"), "--ds_config",
                              os.path.join(ROOT, "ds_configs", "cpu.json"), "--preset", "audio_tiny",
                              "--out", str(tmp_path / "run")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -313,7 +313,7 @@ def test_a_start_up_error_is_one_message_and_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "pretrain.py"), "--ds_config",
                            os.path.join(ROOT, "ds_configs", "cpu.json"), "--preset", "image_tiny", "--data",
                            str(tmp_path / "train-{000000..000003}.tar"), "--out", str(tmp_path / "run")],
-                          cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True,
+                          cwd=ROOT, env=launcher_env(), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "error: shard pattern" in proc.stderr and "matches no existing shard" in proc.stderr

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from launch import ROOT
+from launch import ROOT, launcher_env
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
 from cluster_common import cluster_config, dump_state, max_state_diff  # noqa: E402
@@ -206,7 +206,7 @@ def test_a_second_run_in_a_held_directory_is_refused_with_one_line(tmp_path):
     try:
         proc = subprocess.run([sys.executable, "launchers/pretrain.py", "--ds_config", "ds_configs/cpu.json",
                                "--preset", "audio_tiny", "--out", str(out), "train.max_steps=1"], cwd=ROOT,
-                              capture_output=True, text=True, timeout=300, env={**_launch_env(), "DS_ACCELERATOR": "cpu"})
+                              capture_output=True, text=True, timeout=300, env=launcher_env())
     finally:
         held.release()
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -254,12 +254,6 @@ def test_a_read_only_out_is_refused_before_any_engine(tmp_path, monkeypatch):
         build_run(resolve("audio_tiny", overrides=[f"train.out_dir={tmp_path}/run"]), _template(), console=False)
 
 
-def _launch_env():
-    """This process's environment without the rank variables its in-process runs set."""
-    return {k: v for k, v in os.environ.items()
-            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-
-
 def test_a_busy_master_port_is_one_line_with_the_flag_to_set(tmp_path):
     import socket
     import subprocess
@@ -268,7 +262,7 @@ def test_a_busy_master_port_is_one_line_with_the_flag_to_set(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        env = {**_launch_env(), "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        env = launcher_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         proc = subprocess.run([sys.executable, "launchers/pretrain.py", "--ds_config", "ds_configs/cpu.json",
                                "--preset", "audio_tiny", "--out", str(tmp_path / "run"), "train.max_steps=1"],
                               cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
@@ -298,7 +292,7 @@ def test_the_launchers_death_is_a_preemption(tmp_path):
 
     out, log = str(tmp_path / "run"), str(tmp_path / "rank.log")
     subprocess.run([sys.executable, "-c", _LAUNCHER, out, log], cwd=ROOT, timeout=300,
-                   env={**_launch_env(), "DS_ACCELERATOR": "cpu"})
+                   env=launcher_env())
     pid = int((tmp_path / "rank.pid").read_text())
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -339,8 +333,7 @@ def test_every_entry_point_says_bad_input_in_one_line(entry, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.yaml").write_text("optim: !!python/object/apply:os.system ['touch pwned']\n")
     proc = subprocess.run([sys.executable, *ENTRY_POINTS[entry](tmp_path)], cwd=str(tmp_path), capture_output=True,
-                          text=True, timeout=300, env={**_launch_env(), "DS_ACCELERATOR": "cpu",
-                                                       "PYTHONPATH": ROOT})
+                          text=True, timeout=300, env=launcher_env(PYTHONPATH=ROOT))
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "pwned").exists()
