@@ -16,6 +16,7 @@ from typing import Any
 
 from d2v.config import fill_ds_config, load_template, resolve, to_dict
 from d2v.config.batch_plan import BatchPlan, run_config
+from d2v.config.deepspeed_json import zero_stage
 from d2v.config.modalities import modality_spec
 from d2v.config.schema import D2vConfig
 
@@ -55,7 +56,7 @@ def summary(cfg: D2vConfig, plan: BatchPlan, ds: dict[str, Any], *, rank: int = 
     unit = spec.batch_unit
     world = plan.world_size
     global_batch = plan.micro_batch * plan.grad_accum * world
-    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    stage = zero_stage(ds)
     memory = _memory_gb(cfg, world, stage, ds)
     ref = cfg.train.reference_batch if cfg.train.reference_batch > 0 else None
     return {

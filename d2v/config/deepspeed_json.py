@@ -17,6 +17,11 @@ OWNED_BY_D2V = ("optimizer", "scheduler")
 OPTIMIZERS = {"torch_fused": "torch.optim.AdamW(fused=True)", "deepspeed": "DeepSpeed FusedAdam (JIT-built)"}
 
 
+def zero_stage(ds: dict[str, Any]) -> int:
+    """The ZeRO stage a DeepSpeed JSON (template or filled) asks for; 0 without ZeRO."""
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
 def optimizer_description(ds: dict[str, Any]) -> str:
     """Which AdamW kernel a filled config runs, for the run log."""
     params = ds.get("optimizer", {}).get("params", {})

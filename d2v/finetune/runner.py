@@ -15,6 +15,7 @@ import torch
 
 from d2v import collectives
 from d2v.config import fill_ds_config, to_dict
+from d2v.config.deepspeed_json import zero_stage
 from d2v.finetune.config import FinetuneConfig
 from d2v.finetune.model import FinetuneModel, freeze_feature_encoder, load_backbone
 from d2v.finetune.tasks import FtBatch, build_task
@@ -167,7 +168,7 @@ class FinetuneRun(UpdateLoop):
         if cfg.task == "asr" and cfg.finetune.freeze_feature_encoder:
             freeze_feature_encoder(model)
         self.ds_config = fill_ds_config(ds_template, cfg, self.world_size, on_cpu=distributed.on_cpu())
-        stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        stage = zero_stage(self.ds_config)
         if stage == 3:
             raise ValueError("fine-tuning runs ZeRO stages 0-2 (its sharded evaluation is not ZeRO-3 safe); "
                              "use ds_configs/cpu.json or a stage-1/2 template")

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from d2v.interop.fairseq_method import audio_v1_method, beit_method, text_v1_method
+from d2v.interop.fairseq_method import UNSET, audio_v1_method, beit_method, lookup, text_v1_method
 
 
 class ImportRefused(ValueError):
@@ -106,10 +106,8 @@ def setting(section: Any, *paths: str) -> Any:
     elsewhere in the tree: a saved data2vec_multi cfg holds every modality's defaults, and the
     first match would be another modality's."""
     for path in paths:
-        node: Any = section
-        for part in path.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is not None:
+        node = lookup(section, path)
+        if node is not UNSET and node is not None:
             return node
     return None
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from d2v.config.mask_kinds import mask_config
 from d2v.config.overrides import set_value
 
-_UNSET = object()
+UNSET = object()  # a path the saved settings do not have (None is a value there)
 
 
 def _optional_float(v: Any) -> float | None:
@@ -31,7 +31,7 @@ Reader = tuple[str, str, Callable[[Any], Any]]
 
 
 @dataclass
-class Section:
+class SavedSection:
     """One owning section of the reference config and what d2v takes from it."""
     where: str
     """Its path in the reference config, for the notes."""
@@ -41,6 +41,8 @@ class Section:
     """Settings that change the method and have no d2v counterpart: noted when set (not 0/false/null)."""
     compared: tuple[tuple[str, str], ...] = ()
     """(key, d2v key) that d2v does not take from here: noted when the values differ."""
+    target_norms: bool = False
+    """Whether it holds fairseq's per-layer and final target-norm switches (the model section)."""
 
 
 TEACHER_AND_LOSS: list[Reader] = [
@@ -91,10 +93,11 @@ NOT_READ = {
 _INTERPOLATION = re.compile(r"^\$\{([\w.]+)\}$")
 
 
-def _lookup(tree: Any, path: str) -> Any:
+def lookup(tree: Any, path: str) -> Any:
+    """The value at a dotted path of a saved settings tree, or UNSET."""
     node: Any = tree
     for part in path.split("."):
-        node = node.get(part, _UNSET) if isinstance(node, dict) else _UNSET
+        node = node.get(part, UNSET) if isinstance(node, dict) else UNSET
     return node
 
 
@@ -103,8 +106,8 @@ def _resolve(value: Any, tree: dict[str, Any]) -> Any:
     m = _INTERPOLATION.match(value) if isinstance(value, str) else None
     if m is None:
         return value
-    found = _lookup(tree, m.group(1))
-    return None if found is _UNSET else found
+    found = lookup(tree, m.group(1))
+    return None if found is UNSET else found
 
 
 def _target_layer_norm(section: dict[str, Any]) -> str | None:
@@ -124,13 +127,13 @@ def _current(cfg: Any, key: str) -> Any:
     return node
 
 
-def apply_section(cfg: Any, section: Section, tree: dict[str, Any]) -> tuple[list[str], list[str]]:
+def apply_section(cfg: Any, section: SavedSection, tree: dict[str, Any]) -> tuple[list[str], list[str]]:
     """Sets every reader's d2v key from the section; (what was taken, what was set there and not taken)."""
     taken, left = [], []
     values = section.values
     for key, target, convert in section.readers:
-        raw = _lookup(values, key)
-        if raw is _UNSET:
+        raw = lookup(values, key)
+        if raw is UNSET:
             continue
         value = _resolve(raw, tree)
         if value is None and convert not in (_optional_float, _optional_int):
@@ -141,8 +144,8 @@ def apply_section(cfg: Any, section: Section, tree: dict[str, Any]) -> tuple[lis
     left += [f"{section.where}.{k}={values[k]!r}" for k in section.not_read
              if values.get(k) not in (None, False, 0, 0.0, "")]
     for key, target in section.compared:
-        raw = _lookup(values, key)
-        if raw is not _UNSET and raw is not None and raw != _current(cfg, target):
+        raw = lookup(values, key)
+        if raw is not UNSET and raw is not None and raw != _current(cfg, target):
             left.append(f"{section.where}.{key}={raw!r} (d2v's {target} is {_current(cfg, target)!r})")
     return taken, left
 
@@ -158,12 +161,12 @@ def _norm_notes(cfg: Any, values: dict[str, Any]) -> list[str]:
     return taken
 
 
-def apply_method(cfg: Any, sections: list[Section], tree: dict[str, Any]) -> list[str]:
+def apply_method(cfg: Any, sections: list[SavedSection], tree: dict[str, Any]) -> list[str]:
     """Applies every section; returns the notes: what was read, and what d2v did not take."""
     taken, left = [], []
     for section in sections:
         t, rest = apply_section(cfg, section, tree)
-        taken += t + (_norm_notes(cfg, section.values) if section.where == "model" else [])
+        taken += t + (_norm_notes(cfg, section.values) if section.target_norms else [])
         left += rest
     return _notes(cfg, taken, left)
 
@@ -176,26 +179,27 @@ def _notes(cfg: Any, taken: list[str], left: list[str]) -> list[str]:
 
 
 def _dict(tree: Any, path: str) -> dict[str, Any]:
-    found = _lookup(tree, path)
+    found = lookup(tree, path)
     return found if isinstance(found, dict) else {}
 
 
 def audio_v1_method(cfg: Any, tree: dict[str, Any]) -> list[str]:
     """data2vec_audio: everything in the model section (wav2vec 2.0's config beneath it)."""
     model = _dict(tree, "model") or tree
-    return apply_method(cfg, [Section("model", model, TEACHER_AND_LOSS + AUDIO_V1, NOT_READ["audio"])], tree)
+    return apply_method(cfg, [SavedSection("model", model, TEACHER_AND_LOSS + AUDIO_V1, NOT_READ["audio"],
+                                                target_norms=True)], tree)
 
 
 def text_v1_method(cfg: Any, tree: dict[str, Any]) -> list[str]:
     """data2vec_text: teacher and loss in the model section, dropouts in its TransformerConfig,
     masking in the masked_lm task."""
     model = _dict(tree, "model") or tree
-    return apply_method(cfg, [Section("model", model, TEACHER_AND_LOSS, NOT_READ["text"]),
-                              Section("model.transformer", _dict(model, "transformer"), TEXT_V1_TRANSFORMER),
-                              Section("task", _dict(tree, "task"), TEXT_V1_TASK, NOT_READ["text_task"])], tree)
+    return apply_method(cfg, [SavedSection("model", model, TEACHER_AND_LOSS, NOT_READ["text"], target_norms=True),
+                              SavedSection("model.transformer", _dict(model, "transformer"), TEXT_V1_TRANSFORMER),
+                              SavedSection("task", _dict(tree, "task"), TEXT_V1_TASK, NOT_READ["text_task"])], tree)
 
 
-def v2_sections(cfg: Any, tree: dict[str, Any], encoder: str) -> list[Section]:
+def v2_sections(cfg: Any, tree: dict[str, Any], encoder: str) -> list[SavedSection]:
     """data2vec_multi: the model section, and the modality's own (masks, decoder input)."""
     model = _dict(tree, "model") or tree
     modality = _dict(model, f"modalities.{encoder.lower()}")
@@ -208,8 +212,9 @@ def v2_sections(cfg: Any, tree: dict[str, Any], encoder: str) -> list[Section]:
         left += ("mask_length",)
     if "inverse_mask" in modality and bool(modality["inverse_mask"]) != (kind.kind == "inverse_block_2d"):
         left += ("inverse_mask",)
-    return [Section("model", model, TEACHER_AND_LOSS + MULTI, NOT_READ["multi"], tuple(compared)),
-            Section(f"model.modalities.{encoder.lower()}", modality, V2_MODALITY + (V2_BLOCKS if blocks else []),
+    return [SavedSection("model", model, TEACHER_AND_LOSS + MULTI, NOT_READ["multi"], tuple(compared),
+                         target_norms=True),
+            SavedSection(f"model.modalities.{encoder.lower()}", modality, V2_MODALITY + (V2_BLOCKS if blocks else []),
                     NOT_READ["multi_modality"] + left, tuple(mod_compared))]
 
 
@@ -234,7 +239,7 @@ def beit_method(cfg: Any, args: dict[str, Any]) -> list[str]:
     preset = get_preset(cfg.name)
     preset_patches = (preset.model.image.image_size // preset.model.image.patch_size) ** 2
     num_patches = (cfg.model.image.image_size // cfg.model.image.patch_size) ** 2
-    section = Section("args", args, BEIT, BEIT_NOT_READ)
+    section = SavedSection("args", args, BEIT, BEIT_NOT_READ)
     taken, left = apply_section(cfg, section, args)
     if args.get("mask_dropout_prob") == -1.0:  # its "off" value
         left = [n for n in left if not n.startswith("args.mask_dropout_prob")]

@@ -13,7 +13,8 @@ from typing import Any, Callable
 import torch
 
 from d2v import collectives
-from d2v.config import fill_ds_config, to_dict
+from d2v.config import to_dict
+from d2v.config.deepspeed_json import zero_stage
 from d2v.config.batch_plan import BatchPlan
 from d2v.config.modalities import modality_spec
 from d2v.config.schema import D2vConfig, is_frozen
@@ -67,8 +68,7 @@ class Run(UpdateLoop):
                                          world_size=self.world_size, keep_last=cfg.train.keep_last)
         # Everything about the resume is checked before any engine is built: the checkpoint must
         # be this run's (identity), and what changed since is said in the log.
-        stage = int(fill_ds_config(ds_template, cfg, self.world_size, on_cpu=distributed.on_cpu())
-                    .get("zero_optimization", {}).get("stage", 0))
+        stage = zero_stage(ds_template)  # filling the template (the trainer's job) keeps its stage
         self.identity = run_identity(cfg, world_size=self.world_size, zero_stage=stage)
         self.resume_tag, state, reshard = plan_resume(self.checkpointer, resume, cfg.name, self.out_dir,
                                                       self.world_size, stage)

@@ -13,7 +13,7 @@ import torch
 
 from d2v.batch import Batch
 from d2v.config import fill_ds_config
-from d2v.config.deepspeed_json import optimizer_description
+from d2v.config.deepspeed_json import optimizer_description, zero_stage
 from d2v.config.schema import D2vConfig
 from d2v.models import Data2Vec, build_model
 from d2v.task import Data2VecTask
@@ -121,7 +121,7 @@ class Trainer(GuardedCounts):
         drop_redundant_overflow_check(self.engine, cfg.train.precision)
         install_safe_checkpoint_engine(self.engine)  # DeepSpeed reads checkpoints through d2v.safe_load
         self.student: Data2Vec = self.engine.module
-        self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        self.zero_stage = zero_stage(self.ds_config)
         if self.zero_stage == 3:
             self.teacher.attach_zero3(self.student, self.ds_config)
         else:
