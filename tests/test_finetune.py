@@ -216,7 +216,7 @@ def task_data(tmp_path_factory):
 
 
 def _run_cfg(task, task_data, tmp, *extra):
-    from d2v.finetune.config import resolve_finetune
+    from d2v.finetune.resolve import resolve_finetune
 
     preset, overrides = task_data[task]
     cfg, _ = resolve_finetune(task, preset=preset, overrides=[
@@ -340,7 +340,7 @@ def test_two_rank_launch_of_the_launcher(task_data, tmp_path):
 
 # -- config and labelled demo builders --------------------------------------------------------------
 def test_config_errors_name_what_to_change():
-    from d2v.finetune.config import resolve_finetune
+    from d2v.finetune.resolve import resolve_finetune
 
     with pytest.raises(ValueError, match="task asr needs a audio model, the encoder is image"):
         resolve_finetune("asr", preset="image_tiny", overrides=["finetune.train_data=x", "finetune.eval_data=y"])
@@ -380,13 +380,14 @@ def test_asr_demo_holds_out_voices_and_sentences(tmp_path):
 @pytest.mark.parametrize("preset", [p for p in __import__("d2v.config", fromlist=["x"]).list_presets() if "tiny" in p])
 def test_task_model_drops_pretraining_parts_and_shapes_outputs(preset):
     from d2v.config import get_preset
-    from d2v.finetune.model import FinetuneModel
+    from d2v.finetune.model import FinetuneModel, FrameHead, MeanPoolHead
     from d2v.models import build_model
 
     cfg = get_preset(preset)
     m = cfg.model
     torch.manual_seed(0)
-    model = FinetuneModel(build_model(cfg), 5, per_frame=m.modality == "audio").eval()
+    head = (FrameHead if m.modality == "audio" else MeanPoolHead)(m.embed_dim, 5)
+    model = FinetuneModel(build_model(cfg), head).eval()
     names = [n for n, _ in model.named_parameters()]
     assert not any(n.startswith(("backbone.head.", "backbone.mask_embedding", "backbone.decoder.")) for n in names)
     if m.modality == "audio":
@@ -457,3 +458,22 @@ def test_the_shard_probe_reads_labels_and_separates_two_colours(tmp_path, capsys
     result = json.loads(capsys.readouterr().out)
     assert (result["train_images"], result["val_images"], result["classes"]) == (18, 6, 2)
     assert result["accuracy"] == {"pretrained": 1.0, "random init": 1.0}
+
+
+def test_no_library_code_compares_a_task_name():
+    """A downstream task is chosen through its registered class only: no `== "asr"` or `in
+    ("image_cls", ...)` anywhere in the library, so adding a task is one class."""
+    import ast
+    import pathlib
+
+    from d2v.finetune.tasks import TASKS
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "d2v"
+    found = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Compare):
+                consts = [n for n in ast.walk(node) if isinstance(n, ast.Constant) and n.value in TASKS]
+                found += [f"{path.relative_to(root)}:{node.lineno} {ast.unparse(node)}" for _ in consts[:1]]
+    assert not found, found
+    assert {c.modality for c in TASKS.values()} <= {"audio", "image", "text"}

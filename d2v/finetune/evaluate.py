@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Any
 
-from d2v.finetune.config import TASK_MODALITY
+from d2v.finetune.tasks import TASKS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -80,7 +80,7 @@ def finetune(task: str, init: str, data: dict[str, str], out: str, *, random_ini
 
 
 def linear_probe(task: str, init: str, data: dict[str, str]) -> dict[str, float]:
-    from d2v.finetune.config import resolve_finetune
+    from d2v.finetune.resolve import resolve_finetune
     from d2v.finetune.probe import probe
 
     cfg, _ = resolve_finetune(task, init=init, overrides=[f"finetune.train_data={data['train']}",
@@ -111,9 +111,9 @@ def evaluate(data: str, runs: str, out: str, *, ranks: int, steps: dict[str, int
     paths = ensure_data(data)
     inits = {}
     for task in tasks:
-        run = os.path.join(runs, f"demo-{TASK_MODALITY[task]}")
+        run = os.path.join(runs, f"demo-{TASKS[task].modality}")
         if not os.path.exists(os.path.join(run, "checkpoints", "latest")):
-            raise FileNotFoundError(f"{run} has no checkpoint: run `make demo MODALITY={TASK_MODALITY[task]}` first "
+            raise FileNotFoundError(f"{run} has no checkpoint: run `make demo MODALITY={TASKS[task].modality}` first "
                                     f"(make eval does)")
         inits[task] = run
     results: dict[str, Any] = {"tasks": {}, "seconds": {}}
@@ -132,7 +132,7 @@ def evaluate(data: str, runs: str, out: str, *, ranks: int, steps: dict[str, int
                                     overrides=[f"train.max_steps={steps[task]}", *EXTRA_OVERRIDES.get(task, [])])
             print(f"{task} {name}: {record[name]['metrics']} ({record[name]['train_seconds']} s)", flush=True)
         results["seconds"][f"{task} fine-tuning"] = round(time.perf_counter() - t0, 1)
-        if task != "asr":
+        if TASKS[task].probe:
             t0 = time.perf_counter()
             record["probe"] = linear_probe(task, inits[task], paths[task])
             results["seconds"][f"{task} probe"] = round(time.perf_counter() - t0, 1)

@@ -1,9 +1,11 @@
 """A pretrained encoder with a task head (README, fine-tuning).
 
 The backbone is the data2vec student without its pretraining parts (regression head, mask
-embedding). Speech recognition puts a linear CTC head on every frame; classification averages
-the encoder outputs over the real (non-padded) positions, the CLS token excluded (BEiT's
-fine-tuning pooling; it also suits the tiny text models), and applies a linear head.
+embedding). The head is the task's (d2v.finetune.tasks): it maps the encoder outputs and padding
+mask to logits. Speech recognition puts a linear CTC head on every frame (`FrameHead`);
+classification averages the encoder outputs over the real (non-padded) positions, the CLS token
+excluded (BEiT's fine-tuning pooling; it also suits the tiny text models), and applies a linear
+layer (`MeanPoolHead`).
 
 Legend: B batch, S waveform samples, T positions, D width, V outputs (vocabulary or classes).
 """
@@ -26,18 +28,34 @@ class TaskOutput(NamedTuple):
     """B×T bool, True at padded positions (None when nothing is padded)."""
 
 
+class FrameHead(nn.Linear):
+    """Logits at every position: B×T×D -> B×T×V."""
+
+    def __init__(self, embed_dim: int, num_outputs: int) -> None:
+        super().__init__(embed_dim, num_outputs)
+        nn.init.normal_(self.weight, std=0.02)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, h_BTD: Tensor, padding_BT: Tensor | None = None) -> Tensor:
+        return super().forward(h_BTD)
+
+
+class MeanPoolHead(FrameHead):
+    """Logits per example from the mean over real positions: B×T×D -> B×V."""
+
+    def forward(self, h_BTD: Tensor, padding_BT: Tensor | None = None) -> Tensor:
+        return super().forward(masked_mean(h_BTD, padding_BT))
+
+
 class FinetuneModel(nn.Module):
-    def __init__(self, backbone: Data2Vec, num_outputs: int, *, per_frame: bool, dropout: float = 0.0) -> None:
+    def __init__(self, backbone: Data2Vec, head: nn.Module, *, dropout: float = 0.0) -> None:
         super().__init__()
         for part in ("head", "mask_embedding", "decoder"):  # pretraining-only parts (1.0 head, 2.0 decoder)
             if getattr(backbone, part, None) is not None:
                 setattr(backbone, part, None)
         self.backbone = backbone
-        self.per_frame = per_frame
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(backbone.embed_dim, num_outputs)
-        nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        self.head = head
         # Set by the loop: while True the backbone runs without autograd (only the head learns).
         self.freeze_backbone = False
 
@@ -50,10 +68,7 @@ class FinetuneModel(nn.Module):
         frozen = self.freeze_backbone and self.training
         with torch.no_grad() if frozen else contextlib.nullcontext():
             h_BTD, padding_BT = self.encode(source, source_lengths)
-        h_BTD = self.dropout(h_BTD)
-        if self.per_frame:
-            return TaskOutput(self.head(h_BTD), padding_BT)
-        return TaskOutput(self.head(masked_mean(h_BTD, padding_BT)), padding_BT)
+        return TaskOutput(self.head(self.dropout(h_BTD), padding_BT), padding_BT)
 
 
 def masked_mean(h_BTD: Tensor, padding_BT: Tensor | None) -> Tensor:

@@ -117,10 +117,11 @@ def probe(cfg) -> dict[str, Any]:
     """Accuracy of the probe for the pretrained encoder and for a random one of the same shape
     (cfg: a d2v.finetune.config.FinetuneConfig)."""
     from d2v.finetune.model import load_backbone
-    from d2v.finetune.tasks import build_task
+    from d2v.finetune.tasks import TASKS, build_task
 
-    if cfg.task not in ("image_cls", "text_cls"):
-        raise ValueError(f"the linear probe is for classification (image_cls, text_cls), not {cfg.task}")
+    if not TASKS[cfg.task].probe:
+        raise ValueError(f"the linear probe is for single-label classification "
+                         f"({', '.join(n for n, c in sorted(TASKS.items()) if c.probe)}), not {cfg.task}")
     task = build_task(cfg)
 
     def sources(split: str, batch: int = 64):
@@ -139,11 +140,13 @@ def probe(cfg) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from d2v.finetune.config import resolve_finetune
+    from d2v.finetune.resolve import resolve_finetune
 
     ap = argparse.ArgumentParser(prog="python -m d2v.finetune.probe", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--task", required=True, choices=["image_cls", "text_cls"])
+    from d2v.finetune.tasks import TASKS
+
+    ap.add_argument("--task", required=True, choices=sorted(n for n, c in TASKS.items() if c.probe))
     ap.add_argument("--init", default=None, help="d2v checkpoint or export directory")
     ap.add_argument("--preset", default=None, help="architecture when there is no --init (random only)")
     ap.add_argument("--train-data", required=True)

@@ -17,7 +17,7 @@ from d2v import collectives
 from d2v.config import fill_ds_config, to_dict
 from d2v.config.deepspeed_json import zero_stage
 from d2v.finetune.config import FinetuneConfig
-from d2v.finetune.model import FinetuneModel, freeze_feature_encoder, load_backbone
+from d2v.finetune.model import FinetuneModel, load_backbone
 from d2v.finetune.tasks import FtBatch, build_task
 from d2v.train import distributed
 from d2v.train.checkpoint import Checkpointer, atomic_write_text
@@ -163,10 +163,8 @@ class FinetuneRun(UpdateLoop):
         self.task = build_task(cfg)
         backbone = load_backbone(cfg.init, cfg.model, random_init=random_init, seed=cfg.train.seed)
         torch.manual_seed(cfg.train.seed + 1)  # the head's init does not depend on how the backbone was made
-        model = FinetuneModel(backbone, self.task.num_outputs, per_frame=self.task.per_frame,
-                              dropout=cfg.finetune.head_dropout)
-        if cfg.task == "asr" and cfg.finetune.freeze_feature_encoder:
-            freeze_feature_encoder(model)
+        model = FinetuneModel(backbone, self.task.head(backbone.embed_dim), dropout=cfg.finetune.head_dropout)
+        self.task.prepare_model(model, cfg)
         self.ds_config = fill_ds_config(ds_template, cfg, self.world_size, on_cpu=distributed.on_cpu())
         stage = zero_stage(self.ds_config)
         if stage == 3:

@@ -1,22 +1,43 @@
-"""What each fine-tuning task reads, batches, optimises and scores (the task is not
-the loop). All three keep their (small) data in memory; `batch(split, indices)` builds one
-micro-batch, `loss` the training objective, `score` additive counts that ranks sum before
-`summarize` turns them into metrics.
+"""What each downstream task reads, batches, optimises and scores (the task is not the loop).
+
+A task is one registered `DownstreamTask` class: its name and modality, its defaults and checks
+on the fine-tuning config, what it does to the model before training, and per instance the data
+(`size`, `batch(split, indices)` builds one micro-batch), the objective (`loss`) and the scoring
+(`score` returns additive counts that ranks sum before `summarize` turns them into metrics).
+Nothing outside this module compares task names: adding a task is one class here (or in a module
+that registers it) plus its presets and tests.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from d2v.config.schema import D2vConfig, OptimConfig, TrainConfig
 from d2v.finetune.config import FinetuneConfig
 from d2v.finetune.ctc import CharVocab, ctc_loss, greedy_decode
 from d2v.finetune.metrics import char_errors, word_errors
-from d2v.finetune.model import TaskOutput
+from d2v.finetune.model import FinetuneModel, FrameHead, MeanPoolHead, TaskOutput, freeze_feature_encoder
+
+TASKS: dict[str, type["DownstreamTask"]] = {}
+"""Every registered downstream task by name."""
+
+
+def register(cls: type["DownstreamTask"]) -> type["DownstreamTask"]:
+    if cls.name in TASKS:
+        raise ValueError(f"two downstream tasks are named {cls.name!r}")
+    TASKS[cls.name] = cls
+    return cls
+
+
+def task_class(name: str) -> type["DownstreamTask"]:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; use one of {', '.join(sorted(TASKS))}")
+    return TASKS[name]
 
 
 @dataclass
@@ -41,11 +62,72 @@ def frames_of(out: TaskOutput) -> Tensor:
     return (~out.padding_mask).sum(dim=1).long().cpu()
 
 
-class AsrTask:
+class DownstreamTask:
+    """One downstream task: class-level facts and config hooks, instance-level data and scoring."""
+
+    name: ClassVar[str]
+    modality: ClassVar[str]
+    """The encoder modality the task needs."""
+    probe: ClassVar[bool] = False
+    """A linear probe on pooled features measures the same thing (single-label classification)."""
+    score_keys: ClassVar[tuple[str, ...]] = ()
+    data_help: ClassVar[str] = ""
+    """What --train-data and --eval-data are for this task."""
+    num_outputs: int
+    labels: list[str]
+
+    @classmethod
+    def defaults(cls, optim: OptimConfig, train: TrainConfig) -> None:
+        """Adjusts the shared fine-tuning defaults before overrides apply."""
+
+    @classmethod
+    def configure(cls, cfg: FinetuneConfig, base: D2vConfig) -> None:
+        """Fills settings that come from the pretraining config, before overrides apply."""
+
+    @classmethod
+    def check(cls, cfg: FinetuneConfig) -> list[str]:
+        """Problems with a resolved config, one line each."""
+        return []
+
+    def head(self, embed_dim: int) -> nn.Module:
+        """The task's head: (B×T×D encoder outputs, B×T padding mask or None) -> logits."""
+        return MeanPoolHead(embed_dim, self.num_outputs)
+
+    def prepare_model(self, model: FinetuneModel, cfg: FinetuneConfig) -> None:
+        """Changes to the model before the engine is built (freezing parts)."""
+
+    def size(self, split: str) -> int:
+        raise NotImplementedError
+
+    def batch(self, split: str, indices: Sequence[int]) -> FtBatch:
+        raise NotImplementedError
+
+    def loss(self, out: TaskOutput, batch: FtBatch) -> Tensor:
+        raise NotImplementedError
+
+    def score(self, out: TaskOutput, batch: FtBatch) -> dict[str, float]:
+        raise NotImplementedError
+
+    @staticmethod
+    def summarize(sums: dict[str, float]) -> dict[str, float]:
+        raise NotImplementedError
+
+
+@register
+class AsrTask(DownstreamTask):
     """CTC on characters; metrics WER and CER of greedy decoding."""
 
-    per_frame = True
+    name = "asr"
+    modality = "audio"
     score_keys = ("word_errors", "words", "char_errors", "chars")
+    data_help = "transcribed shard pattern"
+
+    def head(self, embed_dim: int) -> nn.Module:
+        return FrameHead(embed_dim, self.num_outputs)
+
+    def prepare_model(self, model: FinetuneModel, cfg: FinetuneConfig) -> None:
+        if cfg.finetune.freeze_feature_encoder:
+            freeze_feature_encoder(model)
 
     def __init__(self, cfg: FinetuneConfig) -> None:
         from d2v.data.transcribed import read_transcribed
@@ -90,14 +172,14 @@ class AsrTask:
         return {"wer": sums["word_errors"] / max(sums["words"], 1), "cer": sums["char_errors"] / max(sums["chars"], 1)}
 
 
-class ClassificationTask:
+class ClassificationTask(DownstreamTask):
     """Cross-entropy on one label per example; metric accuracy."""
 
-    per_frame = False
+    probe = True
     score_keys = ("correct", "examples")
 
-    def __init__(self, inputs: dict[str, list | Tensor], labels: dict[str, np.ndarray], names: list[str],
-                 collate) -> None:
+    def _hold(self, inputs: dict[str, list | Tensor], labels: dict[str, np.ndarray], names: list[str],
+              collate) -> None:
         self.inputs, self.targets, self.labels = inputs, labels, names
         self.num_outputs = len(names)
         self._collate = collate
@@ -122,47 +204,82 @@ class ClassificationTask:
         return {"accuracy": sums["correct"] / max(sums["examples"], 1)}
 
 
-def image_task(cfg: FinetuneConfig) -> ClassificationTask:
-    from d2v.data.imagefolder import read_imagefolder
+@register
+class ImageClassification(ClassificationTask):
+    name = "image_cls"
+    modality = "image"
+    data_help = "ImageFolder root"
 
-    im = cfg.model.image
-    train_x, train_y, names = read_imagefolder(cfg.finetune.train_data, im.image_size, im.mean, im.std)
-    eval_x, eval_y, _ = read_imagefolder(cfg.finetune.eval_data, im.image_size, im.mean, im.std, classes=names)
-    return ClassificationTask({"train": train_x, "eval": eval_x}, {"train": train_y, "eval": eval_y}, names,
-                              torch.stack)
+    @classmethod
+    def defaults(cls, optim: OptimConfig, train: TrainConfig) -> None:
+        optim.lr, optim.weight_decay, optim.no_decay_1d = 1e-3, 0.05, True
+        train.micro_batch_size = 32
 
+    def __init__(self, cfg: FinetuneConfig) -> None:
+        from d2v.data.imagefolder import read_imagefolder
 
-def text_task(cfg: FinetuneConfig) -> ClassificationTask:
-    from d2v.data.labelled_text import read_tsv
-    from d2v.data.tokenizer import Tokenizer
-
-    t = cfg.model.text
-    tok = Tokenizer(cfg.finetune.tokenizer)
-    if tok.info.vocab_size != t.vocab_size:
-        raise ValueError(f"{cfg.finetune.tokenizer} has {tok.info.vocab_size} entries but the encoder's embedding "
-                         f"has {t.vocab_size}: use the tokenizer the model was pretrained with")
-    train_texts, train_y, names = read_tsv(cfg.finetune.train_data)
-    eval_texts, eval_y, _ = read_tsv(cfg.finetune.eval_data, labels=names)
-
-    def encode(texts: list[str]) -> list[list[int]]:
-        # <s> text </s>, cut to the position table (RoBERTa's classification input).
-        return [[t.bos_id] + tok.encode(s)[:t.max_positions - 2] + [t.eos_id] for s in texts]
-
-    def collate(rows: list[list[int]]) -> Tensor:
-        out = torch.full((len(rows), max(len(r) for r in rows)), t.pad_id, dtype=torch.long)
-        for i, r in enumerate(rows):
-            out[i, :len(r)] = torch.tensor(r)
-        return out
-
-    return ClassificationTask({"train": encode(train_texts), "eval": encode(eval_texts)},
-                              {"train": np.array(train_y), "eval": np.array(eval_y)}, names, collate)
+        im = cfg.model.image
+        train_x, train_y, names = read_imagefolder(cfg.finetune.train_data, im.image_size, im.mean, im.std)
+        eval_x, eval_y, _ = read_imagefolder(cfg.finetune.eval_data, im.image_size, im.mean, im.std, classes=names)
+        self._hold({"train": train_x, "eval": eval_x}, {"train": train_y, "eval": eval_y}, names, torch.stack)
 
 
-def build_task(cfg: FinetuneConfig):
-    if cfg.task == "asr":
-        return AsrTask(cfg)
-    if cfg.task == "image_cls":
-        return image_task(cfg)
-    if cfg.task == "text_cls":
-        return text_task(cfg)
-    raise ValueError(f"unknown task {cfg.task!r}")
+@register
+class TextClassification(ClassificationTask):
+    name = "text_cls"
+    modality = "text"
+    data_help = "TSV file (text<TAB>label)"
+
+    @classmethod
+    def defaults(cls, optim: OptimConfig, train: TrainConfig) -> None:
+        optim.lr, optim.weight_decay = 3e-4, 0.01
+        train.micro_batch_size = 16
+
+    @classmethod
+    def configure(cls, cfg: FinetuneConfig, base: D2vConfig) -> None:
+        if not base.data.train_shards:
+            return
+        import os
+
+        from d2v.data.text import load_tokenizer_meta
+
+        try:
+            meta = load_tokenizer_meta(base.data.train_shards)
+            cfg.finetune.tokenizer = os.path.join(os.path.dirname(base.data.train_shards.split("{")[0]), meta["file"])
+        except FileNotFoundError:
+            pass  # the pretraining shards are elsewhere: finetune.tokenizer must be given
+
+    @classmethod
+    def check(cls, cfg: FinetuneConfig) -> list[str]:
+        if not cfg.finetune.tokenizer:
+            return [f"{cls.name} needs the pretraining tokenizer: --tokenizer FILE (finetune.tokenizer)"]
+        return []
+
+    def __init__(self, cfg: FinetuneConfig) -> None:
+        from d2v.data.labelled_text import read_tsv
+        from d2v.data.tokenizer import Tokenizer
+
+        t = cfg.model.text
+        tok = Tokenizer(cfg.finetune.tokenizer)
+        if tok.info.vocab_size != t.vocab_size:
+            raise ValueError(f"{cfg.finetune.tokenizer} has {tok.info.vocab_size} entries but the encoder's "
+                             f"embedding has {t.vocab_size}: use the tokenizer the model was pretrained with")
+        train_texts, train_y, names = read_tsv(cfg.finetune.train_data)
+        eval_texts, eval_y, _ = read_tsv(cfg.finetune.eval_data, labels=names)
+
+        def encode(texts: list[str]) -> list[list[int]]:
+            # <s> text </s>, cut to the position table (RoBERTa's classification input).
+            return [[t.bos_id] + tok.encode(s)[:t.max_positions - 2] + [t.eos_id] for s in texts]
+
+        def collate(rows: list[list[int]]) -> Tensor:
+            out = torch.full((len(rows), max(len(r) for r in rows)), t.pad_id, dtype=torch.long)
+            for i, r in enumerate(rows):
+                out[i, :len(r)] = torch.tensor(r)
+            return out
+
+        self._hold({"train": encode(train_texts), "eval": encode(eval_texts)},
+                   {"train": np.array(train_y), "eval": np.array(eval_y)}, names, collate)
+
+
+def build_task(cfg: FinetuneConfig) -> DownstreamTask:
+    return task_class(cfg.task)(cfg)

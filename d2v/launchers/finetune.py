@@ -25,13 +25,16 @@ import sys
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from d2v.finetune.tasks import TASKS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ds_config", required=True, help="DeepSpeed JSON template (ZeRO 0-2)")
-    ap.add_argument("--task", required=True, choices=["asr", "image_cls", "text_cls"])
+    ap.add_argument("--task", required=True, choices=sorted(TASKS))
     ap.add_argument("--init", default=None, help="d2v checkpoint, export directory or transformers directory to start from")
     ap.add_argument("--random-init", action="store_true", help="same architecture, random weights (baseline)")
     ap.add_argument("--preset", default=None, help="architecture for a random-init run without --init")
-    ap.add_argument("--train-data", default=None, help="asr: shard pattern | image_cls: ImageFolder root | text_cls: TSV")
+    ap.add_argument("--train-data", default=None,
+                    help="; ".join(f"{n}: {c.data_help}" for n, c in sorted(TASKS.items())))
     ap.add_argument("--eval-data", default=None, help="held-out data in the same form")
     ap.add_argument("--tokenizer", default=None, help="text_cls: tokenizer file (default: the pretraining one)")
     ap.add_argument("--out", default=None, help="run directory (default runs/finetune-TASK)")
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.preset and args.init:
         raise SystemExit("give --init or --preset, not both (--init --random-init is the baseline of a checkpoint)")
     from d2v.config import load_template
-    from d2v.finetune.config import resolve_finetune
+    from d2v.finetune.resolve import resolve_finetune
     from d2v.finetune.runner import FinetuneRun
 
     overrides = []
