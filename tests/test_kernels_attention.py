@@ -319,6 +319,23 @@ def test_plan_installs_fastest_and_calls_never_time(fake_gpu):
     assert dispatch.planned() == {}
 
 
+def test_a_second_plan_of_the_same_shapes_times_nothing(fake_gpu):
+    """gpu-check builds several runs in one process: buckets timed once (same heads, batch and
+    device) keep their choice without timing or a collective; a new batch size is timed."""
+    timer = _FakeTimer({"triton": 2.0, "xformers": 1.0, "sdpa": 3.0})
+    buckets = dispatch.buckets_for(dtype=torch.float32, head_dim=64, max_len=200, grad=(True, False))
+    first = _plan(buckets, timer)
+    timer.calls.clear()
+    reduced = []
+    again = _plan(buckets, timer, reduce_times=lambda xs: reduced.append(xs) or xs)
+    assert again == first and timer.calls == [] and reduced == []
+    more = dispatch.buckets_for(dtype=torch.float32, head_dim=64, max_len=500, grad=(True, False))
+    _plan(more, timer)
+    assert len(timer.calls) == 3 * (len(more) - len(buckets))  # only the new lengths
+    dispatch.plan(buckets, num_heads=2, batch=4, device="cpu", timer=timer)
+    assert len(timer.calls) == 3 * (len(more) - len(buckets)) + 3 * len(buckets)  # another batch: timed
+
+
 def test_unplanned_bucket_takes_the_rule_without_timing(fake_gpu):
     timer = _FakeTimer({"triton": 0.1, "xformers": 0.2, "sdpa": 3.0})
     dispatch.set_timer(timer)  # a default timer must not be used outside plan()
@@ -362,6 +379,7 @@ def test_plan_gives_inf_to_ineligible_and_failing_candidates(fake_gpu):
     bucket = dispatch.Bucket(torch.float32, 32, 64, 64, grad=True)  # head dim 32: no Triton
     table = _plan([bucket], timer, reduce_times=lambda xs: (seen.append(xs), xs)[1])
     assert seen == [[float("inf"), float("inf"), 3.0]] and table == {bucket: "sdpa"}
+    dispatch.reset_plan()
     with pytest.raises(ValueError, match="element-wise"):
         _plan([bucket], timer, reduce_times=lambda xs: xs[:1])
 

@@ -100,6 +100,15 @@ def test_zero3_updates_land_in_what_the_forward_gathers(distributed):
             assert landed["persistent"] > 0, key
 
 
+def test_zero3_ema_and_norms_read_masters_without_the_per_parameter_accessor(distributed):
+    """DeepSpeed's accessor synchronises the reduce stream once per parameter on a GPU; ten
+    updates and a norm read make no call to it (they made one per parameter per update)."""
+    _, ranks = distributed
+    for rank in ranks:
+        calls = {k: e["fp32_accessor_calls"] for k, e in rank.items() if "landed" in e}
+        assert calls and not any(calls.values()), calls
+
+
 def test_describe_memory_matches_measured_tensor_sizes(distributed):
     from d2v.estimate.memory import per_rank_memory
     from equivalence_common import equivalence_config

@@ -80,6 +80,9 @@ class Bucket(NamedTuple):
 
 
 _plan: dict[Bucket, str] = {}
+# Choices already timed in this process, by (bucket, heads, batch, device): a later plan() of the
+# same shapes (another run in the same process, as in gpu-check) installs them without timing.
+_timed: dict[tuple[Bucket, int, int, str], str] = {}
 
 
 def set_timer(timer: Timer | None) -> None:
@@ -329,7 +332,9 @@ def describe_plan() -> list[str]:
 
 
 def reset_plan() -> None:
+    """Forgets the installed plan and every timing behind it."""
     _plan.clear()
+    _timed.clear()
 
 
 def buckets_for(*, dtype: torch.dtype, head_dim: int, max_len: int, min_len: int = 1,
@@ -429,18 +434,23 @@ def plan(buckets: Iterable[Bucket], *, num_heads: int, batch: int | Callable[[Bu
     every bucket on stand-in inputs (`batch` samples, or `batch(bucket)`, of `num_heads` heads
     on `device`; a failing or ineligible candidate counts +inf), `reduce_times` sums the list
     over ranks (one collective for the whole plan; None on a single process), and the smallest
-    sum wins, ties in CANDIDATES order. Returns the installed {bucket: backend}."""
+    sum wins, ties in CANDIDATES order. A bucket this process already timed with the same heads,
+    batch and device keeps that choice untimed; every rank has made the same calls before, so all
+    ranks skip the same buckets (and the collective when nothing is left to time). Returns the
+    installed {bucket: backend}."""
     if torch.compiler.is_compiling():
         raise RuntimeError("d2v.kernels.attention.plan times kernels: call it at start-up, outside torch.compile")
     buckets = list(dict.fromkeys(buckets))
     timer = timer or _timer or (lambda name, run: _cuda_time(run))
     device = torch.device(device)
+    keys = {b: (b, num_heads, batch(b) if callable(batch) else batch, str(device)) for b in buckets}
+    todo = [b for b in buckets if keys[b] not in _timed]
     local: list[float] = []
     # Timing draws random inputs and dropout seeds; leave the caller's RNG streams untouched.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for bucket in buckets:
+        for bucket in todo:
             names = eligible(bucket)
-            n = batch(bucket) if callable(batch) else batch
+            n = keys[bucket][2]
             with torch.set_grad_enabled(bucket.grad):
                 inputs = _timing_inputs(bucket, n, num_heads, device)
                 for name in CANDIDATES:
@@ -451,14 +461,16 @@ def plan(buckets: Iterable[Bucket], *, num_heads: int, batch: int | Callable[[Bu
                         local.append(float(timer(name, _timed_call(name, *inputs))))
                     except Exception:  # a candidate that fails on this shape is just not chosen
                         local.append(math.inf)
-    total = [float(x) for x in reduce_times(local)] if reduce_times is not None else local
+    total = [float(x) for x in reduce_times(local)] if reduce_times is not None and todo else local
     if len(total) != len(local):
         raise ValueError(f"reduce_times returned {len(total)} values for {len(local)}: it must sum element-wise")
     width = len(CANDIDATES)
-    for i, bucket in enumerate(buckets):
+    for i, bucket in enumerate(todo):
         times = total[i * width:(i + 1) * width]
         best = min(range(width), key=lambda j: (times[j], j))
-        _plan[bucket] = CANDIDATES[best] if math.isfinite(times[best]) else rule_choice(bucket)
+        _timed[keys[bucket]] = CANDIDATES[best] if math.isfinite(times[best]) else rule_choice(bucket)
+    for bucket in buckets:
+        _plan[bucket] = _timed[keys[bucket]]
     return {bucket: _plan[bucket] for bucket in buckets}
 
 

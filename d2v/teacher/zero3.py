@@ -10,6 +10,11 @@ the teacher's `ds_tensor`. Parameters under `stage3_param_persistence_threshold`
 after their first use: their full copies are refreshed with one all-gather after each update.
 The forward pass gathers layer by layer through the engine's hooks (prefetching the next).
 With `teacher.offload: cpu` the teacher engine offloads its parameters to host memory.
+
+The update is a handful of multi-tensor kernels, not a few per parameter: the EMA slices are views
+into one flat fp32 buffer (lerp over all of them at once, one cast to the teacher's dtype), and the
+fp32 masters are read as views into DeepSpeed's flat groups (`local_fp32_masters`) rather than
+through its per-parameter accessor, which waits on the reduce stream once per parameter.
 """
 from __future__ import annotations
 
@@ -35,6 +40,42 @@ def local_slice(full: Tensor, rank: int, world_size: int) -> Tensor:
     chunk = flat[start:start + size]
     out[: chunk.numel()] = chunk
     return out
+
+
+def local_fp32_masters(params: list[Tensor]) -> list[Tensor | None]:
+    """Each ZeRO-3 parameter's local fp32 master slice (None if it does not train), as a view into
+    the optimizer's flat fp32 group where it lives. DeepSpeed's `safe_get_local_fp32_param`
+    returns the same slice but synchronises the reduce stream for every parameter it is asked for
+    (stage3.py `_get_fp32_opt_state_partition`); the EMA and the weight norms run after
+    `engine.step()`, queued behind the optimizer's writes on the compute stream, so stream order
+    already makes them read the stepped masters. Slices of groups swapped to NVMe are not resident:
+    those go through the accessor, which swaps them in."""
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    out: list[Tensor | None] = []
+    for p in params:
+        if not p.requires_grad:
+            out.append(None)
+            continue
+        opt = p._z3_optimizer
+        group, offset, numel = opt.grad_position[opt.get_param_id(p)]
+        if opt._swappable_optimizer_subgroup(group):
+            out.append(safe_get_local_fp32_param(p))
+        else:
+            out.append(opt.fp32_partitioned_groups_flat[group].narrow(0, offset, numel))
+    return out
+
+
+def flat_views(tensors: list[Tensor], dtype: torch.dtype, device: torch.device) -> tuple[Tensor, list[Tensor]]:
+    """One flat buffer holding copies of `tensors` end to end, and each one's 1-D view into it."""
+    flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=device)
+    views, offset = [], 0
+    for t in tensors:
+        view = flat[offset:offset + t.numel()]
+        view.copy_(t.reshape(-1))
+        views.append(view)
+        offset += t.numel()
+    return flat, views
 
 
 def teacher_engine_config(student_config: dict[str, Any], offload: bool, pin_memory: bool) -> dict[str, Any]:
@@ -67,10 +108,18 @@ class ShardedEMA:
         self.module = self.engine.module
         self.ema_names, self.copy_names = ema_names, copy_names
         self.bind(student)
-        mine = dict(self.module.named_parameters())
         # The teacher starts equal to the student: its EMA starts from the student's fp32 masters.
-        self.shards = [self._source(s).detach().float().clone().to(mine[n].ds_tensor.device)
-                       for n, (_, s) in zip(self.ema_names, self.ema_pairs)]
+        device = self.ema_pairs[0][0].ds_tensor.device if self.ema_pairs else torch.device("cpu")
+        self.flat, self.shards = flat_views([s.detach().float() for s in self._sources()], torch.float32, device)
+        # The EMA in the teacher's dtype, cast in one kernel and copied into the partitions at once.
+        low = {t.ds_tensor.dtype for t, _ in self.ema_pairs}
+        if len(low) > 1:
+            raise RuntimeError(f"the ZeRO-3 teacher's partitions mix dtypes {sorted(map(str, low))}")
+        self.low_dtype = low.pop() if low else torch.float32
+        if self.low_dtype == torch.float32:
+            self.low_views = self.shards
+        else:
+            self.low_flat, self.low_views = flat_views(self.shards, self.low_dtype, device)
 
     def bind(self, student: nn.Module) -> None:
         params = dict(student.named_parameters())
@@ -82,23 +131,26 @@ class ShardedEMA:
                 raise RuntimeError("teacher and student ZeRO-3 partitions differ; both engines must use the "
                                    "same world size and partitioning")
 
-    @staticmethod
-    def _source(p: Tensor) -> Tensor:
-        """The student's local fp32 master slice (None for frozen parameters: use the bf16 slice)."""
-        from deepspeed.utils import safe_get_local_fp32_param
-
-        master = safe_get_local_fp32_param(p) if p.requires_grad else None
-        return master if master is not None else p.ds_tensor
+    def _sources(self) -> list[Tensor]:
+        """The student's local slices the EMA follows: fp32 masters (frozen parameters have none:
+        their slice in the compute dtype), flat, in the EMA's order."""
+        students = [s for _, s in self.ema_pairs]
+        return [(m if m is not None else s.ds_tensor).reshape(-1)
+                for m, s in zip(local_fp32_masters(students), students)]
 
     @torch.no_grad()
     def update(self, tau: float) -> None:
-        if tau < 1.0:
-            for ema, (t, s) in zip(self.shards, self.ema_pairs):
-                src = self._source(s).detach().to(device=ema.device, dtype=torch.float32).view(-1)
-                ema.lerp_(src, 1.0 - tau)
-                t.ds_tensor.copy_(ema.view_as(t.ds_tensor))
-        for t, s in self.copy_pairs:
-            t.ds_tensor.copy_(s.ds_tensor.to(t.ds_tensor.device))
+        if tau < 1.0 and self.shards:
+            device = self.flat.device
+            sources = [s.detach().to(device=device, dtype=torch.float32) for s in self._sources()]
+            torch._foreach_lerp_(self.shards, sources, 1.0 - tau)
+            if self.low_dtype != torch.float32:
+                self.low_flat.copy_(self.flat)  # one cast, round to nearest even as before
+            targets = [t.ds_tensor.view(-1) for t, _ in self.ema_pairs]
+            torch._foreach_copy_(targets, [v.to(x.device) for v, x in zip(self.low_views, targets)])
+        if self.copy_pairs:
+            targets = [t.ds_tensor for t, _ in self.copy_pairs]
+            torch._foreach_copy_(targets, [s.ds_tensor.to(t.device) for t, (_, s) in zip(targets, self.copy_pairs)])
         self._refresh_gathered()
 
     def _refresh_gathered(self) -> None:

@@ -217,19 +217,31 @@ class Trainer(GuardedCounts):
         return float(norm) if norm is not None else float("nan")
 
     def norms(self) -> tuple[float, float]:
-        """L2 norms of the student's fp32 weights and of the teacher's EMA (all ranks call this).
-        Summed on the device and read back once."""
-        def square_sum(tensors) -> torch.Tensor:
-            parts = [t.detach().float().square().sum().double().to(self.device) for t in tensors if t is not None]
-            return torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64, device=self.device)
-
+        """L2 norms of the student's fp32 weights and of the teacher's EMA (all ranks call this),
+        read back once."""
         if self.zero_stage == 3:
-            from deepspeed.utils import safe_get_local_fp32_param
+            from d2v.teacher.zero3 import local_fp32_masters
 
-            student = [safe_get_local_fp32_param(p) for p in self.student.parameters() if p.requires_grad]
-            sq = torch.stack([square_sum(student), square_sum(self.teacher.ema_parameters())])
+            student = local_fp32_masters([p for p in self.student.parameters() if p.requires_grad])
+            sq = torch.stack([square_sum(student, self.device), square_sum(self.teacher.ema_parameters(), self.device)])
             collectives.all_reduce_(sq)
         else:
-            sq = torch.stack([square_sum(self.student.parameters()), square_sum(self.teacher.ema_parameters())])
+            sq = torch.stack([square_sum(self.student.parameters(), self.device),
+                              square_sum(self.teacher.ema_parameters(), self.device)])
         student_sq, ema_sq = sq.tolist()
         return student_sq ** 0.5, ema_sq ** 0.5
+
+
+def square_sum(tensors, device: torch.device) -> torch.Tensor:
+    """Σ ‖t‖² in float64 on `device`, each tensor reduced where it lives: one multi-tensor norm per
+    device and one copy of its scalar, so that host-resident weights (an offloaded teacher, offloaded
+    masters) cost one transfer, not one blocking copy per tensor."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t is not None:
+            by_device.setdefault(t.device, []).append(t.detach())
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for ts in by_device.values():
+        norms = torch._foreach_norm(ts, 2, dtype=torch.float32)
+        total = total + torch.stack(norms).double().square().sum().to(device)
+    return total

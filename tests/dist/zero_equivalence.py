@@ -29,6 +29,18 @@ def main() -> None:
     from d2v.config import load_template
     from d2v.train.trainer import Trainer
 
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    # DeepSpeed's per-parameter fp32 accessor waits on the reduce stream at every call on a GPU:
+    # the EMA update and the weight norms must not go through it.
+    accessor_calls = [0]
+    accessor = DeepSpeedZeroOptimizer_Stage3._get_fp32_opt_state_partition
+
+    def counted(self, *a, **k):
+        accessor_calls[0] += 1
+        return accessor(self, *a, **k)
+
+    DeepSpeedZeroOptimizer_Stage3._get_fp32_opt_state_partition = counted
     results = {}
     for preset in PRESETS:
         for case, (ds_file, zero_overrides, offload) in CASES.items():
@@ -39,15 +51,18 @@ def main() -> None:
                 trainer = Trainer(cfg, template)
                 b = cfg.train.micro_batch_size
                 losses = []
+                accessor_calls[0] = 0
                 for step in range(STEPS):
                     batch = global_batch(cfg, 2 * b, step).rows(trainer.rank * b, (trainer.rank + 1) * b)
                     m = trainer.train_step([batch])
                     t = torch.tensor([m.values["loss_sum"], m.values["loss_count"]], dtype=torch.float64)
                     dist.all_reduce(t)
                     losses.append(float(t[0] / t[1]))
+                trainer.norms()
+                calls = accessor_calls[0]
                 state = trainer.teacher.export_state()
                 key = f"{preset}|{case}|{precision}"
-                entry = {"losses": losses, "bytes": measure_bytes(trainer)}
+                entry = {"losses": losses, "bytes": measure_bytes(trainer), "fp32_accessor_calls": calls}
                 if trainer.zero_stage == 3:
                     entry["landed"] = check_forward_sees_ema(trainer, state)
                     entry["teacher_device_bytes"] = trainer.teacher.zero3.device_bytes()
