@@ -157,3 +157,27 @@ def test_the_finiteness_hook_is_one_kernel_per_gradient():
         return ops.n
 
     assert backward_ops(True) - backward_ops(False) == 10
+
+
+def test_weight_norms_copy_one_scalar_per_device_not_one_per_tensor():
+    """An offloaded teacher's EMA lives on the host: its log-step norm reduces there and crosses
+    to the device once (it was one blocking copy per parameter). Counted on `Tensor.to` calls
+    that change device, with the float64 sum as the reference."""
+    from torch.overrides import TorchFunctionMode
+
+    from d2v.train.trainer import square_sum
+
+    class CountMoves(TorchFunctionMode):
+        moves = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.to:
+                CountMoves.moves += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    tensors = [torch.randn(7, 5, dtype=torch.bfloat16) for _ in range(40)] + [torch.randn(11), None]
+    with CountMoves():
+        got = square_sum(tensors, torch.device("cpu"))
+    want = sum(float(t.double().square().sum()) for t in tensors if t is not None)
+    assert CountMoves.moves <= 1 and abs(float(got) - want) <= 1e-6 * want
