@@ -14,19 +14,19 @@ from typing import Any
 import torch
 
 from d2v import collectives
-from d2v.config import fill_ds_config, to_dict
+from d2v.config import to_dict
 from d2v.config.deepspeed_json import zero_stage
 from d2v.finetune.config import FinetuneConfig
 from d2v.finetune.model import FinetuneModel, load_backbone
 from d2v.finetune.tasks import FtBatch, build_task
 from d2v.train import distributed
 from d2v.train.checkpoint import Checkpointer, atomic_write_text
+from d2v.train.engine import start_engine
 from d2v.train.guarded_update import GuardedCounts, GuardedUpdate
 from d2v.train.loop import UpdateLoop, plan_resume, with_universal_load
 from d2v.train.run_lock import lock_run_directory
 from d2v.train.metrics import MetricsSink
 from d2v.train.preemption import PreemptionFlag
-from d2v.train.schedule import lr_factor
 from d2v.train.trainer import DTYPES, StepMetrics, param_groups
 
 
@@ -108,24 +108,18 @@ class FinetuneStepper(GuardedCounts):
         self.model.train()
         self.model.freeze_backbone = self.step < self.cfg.finetune.freeze_encoder_steps
         lr = float(self.scheduler.get_last_lr()[0])
-        self.update.begin()
-        losses = torch.zeros((), device=self.device)
-        for i, indices in enumerate(micro):
+        def micro_step(i: int, indices: list[int]):
             batch = self.task.batch("train", indices)
-            loss = self.task.loss(self.forward(batch), batch)
-            self.engine.backward(loss)
-            if i + 1 < len(micro):
-                self.engine.step()  # inside the accumulation window: DeepSpeed only counts it
-            losses = losses + loss.detach().float()
-        decision = self.update.decide(losses, losses.reshape(1), stop_requested=stop_requested)
-        self.stop_agreed = decision.stop
-        if decision.outcome != "update":
-            return StepMetrics(self.step, float("nan"), {**self.update.skip(decision), "lr": lr})
+            return self.task.loss(self.forward(batch), batch), {}
+
+        window = self.update.window(micro, micro_step, stop_requested=stop_requested)
+        self.stop_agreed = window.decision.stop
+        if window.decision.outcome != "update":
+            return StepMetrics(self.step, float("nan"), {**self.update.skip(window.decision), "lr": lr})
         self.engine.step()
         self.step += 1
-        return StepMetrics(self.step, decision.values[0] / len(micro),
-                           {"lr": lr, "samples": float(sum(len(i) for i in micro)),
-                            "step_time": time.perf_counter() - t0})
+        return StepMetrics(self.step, window.loss, {"lr": lr, "samples": float(sum(len(i) for i in micro)),
+                                                    "step_time": time.perf_counter() - t0})
 
 
 class FinetuneRun(UpdateLoop):
@@ -149,8 +143,9 @@ class FinetuneRun(UpdateLoop):
             raise
 
     def _start(self, cfg: FinetuneConfig, ds_template: dict[str, Any], random_init: bool, resume: str) -> None:
-        import deepspeed
-
+        if zero_stage(ds_template) == 3:  # before anything is loaded
+            raise ValueError("fine-tuning runs ZeRO stages 0-2 (its sharded evaluation is not ZeRO-3 safe); "
+                             "use ds_configs/cpu.json or a stage-1/2 template")
         distributed.set_cpu_threads(cfg.train.threads)
         self.checkpointer = Checkpointer(os.path.join(self.out_dir, "checkpoints"), rank=self.rank,
                                          world_size=self.world_size, keep_last=cfg.train.keep_last)
@@ -165,17 +160,9 @@ class FinetuneRun(UpdateLoop):
         torch.manual_seed(cfg.train.seed + 1)  # the head's init does not depend on how the backbone was made
         model = FinetuneModel(backbone, self.task.head(backbone.embed_dim), dropout=cfg.finetune.head_dropout)
         self.task.prepare_model(model, cfg)
-        self.ds_config = fill_ds_config(ds_template, cfg, self.world_size, on_cpu=distributed.on_cpu())
-        stage = zero_stage(self.ds_config)
-        if stage == 3:
-            raise ValueError("fine-tuning runs ZeRO stages 0-2 (its sharded evaluation is not ZeRO-3 safe); "
-                             "use ds_configs/cpu.json or a stage-1/2 template")
-        factor = lr_factor(cfg.optim, cfg.train.max_steps)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model,
-            model_parameters=param_groups(model, cfg.optim.no_decay_1d, cfg.optim.weight_decay),
-            config=self.ds_config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
+        parts = start_engine(model, cfg, ds_template, self.world_size,
+                             param_groups(model, cfg.optim.no_decay_1d, cfg.optim.weight_decay))
+        self.engine, self.scheduler, self.ds_config = parts.engine, parts.scheduler, parts.ds_config
         self.model: FinetuneModel = self.engine.module
         self.stepper = FinetuneStepper(self.engine, self.scheduler, self.task, cfg, self.device)
         self.stream = TaskStream(self.task.size("train"), cfg.train.micro_batch_size, self.rank, self.world_size,

@@ -10,7 +10,8 @@ gradients made non-finite (a far too large LR) cannot be skipped back: the run s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
@@ -56,6 +57,21 @@ class Decision:
     outcome: str  # "update" | "nonfinite" | "empty"
     stop: bool  # some rank was asked to stop (preemption)
     values: list[float]  # this rank's `local` values, read back with the decision
+
+
+@dataclass
+class Window:
+    """What one accumulation window decided, with its values read back in the same sync."""
+
+    decision: Decision
+    loss: float
+    """The mean loss over the window's micro-batches (meaningful when the outcome is "update")."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Each micro-batch metric, averaged over the window."""
+
+
+Item = TypeVar("Item")
+MicroStep = Callable[[int, Item], "tuple[torch.Tensor, dict[str, float | torch.Tensor]]"]
 
 
 class GuardedUpdate:
@@ -106,6 +122,35 @@ class GuardedUpdate:
             return Decision("nonfinite", stop > 0, values)
         self.consecutive_skips = 0
         return Decision("update", stop > 0, values)
+
+    def window(self, micro: Sequence[Item], micro_step: MicroStep, *, stop_requested: bool,
+               has_data: bool = True) -> Window:
+        """Backward over every micro-batch of one update, then the decision; the optimizer step
+        is the caller's (only when the outcome is "update"). `micro_step(i, item)` returns the
+        micro-batch's loss and its metrics: device scalars are summed on the device and read back
+        with the decision, host numbers are summed on the host."""
+        self.begin()
+        losses = torch.zeros((), device=self.device)
+        device_sums: dict[str, torch.Tensor] = {}
+        host_sums: dict[str, float] = {}
+        for i, item in enumerate(micro):
+            loss, metrics = micro_step(i, item)
+            self.engine.backward(loss)
+            if i + 1 < len(micro):
+                self.engine.step()  # inside the accumulation window: DeepSpeed only counts it
+            losses = losses + loss.detach().float()
+            for k, v in metrics.items():
+                if isinstance(v, torch.Tensor):
+                    device_sums[k] = device_sums.get(k, 0.0) + v.float()
+                else:
+                    host_sums[k] = host_sums.get(k, 0.0) + float(v)
+        keys = sorted(device_sums)
+        local = torch.stack([losses] + [device_sums[k] for k in keys])
+        decision = self.decide(losses, local, stop_requested=stop_requested, has_data=has_data)
+        n = len(micro)
+        metrics = {k: v / n for k, v in zip(keys, decision.values[1:])}
+        metrics.update({k: v / n for k, v in host_sums.items()})
+        return Window(decision, decision.values[0] / n, metrics)
 
     def skip(self, decision: Decision) -> dict[str, float]:
         """Drops the window's gradients (weights, optimizer state and teacher stay untouched);

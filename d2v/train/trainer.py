@@ -12,18 +12,15 @@ from typing import Any
 import torch
 
 from d2v.batch import Batch
-from d2v.config import fill_ds_config
-from d2v.config.deepspeed_json import optimizer_description, zero_stage
 from d2v.config.schema import D2vConfig
 from d2v.models import Data2Vec, build_model
 from d2v.task import Data2VecTask
 from d2v.teacher import Teacher
 from d2v import collectives
 from d2v.train import distributed, host_sync
-from d2v.train.ds_checks import check_ds_config
 from d2v.train.guarded_update import GuardedCounts, GuardedUpdate
 from d2v.train.attention_plan import plan_for_run
-from d2v.train.schedule import lr_factor
+from d2v.train.engine import start_engine
 from d2v.train.throughput_log import StepFlops
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -70,16 +67,6 @@ def host_padding(batch: Batch, frontend: torch.nn.Module) -> Batch:
     return replace(batch, padding_mask=torch.arange(num_frames(S))[None, :] >= frames[:, None])
 
 
-def drop_redundant_overflow_check(engine, precision: str) -> None:
-    """DeepSpeed's bf16 optimizer without ZeRO (its fp16 "unfused" wrapper) checks every
-    parameter's gradient for inf/NaN, one device read per parameter, and has no setting to turn
-    that off. In bf16 there is no loss scale to adjust, and the training step has already skipped
-    any non-finite update on every rank before `engine.step()`, so the check can only answer no."""
-    checker = getattr(engine.optimizer, "overflow_checker", None)
-    if precision == "bf16" and checker is not None:
-        checker.check = lambda *args, **kwargs: False
-
-
 def compile_blocks(encoder: torch.nn.Module) -> None:
     """torch.compile each block's forward only: module hooks (DeepSpeed's) stay outside the graph."""
     for block in encoder.blocks:
@@ -90,10 +77,6 @@ class Trainer(GuardedCounts):
     """Owns the DeepSpeed engine, the teacher and the task for one run."""
 
     def __init__(self, cfg: D2vConfig, ds_template: dict[str, Any], *, student: Data2Vec | None = None) -> None:
-        import deepspeed
-
-        from d2v.train.safe_checkpoint_engine import install_safe_checkpoint_engine
-
         self.cfg = cfg
         self.rank, self.world_size = distributed.init_distributed()
         self.device = distributed.device()
@@ -109,19 +92,11 @@ class Trainer(GuardedCounts):
                                  "accelerator runs bf16 and fp32 only); use train.precision=bf16")
         # The teacher is copied from the fp32 student before DeepSpeed casts or partitions it.
         self.teacher = Teacher(student, cfg.teacher).place(self.device)
-        self.ds_config = fill_ds_config(ds_template, cfg, self.world_size, on_cpu=distributed.on_cpu())
-        check_ds_config(self.ds_config)
-        factor = lr_factor(cfg.optim, cfg.train.max_steps)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=student,
-            model_parameters=param_groups(student, cfg.optim.no_decay_1d, cfg.optim.weight_decay),
-            config=self.ds_config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
-        )
-        drop_redundant_overflow_check(self.engine, cfg.train.precision)
-        install_safe_checkpoint_engine(self.engine)  # DeepSpeed reads checkpoints through d2v.safe_load
+        parts = start_engine(student, cfg, ds_template, self.world_size,
+                             param_groups(student, cfg.optim.no_decay_1d, cfg.optim.weight_decay))
+        self.engine, self.optimizer, self.scheduler = parts.engine, parts.optimizer, parts.scheduler
+        self.ds_config, self.zero_stage, self.optimizer_name = parts.ds_config, parts.zero_stage, parts.optimizer_name
         self.student: Data2Vec = self.engine.module
-        self.zero_stage = zero_stage(self.ds_config)
         if self.zero_stage == 3:
             self.teacher.attach_zero3(self.student, self.ds_config)
         else:
@@ -140,7 +115,6 @@ class Trainer(GuardedCounts):
         self.step = 0  # optimizer updates done
         self.stop_agreed = False  # a rank asked to stop (preemption): agreed in the step's decision
         self.step_flops = StepFlops(cfg)
-        self.optimizer_name = optimizer_description(self.ds_config)
         self.update = GuardedUpdate(self.engine, self.student, cfg.train.grad_accum, self.device)
 
     def stage(self, batch: Batch) -> Batch:
@@ -168,34 +142,21 @@ class Trainer(GuardedCounts):
         self.student.train()
         lr = float(self.scheduler.get_last_lr()[0])
         staged = [self.stage(b) for b in micro_batches]
-        flops = 0.0
         positions = sum(b.index.positions for b in staged)
-        self.update.begin()
-        losses = torch.zeros((), device=self.device)
-        device_sums: dict[str, torch.Tensor] = {}
-        host_sums: dict[str, float] = {}
-        for i, batch in enumerate(staged):
+        flops = [0.0]
+
+        def micro_step(i: int, batch: Batch):
             out = self.task(batch, step=self.step, micro=i)
-            flops += self.step_flops(micro_batches[i].source, blocks_run=self.student.encoder.blocks_run)
-            self.engine.backward(out.loss)
-            if i + 1 < len(staged):
-                self.engine.step()  # inside the accumulation window: DeepSpeed only counts it
-            losses = losses + out.loss.detach().float()
-            for k, v in out.metrics.items():
-                if isinstance(v, torch.Tensor):
-                    device_sums[k] = device_sums.get(k, 0.0) + v.float()
-                else:
-                    host_sums[k] = host_sums.get(k, 0.0) + float(v)
-        keys = sorted(device_sums)
-        local = torch.stack([losses] + [device_sums[k] for k in keys])
+            flops[0] += self.step_flops(micro_batches[i].source, blocks_run=self.student.encoder.blocks_run)
+            return out.loss, out.metrics
+
         # Filler batches (weight 0) stand in for unreadable data; an update where every rank had
         # only fillers has nothing to learn from (weight decay and Adam's moments would still move).
         has_data = any(float(b.extras.get("weight", 1.0)) > 0 for b in micro_batches)
-        decision = self.update.decide(losses, local, stop_requested=stop_requested, has_data=has_data)
-        values = decision.values
-        self.stop_agreed = decision.stop
-        if decision.outcome != "update":
-            values = {**self.update.skip(decision), "lr": lr, "step_time": time.perf_counter() - t0}
+        window = self.update.window(staged, micro_step, stop_requested=stop_requested, has_data=has_data)
+        self.stop_agreed = window.decision.stop
+        if window.decision.outcome != "update":
+            values = {**self.update.skip(window.decision), "lr": lr, "step_time": time.perf_counter() - t0}
             return StepMetrics(self.step, float("nan"), values)
         self.engine.step()
         applied = getattr(self.engine, "was_step_applied", lambda: True)()
@@ -204,12 +165,10 @@ class Trainer(GuardedCounts):
         else:  # fp16 overflow: DeepSpeed skipped the update, so the teacher stays where it is
             tau = float("nan")
         self.step += 1
-        n = len(micro_batches)
-        metrics = {k: v / n for k, v in zip(keys, values[1:])}
-        metrics.update({k: v / n for k, v in host_sums.items()})
+        metrics = dict(window.metrics)
         metrics.update(ema_decay=tau, lr=lr, samples=float(sum(b.batch_size for b in micro_batches)),
-                       positions=float(positions), flops=float(flops), step_time=time.perf_counter() - t0)
-        return StepMetrics(self.step, values[0] / n, metrics)
+                       positions=float(positions), flops=float(flops[0]), step_time=time.perf_counter() - t0)
+        return StepMetrics(self.step, window.loss, metrics)
 
     def grad_norm(self) -> float:
         """The last update's global gradient norm (read at log steps: it may wait for the device)."""
