@@ -282,20 +282,25 @@ def hf_to_d2v_name(modality: str, name: str) -> str | None:
 
 
 def is_v2(cfg: Any) -> bool:
-    """True for a data2vec 2.0 config, whose student drops the masked positions (transformers has
-    only the students that fill them)."""
+    """True for a data2vec 2.0 config, whose student drops the masked positions."""
     return cfg.model.drops_masked
 
 
+def stock_depth(cfg: Any) -> int:
+    """Blocks in the stock transformers model: 2.0's prenet blocks run first, in the same list."""
+    return cfg.model.depth + (cfg.model.v2.prenet_depth if is_v2(cfg) else 0)
+
+
 def hf_config(cfg: Any) -> dict[str, Any]:
-    """transformers config.json contents for a d2v 1.0 config, every structural field explicit."""
+    """transformers config.json contents for a config whose encoder a stock transformers class
+    computes (1.0, and 2.0 text), every structural field explicit."""
     m = cfg.model
-    if is_v2(cfg):
-        raise ValueError(f"preset {cfg.name!r} is data2vec 2.0: transformers has no 2.0 model; export it with "
-                         f"--format plain")
+    if is_v2(cfg) and m.modality != "text":
+        raise ValueError(f"preset {cfg.name!r} is data2vec 2.0 {m.modality}: no stock transformers class computes "
+                         f"it (d2v/interop/hf_v2.py writes its own modelling file)")
     layout = hf_layout(m.modality)
     common = {"architectures": [layout.architecture], "model_type": layout.model_type,
-              "hidden_size": m.embed_dim, "num_hidden_layers": m.depth, "num_attention_heads": m.num_heads,
+              "hidden_size": m.embed_dim, "num_hidden_layers": stock_depth(cfg), "num_attention_heads": m.num_heads,
               "intermediate_size": m.ffn_dim, "hidden_act": "gelu", "initializer_range": m.init_std,
               "layer_norm_eps": m.norm_eps, "dtype": "float32"}
     return layout.config(m, common)
