@@ -111,6 +111,19 @@ def tokenizer_info(cfg: Any, path: str) -> Any:
     return info
 
 
+def with_sequence_marks(tokenizer_json: str, info: Any) -> str:
+    """The tokenizer JSON with RoBERTa's template: a text encodes as <s> ids </s>, as d2v's text
+    shards start a block with <s> and end every document with </s> (data/prepare_text.py); d2v's
+    own Tokenizer encodes without special tokens, so the template changes nothing for d2v."""
+    from tokenizers import Tokenizer, processors
+
+    tok = Tokenizer.from_str(tokenizer_json)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", info.bos_id), ("</s>", info.eos_id)])
+    return tok.to_str()
+
+
 def write_tokenizer(cfg: Any, path: str, out: str) -> dict[str, Any]:
     """Copies the tokenizer and writes tokenizer_config.json (transformers' loader reads it)."""
     t = cfg.model.text
@@ -118,7 +131,10 @@ def write_tokenizer(cfg: Any, path: str, out: str) -> dict[str, Any]:
     specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
                 "mask_token": "<mask>", "model_max_length": t.max_positions}
     if info.kind == "bpe":
-        shutil.copyfile(path, os.path.join(out, "tokenizer.json"))
+        with open(path, encoding="utf-8") as f:
+            text = with_sequence_marks(f.read(), info)
+        with open(os.path.join(out, "tokenizer.json"), "w", encoding="utf-8") as f:
+            f.write(text)
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials}
     else:
         from d2v.interop.spm_json import equivalent_tokenizer_json
@@ -130,6 +146,7 @@ def write_tokenizer(cfg: Any, path: str, out: str) -> dict[str, Any]:
                                    f"{info.mask_id} (one past the last piece)", **specials}
         text = equivalent_tokenizer_json(path, info.mask_id)
         if text is not None:
+            text = with_sequence_marks(text, info)
             with open(os.path.join(out, "tokenizer.json"), "w", encoding="utf-8") as f:
                 f.write(text)
             config["tokenizer_class"] = "PreTrainedTokenizerFast"
