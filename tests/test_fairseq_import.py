@@ -487,7 +487,8 @@ def test_fairseq_data2vec2_import(preset, encoder, tmp_path):
 
     import_fairseq(ckpt, str(tmp_path / "hf"), fmt="hf", teacher=True)
     hf = load_file(str(tmp_path / "hf" / "model.safetensors"))
-    assert torch.equal(hf["encoder.blocks.1.attention.k_proj.bias"], 2 * sd["encoder.blocks.1.attention.k_proj.bias"])
+    key = "encoder.blocks.1.attention.k_proj.bias"
+    assert torch.equal(hf[key], 2 * sd[key])
     assert os.path.exists(tmp_path / "hf" / "modeling_data2vec2.py")
 
 

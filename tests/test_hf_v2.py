@@ -265,7 +265,8 @@ def test_v2_export_comes_back_through_init_from_and_finetune_init(exports, prese
     for name, tensor in fresh.state_dict().items():
         if name.startswith("decoder."):
             continue
-        key = name if is_custom(cfg) else d2v_to_hf_name(cfg.model.modality, to_stock_depth(name, cfg.model.v2.prenet_depth))
+        key = name if is_custom(cfg) else d2v_to_hf_name(cfg.model.modality,
+                                                        to_stock_depth(name, cfg.model.v2.prenet_depth))
         assert torch.equal(tensor, exported[key]), name
     backbone = load_backbone(out, cfg.model, random_init=False, seed=0)
     for name, tensor in fresh.state_dict().items():

@@ -354,7 +354,8 @@ def test_data2vec_2_checkpoint_exports_plain_and_hf(tmp_path):
 
     main(["export", out, str(tmp_path / "hf"), "--format", "hf", "--teacher"])
     config = json.load(open(tmp_path / "hf" / "config.json"))
-    assert config["architectures"] == ["Data2Vec2VisionModel"] and os.path.exists(tmp_path / "hf" / "modeling_data2vec2.py")
+    assert config["architectures"] == ["Data2Vec2VisionModel"]
+    assert os.path.exists(tmp_path / "hf" / "modeling_data2vec2.py")
     hf = load_file(str(tmp_path / "hf" / "model.safetensors"))
     for name, tensor in teacher.items():  # the image teacher reads pixels: every exported weight is its own
         assert torch.equal(hf[name], tensor.float()), name
