@@ -1,4 +1,5 @@
-"""How d2v's 1.0 models map onto transformers' Data2Vec{Audio,Vision,Text}Model (docs/method.md §8).
+"""How d2v's 1.0 models (and 2.0 text) map onto transformers' Data2Vec{Audio,Vision,Text}Model
+(docs/method.md §8; 2.0 audio and image: hf_v2.py).
 
 Weights: a renaming (plus one reshape, the vision mask token), in both directions. Configs: the
 transformers config with every structural field written explicitly (their defaults differ from

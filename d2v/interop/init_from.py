@@ -1,8 +1,8 @@
 """Start a run from pretrained weights on disk (`launchers/pretrain.py --init-from DIR`, and the
 fine-tuning launcher through `init_from`).
 
-DIR is either a transformers directory (what `export --format hf` writes, or public data2vec 1.0
-weights: config.json + model.safetensors or pytorch_model.bin) or a d2v plain export
+DIR is either a transformers directory (what `export --format hf` writes for 1.0 and 2.0, or public
+data2vec 1.0 weights: config.json + model.safetensors or pytorch_model.bin) or a d2v plain export
 (student.safetensors, teacher.safetensors, config.json). Nothing is loaded unless everything
 fits: the architecture the directory describes must be the run's (the fields that differ are
 named with the override that fixes them), and every weight must have a home of the right shape
