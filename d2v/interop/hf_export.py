@@ -22,7 +22,7 @@ import torch
 
 from d2v.interop.hf_layout import d2v_to_hf_name, hf_config, hf_layout, is_v2
 from d2v.interop.hf_v2 import (MODELING_FILE, PREDICTION_MODULES, TEMPLATE, custom_config, custom_preprocessing,
-                               fixed_buffers, is_custom, to_stock_depth)
+                               fixed_buffers, is_custom, processing_entries, ships_code, to_stock_depth)
 
 WEIGHTS = "model.safetensors"
 META = "d2v_export.json"
@@ -77,7 +77,7 @@ def to_hf_state(cfg: Any, student: dict[str, torch.Tensor], teacher: dict[str, t
 
 def preprocessing(cfg: Any) -> tuple[str, dict[str, Any]] | None:
     """(file name, JSON) of transformers' preprocessing settings (audio and images; text ships its tokenizer)."""
-    if is_custom(cfg):
+    if ships_code(cfg):
         return custom_preprocessing(cfg)
     return hf_layout(cfg.model.modality).preprocessing(cfg)
 
@@ -162,7 +162,12 @@ def write_hf(out: str, cfg: Any, student: dict[str, torch.Tensor], *, teacher: d
 
     from d2v.config import to_dict
 
-    config = custom_config(cfg) if is_custom(cfg) else hf_config(cfg)
+    if is_custom(cfg):
+        config = custom_config(cfg)
+    else:
+        config = hf_config(cfg)
+        if ships_code(cfg):  # transformers' model with d2v's preprocessing
+            config.update(processing_entries(cfg.model.modality))
     tok_path = None
     if hf_layout(cfg.model.modality).needs_tokenizer:
         tok_path = tokenizer or find_tokenizer(cfg)
@@ -176,7 +181,7 @@ def write_hf(out: str, cfg: Any, student: dict[str, torch.Tensor], *, teacher: d
     save_file(state, os.path.join(out, WEIGHTS), metadata={"format": "pt", "d2v_weights": weights})
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    if is_custom(cfg):
+    if ships_code(cfg):
         shutil.copyfile(TEMPLATE, os.path.join(out, MODELING_FILE))
     pre = preprocessing(cfg)
     if pre is not None:

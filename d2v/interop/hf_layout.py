@@ -154,14 +154,6 @@ def _audio_structural(m: Any) -> dict[str, Any]:
             "model.audio.conv_pos_groups": m.audio.conv_pos_groups}
 
 
-def _audio_preprocessing(cfg: Any) -> tuple[str, dict[str, Any]]:
-    return "preprocessor_config.json", {
-        "feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1,
-        "sampling_rate": cfg.model.audio.sample_rate, "padding_value": 0.0, "padding_side": "right",
-        # d2v normalises every utterance to zero mean and unit variance (data.normalize).
-        "do_normalize": bool(cfg.data.normalize), "return_attention_mask": True}
-
-
 def _image_config(m: Any, common: dict[str, Any]) -> dict[str, Any]:
     im = m.image
     if not m.layer_norm_first:
@@ -238,8 +230,8 @@ def _text_structural(m: Any) -> dict[str, Any]:
 
 HF_LAYOUTS = {layout.modality: layout for layout in (
     HFLayout("audio", architecture="Data2VecAudioModel", model_type="data2vec-audio", prefix="data2vec_audio.",
-             rules=tuple(_AUDIO), config=_audio_config, fields_from_hf=_audio_fields, structural=_audio_structural,
-             preprocessing=_audio_preprocessing),
+             # preprocessing: d2v's feature extractor (hf_v2.py), not transformers'
+             rules=tuple(_AUDIO), config=_audio_config, fields_from_hf=_audio_fields, structural=_audio_structural),
     HFLayout("image", architecture="Data2VecVisionModel", model_type="data2vec-vision", prefix="data2vec_vision.",
              rules=tuple(_IMAGE), config=_image_config, fields_from_hf=_image_fields, structural=_image_structural,
              comparable=_image_comparable, preprocessing=_image_preprocessing,

@@ -2,6 +2,7 @@
 
 * Text: transformers' own Data2VecTextModel computes the 2.0 text encoder (RoBERTa embeddings,
   post-LN blocks, no final norm); the prenet blocks come first in its `encoder.layer` list.
+* 1.0 audio keeps transformers' model but ships the modelling file for d2v's normalisation.
 * Audio (ALiBi with learned per-head scales, a multi-layer positional conv) and image (post-LN
   blocks over patches with sin-cos positions and a CLS token): no transformers class computes
   them, so the export ships d2v's modelling file (hf_data2vec2.py, as modeling_data2vec2.py) and
@@ -38,16 +39,32 @@ def is_custom(cfg: Any) -> bool:
     return cfg.model.drops_masked and cfg.model.modality in CUSTOM
 
 
+def ships_code(cfg: Any) -> bool:
+    """Whether the export carries the modelling file: for its model, or (1.0 audio, whose model is
+    transformers' own) for d2v's normalisation, which Wav2Vec2FeatureExtractor does not compute
+    (its variance epsilon is 1e-7, d2v's and fairseq's 1e-5: for quiet speech the difference is
+    of the order of the signal)."""
+    return is_custom(cfg) or cfg.model.modality == "audio"
+
+
+def processing_entries(modality: str) -> dict[str, Any]:
+    """config.json entries naming the modelling file's preprocessing and pipeline."""
+    _, pre_cls, pre_auto, pipe_cls, kind = CUSTOM[modality]
+    return {"auto_map": {pre_auto: f"{MODULE}.{pre_cls}"},
+            "custom_pipelines": {"feature-extraction": {"impl": f"{MODULE}.{pipe_cls}", "pt": ["AutoModel"],
+                                                        "type": kind}}}
+
+
 def custom_config(cfg: Any) -> dict[str, Any]:
     """config.json of a 2.0 audio or image export: every field explicit, the classes in auto_map."""
     m, v = cfg.model, cfg.model.v2
-    model_cls, pre_cls, pre_auto, pipe_cls, kind = CUSTOM[m.modality]
+    model_cls = CUSTOM[m.modality][0]
+    entries = processing_entries(m.modality)
     out: dict[str, Any] = {
         "architectures": [model_cls], "model_type": MODEL_TYPE,
         "auto_map": {"AutoConfig": f"{MODULE}.Data2Vec2Config", "AutoModel": f"{MODULE}.{model_cls}",
-                     pre_auto: f"{MODULE}.{pre_cls}"},
-        "custom_pipelines": {"feature-extraction": {"impl": f"{MODULE}.{pipe_cls}", "pt": ["AutoModel"],
-                                                    "type": kind}},
+                     **entries["auto_map"]},
+        "custom_pipelines": entries["custom_pipelines"],
         "modality": m.modality, "hidden_size": m.embed_dim, "num_hidden_layers": m.depth,
         "num_prenet_layers": v.prenet_depth, "num_attention_heads": m.num_heads, "intermediate_size": m.ffn_dim,
         "layer_norm_eps": m.norm_eps, "hidden_dropout": m.dropout, "attention_dropout": m.attention_dropout,
@@ -65,7 +82,8 @@ def custom_config(cfg: Any) -> dict[str, Any]:
 
 
 def custom_preprocessing(cfg: Any) -> tuple[str, dict[str, Any]]:
-    """preprocessor_config.json: the modelling file's processors, set as d2v's data pipeline is."""
+    """preprocessor_config.json: the modelling file's processors, set as d2v's data pipeline is
+    (every audio export, 2.0 image)."""
     m = cfg.model
     _, pre_cls, pre_auto, _, _ = CUSTOM[m.modality]
     common = {"auto_map": {pre_auto: f"{MODULE}.{pre_cls}"}}
