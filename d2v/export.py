@@ -1,6 +1,6 @@
 """`python -m d2v export CKPT OUT [--format plain|hf] [--teacher]`: plain fp32 safetensors of the
 student and the teacher plus the resolved config, or (`--format hf`) a directory transformers'
-Data2Vec*Model loads (student, or the EMA teacher with --teacher), from a checkpoint of any ZeRO
+AutoModel loads (student, or the EMA teacher with --teacher), from a checkpoint of any ZeRO
 stage, without a distributed launch.
 
 The student's fp32 weights are DeepSpeed's fp32 master weights where it keeps them (ZeRO 1/2/3
@@ -114,16 +114,12 @@ def export_hf_checkpoint(path: str, out: str, tag: str | None = None, *, teacher
                          tokenizer: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """A transformers-format directory (d2v.interop.hf_export) of the student or the EMA teacher."""
     from d2v.interop.hf_export import write_hf
-    from d2v.interop.hf_layout import is_v2
 
     tag_dir = resolve_tag_dir(path, tag)
     _fresh_out(out, overwrite)
     with open(os.path.join(tag_dir, "d2v_state.json")) as f:
         run_state = json.load(f)
     cfg = from_dict(run_state["config"])
-    if is_v2(cfg):  # before reading any weights
-        raise ValueError(f"{cfg.name!r} is a data2vec 2.0 model: transformers has no 2.0 architecture; "
-                         f"export it with --format plain")
     student = student_fp32(tag_dir, cfg)
     teacher_state = None
     if teacher:
@@ -167,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
     ap.add_argument("--format", choices=("plain", "hf"), default="plain",
                     help="plain: student and teacher safetensors + d2v config; hf: a directory transformers' "
-                         "Data2Vec{Audio,Vision,Text}Model.from_pretrained reads (1.0 models only)")
+                         "AutoModel.from_pretrained reads (2.0 audio and image: with trust_remote_code=True)")
     ap.add_argument("--teacher", action="store_true",
                     help="--format hf: export the EMA teacher's weights instead of the student's")
     ap.add_argument("--tokenizer", default=None,

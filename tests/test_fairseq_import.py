@@ -482,6 +482,14 @@ def test_fairseq_data2vec2_import(preset, encoder, tmp_path):
     assert (t["top_k"], t["ema_start"], t["ema_end"], t["ema_anneal_steps"]) == (top_k, 0.9, 0.95, 50)
     assert (t["layer_norm"], t["final_norm"], v["cls_loss"]) == ("layer", "instance", 0.5 if encoder == "IMAGE" else 0)
     assert not any("not taken" in n for n in info["notes"]), info["notes"]
+    # --format hf: the transformers directory of 2.0 (d2v's modelling file), here the EMA teacher's
+    from safetensors.torch import load_file
+
+    import_fairseq(ckpt, str(tmp_path / "hf"), fmt="hf", teacher=True)
+    hf = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    key = "encoder.blocks.1.attention.k_proj.bias"
+    assert torch.equal(hf[key], 2 * sd[key])
+    assert os.path.exists(tmp_path / "hf" / "modeling_data2vec2.py")
 
 
 def test_fairseq_data2vec2_text_as_fairseq_saves_it(tmp_path):

@@ -177,19 +177,6 @@ def test_hf_export_of_the_teacher(preset, tmp_path):
     assert (got - student_out)[valid].abs().max() > 1e-3  # the teacher's weights, not the student's
 
 
-def test_hf_format_refuses_data2vec_2(tmp_path):
-    from d2v.config import get_preset
-    from d2v.interop import write_hf
-
-    cfg = get_preset("image_tiny")
-    if not hasattr(cfg.model, "v2"):
-        pytest.skip("this tree has no data2vec 2.0 config yet")
-    cfg.model.v2.enabled = True
-    with pytest.raises(ValueError, match="2.0.*--format plain"):
-        write_hf(str(tmp_path / "hf"), cfg, {})
-    assert not os.path.exists(tmp_path / "hf" / "model.safetensors")
-
-
 # -- checkpoint -> export CLI -> --init-from -------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -340,8 +327,9 @@ def ema_names(cfg, student):
     return t.ema_names + t.copy_names
 
 
-def test_data2vec_2_checkpoint_exports_as_plain_state_dicts(tmp_path, capsys):
-    """2.0 has no transformers architecture: its export is the plain one, and it loads back exactly."""
+def test_data2vec_2_checkpoint_exports_plain_and_hf(tmp_path):
+    """A 2.0 checkpoint exports as plain state dicts that load back exactly, and (CLI, --format hf
+    --teacher) as a transformers directory holding the EMA teacher (tests/test_hf_v2.py: its outputs)."""
     from safetensors.torch import load_file
 
     from d2v.config import load_template, resolve
@@ -364,10 +352,14 @@ def test_data2vec_2_checkpoint_exports_as_plain_state_dicts(tmp_path, capsys):
     assert teacher and set(teacher) == set(load_file(str(tmp_path / "plain" / "teacher.safetensors")))
     from d2v.__main__ import main
 
-    with pytest.raises(SystemExit) as exit_:
-        main(["export", out, str(tmp_path / "hf"), "--format", "hf"])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.startswith("error:") and "2.0" in err and "Traceback" not in err
+    main(["export", out, str(tmp_path / "hf"), "--format", "hf", "--teacher"])
+    config = json.load(open(tmp_path / "hf" / "config.json"))
+    assert config["architectures"] == ["Data2Vec2VisionModel"]
+    assert os.path.exists(tmp_path / "hf" / "modeling_data2vec2.py")
+    hf = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    for name, tensor in teacher.items():  # the image teacher reads pixels: every exported weight is its own
+        assert torch.equal(hf[name], tensor.float()), name
+    assert not [n for n in hf if n.startswith("decoder.")]
 
 
 def test_export_reads_complete_tags_only_and_never_replaces_an_export(audio_run, tmp_path, capsys):

@@ -104,7 +104,7 @@ def load_backbone(init: str, model_cfg: ModelConfig, *, random_init: bool, seed:
         from d2v.interop import init_from
 
         student = build_model(model_cfg)
-        init_from(student, init, allow_missing=("head", "mask_embedding"))
+        init_from(student, init, allow_missing=("head", "decoder", "mask_embedding"))
         return student
     from d2v.export import load_student  # export directory or checkpoint of any ZeRO stage
 

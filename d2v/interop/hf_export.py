@@ -1,9 +1,11 @@
 """A transformers-format directory from d2v weights (`python -m d2v export CKPT OUT --format hf`).
 
-Writes what `Data2Vec{Audio,Vision,Text}Model.from_pretrained(OUT)` reads: config.json (every
-structural field explicit), model.safetensors; the preprocessing settings (feature extractor or
-image processor JSON) or the tokenizer (text); and d2v_export.json, which records where every
-weight came from and the full d2v config, so `--init-from OUT` restores the exact run settings.
+Writes what `AutoModel.from_pretrained(OUT)` reads: config.json (every structural field explicit),
+model.safetensors; the preprocessing settings (feature extractor or image processor JSON) or the
+tokenizer (text); and d2v_export.json, which records where every weight came from and the full d2v
+config, so `--init-from OUT` restores the exact run settings. 1.0 models and 2.0 text load into
+transformers' Data2Vec{Audio,Vision,Text}Model; 2.0 audio and image into the modelling file the
+export copies beside them (d2v/interop/hf_v2.py: `trust_remote_code=True`).
 
 The text model is written without transformers' pooler (d2v has none): load it with
 `Data2VecTextModel.from_pretrained(OUT, add_pooling_layer=False)`, as transformers' own task
@@ -19,6 +21,8 @@ from typing import Any
 import torch
 
 from d2v.interop.hf_layout import d2v_to_hf_name, hf_config, hf_layout, is_v2
+from d2v.interop.hf_v2 import (MODELING_FILE, PREDICTION_MODULES, TEMPLATE, custom_config, custom_preprocessing,
+                               fixed_buffers, is_custom, processing_entries, ships_code, to_stock_depth)
 
 WEIGHTS = "model.safetensors"
 META = "d2v_export.json"
@@ -46,16 +50,19 @@ def to_hf_state(cfg: Any, student: dict[str, torch.Tensor], teacher: dict[str, t
             raise KeyError(f"teacher weights {unknown[:5]} are not student parameters: the checkpoint does not fit "
                            f"its config")
         merged.update(teacher)
-    shapes = hf_layout(modality).shapes
+    custom = is_custom(cfg)
+    shapes = {} if custom else hf_layout(modality).shapes
+    prenet = cfg.model.v2.prenet_depth if is_v2(cfg) else 0
     out, dropped = {}, []
     for name, tensor in merged.items():
-        hf_name = d2v_to_hf_name(modality, name)
-        if hf_name is None:
-            if name.split(".")[0] != "head":
-                raise KeyError(f"d2v parameter {name!r} has no transformers counterpart; the {modality} layout "
-                               f"in d2v/interop/hf_layout.py is out of date")
+        if name.split(".")[0] in PREDICTION_MODULES:
             dropped.append(name)
             continue
+        # d2v's modelling file keeps d2v's names; a stock class has its own
+        hf_name = name if custom else d2v_to_hf_name(modality, to_stock_depth(name, prenet))
+        if hf_name is None:
+            raise KeyError(f"d2v parameter {name!r} has no transformers counterpart; the {modality} layout "
+                           f"in d2v/interop/hf_layout.py is out of date")
         shape = shapes.get(hf_name)
         t = tensor.detach().float().cpu()
         out[hf_name] = (t.reshape(shape) if shape else t).contiguous()
@@ -63,11 +70,15 @@ def to_hf_state(cfg: Any, student: dict[str, torch.Tensor], teacher: dict[str, t
             module = _module_of(name)
             if module not in from_student:
                 from_student.append(module)
+    if custom:
+        out.update({k: v.float().contiguous() for k, v in fixed_buffers(cfg).items()})
     return out, from_student, dropped
 
 
 def preprocessing(cfg: Any) -> tuple[str, dict[str, Any]] | None:
     """(file name, JSON) of transformers' preprocessing settings (audio and images; text ships its tokenizer)."""
+    if ships_code(cfg):
+        return custom_preprocessing(cfg)
     return hf_layout(cfg.model.modality).preprocessing(cfg)
 
 
@@ -100,6 +111,19 @@ def tokenizer_info(cfg: Any, path: str) -> Any:
     return info
 
 
+def with_sequence_marks(tokenizer_json: str, info: Any) -> str:
+    """The tokenizer JSON with RoBERTa's template: a text encodes as <s> ids </s>, as d2v's text
+    shards start a block with <s> and end every document with </s> (data/prepare_text.py); d2v's
+    own Tokenizer encodes without special tokens, so the template changes nothing for d2v."""
+    from tokenizers import Tokenizer, processors
+
+    tok = Tokenizer.from_str(tokenizer_json)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", info.bos_id), ("</s>", info.eos_id)])
+    return tok.to_str()
+
+
 def write_tokenizer(cfg: Any, path: str, out: str) -> dict[str, Any]:
     """Copies the tokenizer and writes tokenizer_config.json (transformers' loader reads it)."""
     t = cfg.model.text
@@ -107,7 +131,10 @@ def write_tokenizer(cfg: Any, path: str, out: str) -> dict[str, Any]:
     specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
                 "mask_token": "<mask>", "model_max_length": t.max_positions}
     if info.kind == "bpe":
-        shutil.copyfile(path, os.path.join(out, "tokenizer.json"))
+        with open(path, encoding="utf-8") as f:
+            text = with_sequence_marks(f.read(), info)
+        with open(os.path.join(out, "tokenizer.json"), "w", encoding="utf-8") as f:
+            f.write(text)
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials}
     else:
         from d2v.interop.spm_json import equivalent_tokenizer_json
@@ -119,6 +146,7 @@ def write_tokenizer(cfg: Any, path: str, out: str) -> dict[str, Any]:
                                    f"{info.mask_id} (one past the last piece)", **specials}
         text = equivalent_tokenizer_json(path, info.mask_id)
         if text is not None:
+            text = with_sequence_marks(text, info)
             with open(os.path.join(out, "tokenizer.json"), "w", encoding="utf-8") as f:
                 f.write(text)
             config["tokenizer_class"] = "PreTrainedTokenizerFast"
@@ -134,10 +162,12 @@ def write_hf(out: str, cfg: Any, student: dict[str, torch.Tensor], *, teacher: d
 
     from d2v.config import to_dict
 
-    if is_v2(cfg):
-        raise ValueError(f"{cfg.name!r} is a data2vec 2.0 model: transformers has no 2.0 architecture, so it "
-                         f"exports only as plain state dicts (--format plain)")
-    config = hf_config(cfg)
+    if is_custom(cfg):
+        config = custom_config(cfg)
+    else:
+        config = hf_config(cfg)
+        if ships_code(cfg):  # transformers' model with d2v's preprocessing
+            config.update(processing_entries(cfg.model.modality))
     tok_path = None
     if hf_layout(cfg.model.modality).needs_tokenizer:
         tok_path = tokenizer or find_tokenizer(cfg)
@@ -151,6 +181,8 @@ def write_hf(out: str, cfg: Any, student: dict[str, torch.Tensor], *, teacher: d
     save_file(state, os.path.join(out, WEIGHTS), metadata={"format": "pt", "d2v_weights": weights})
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
+    if ships_code(cfg):
+        shutil.copyfile(TEMPLATE, os.path.join(out, MODELING_FILE))
     pre = preprocessing(cfg)
     if pre is not None:
         with open(os.path.join(out, pre[0]), "w") as f:

@@ -1,4 +1,5 @@
-"""How d2v's 1.0 models map onto transformers' Data2Vec{Audio,Vision,Text}Model (docs/method.md §8).
+"""How d2v's 1.0 models (and 2.0 text) map onto transformers' Data2Vec{Audio,Vision,Text}Model
+(docs/method.md §8; 2.0 audio and image: hf_v2.py).
 
 Weights: a renaming (plus one reshape, the vision mask token), in both directions. Configs: the
 transformers config with every structural field written explicitly (their defaults differ from
@@ -153,14 +154,6 @@ def _audio_structural(m: Any) -> dict[str, Any]:
             "model.audio.conv_pos_groups": m.audio.conv_pos_groups}
 
 
-def _audio_preprocessing(cfg: Any) -> tuple[str, dict[str, Any]]:
-    return "preprocessor_config.json", {
-        "feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1,
-        "sampling_rate": cfg.model.audio.sample_rate, "padding_value": 0.0, "padding_side": "right",
-        # d2v normalises every utterance to zero mean and unit variance (data.normalize).
-        "do_normalize": bool(cfg.data.normalize), "return_attention_mask": True}
-
-
 def _image_config(m: Any, common: dict[str, Any]) -> dict[str, Any]:
     im = m.image
     if not m.layer_norm_first:
@@ -237,8 +230,8 @@ def _text_structural(m: Any) -> dict[str, Any]:
 
 HF_LAYOUTS = {layout.modality: layout for layout in (
     HFLayout("audio", architecture="Data2VecAudioModel", model_type="data2vec-audio", prefix="data2vec_audio.",
-             rules=tuple(_AUDIO), config=_audio_config, fields_from_hf=_audio_fields, structural=_audio_structural,
-             preprocessing=_audio_preprocessing),
+             # preprocessing: d2v's feature extractor (hf_v2.py), not transformers'
+             rules=tuple(_AUDIO), config=_audio_config, fields_from_hf=_audio_fields, structural=_audio_structural),
     HFLayout("image", architecture="Data2VecVisionModel", model_type="data2vec-vision", prefix="data2vec_vision.",
              rules=tuple(_IMAGE), config=_image_config, fields_from_hf=_image_fields, structural=_image_structural,
              comparable=_image_comparable, preprocessing=_image_preprocessing,
@@ -282,20 +275,25 @@ def hf_to_d2v_name(modality: str, name: str) -> str | None:
 
 
 def is_v2(cfg: Any) -> bool:
-    """True for a data2vec 2.0 config, whose student drops the masked positions (transformers has
-    only the students that fill them)."""
+    """True for a data2vec 2.0 config, whose student drops the masked positions."""
     return cfg.model.drops_masked
 
 
+def stock_depth(cfg: Any) -> int:
+    """Blocks in the stock transformers model: 2.0's prenet blocks run first, in the same list."""
+    return cfg.model.depth + (cfg.model.v2.prenet_depth if is_v2(cfg) else 0)
+
+
 def hf_config(cfg: Any) -> dict[str, Any]:
-    """transformers config.json contents for a d2v 1.0 config, every structural field explicit."""
+    """transformers config.json contents for a config whose encoder a stock transformers class
+    computes (1.0, and 2.0 text), every structural field explicit."""
     m = cfg.model
-    if is_v2(cfg):
-        raise ValueError(f"preset {cfg.name!r} is data2vec 2.0: transformers has no 2.0 model; export it with "
-                         f"--format plain")
+    if is_v2(cfg) and m.modality != "text":
+        raise ValueError(f"preset {cfg.name!r} is data2vec 2.0 {m.modality}: no stock transformers class computes "
+                         f"it (d2v/interop/hf_v2.py writes its own modelling file)")
     layout = hf_layout(m.modality)
     common = {"architectures": [layout.architecture], "model_type": layout.model_type,
-              "hidden_size": m.embed_dim, "num_hidden_layers": m.depth, "num_attention_heads": m.num_heads,
+              "hidden_size": m.embed_dim, "num_hidden_layers": stock_depth(cfg), "num_attention_heads": m.num_heads,
               "intermediate_size": m.ffn_dim, "hidden_act": "gelu", "initializer_range": m.init_std,
               "layer_norm_eps": m.norm_eps, "dtype": "float32"}
     return layout.config(m, common)

@@ -1,8 +1,8 @@
 """Start a run from pretrained weights on disk (`launchers/pretrain.py --init-from DIR`, and the
 fine-tuning launcher through `init_from`).
 
-DIR is either a transformers directory (what `export --format hf` writes, or public data2vec 1.0
-weights: config.json + model.safetensors or pytorch_model.bin) or a d2v plain export
+DIR is either a transformers directory (what `export --format hf` writes for 1.0 and 2.0, or public
+data2vec 1.0 weights: config.json + model.safetensors or pytorch_model.bin) or a d2v plain export
 (student.safetensors, teacher.safetensors, config.json). Nothing is loaded unless everything
 fits: the architecture the directory describes must be the run's (the fields that differ are
 named with the override that fixes them), and every weight must have a home of the right shape
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from d2v import safe_load
 from d2v.interop.hf_layout import HF_IGNORABLE, HF_LAYOUTS, hf_layout, hf_to_d2v_name, is_v2, model_fields_from_hf
+from d2v.interop.hf_v2 import FIXED_BUFFERS, MODEL_TYPE, PREDICTION_MODULES, from_stock_depth
 
 
 @dataclass
@@ -111,23 +112,61 @@ def read_pretrained(directory: str) -> Pretrained:
         fields["model.v2.enabled"] = is_v2(cfg)
         return Pretrained("plain", safe_load.load_safetensors(os.path.join(directory, "student.safetensors")),
                           teacher, fields)
+    if config.get("model_type") == MODEL_TYPE:
+        return _read_data2vec2(directory)
     fields = model_fields_from_hf(config)
     modality = fields["model.modality"]
     layout = hf_layout(modality)
     fields = layout.comparable(fields)
     fields["model.v2.enabled"] = False
+    prenet = 0
+    own = _own_config(directory)
+    if own is not None and is_v2(own):  # 2.0 text in the stock class: its prenet blocks come first
+        fields = _v2_fields(own)
+        prenet = own.model.v2.prenet_depth
     state = _load_weights(directory)
     prefix = layout.prefix
     student, names, ignored, unmapped = {}, {}, [], []
     for key, tensor in state.items():
         base = key[len(prefix):] if key.startswith(prefix) else key  # a task model's backbone
         name = hf_to_d2v_name(modality, base)
+        name = None if name is None else from_stock_depth(name, prenet)
         if name is None:
             (ignored if HF_IGNORABLE.search(base) else unmapped).append(key)
             continue
         student[name] = tensor.reshape(-1) if name == "mask_embedding.weight" else tensor
         names[name] = key
     return Pretrained("hf", student, None, fields, names, sorted(ignored), sorted(unmapped))
+
+
+def _own_config(directory: str) -> Any:
+    """The d2v config a directory d2v wrote records (None for public weights)."""
+    from d2v.config import find_directory_config
+
+    return find_directory_config(directory)
+
+
+def _v2_fields(cfg: Any) -> dict[str, Any]:
+    fields = structural_fields(cfg.model)
+    fields["model.v2.enabled"] = True
+    fields["model.v2.prenet_depth"] = cfg.model.v2.prenet_depth
+    return fields
+
+
+def _read_data2vec2(directory: str) -> Pretrained:
+    """A 2.0 audio or image export (d2v's modelling file): d2v's own names, minus the fixed buffers
+    d2v recomputes."""
+    own = _own_config(directory)
+    if own is None:
+        raise ValueError(f"{directory} holds a data2vec2 model without d2v_export.json (the d2v config it was "
+                         f"written from); d2v reads the directories its own export writes")
+    student, ignored = {}, []
+    for key, tensor in _load_weights(directory).items():
+        if key in FIXED_BUFFERS:
+            ignored.append(key)
+        else:
+            student[key] = tensor
+    return Pretrained("hf", student, None, _v2_fields(own), ignored=sorted(ignored))
 
 
 def pretrained_config(directory: str) -> Any:
@@ -153,6 +192,8 @@ def check_fits(cfg: Any, pre: Pretrained, directory: str) -> None:
     """Raises ValueError naming every architecture setting where the directory and the run differ."""
     mine = structural_fields(cfg.model)
     mine["model.v2.enabled"] = is_v2(cfg)
+    if is_v2(cfg):
+        mine["model.v2.prenet_depth"] = cfg.model.v2.prenet_depth
     diffs = [(k, pre.fields[k], mine[k]) for k in mine if k in pre.fields and pre.fields[k] != mine[k]]
     if diffs:
         lines = "; ".join(f"{k}: directory {a!r}, run {b!r}" for k, a, b in diffs)
@@ -170,12 +211,12 @@ def _override(value: Any) -> str:
 
 
 def init_from(model: nn.Module, directory: str, cfg: Any | None = None, *,
-              allow_missing: tuple[str, ...] = ("head",)) -> InitReport:
+              allow_missing: tuple[str, ...] = PREDICTION_MODULES) -> InitReport:
     """Loads pretrained weights into a d2v model (the student, or any module with its names).
 
     cfg: the run's config; when given, the directory's architecture is checked against it.
     allow_missing: module prefixes that may keep their fresh initialisation when the directory
-    has no weights for them (transformers checkpoints never hold d2v's regression head).
+    has no weights for them (transformers checkpoints never hold d2v's regression head or 2.0 decoder).
     Raises before touching the model if anything does not fit.
     """
     pre = read_pretrained(directory)

@@ -1,0 +1,306 @@
+"""data2vec 2.0 in transformers (README, interop): every 2.0 modality, student and EMA teacher,
+exported with `write_hf` and loaded with `AutoModel.from_pretrained(OUT, trust_remote_code=True)`
+in a process that runs outside the checkout and cannot import d2v; its `last_hidden_state` must be
+d2v's encoder output (fp32, eval) on padded and unpadded batches, and `pipeline("feature-extraction",
+OUT)` on a file must give what d2v's own data pipeline and encoder give. Then the directories come
+back: --init-from and fine-tuning's --init load them.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+PRESETS = ["audio_tiny_v2", "image_tiny_v2", "text_tiny_v2"]
+# 0 where the modelling file repeats d2v's operations in order (audio, image). Text loads into
+# transformers' Data2VecTextModel, whose embedding sums word + token type + position where d2v sums
+# word + position + token type: float addition is not associative, one rounding per element.
+BOUND = {"audio": 0.0, "image": 0.0, "text": 1e-5}
+
+# Runs in a temporary directory with d2v made unimportable: only the export directory counts.
+OUTSIDE = r'''
+import json, sys
+sys.modules["d2v"] = None  # `import d2v` raises: the export must stand on its own
+import numpy as np, soundfile, torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, pipeline
+
+for job in json.load(open(sys.argv[1])):
+    model = AutoModel.from_pretrained(job["dir"], trust_remote_code=True, **job["kwargs"]).eval()
+    inputs = load_file(job["inputs"])
+    out = {}
+    with torch.no_grad():
+        for batch in job["batches"]:
+            kw = {k.split("/", 1)[1]: v for k, v in inputs.items() if k.startswith(batch + "/")}
+            out[batch] = model(**kw).last_hidden_state.contiguous()
+    pipe = pipeline("feature-extraction", job["dir"], trust_remote_code=True, model_kwargs=job["kwargs"])
+    arg = job["file"]
+    if arg.endswith(".wav"):
+        arg = soundfile.read(arg, dtype="float32")[0]
+    out["pipeline"] = pipe(arg, return_tensors=True)[0].contiguous()
+    out["module"] = torch.tensor([ord(c) for c in type(model).__module__])
+    save_file(out, job["result"])
+leaked = sorted(m for m in sys.modules if m.startswith("d2v") and sys.modules[m] is not None)
+assert not leaked, leaked
+'''
+
+
+def _word_tokenizer(path, vocab_size):
+    """A tokenizers JSON with RoBERTa's special ids and <mask> last (what d2v's Tokenizer accepts)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({f"w{i}": i for i in range(4, vocab_size - 1)})
+    vocab["<mask>"] = vocab_size - 1
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path))
+    return str(path)
+
+
+def _model(preset, seed=0):
+    from d2v.config import get_preset
+    from d2v.models import build_model
+
+    torch.manual_seed(seed)
+    cfg = get_preset(preset)
+    model = build_model(cfg)
+    with torch.no_grad():  # every weight off its initial value (unit ALiBi scales, zero biases...)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return cfg, model.eval()
+
+
+def _batches(cfg):
+    """name -> (transformers kwargs, d2v source, d2v lengths): a padded and an unpadded batch."""
+    g = torch.Generator().manual_seed(1)
+    m = cfg.model
+    if m.modality == "audio":
+        x = torch.randn(2, 8000, generator=g)
+        x[1, 5600:] = 0.0
+        lengths = torch.tensor([8000, 5600])
+        mask = (torch.arange(8000)[None, :] < lengths[:, None]).long()
+        full = torch.randn(2, 6400, generator=g)
+        return {"padded": ({"input_values": x, "attention_mask": mask}, x, lengths),
+                "unpadded": ({"input_values": full}, full, None)}
+    if m.modality == "image":
+        x = torch.randn(3, m.image.in_chans, m.image.image_size, m.image.image_size, generator=g)
+        return {"unpadded": ({"pixel_values": x}, x, None)}
+    ids = torch.randint(4, m.text.vocab_size - 1, (2, 24), generator=g)
+    ids[:, 0], ids[0, -1] = m.text.bos_id, m.text.eos_id
+    padded = ids.clone()
+    padded[1, 17:] = m.text.pad_id
+    return {"padded": ({"input_ids": padded, "attention_mask": padded.ne(m.text.pad_id).long()}, padded, None),
+            "unpadded": ({"input_ids": ids}, ids, None)}
+
+
+def _d2v_hidden(model, source, lengths):
+    """d2v's encoder output over the whole input (image: CLS first) and the non-padded positions."""
+    with torch.no_grad():
+        feats = model.features(source, lengths)
+        h = model.encode(feats.x, feats.padding_mask, keep_extra_tokens=True)
+    valid = torch.ones(h.shape[:2], dtype=torch.bool) if feats.padding_mask is None else ~feats.padding_mask
+    return h, valid
+
+
+def _demo_file(cfg, directory, tokenizer):
+    """A file of the modality and d2v's reading of it (its data pipeline's decode and transform)."""
+    m = cfg.model
+    if m.modality == "audio":
+        import soundfile
+
+        from d2v.data.audio import decode_audio, normalize_waveform
+
+        t = np.arange(7000) / 16000
+        # a quiet chirp with a DC offset: its variance (5e-5) is where the normalisation's epsilon counts
+        wave = (0.01 * np.sin(2 * np.pi * (200 + 900 * t) * t) + 0.002).astype(np.float32)
+        path = os.path.join(directory, "demo.wav")
+        soundfile.write(path, wave, 16000, subtype="PCM_16")
+        with open(path, "rb") as f:
+            wav = normalize_waveform(decode_audio(f.read(), 16000))
+        return path, torch.from_numpy(wav)[None]
+    if m.modality == "image":
+        from PIL import Image
+
+        from d2v.data.image import ImageTransform, decode_image
+
+        rgb = np.random.default_rng(0).integers(0, 256, (45, 37, 3), dtype=np.uint8)
+        path = os.path.join(directory, "demo.png")
+        Image.fromarray(rgb).save(path)
+        with open(path, "rb") as f:
+            image = decode_image({"png": f.read()})
+        transform = ImageTransform(m.image.image_size, m.image.mean, m.image.std, train=False)
+        return path, transform(image, torch.Generator())[None]
+    from d2v.data.tokenizer import Tokenizer
+
+    text = "w5 w9 w11 w5 w1200"
+    ids = Tokenizer(tokenizer).encode(text)
+    return text, torch.tensor([[m.text.bos_id, *ids, m.text.eos_id]])  # a document as d2v's shards hold it
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """Student and teacher exports of every 2.0 modality, read back in one process outside the
+    checkout: name -> (cfg, d2v network, export dir, batches, demo reference, outside results)."""
+    from d2v.interop import write_hf
+    from d2v.models import build_model
+    from d2v.teacher import Teacher
+
+    root = tmp_path_factory.mktemp("hf_v2")
+    jobs, cases = [], {}
+    for preset in PRESETS + ["audio_tiny"]:  # 1.0 audio: transformers' model, d2v's preprocessing
+        cfg, model = _model(preset)
+        tok = None
+        if cfg.model.modality == "text":
+            tok = _word_tokenizer(root / "tok.json", cfg.model.text.vocab_size)
+        state = Teacher(model, cfg.teacher).export_state()
+        state = {k: v + 0.1 * torch.randn_like(v) for k, v in state.items()}  # an EMA that moved away
+        teacher_net = build_model(cfg).eval()  # the student's network with the teacher's weights where it has them
+        teacher_net.load_state_dict({**model.state_dict(), **state})
+        whom = (("student", model, None), ("teacher", teacher_net, state))
+        for who, net, teacher in whom if model.drops_masked else whom[:1]:
+            name = f"{preset}-{who}"
+            out = str(root / name)
+            meta = write_hf(out, cfg, model.state_dict(), teacher=teacher, tokenizer=tok)
+            batches = _batches(cfg)
+            save_file({f"{b}/{k}": v.contiguous() for b, (kw, _, _) in batches.items() for k, v in kw.items()},
+                      str(root / f"{name}.in.safetensors"))
+            file_arg, demo_source = _demo_file(cfg, str(root), tok)
+            kwargs = {"add_pooling_layer": False} if cfg.model.modality == "text" else {}
+            jobs.append({"dir": out, "kwargs": kwargs, "inputs": str(root / f"{name}.in.safetensors"),
+                         "batches": sorted(batches), "file": file_arg, "result": str(root / f"{name}.out.safetensors")})
+            cases[name] = (cfg, net, out, meta, batches, demo_source)
+    with open(root / "jobs.json", "w") as f:
+        json.dump(jobs, f)
+    outside = root / "elsewhere"
+    outside.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(root / "hf_home"), PYTHONNOUSERSITE="1")
+    proc = subprocess.run([sys.executable, "-c", OUTSIDE, str(root / "jobs.json")], cwd=outside, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {name: (*case, load_file(str(root / f"{name}.out.safetensors"))) for name, case in cases.items()}
+
+
+@pytest.mark.parametrize("who", ["student", "teacher"])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_v2_export_equals_d2v_outside_the_checkout(exports, preset, who):
+    cfg, net, out, meta, batches, _, got = exports[f"{preset}-{who}"]
+    modality = cfg.model.modality
+    for batch, (_, source, lengths) in batches.items():
+        ref, valid = _d2v_hidden(net, source, lengths)
+        assert got[batch].shape == ref.shape, batch
+        err = (got[batch] - ref)[valid].abs().max().item()
+        print(f"\n{preset} {who} {batch}: max |HF - d2v| = {err:.3g}")
+        assert err <= BOUND[modality], (batch, err)
+    module = "".join(chr(c) for c in got["module"].tolist())
+    if modality == "text":
+        assert module == "transformers.models.data2vec.modeling_data2vec_text"
+    else:  # d2v's modelling file, loaded from the export's copy
+        assert module.endswith("modeling_data2vec2") and os.path.exists(os.path.join(out, "modeling_data2vec2.py"))
+    assert meta["weights"] == who
+    assert all(n.startswith("decoder.") for n in meta["not_exported"]) and meta["not_exported"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_v2_pipeline_on_a_file_equals_d2v_pipeline(exports, preset):
+    """Preprocessing saved with the export: audio normalisation, image resize and mean/std, the
+    tokenizer with its <s> ... </s> marks."""
+    cfg, net, _, _, _, demo_source, got = exports[f"{preset}-student"]
+    ref = _d2v_hidden(net, demo_source, None)[0][0]
+    assert got["pipeline"].shape == ref.shape
+    err = (got["pipeline"] - ref).abs().max().item()
+    print(f"\n{preset} pipeline on a file: max |HF - d2v| = {err:.3g}")
+    assert err <= BOUND[cfg.model.modality]
+
+
+def test_audio_1_0_export_keeps_transformers_model_and_ships_d2v_normalisation(exports):
+    """Wav2Vec2FeatureExtractor's variance epsilon (1e-7) is not d2v's (1e-5): on quiet speech its
+    features differ by the order of the signal, so 1.0 audio exports carry d2v's feature extractor."""
+    cfg, net, out, _, batches, demo_source, got = exports["audio_tiny-student"]
+    assert "".join(chr(c) for c in got["module"].tolist()) == "transformers.models.data2vec.modeling_data2vec_audio"
+    for batch, (_, source, lengths) in batches.items():
+        ref, valid = _d2v_hidden(net, source, lengths)
+        assert (got[batch] - ref)[valid].abs().max().item() == 0.0, batch
+    ref = _d2v_hidden(net, demo_source, None)[0][0]
+    assert (got["pipeline"] - ref).abs().max().item() == 0.0
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert "AutoModel" not in config["auto_map"] and config["architectures"] == ["Data2VecAudioModel"]
+
+
+def test_v2_config_json_is_explicit_and_names_the_modelling_file(exports):
+    cfg, _, out, _, _, _, _ = exports["audio_tiny_v2-student"]
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["auto_map"]["AutoModel"] == "modeling_data2vec2.Data2Vec2AudioModel"
+    assert config["alibi"] is True and config["conv_pos_depth"] == cfg.model.audio.conv_pos_depth
+    pre = json.load(open(os.path.join(out, "preprocessor_config.json")))
+    assert pre["do_normalize"] is True and pre["sampling_rate"] == 16000
+    cfg, _, out, _, _, _, _ = exports["image_tiny_v2-student"]
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["num_prenet_layers"] == cfg.model.v2.prenet_depth and config["num_hidden_layers"] == cfg.model.depth
+    cfg, _, out, _, _, _, _ = exports["text_tiny_v2-student"]
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["architectures"] == ["Data2VecTextModel"] and "auto_map" not in config
+
+
+def test_modelling_file_recomputes_the_fixed_tables_as_d2v():
+    """A model built from its config alone (no weights) has d2v's ALiBi slopes and sin-cos table."""
+    from d2v.interop import hf_data2vec2
+    from d2v.kernels import alibi_slopes
+    from d2v.models.positions import sincos_2d
+
+    for heads in (4, 12, 16):
+        assert torch.equal(hf_data2vec2.alibi_slopes(heads), alibi_slopes(heads))
+    assert torch.equal(hf_data2vec2.sincos_table(14, 768), sincos_2d((14, 14), 768))
+
+
+@pytest.mark.parametrize("preset", ["audio_tiny_v2", "image_tiny_v2", "text_tiny_v2"])
+def test_v2_export_comes_back_through_init_from_and_finetune_init(exports, preset):
+    from d2v.finetune.model import load_backbone
+    from d2v.interop import init_from, pretrained_config
+    from d2v.models import build_model
+
+    cfg, _, out, _, _, _, _ = exports[f"{preset}-teacher"]
+    own = pretrained_config(out)
+    assert own.model.drops_masked and own.model.v2.prenet_depth == cfg.model.v2.prenet_depth
+    torch.manual_seed(5)
+    fresh = build_model(cfg)
+    report = init_from(fresh, out, cfg)
+    assert sorted({n.split(".")[0] for n in report.kept_init}) == ["decoder"]
+    from d2v.interop.hf_layout import d2v_to_hf_name
+    from d2v.interop.hf_v2 import is_custom, to_stock_depth
+
+    exported = load_file(os.path.join(out, "model.safetensors"))
+
+    for name, tensor in fresh.state_dict().items():
+        if name.startswith("decoder."):
+            continue
+        key = name if is_custom(cfg) else d2v_to_hf_name(cfg.model.modality,
+                                                        to_stock_depth(name, cfg.model.v2.prenet_depth))
+        assert torch.equal(tensor, exported[key]), name
+    backbone = load_backbone(out, cfg.model, random_init=False, seed=0)
+    for name, tensor in fresh.state_dict().items():
+        if not name.startswith("decoder."):
+            assert torch.equal(backbone.state_dict()[name], tensor), name
+
+
+def test_init_from_refuses_a_v2_export_for_another_architecture(exports):
+    from d2v.config import get_preset
+    from d2v.interop import init_from
+    from d2v.models import build_model
+
+    _, _, out, _, _, _, _ = exports["image_tiny_v2-student"]
+    other = get_preset("image_tiny_v2")
+    other.model.v2.prenet_depth = 0
+    other.model.depth = 4
+    with pytest.raises(ValueError, match="prenet_depth"):
+        init_from(build_model(other), out, other)
+    with pytest.raises(ValueError, match="v2.enabled"):
+        one = get_preset("image_tiny")
+        init_from(build_model(one), out, one)
