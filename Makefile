@@ -16,6 +16,8 @@ PRESET ?= $(MODALITY)_tiny
 DEMO_DATA ?= demo_data
 DEMO_STEPS ?= 300
 PYTEST_ARGS ?=
+# Another pretraining seed of the demo (runs/demo-<modality>-seed<N>); empty: the preset's seed (1).
+DEMO_SEED ?=
 # The rendezvous port of the 2 local ranks: set another one to run two demos at once.
 MASTER_PORT ?= 29500
 
@@ -52,7 +54,8 @@ demo: venv demo-data
 		--ds_config ds_configs/cpu.json --preset $(PRESET) \
 		--data "$$($(PY) -c 'import json,sys; print(json.load(open(sys.argv[1]))["train"])' $(DEMO_DATA)/$(MODALITY)/patterns.json)" \
 		--val-data "$$($(PY) -c 'import json,sys; print(json.load(open(sys.argv[1]))["valid"])' $(DEMO_DATA)/$(MODALITY)/patterns.json)" \
-		--out runs/demo-$(PRESET:_tiny=) --resume auto train.max_steps=$(DEMO_STEPS) train.val_every=100 train.log_every=25
+		--out runs/demo-$(PRESET:_tiny=)$(if $(DEMO_SEED),-seed$(DEMO_SEED)) --resume auto \
+		train.max_steps=$(DEMO_STEPS) train.val_every=100 train.log_every=25 $(if $(DEMO_SEED),train.seed=$(DEMO_SEED))
 
 clean-venv:
 	rm -rf $(VENV)
@@ -74,14 +77,17 @@ lock:
 	rm -rf $(LOCK_VENV)
 	@echo "wrote $(LOCK); run make test before committing it"
 
-# Pretrained versus random-init evaluation of the three demos (about 20-30 minutes on 2 CPU cores;
-# not part of CI). Pretrains runs/demo-<modality> first where it has no checkpoint yet.
+# Pretrained versus random-init evaluation of the three demos over seeds (not part of CI).
+# Pretrains runs/demo-<modality> (seed 1) and runs/demo-<modality>-seed<N> for the other
+# EVAL_PRETRAIN_SEEDS first where they have no checkpoint yet.
 .PHONY: eval
 EVAL_ARGS ?=
+EVAL_PRETRAIN_SEEDS ?= 1 2
 eval: venv
-	@for m in audio image text; do \
-		test -e runs/demo-$$m/checkpoints/latest || $(MAKE) demo MODALITY=$$m PRESET=$${m}_tiny || exit 1; \
-	done
+	@for m in audio image text; do for s in $(EVAL_PRETRAIN_SEEDS); do \
+		if [ $$s = 1 ]; then run=runs/demo-$$m; seed=; else run=runs/demo-$$m-seed$$s; seed=$$s; fi; \
+		test -e $$run/checkpoints/latest || $(MAKE) demo MODALITY=$$m PRESET=$${m}_tiny DEMO_SEED=$$seed || exit 1; \
+	done; done
 	DS_ACCELERATOR=cpu $(PY) -m d2v.finetune.evaluate --data $(DEMO_DATA) --runs runs --out runs/eval $(EVAL_ARGS)
 
 # GPU acceptance (README "GPU acceptance"). On the GPU machine, with the Python that has its CUDA

@@ -1,6 +1,12 @@
 """`python -m d2v.finetune.evaluate` (what `make eval` runs): the three demo
-evaluations, each for the pretrained demo checkpoint (runs/demo-<modality>) and for the same
-architecture at random initialisation, as one table.
+evaluations, each for the pretrained demo checkpoints (runs/demo-<modality>, and
+runs/demo-<modality>-seed<P> for further pretraining seeds) and for the same architecture at
+random initialisation, as one table of means and spreads over seeds.
+
+Each arm is repeated: the pretrained arm over every pretraining run times `--seeds` fine-tuning
+seeds, the random-init arm over as many seeds (each a different random initialisation and data
+order). The table gives mean ± standard deviation per arm, their difference, and whether it
+exceeds the spread (Welch's t-test, d2v.finetune.seed_stats); nothing is claimed from one run.
 
 * speech: CTC fine-tuning on the labelled eSpeak demo (d2v.data.demo_asr), WER and CER on two
   held-out voices saying held-out sentences;
@@ -79,12 +85,13 @@ def finetune(task: str, init: str, data: dict[str, str], out: str, *, random_ini
     return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
 
 
-def linear_probe(task: str, init: str, data: dict[str, str]) -> dict[str, float]:
+def linear_probe(task: str, init: str, data: dict[str, str], seed: int) -> dict[str, float]:
+    """Probe accuracy of `init` ("pretrained") and of a random encoder drawn with `seed` ("random init")."""
     from d2v.finetune.resolve import resolve_finetune
     from d2v.finetune.probe import probe
 
     cfg, _ = resolve_finetune(task, init=init, overrides=[f"finetune.train_data={data['train']}",
-                                                          f"finetune.eval_data={data['eval']}"])
+                                                          f"finetune.eval_data={data['eval']}", f"train.seed={seed}"])
     return probe(cfg)["accuracy"]
 
 
@@ -99,44 +106,80 @@ ROWS = (  # (task, metric, what, pipeline)
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| task | metric | pretrained | random init |", "|---|---|---|---|"]
+    from d2v.finetune.seed_stats import compare, describe
+
+    lines = ["| task | metric | pretrained | random init | difference | verdict |", "|---|---|---|---|---|---|"]
     for r in rows:
         arrow = " (lower is better)" if r["metric"] in ("wer", "cer") else ""
+        cells = describe(compare(r["pretrained"], r["random init"]))
         lines.append(f"| {r['what']} | {r['metric'].upper() if r['metric'] != 'accuracy' else 'accuracy'}{arrow} | "
-                     f"{r['pretrained']:.1%} | {r['random init']:.1%} |")
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def evaluate(data: str, runs: str, out: str, *, ranks: int, steps: dict[str, int], tasks: list[str]) -> dict:
+def pretrained_runs(runs: str, modality: str) -> list[tuple[int, str]]:
+    """(pretraining seed, run dir) of every demo run of `modality` with a checkpoint: demo-<m> is
+    seed 1 (as `make demo` trains it), demo-<m>-seed<P> the others."""
+    found = []
+    for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+        seed = 1 if name == f"demo-{modality}" else None
+        if name.startswith(f"demo-{modality}-seed") and name.rsplit("seed", 1)[1].isdigit():
+            seed = int(name.rsplit("seed", 1)[1])
+        if seed is not None and os.path.exists(os.path.join(runs, name, "checkpoints", "latest")):
+            found.append((seed, os.path.join(runs, name)))
+    return sorted(found)
+
+
+def evaluate(data: str, runs: str, out: str, *, ranks: int, steps: dict[str, int], tasks: list[str],
+             seeds: int = 3) -> dict:
+    if seeds < 1:
+        raise ValueError(f"--seeds {seeds}: run each arm at least once")
     paths = ensure_data(data)
     inits = {}
     for task in tasks:
-        run = os.path.join(runs, f"demo-{TASKS[task].modality}")
-        if not os.path.exists(os.path.join(run, "checkpoints", "latest")):
-            raise FileNotFoundError(f"{run} has no checkpoint: run `make demo MODALITY={TASKS[task].modality}` first "
-                                    f"(make eval does)")
-        inits[task] = run
+        modality = TASKS[task].modality
+        inits[task] = pretrained_runs(runs, modality)
+        if not inits[task]:
+            raise FileNotFoundError(f"{runs}/demo-{modality} has no checkpoint: run `make demo MODALITY={modality}` "
+                                    f"first (make eval does)")
     results: dict[str, Any] = {"tasks": {}, "seconds": {}}
     previous = os.path.join(out, "results.json")
     if os.path.exists(previous):  # re-running some tasks (--tasks) keeps the others' results
         with open(previous) as f:
             old = json.load(f)
-        results["tasks"], results["seconds"] = old.get("tasks", {}), old.get("seconds", {})
+        # records from before seeds were repeated hold one run per arm: they are dropped, not mixed in
+        results["tasks"] = {k: v for k, v in old.get("tasks", {}).items() if "seeds" in v}
+        results["seconds"] = old.get("seconds", {})
     for task in tasks:
-        record: dict[str, Any] = {"steps": steps[task], "init": inits[task], "data": paths[task],
-                                  "overrides": EXTRA_OVERRIDES.get(task, [])}
+        overrides = EXTRA_OVERRIDES.get(task, [])
+        record: dict[str, Any] = {"steps": steps[task], "inits": [run for _, run in inits[task]],
+                                  "data": paths[task], "overrides": overrides, "seeds": seeds,
+                                  "pretrained": [], "random init": []}
+        # (pretraining seed, fine-tuning seed) pairs; the random arm gets as many runs
+        arms = {"pretrained": [(p, run, s) for p, run in inits[task] for s in range(1, seeds + 1)]}
+        arms["random init"] = [(0, inits[task][0][1], s) for s in range(1, len(arms["pretrained"]) + 1)]
         t0 = time.perf_counter()
-        for name, random_init in (("pretrained", False), ("random init", True)):
-            record[name] = finetune(task, inits[task], paths[task], os.path.join(out, task, name.replace(" ", "_")),
-                                    random_init=random_init, ranks=ranks,
-                                    overrides=[f"train.max_steps={steps[task]}", *EXTRA_OVERRIDES.get(task, [])])
-            print(f"{task} {name}: {record[name]['metrics']} ({record[name]['train_seconds']} s)", flush=True)
+        for name, runs_of_arm in arms.items():
+            random_init = name == "random init"
+            for p, run, s in runs_of_arm:
+                where = os.path.join(out, task, name.replace(" ", "_"), f"pretrain{p}-seed{s}" if p else f"seed{s}")
+                res = finetune(task, run, paths[task], where, random_init=random_init, ranks=ranks,
+                               overrides=[f"train.max_steps={steps[task]}", f"train.seed={s}", *overrides])
+                record[name].append({"pretrain_seed": p, "seed": s, **res})
+                print(f"{task} {name} (pretraining seed {p or '-'}, seed {s}): {res['metrics']} "
+                      f"({res['train_seconds']} s)", flush=True)
         results["seconds"][f"{task} fine-tuning"] = round(time.perf_counter() - t0, 1)
         if TASKS[task].probe:
             t0 = time.perf_counter()
-            record["probe"] = linear_probe(task, inits[task], paths[task])
+            probes = {"pretrained": [], "random init": []}
+            for i, (p, run, s) in enumerate(arms["pretrained"]):
+                acc = linear_probe(task, run, paths[task], seed=i + 1)
+                if s == 1:  # the probe of a pretrained encoder is closed-form: one per pretraining run
+                    probes["pretrained"].append(acc["pretrained"])
+                probes["random init"].append(acc["random init"])
+            record["probe"] = probes
             results["seconds"][f"{task} probe"] = round(time.perf_counter() - t0, 1)
-            print(f"{task} linear probe: {record['probe']}", flush=True)
+            print(f"{task} linear probe: {probes}", flush=True)
         results["tasks"][task] = record
         write_results(results, out, ranks)  # after every task: a later failure keeps what is done
     return results
@@ -151,7 +194,7 @@ def write_results(results: dict[str, Any], out: str, ranks: int) -> None:
         if pipeline == "probe":
             values = rec["probe"]
         else:
-            values = {k: rec[k]["metrics"][metric] for k in ("pretrained", "random init")}
+            values = {k: [r["metrics"][metric] for r in rec[k]] for k in ("pretrained", "random init")}
         rows.append({"task": task, "what": what, "metric": metric, **values})
     results["rows"] = rows
     results["ranks"] = ranks
@@ -181,11 +224,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--image-steps", type=int, default=1200)
     ap.add_argument("--text-steps", type=int, default=1000)
     ap.add_argument("--tasks", default="asr,image_cls,text_cls")
+    ap.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per pretraining run and arm")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     steps = {"asr": args.asr_steps, "image_cls": args.image_steps, "text_cls": args.text_steps}
     results = evaluate(args.data, args.runs, args.out, ranks=args.ranks, steps=steps,
-                       tasks=[t for t in args.tasks.split(",") if t])
+                       tasks=[t for t in args.tasks.split(",") if t], seeds=args.seeds)
     print(markdown(results["rows"]))
     print(f"evaluation in {time.perf_counter() - start:.0f} s; {os.path.join(args.out, 'results.md')}, "
           f"{os.path.join(args.out, 'results.json')}")
