@@ -20,13 +20,10 @@ from d2v.finetune.config import FinetuneConfig
 from d2v.finetune.model import FinetuneModel, load_backbone
 from d2v.finetune.tasks import FtBatch, build_task
 from d2v.train import distributed
-from d2v.train.checkpoint import Checkpointer, atomic_write_text
+from d2v.train.checkpoint import atomic_write_text
 from d2v.train.engine import start_engine
 from d2v.train.guarded_update import GuardedCounts, GuardedUpdate
-from d2v.train.loop import UpdateLoop, plan_resume, with_universal_load
-from d2v.train.run_lock import lock_run_directory
-from d2v.train.metrics import MetricsSink
-from d2v.train.preemption import PreemptionFlag
+from d2v.train.loop import UpdateLoop, with_universal_load
 from d2v.train.trainer import DTYPES, StepMetrics, param_groups
 
 
@@ -133,24 +130,14 @@ class FinetuneRun(UpdateLoop):
         self.rank, self.world_size = distributed.init_distributed()
         self.device = distributed.device()
         self.out_dir = cfg.train.out_dir
-        # Held before anything in the directory is read or written; released by close().
-        self.lock, _ = lock_run_directory(self.out_dir, self.rank)
-        try:
-            self._start(cfg, ds_template, random_init, resume)
-        except BaseException:
-            if self.lock is not None:
-                self.lock.release()
-            raise
+        self.open_run_directory(lambda note: self._start(cfg, ds_template, random_init, resume))
 
     def _start(self, cfg: FinetuneConfig, ds_template: dict[str, Any], random_init: bool, resume: str) -> None:
         if zero_stage(ds_template) == 3:  # before anything is loaded
             raise ValueError("fine-tuning runs ZeRO stages 0-2 (its sharded evaluation is not ZeRO-3 safe); "
                              "use ds_configs/cpu.json or a stage-1/2 template")
         distributed.set_cpu_threads(cfg.train.threads)
-        self.checkpointer = Checkpointer(os.path.join(self.out_dir, "checkpoints"), rank=self.rank,
-                                         world_size=self.world_size, keep_last=cfg.train.keep_last)
-        self.resume_tag, state, reshard = plan_resume(self.checkpointer, resume, cfg.name, self.out_dir,
-                                                      self.world_size)
+        state, reshard = self.plan_checkpoints(resume)
         if reshard:
             ds_template = with_universal_load(ds_template)
         if state is not None:
@@ -168,15 +155,7 @@ class FinetuneRun(UpdateLoop):
         self.stream = TaskStream(self.task.size("train"), cfg.train.micro_batch_size, self.rank, self.world_size,
                                  cfg.train.seed)
         self.val_every = cfg.finetune.eval_every
-        self.last_checkpoint: str | None = None
-        self.preemption = PreemptionFlag(self.world_size).install()
-        if self.resume_tag is not None:
-            self.restore(self.resume_tag, universal=reshard)
-        self.sink = MetricsSink(self.out_dir, rank=self.rank, max_steps=cfg.train.max_steps, wandb_mode=cfg.train.wandb,
-                                run_config=to_dict(cfg), start_step=self.stepper.step)
-        if self.rank == 0:
-            os.makedirs(self.out_dir, exist_ok=True)
-            atomic_write_text(os.path.join(self.out_dir, "config.json"), json.dumps(to_dict(cfg), indent=2))
+        self.finish_start(to_dict(cfg), universal=reshard)
 
     def _run_identity(self) -> dict[str, Any]:
         return {"task": self.cfg.task, "init": self.cfg.init, "random_init": self.random_init,

@@ -261,10 +261,12 @@ class Encoder(nn.Module):
     """Positions (audio: conv over the padded-to-zero input, added; image: sin-cos table), CLS,
     input LayerNorm, prenet and main blocks; ALiBi and padding enter as one additive mask."""
 
-    def __init__(self, config: Data2Vec2Config) -> None:
+    def __init__(self, config: Data2Vec2Config, *, waveform: bool) -> None:
+        """waveform: the audio encoder's parts (conv positions, ALiBi), else the image encoder's
+        (sin-cos positions, CLS token); each model class says which it is."""
         super().__init__()
         c, dim = config, config.hidden_size
-        audio = c.modality == "audio"
+        audio = waveform
         self.pos_conv = ConvPositions(dim, c.conv_pos_depth, c.conv_pos_kernel, c.conv_pos_groups) if audio else None
         grid = c.image_size // c.patch_size
         self.sincos = SinCosPositions(grid, dim) if not audio and c.sincos_positions else None
@@ -341,7 +343,7 @@ class Data2Vec2AudioModel(Data2Vec2PreTrainedModel):
     def __init__(self, config: Data2Vec2Config) -> None:
         super().__init__(config)
         self.frontend = AudioFrontend(config.conv_layers, config.hidden_size)
-        self.encoder = Encoder(config)
+        self.encoder = Encoder(config, waveform=True)
         self.post_init()
 
     def frame_padding(self, attention_mask: Tensor | None, num_samples: int, num_frames: int) -> Tensor | None:
@@ -372,7 +374,7 @@ class Data2Vec2VisionModel(Data2Vec2PreTrainedModel):
     def __init__(self, config: Data2Vec2Config) -> None:
         super().__init__(config)
         self.frontend = PatchFrontend(config.patch_size, config.num_channels, config.hidden_size)
-        self.encoder = Encoder(config)
+        self.encoder = Encoder(config, waveform=False)
         self.post_init()
 
     def forward(self, pixel_values: Tensor, output_hidden_states: bool = False, return_dict: bool = True,

@@ -287,8 +287,10 @@ def stock_depth(cfg: Any) -> int:
 def hf_config(cfg: Any) -> dict[str, Any]:
     """transformers config.json contents for a config whose encoder a stock transformers class
     computes (1.0, and 2.0 text), every structural field explicit."""
+    from d2v.interop.hf_v2 import is_custom
+
     m = cfg.model
-    if is_v2(cfg) and m.modality != "text":
+    if is_custom(cfg):
         raise ValueError(f"preset {cfg.name!r} is data2vec 2.0 {m.modality}: no stock transformers class computes "
                          f"it (d2v/interop/hf_v2.py writes its own modelling file)")
     layout = hf_layout(m.modality)

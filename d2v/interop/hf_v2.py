@@ -14,19 +14,82 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 MODELING_FILE = "modeling_data2vec2.py"
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_data2vec2.py")
 MODEL_TYPE = "data2vec2"
 MODULE = MODELING_FILE[:-3]
 
-# modality -> (model class, preprocessing class, its Auto class, pipeline class, pipeline input type)
+@dataclass(frozen=True)
+class CustomExport:
+    """What one modality's export through the modelling file names and writes."""
+
+    model_cls: str
+    pre_cls: str
+    """The preprocessing class (feature extractor or image processor)."""
+    pre_auto: str
+    """Its Auto class in config.json's auto_map."""
+    pipe_cls: str
+    pipeline_input: str
+    """The pipeline's input type."""
+    fields: Callable[[Any], dict[str, Any]]
+    """config.json entries of the modality's encoder parts."""
+    preprocessing: Callable[[Any], dict[str, Any]]
+    """preprocessor_config.json entries, set as d2v's data pipeline is."""
+    buffers: Callable[[Any], dict[str, Any]]
+    """Fixed tensors the modelling file reads from the weights, from d2v's own definitions."""
+    processor_for_v1: bool = False
+    """The 1.0 export (a transformers model) ships the preprocessing too."""
+
+
+def _audio_fields(cfg: Any) -> dict[str, Any]:
+    a, v = cfg.model.audio, cfg.model.v2
+    return {"conv_layers": [list(c) for c in a.conv_layers], "conv_pos_depth": a.conv_pos_depth,
+            "conv_pos_kernel": a.conv_pos_kernel, "conv_pos_groups": a.conv_pos_groups, "alibi": bool(v.alibi)}
+
+
+def _image_fields(cfg: Any) -> dict[str, Any]:
+    im, v = cfg.model.image, cfg.model.v2
+    return {"image_size": im.image_size, "patch_size": im.patch_size, "num_channels": im.in_chans,
+            "sincos_positions": bool(v.sincos_positions), "cls_token": bool(v.cls_token)}
+
+
+def _audio_preprocessing(cfg: Any) -> dict[str, Any]:
+    return {"feature_size": 1, "sampling_rate": cfg.model.audio.sample_rate, "padding_value": 0.0,
+            "padding_side": "right", "do_normalize": bool(cfg.data.normalize), "return_attention_mask": True}
+
+
+def _image_preprocessing(cfg: Any) -> dict[str, Any]:
+    im = cfg.model.image
+    return {"size": im.image_size, "image_mean": list(im.mean), "image_std": list(im.std)}
+
+
+def _audio_buffers(cfg: Any) -> dict[str, Any]:
+    from d2v.kernels import alibi_slopes
+
+    return {"encoder.alibi.slopes": alibi_slopes(cfg.model.num_heads)} if cfg.model.v2.alibi else {}
+
+
+def _image_buffers(cfg: Any) -> dict[str, Any]:
+    from d2v.models.positions import sincos_2d
+
+    m = cfg.model
+    grid = m.image.image_size // m.image.patch_size
+    return {"encoder.sincos.table": sincos_2d((grid, grid), m.embed_dim)} if m.v2.sincos_positions else {}
+
+
 CUSTOM = {
-    "audio": ("Data2Vec2AudioModel", "Data2Vec2FeatureExtractor", "AutoFeatureExtractor",
-              "Data2Vec2AudioFeaturePipeline", "audio"),
-    "image": ("Data2Vec2VisionModel", "Data2Vec2ImageProcessor", "AutoImageProcessor",
-              "Data2Vec2ImageFeaturePipeline", "image"),
+    # 1.0 audio keeps transformers' model but ships this feature extractor: Wav2Vec2FeatureExtractor's
+    # variance epsilon is 1e-7, d2v's and fairseq's 1e-5 (for quiet speech the difference is of the
+    # order of the signal).
+    "audio": CustomExport("Data2Vec2AudioModel", "Data2Vec2FeatureExtractor", "AutoFeatureExtractor",
+                          "Data2Vec2AudioFeaturePipeline", "audio", _audio_fields, _audio_preprocessing,
+                          _audio_buffers, processor_for_v1=True),
+    "image": CustomExport("Data2Vec2VisionModel", "Data2Vec2ImageProcessor", "AutoImageProcessor",
+                          "Data2Vec2ImageFeaturePipeline", "image", _image_fields, _image_preprocessing,
+                          _image_buffers),
 }
 FIXED_BUFFERS = ("encoder.alibi.slopes", "encoder.sincos.table")
 """Buffers the modelling file loads with the weights; d2v recomputes them (not in its state dicts)."""
@@ -40,73 +103,48 @@ def is_custom(cfg: Any) -> bool:
 
 
 def ships_code(cfg: Any) -> bool:
-    """Whether the export carries the modelling file: for its model, or (1.0 audio, whose model is
-    transformers' own) for d2v's normalisation, which Wav2Vec2FeatureExtractor does not compute
-    (its variance epsilon is 1e-7, d2v's and fairseq's 1e-5: for quiet speech the difference is
-    of the order of the signal)."""
-    return is_custom(cfg) or cfg.model.modality == "audio"
+    """Whether the export carries the modelling file: for its model, or for its preprocessing."""
+    entry = CUSTOM.get(cfg.model.modality)
+    return is_custom(cfg) or (entry is not None and entry.processor_for_v1)
 
 
 def processing_entries(modality: str) -> dict[str, Any]:
     """config.json entries naming the modelling file's preprocessing and pipeline."""
-    _, pre_cls, pre_auto, pipe_cls, kind = CUSTOM[modality]
-    return {"auto_map": {pre_auto: f"{MODULE}.{pre_cls}"},
-            "custom_pipelines": {"feature-extraction": {"impl": f"{MODULE}.{pipe_cls}", "pt": ["AutoModel"],
-                                                        "type": kind}}}
+    e = CUSTOM[modality]
+    return {"auto_map": {e.pre_auto: f"{MODULE}.{e.pre_cls}"},
+            "custom_pipelines": {"feature-extraction": {"impl": f"{MODULE}.{e.pipe_cls}", "pt": ["AutoModel"],
+                                                        "type": e.pipeline_input}}}
 
 
 def custom_config(cfg: Any) -> dict[str, Any]:
     """config.json of a 2.0 audio or image export: every field explicit, the classes in auto_map."""
     m, v = cfg.model, cfg.model.v2
-    model_cls = CUSTOM[m.modality][0]
+    e = CUSTOM[m.modality]
     entries = processing_entries(m.modality)
-    out: dict[str, Any] = {
-        "architectures": [model_cls], "model_type": MODEL_TYPE,
-        "auto_map": {"AutoConfig": f"{MODULE}.Data2Vec2Config", "AutoModel": f"{MODULE}.{model_cls}",
+    return {
+        "architectures": [e.model_cls], "model_type": MODEL_TYPE,
+        "auto_map": {"AutoConfig": f"{MODULE}.Data2Vec2Config", "AutoModel": f"{MODULE}.{e.model_cls}",
                      **entries["auto_map"]},
         "custom_pipelines": entries["custom_pipelines"],
         "modality": m.modality, "hidden_size": m.embed_dim, "num_hidden_layers": m.depth,
         "num_prenet_layers": v.prenet_depth, "num_attention_heads": m.num_heads, "intermediate_size": m.ffn_dim,
         "layer_norm_eps": m.norm_eps, "hidden_dropout": m.dropout, "attention_dropout": m.attention_dropout,
-        "activation_dropout": m.activation_dropout, "initializer_range": m.init_std, "dtype": "float32"}
-    if m.modality == "audio":
-        a = m.audio
-        out.update({"conv_layers": [list(c) for c in a.conv_layers], "conv_pos_depth": a.conv_pos_depth,
-                    "conv_pos_kernel": a.conv_pos_kernel, "conv_pos_groups": a.conv_pos_groups,
-                    "alibi": bool(v.alibi)})
-    else:
-        im = m.image
-        out.update({"image_size": im.image_size, "patch_size": im.patch_size, "num_channels": im.in_chans,
-                    "sincos_positions": bool(v.sincos_positions), "cls_token": bool(v.cls_token)})
-    return out
+        "activation_dropout": m.activation_dropout, "initializer_range": m.init_std, "dtype": "float32",
+        **e.fields(cfg)}
 
 
 def custom_preprocessing(cfg: Any) -> tuple[str, dict[str, Any]]:
     """preprocessor_config.json: the modelling file's processors, set as d2v's data pipeline is
     (every audio export, 2.0 image)."""
-    m = cfg.model
-    _, pre_cls, pre_auto, _, _ = CUSTOM[m.modality]
-    common = {"auto_map": {pre_auto: f"{MODULE}.{pre_cls}"}}
-    if m.modality == "audio":
-        return "preprocessor_config.json", {
-            **common, "feature_extractor_type": pre_cls, "feature_size": 1, "sampling_rate": m.audio.sample_rate,
-            "padding_value": 0.0, "padding_side": "right", "do_normalize": bool(cfg.data.normalize),
-            "return_attention_mask": True}
-    im = m.image
-    return "preprocessor_config.json", {**common, "image_processor_type": pre_cls, "size": im.image_size,
-                                        "image_mean": list(im.mean), "image_std": list(im.std)}
+    e = CUSTOM[cfg.model.modality]
+    kind = "feature_extractor_type" if e.pre_auto == "AutoFeatureExtractor" else "image_processor_type"
+    return "preprocessor_config.json", {"auto_map": {e.pre_auto: f"{MODULE}.{e.pre_cls}"}, kind: e.pre_cls,
+                                        **e.preprocessing(cfg)}
 
 
 def fixed_buffers(cfg: Any) -> dict[str, Any]:
     """The fixed tensors the modelling file reads from the weights, from d2v's own definitions."""
-    from d2v.kernels import alibi_slopes
-    from d2v.models.positions import sincos_2d
-
-    m, v = cfg.model, cfg.model.v2
-    if m.modality == "audio":
-        return {"encoder.alibi.slopes": alibi_slopes(m.num_heads)} if v.alibi else {}
-    grid = m.image.image_size // m.image.patch_size
-    return {"encoder.sincos.table": sincos_2d((grid, grid), m.embed_dim)} if v.sincos_positions else {}
+    return CUSTOM[cfg.model.modality].buffers(cfg)
 
 
 _BLOCK = re.compile(r"^encoder\.(prenet|blocks)\.(\d+)\.(.*)$")

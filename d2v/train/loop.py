@@ -14,16 +14,20 @@ line adds), `validate`, `guard`, and `run_state` (what its checkpoints carry bes
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from d2v import collectives
 from d2v.train import host_sync
-from d2v.train.checkpoint import Checkpointer, checked_tag
+from d2v.train.checkpoint import Checkpointer, atomic_write_text, checked_tag
 from d2v.train.guarded_update import NonFiniteError, state_is_finite
+from d2v.train.metrics import MetricsSink
+from d2v.train.preemption import PreemptionFlag
+from d2v.train.run_lock import lock_run_directory
 
 
 class NoDataError(RuntimeError):
@@ -98,6 +102,41 @@ class UpdateLoop:
     validate_at_end = True  # also at the last step when val_every divides it (False: the job does its own)
     window_keys: tuple[str, ...] = ()  # StepMetrics values averaged over a log window
     rate_keys: tuple[str, ...] = ("samples",)  # StepMetrics values summed over a window, then over ranks
+
+    # -- start-up, the same for every job ---------------------------------------------------------
+    def open_run_directory(self, start: Callable[[str | None], None]) -> None:
+        """Holds OUT/.d2v.lock before anything in the directory is read or written (released by
+        close()), then runs the job's `start(lock_note)`; a start-up that fails releases it."""
+        self.lock, note = lock_run_directory(self.out_dir, self.rank)
+        try:
+            start(note)
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
+
+    def plan_checkpoints(self, resume: str, zero_stage: int | None = None) -> tuple[dict[str, Any] | None, bool]:
+        """Sets checkpointer and resume_tag; returns (the tag's run state, whether it loads through
+        the universal form). Everything about the resume is checked before any engine exists."""
+        self.checkpointer = Checkpointer(os.path.join(self.out_dir, "checkpoints"), rank=self.rank,
+                                         world_size=self.world_size, keep_last=self.cfg.train.keep_last)
+        self.resume_tag, state, reshard = plan_resume(self.checkpointer, resume, self.cfg.name, self.out_dir,
+                                                      self.world_size, zero_stage)
+        return state, reshard
+
+    def finish_start(self, run_config: dict[str, Any], *, universal: bool, **sink_options: Any) -> None:
+        """After the stepper exists: preemption handling, the resume, the metrics sink, and the
+        resolved config written beside the checkpoints (rank 0)."""
+        self.last_checkpoint: str | None = None
+        self.preemption = PreemptionFlag(self.world_size).install()
+        if self.resume_tag is not None:
+            self.restore(self.resume_tag, universal=universal)
+        self.sink = MetricsSink(self.out_dir, rank=self.rank, max_steps=self.cfg.train.max_steps,
+                                wandb_mode=self.cfg.train.wandb, run_config=run_config,
+                                start_step=self.stepper.step, **sink_options)
+        if self.rank == 0:
+            os.makedirs(self.out_dir, exist_ok=True)
+            atomic_write_text(os.path.join(self.out_dir, "config.json"), json.dumps(run_config, indent=2))
 
     def log_values(self, step: int, m, totals: dict[str, float], elapsed: float) -> dict[str, float]:
         """What a log line adds to the window means and counters (all ranks call this)."""

@@ -6,8 +6,6 @@ all-reduces at log, validation and checkpoint steps.
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Callable
 
 import torch
@@ -18,13 +16,9 @@ from d2v.config.deepspeed_json import zero_stage
 from d2v.config.batch_plan import BatchPlan
 from d2v.config.modalities import modality_spec
 from d2v.config.schema import D2vConfig, is_frozen
-from d2v.train.checkpoint import Checkpointer
 from d2v.train.identity import check_resume, run_identity
-from d2v.train.run_lock import lock_run_directory
-from d2v.train.loop import UpdateLoop, plan_resume, with_universal_load
-from d2v.train.metrics import MetricsSink
+from d2v.train.loop import UpdateLoop, with_universal_load
 from d2v.train import distributed
-from d2v.train.preemption import PreemptionFlag
 from d2v.train.streams import BatchStream
 from d2v.train.throughput_log import interval_values, peak_tflops
 from d2v.train.trainer import Trainer
@@ -54,24 +48,15 @@ class Run(UpdateLoop):
                              f"joined: start the ranks with WORLD_SIZE set (deepspeed, torchrun, srun, mpirun do)")
         # The reference run's global batch at this world size (or the config's own, said so).
         self.batch_plan = batch_plan
-        # Held before anything in the directory is read or written; released by close().
-        self.lock, lock_note = lock_run_directory(self.out_dir, self.rank)
-        try:
-            self._start(cfg, ds_template, make_stream, make_val_stream, resume, console, init_from, lock_note)
-        except BaseException:
-            if self.lock is not None:
-                self.lock.release()
-            raise
+        self.open_run_directory(lambda note: self._start(cfg, ds_template, make_stream, make_val_stream, resume,
+                                                         console, init_from, note))
 
     def _start(self, cfg, ds_template, make_stream, make_val_stream, resume, console, init_from, lock_note) -> None:
-        self.checkpointer = Checkpointer(os.path.join(self.out_dir, "checkpoints"), rank=self.rank,
-                                         world_size=self.world_size, keep_last=cfg.train.keep_last)
         # Everything about the resume is checked before any engine is built: the checkpoint must
         # be this run's (identity), and what changed since is said in the log.
         stage = zero_stage(ds_template)  # filling the template (the trainer's job) keeps its stage
         self.identity = run_identity(cfg, world_size=self.world_size, zero_stage=stage)
-        self.resume_tag, state, reshard = plan_resume(self.checkpointer, resume, cfg.name, self.out_dir,
-                                                      self.world_size, stage)
+        state, reshard = self.plan_checkpoints(resume, stage)
         resume_notes = check_resume(state, cfg, self.identity, tag=self.resume_tag, out_dir=self.out_dir) \
             if state is not None else []
         if reshard:
@@ -86,13 +71,8 @@ class Run(UpdateLoop):
         # fails the run before it trains, not hours in.
         self.val_stream = make_val_stream(self.rank, self.world_size) if make_val_stream is not None else None
         self.console = console
-        self.last_checkpoint: str | None = None
-        self.preemption = PreemptionFlag(self.world_size).install()
-        if self.resume_tag is not None:
-            self.restore(self.resume_tag, universal=reshard)
-        self.sink = MetricsSink(self.out_dir, rank=self.rank, max_steps=cfg.train.max_steps,
-                                wandb_mode=cfg.train.wandb, run_config=to_dict(cfg), start_step=self.trainer.step,
-                                positions_name=modality_spec(cfg.model.modality).position_name)
+        self.finish_start(to_dict(cfg), universal=reshard,
+                          positions_name=modality_spec(cfg.model.modality).position_name)
         self.sink.message(self.batch_plan.message)
         if lock_note:
             self.sink.message(f"{self.out_dir}: {lock_note}")
@@ -104,10 +84,6 @@ class Run(UpdateLoop):
         self.sink.message(f"optimizer: {self.trainer.optimizer_name}; MFU against "
                           + (f"{self.peak_tflops:g} TFLOP/s ({peak_source})" if self.peak_tflops else
                              f"nothing: {peak_source}"))
-        if self.rank == 0:
-            os.makedirs(self.out_dir, exist_ok=True)
-            with open(os.path.join(self.out_dir, "config.json"), "w") as f:
-                json.dump(to_dict(cfg), f, indent=2)
 
     # -- checkpoints -------------------------------------------------------------------------
     def _init_student(self, init_from: str | None):
