@@ -17,6 +17,9 @@ from torch import Tensor
 BLANK = "<blank>"
 WORD_BOUNDARY = "|"
 ALLOWED = re.compile(r"[A-Z' ]*")
+# The letters of fairseq's LibriSpeech dictionary (dict.ltr.txt of examples/wav2vec), its order
+# (by frequency); `|` is the word boundary.
+FAIRSEQ_LETTERS = "| E T A O N I H S R D L U M W C F G Y P B V K ' X J Q Z".split()
 
 
 def normalize_transcript(text: str, where: str = "transcript") -> str:
@@ -43,6 +46,12 @@ class CharVocab:
     def from_transcripts(cls, texts: Iterable[str]) -> "CharVocab":
         chars = sorted({c for t in texts for c in normalize_transcript(t) if c != " "})
         return cls([BLANK, WORD_BOUNDARY] + chars)
+
+    @classmethod
+    def fairseq_letters(cls) -> "CharVocab":
+        """Blank, then fairseq's letter dictionary: every LibriSpeech character, whichever a small
+        training split happens to hold."""
+        return cls([BLANK] + FAIRSEQ_LETTERS)
 
     def __len__(self) -> int:
         return len(self.symbols)

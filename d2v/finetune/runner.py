@@ -107,6 +107,7 @@ class FinetuneStepper(GuardedCounts):
         t0 = time.perf_counter()
         self.model.train()
         self.model.freeze_backbone = self.step < self.cfg.finetune.freeze_encoder_steps
+        self.model.step_seed = self.cfg.train.seed * 1_000_003 + self.step
         lr = float(self.scheduler.get_last_lr()[0])
         self.update.begin()
         losses = torch.zeros((), device=self.device)
@@ -163,7 +164,8 @@ class FinetuneRun(UpdateLoop):
         self.task = build_task(cfg)
         backbone = load_backbone(cfg.init, cfg.model, random_init=random_init, seed=cfg.train.seed)
         torch.manual_seed(cfg.train.seed + 1)  # the head's init does not depend on how the backbone was made
-        model = FinetuneModel(backbone, self.task.head(backbone.embed_dim), dropout=cfg.finetune.head_dropout)
+        model = FinetuneModel(backbone, self.task.head(backbone.embed_dim), dropout=cfg.finetune.head_dropout,
+                              masking=self.task.feature_masking(cfg))
         self.task.prepare_model(model, cfg)
         self.ds_config = fill_ds_config(ds_template, cfg, self.world_size, on_cpu=distributed.on_cpu())
         stage = zero_stage(self.ds_config)

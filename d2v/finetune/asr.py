@@ -1,0 +1,181 @@
+"""The `asr` downstream task: CTC on letters over transcribed speech shards (README, fine-tuning).
+
+Training masks the features (d2v.finetune.masking) and drops layers as the fine-tuning config says
+(its model.layerdrop and dropouts replace the pretrained run's, as fairseq's wav2vec_ctc does).
+Evaluation runs over one or several named sets (`finetune.eval_data=dev_clean=PAT;dev_other=PAT`)
+and reports per set WER and CER of greedy decoding and, with `finetune.decode.lm`, of beam search
+with the LM (`wer_lm`, `cer_lm`). One unnamed set reports `wer`/`cer`; named sets `NAME/wer`.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from d2v.config.schema import ModelConfig
+from d2v.finetune.config import FinetuneConfig
+from d2v.finetune.ctc import CharVocab, ctc_loss, greedy_decode
+from d2v.finetune.masking import FeatureMasking, check_masking
+from d2v.finetune.metrics import char_errors, word_errors
+from d2v.finetune.model import FinetuneModel, FrameHead, TaskOutput, freeze_feature_encoder
+from d2v.finetune.tasks import DownstreamTask, FtBatch, frames_of, register
+
+LETTERS = ("transcripts", "fairseq")
+UNNAMED = "eval"
+COUNTS = ("word_errors", "words", "char_errors", "chars")
+
+
+def parse_eval_sets(text: str) -> list[tuple[str, str]]:
+    """[(name, shard pattern)] from `PATTERN` (one set, named "eval") or `NAME=PATTERN;NAME=PATTERN`."""
+    items = [item.strip() for item in text.split(";") if item.strip()]
+    if len(items) == 1 and "=" not in items[0]:
+        return [(UNNAMED, items[0])]
+    sets = []
+    for item in items:
+        name, sep, pattern = item.partition("=")
+        if not sep or not name.strip() or not pattern.strip() or "/" in name:
+            raise ValueError(f"finetune.eval_data item {item!r}: several evaluation sets are written "
+                             f"NAME=PATTERN;NAME=PATTERN (names without '/')")
+        sets.append((name.strip(), pattern.strip()))
+    if len({n for n, _ in sets}) != len(sets):
+        raise ValueError(f"finetune.eval_data names a set twice: {[n for n, _ in sets]}")
+    return sets
+
+
+def apply_regularization(model: FinetuneModel, m: ModelConfig) -> None:
+    """The fine-tuning config's LayerDrop and dropouts on the encoder, whatever the checkpoint was
+    pretrained with (fairseq's wav2vec_ctc overrides them the same way)."""
+    encoder = model.backbone.encoder
+    encoder.layerdrop = m.layerdrop
+    encoder.dropout.p = m.dropout
+    for block in [*encoder.prenet, *encoder.blocks]:
+        block.dropout.p = m.dropout
+        block.attention.dropout = m.attention_dropout
+        block.ffn.activation_dropout.p = m.activation_dropout
+
+
+@register
+class AsrTask(DownstreamTask):
+    """CTC on letters; WER and CER per evaluation set, greedy and (with an LM) beam search."""
+
+    name = "asr"
+    modality = "audio"
+    data_help = "transcribed shard pattern (eval: also NAME=PATTERN;NAME=PATTERN)"
+
+    @classmethod
+    def check(cls, cfg: FinetuneConfig) -> list[str]:
+        t, d = cfg.finetune, cfg.finetune.decode
+        problems = check_masking(t.mask_prob, t.mask_length, t.mask_channel_prob, t.mask_channel_length)
+        if t.letters not in LETTERS:
+            problems.append(f"finetune.letters={t.letters!r}: use one of {', '.join(LETTERS)}")
+        if d.beam < 1 or d.beam_threshold <= 0 or d.beam_size_token < 0:
+            problems.append("finetune.decode.beam must be >= 1, beam_threshold > 0 and beam_size_token >= 0")
+        for key in ("lm", "lexicon"):
+            path = getattr(d, key)
+            if path and not os.path.isfile(path):
+                problems.append(f"finetune.decode.{key}={path}: no such file")
+        if d.lexicon and not d.lm:
+            problems.append("finetune.decode.lexicon is used by beam search with an LM: give finetune.decode.lm too")
+        try:
+            parse_eval_sets(t.eval_data)
+        except ValueError as err:
+            problems.append(str(err))
+        return problems
+
+    def __init__(self, cfg: FinetuneConfig) -> None:
+        from d2v.data.transcribed import read_transcribed
+
+        rate = cfg.model.audio.sample_rate
+        self.data = {"train": read_transcribed(cfg.finetune.train_data, sample_rate=rate), "eval": []}
+        self.set_of_row: list[str] = []
+        self.sets = [name for name, _ in parse_eval_sets(cfg.finetune.eval_data)]
+        for name, pattern in parse_eval_sets(cfg.finetune.eval_data):
+            utts = read_transcribed(pattern, sample_rate=rate)
+            self.data["eval"] += utts
+            self.set_of_row += [name] * len(utts)
+        train_texts = [u.text for u in self.data["train"]]
+        self.vocab = CharVocab.fairseq_letters() if cfg.finetune.letters == "fairseq" else \
+            CharVocab.from_transcripts(train_texts)
+        self.labels = self.vocab.symbols
+        self.num_outputs = len(self.vocab)
+        self.normalize = cfg.finetune.normalize_audio
+        self._targets = [self.vocab.encode(t) for t in train_texts]
+        self.decoder = self._decoder(cfg)
+        arms = ("", "_lm") if self.decoder is not None else ("",)
+        self.score_keys = tuple(f"{s}/{c}{a}" for s in self.sets for a in arms for c in COUNTS)
+
+    def _decoder(self, cfg: FinetuneConfig):
+        d = cfg.finetune.decode
+        if not d.lm:
+            return None
+        from d2v.finetune.arpa import read_arpa
+        from d2v.finetune.beam import BeamDecoder, DecodeSettings, read_lexicon
+
+        return BeamDecoder(self.vocab.symbols, read_arpa(d.lm), read_lexicon(d.lexicon) if d.lexicon else None,
+                           DecodeSettings(lm_weight=d.lm_weight, word_score=d.word_score, beam=d.beam,
+                                          beam_threshold=d.beam_threshold, beam_size_token=d.beam_size_token))
+
+    @staticmethod
+    def feature_masking(cfg: FinetuneConfig) -> FeatureMasking:
+        t = cfg.finetune
+        return FeatureMasking(t.mask_prob, t.mask_length, t.mask_channel_prob, t.mask_channel_length)
+
+    def head(self, embed_dim: int) -> nn.Module:
+        return FrameHead(embed_dim, self.num_outputs)
+
+    def prepare_model(self, model: FinetuneModel, cfg: FinetuneConfig) -> None:
+        apply_regularization(model, cfg.model)
+        if cfg.finetune.freeze_feature_encoder:
+            freeze_feature_encoder(model)
+
+    def size(self, split: str) -> int:
+        return len(self.data[split])
+
+    def batch(self, split: str, indices: Sequence[int]) -> FtBatch:
+        utts = [self.data[split][i] for i in indices]
+        wavs = [u.wav for u in utts]
+        if self.normalize:
+            wavs = [(w - w.mean()) / (w.std() + 1e-5) for w in wavs]
+        lengths = torch.tensor([len(w) for w in wavs], dtype=torch.long)
+        source = torch.zeros(len(wavs), int(lengths.max()))
+        for row, w in enumerate(wavs):
+            source[row, :len(w)] = torch.from_numpy(np.asarray(w, dtype=np.float32))
+        targets = [self._targets[i] for i in indices] if split == "train" else None
+        sets = [self.set_of_row[i] for i in indices] if split == "eval" else None
+        return FtBatch(source, lengths, targets=targets, texts=[u.text for u in utts], sets=sets)
+
+    def loss(self, out: TaskOutput, batch: FtBatch) -> Tensor:
+        return ctc_loss(out.logits, frames_of(out), batch.targets)
+
+    def hypotheses(self, out: TaskOutput) -> list[str]:
+        return greedy_decode(out.logits, frames_of(out), self.vocab)
+
+    def lm_hypotheses(self, out: TaskOutput) -> list[str]:
+        log_probs = torch.log_softmax(out.logits.double(), dim=-1).cpu().numpy()
+        return [self.decoder.decode(row[:int(n)]) for row, n in zip(log_probs, frames_of(out).tolist())]
+
+    def score(self, out: TaskOutput, batch: FtBatch) -> dict[str, float]:
+        sums = {k: 0.0 for k in self.score_keys}
+        arms = [("", self.hypotheses(out))]
+        if self.decoder is not None:
+            arms.append(("_lm", self.lm_hypotheses(out)))
+        sets = batch.sets or [UNNAMED] * len(batch.texts)
+        for arm, hyps in arms:
+            for s, ref, hyp in zip(sets, batch.texts, hyps):
+                w, c = word_errors([ref], [hyp]), char_errors([ref], [hyp])
+                for name, value in zip(COUNTS, (w.errors, w.total, c.errors, c.total)):
+                    sums[f"{s}/{name}{arm}"] += value
+        return sums
+
+    def summarize(self, sums: dict[str, float]) -> dict[str, float]:
+        out = {}
+        for s in self.sets:
+            prefix = "" if self.sets == [UNNAMED] else f"{s}/"
+            for arm in ("", "_lm"):
+                if f"{s}/words{arm}" in sums:
+                    out[f"{prefix}wer{arm}"] = sums[f"{s}/word_errors{arm}"] / max(sums[f"{s}/words{arm}"], 1)
+                    out[f"{prefix}cer{arm}"] = sums[f"{s}/char_errors{arm}"] / max(sums[f"{s}/chars{arm}"], 1)
+        return out
