@@ -1,0 +1,230 @@
+"""Speech-recognition recipe pieces: `prepare asr` on synthetic trees in the Libri-light and
+LibriSpeech layouts, the fine-tuning presets against a table typed from fairseq's files, feature
+masking while training only, several named evaluation sets, and the fairseq letter dictionary."""
+import json
+import os
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from d2v.data.prepare_asr import prepare_asr
+
+RATE = 16_000
+
+
+def _chapter(folder, speaker, chapter, texts, rate=RATE, seed=0):
+    """SPK/CHAP/SPK-CHAP-NNNN.flac with a SPK-CHAP.trans.txt (None: no transcript line)."""
+    path = os.path.join(folder, str(speaker), str(chapter))
+    os.makedirs(path)
+    rng = np.random.default_rng(seed + speaker)
+    lines = []
+    for i, text in enumerate(texts):
+        utt = f"{speaker}-{chapter}-{i:04d}"
+        soundfile.write(os.path.join(path, f"{utt}.flac"), 0.1 * rng.standard_normal(rate // 10), rate)
+        if text is not None:
+            lines.append(f"{utt} {text}")
+    with open(os.path.join(path, f"{speaker}-{chapter}.trans.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _tree(root):
+    """Libri-light's librispeech_finetuning (speaker = 100·fold + 10·kind + 1; 9h: 900 + kind) and
+    LibriSpeech's dev/test sets (speaker 7000 + set)."""
+    ft = os.path.join(root, "librispeech_finetuning")
+    for fold in range(6):
+        for k, kind in enumerate(("clean", "other")):
+            _chapter(os.path.join(ft, "1h", str(fold), kind), 100 * fold + 10 * k + 1, 5, ["HELLO WORLD", "IT'S ME"])
+    for k, kind in enumerate(("clean", "other")):
+        _chapter(os.path.join(ft, "9h", kind), 900 + k, 7, ["NINE HOURS"] * 3)
+    for s, name in enumerate(("dev-clean", "dev-other", "test-clean", "test-other")):
+        _chapter(os.path.join(root, "LibriSpeech", name), 7000 + s, 1, ["A TEST", None, "ROOM 101"], rate=8000)
+    return root
+
+
+def _read(pattern):
+    from d2v.data.transcribed import read_transcribed
+
+    return read_transcribed(pattern)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return _tree(str(tmp_path_factory.mktemp("asr_tree")))
+
+
+@pytest.mark.parametrize("split,fold,speakers", [
+    ("10m", 2, {201, 211}),
+    ("1h", 0, {100 * f + 10 * k + 1 for f in range(6) for k in range(2)}),
+    ("10h", 0, {100 * f + 10 * k + 1 for f in range(6) for k in range(2)} | {900, 901}),
+])
+def test_prepare_limited_supervision_splits_and_dev_test_sets(tree, tmp_path, split, fold, speakers):
+    report = prepare_asr(tree, str(tmp_path), train=split, fold=fold, samples_per_shard=4)
+    train = _read(report["sets"]["train"]["pattern"])
+    assert {int(u.key.split("-")[0]) for u in train} == speakers
+    assert len(train) == sum(3 if s >= 900 else 2 for s in speakers)
+    assert {u.text for u in train} <= {"HELLO WORLD", "IT'S ME", "NINE HOURS"}
+    assert set(report["sets"]) == {"train", "dev_clean", "dev_other", "test_clean", "test_other"}
+    for name in ("dev_clean", "test_other"):
+        s = report["sets"][name]
+        # One file has no transcript line and one says "ROOM 101": both skipped, with reasons.
+        assert s["utterances"] == 1 and len(s["skipped"]) == 2
+        assert {"no transcript" in k["reason"] or "outside the CTC alphabet" in k["reason"] for k in s["skipped"]} \
+            == {True}
+        (utt,) = _read(s["pattern"])
+        assert utt.text == "A TEST" and len(utt.wav) == RATE // 10  # 8 kHz resampled to 16 kHz
+    sets = json.load(open(tmp_path / "asr_sets.json"))
+    assert sets["train"] == report["sets"]["train"]["pattern"]
+    assert sets["eval_data"].split(";")[0] == f"dev_clean={report['sets']['dev_clean']['pattern']}"
+
+
+def test_prepare_names_what_is_missing(tree, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tree, broken)
+    shutil.rmtree(broken / "librispeech_finetuning" / "1h" / "3" / "other")
+    with pytest.raises(ValueError, match=r"1h/3/other is missing \(1 of 12 folders of the 1h split\)"):
+        prepare_asr(str(broken), str(tmp_path / "o1"), train="1h")
+    prepare_asr(str(broken), str(tmp_path / "o2"), train="10m", fold=2, eval_sets=())  # fold 3 not needed
+    with pytest.raises(ValueError, match="no LibriSpeech/dev-bogus/"):
+        prepare_asr(tree, str(tmp_path / "o3"), train=None, eval_sets=["dev-bogus"])
+    with pytest.raises(ValueError, match="folds 0..5"):
+        prepare_asr(tree, str(tmp_path / "o4"), train="10m", fold=6)
+    from d2v.data.prepare import main
+
+    assert main(["asr", str(tmp_path / "nowhere"), str(tmp_path / "o5")]) == 2  # one error line, exit 2
+
+
+# -- presets against fairseq's files ------------------------------------------------------------
+# Typed from facebookresearch/fairseq examples/wav2vec/config/finetuning/base_{10m,1h,10h,100h,960h}.yaml
+# at commit 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99
+# (https://github.com/facebookresearch/fairseq/tree/3d262bb2/examples/wav2vec/config/finetuning);
+# the fields the files leave out are fairseq's defaults (wav2vec2_asr.py: mask_length 10, dropout 0,
+# attention_dropout 0, final_dropout 0; tri_stage: init_lr_scale 0.01).
+FAIRSEQ = {
+    #            lr     max_update mask_prob chan_prob layerdrop freeze_updates
+    "base_10m": (5e-5, 13_000, 0.65, 0.25, 0.1, 10_000),
+    "base_1h": (5e-5, 13_000, 0.65, 0.25, 0.1, 10_000),
+    "base_10h": (5e-5, 20_000, 0.65, 0.5, 0.05, 10_000),
+    "base_100h": (3e-5, 80_000, 0.65, 0.5, 0.1, 0),
+    "base_960h": (1e-4, 320_000, 0.5, 0.1, 0.1, 0),
+}
+SHARED = {"adam_betas": (0.9, 0.98), "adam_eps": 1e-8, "phase_ratio": (0.1, 0.4, 0.5), "final_lr_scale": 0.05,
+          "init_lr_scale": 0.01, "mask_length": 10, "mask_channel_length": 64, "activation_dropout": 0.1,
+          "dropout": 0.0, "attention_dropout": 0.0, "final_dropout": 0.0, "feature_grad_mult": 0.0}
+
+
+@pytest.mark.parametrize("name", sorted(FAIRSEQ))
+def test_each_recipe_holds_fairseqs_settings(name):
+    from d2v.finetune.recipes import RECIPES
+    from d2v.finetune.resolve import resolve_finetune
+
+    assert set(RECIPES) == set(FAIRSEQ)
+    cfg, _ = resolve_finetune("asr", preset="audio_tiny", recipe=name,
+                              overrides=["finetune.train_data=x", "finetune.eval_data=y"])
+    lr, max_update, mask_prob, chan_prob, layerdrop, freeze = FAIRSEQ[name]
+    o, t, m = cfg.optim, cfg.finetune, cfg.model
+    assert (o.lr, cfg.train.max_steps, t.mask_prob, t.mask_channel_prob, m.layerdrop, t.freeze_encoder_steps) == \
+        (lr, max_update, mask_prob, chan_prob, layerdrop, freeze)
+    got = {"adam_betas": tuple(o.betas), "adam_eps": o.eps, "phase_ratio": tuple(o.phase_ratios),
+           "final_lr_scale": o.final_lr_scale, "init_lr_scale": o.init_lr_scale, "mask_length": t.mask_length,
+           "mask_channel_length": t.mask_channel_length, "activation_dropout": m.activation_dropout,
+           "dropout": m.dropout, "attention_dropout": m.attention_dropout, "final_dropout": t.head_dropout,
+           "feature_grad_mult": 0.0 if t.freeze_feature_encoder else 1.0}
+    assert got == SHARED
+    assert (o.schedule, o.weight_decay, t.letters, t.recipe) == ("tri_stage", 0.0, "fairseq", name)
+
+
+def test_recipe_by_override_then_overrides_win_and_errors():
+    from d2v.finetune.resolve import resolve_finetune
+
+    cfg, _ = resolve_finetune("asr", preset="audio_tiny", overrides=[
+        "finetune.recipe=base_10h", "finetune.train_data=x", "finetune.eval_data=y", "train.max_steps=50"])
+    assert (cfg.finetune.recipe, cfg.finetune.mask_channel_prob, cfg.train.max_steps) == ("base_10h", 0.5, 50)
+    with pytest.raises(ValueError, match="unknown fine-tuning recipe 'base_2h'"):
+        resolve_finetune("asr", preset="audio_tiny", recipe="base_2h")
+    with pytest.raises(ValueError, match="recipe base_10h is for task asr, not image_cls"):
+        resolve_finetune("image_cls", preset="image_tiny", recipe="base_10h")
+    with pytest.raises(ValueError, match="finetune.mask_prob and finetune.mask_channel_prob must be in"):
+        resolve_finetune("asr", preset="audio_tiny", overrides=["finetune.train_data=x", "finetune.eval_data=y",
+                                                                "finetune.mask_prob=1.5"])
+    with pytest.raises(ValueError, match="several evaluation sets are written NAME=PATTERN"):
+        resolve_finetune("asr", preset="audio_tiny", overrides=["finetune.train_data=x",
+                                                                "finetune.eval_data=a=p;q"])
+
+
+# -- masking and LayerDrop in the model ------------------------------------------------------------
+def _asr_model(masking, layerdrop=0.0):
+    from d2v.config.presets import get_preset
+    from d2v.finetune.model import FinetuneModel, FrameHead
+    from d2v.models import build_model
+
+    cfg = get_preset("audio_tiny")
+    cfg.model.layerdrop, cfg.model.dropout, cfg.model.attention_dropout = layerdrop, 0.0, 0.0
+    cfg.model.activation_dropout = 0.0
+    torch.manual_seed(0)
+    backbone = build_model(cfg.model)
+    return FinetuneModel(backbone, FrameHead(backbone.embed_dim, 5), masking=masking)
+
+
+def test_masking_applies_in_training_only_and_keeps_the_mask_embedding():
+    from d2v.finetune.masking import FeatureMasking
+
+    plain = _asr_model(None)
+    assert plain.backbone.mask_embedding is None  # not fine-tuned: dropped as before
+    masked = _asr_model(FeatureMasking(0.65, 2, 0.5, 4))
+    masked.load_state_dict(plain.state_dict(), strict=False)
+    assert masked.backbone.mask_embedding is not None
+    source = torch.randn(2, 4000)
+    masked.eval(), plain.eval()
+    assert torch.equal(masked(source).logits, plain(source).logits)  # evaluation: no masking
+    masked.train(), plain.train()
+    masked.step_seed = plain.step_seed = 5
+    a, b = masked(source).logits, masked(source).logits
+    assert torch.equal(a, b) and not torch.allclose(a, plain(source).logits)  # seeded by the update
+    masked.step_seed = 6
+    assert not torch.equal(masked(source).logits, a)
+
+
+def test_masks_are_drawn_as_the_reference_counts_them():
+    from d2v.finetune.masking import FeatureMasking
+
+    gen = torch.Generator().manual_seed(0)
+    padding = torch.zeros(3, 200, dtype=torch.bool)
+    padding[1, 150:] = True
+    time, channel = FeatureMasking(0.65, 10, 0.25, 64).draw(3, 200, 768, padding, gen)
+    assert not time[padding].any() and len(set(time.sum(dim=1).tolist())) == 1  # same count per row
+    counts = channel.sum(dim=1)
+    # int(0.25·768/64 + U) = 3 spans of 64 channels at most, overlaps merged, equal per row.
+    assert len(set(counts.tolist())) == 1 and 0 < int(counts[0]) <= 192
+    assert FeatureMasking(0.0, 10, 0.0, 64).active is False
+
+
+def test_layerdrop_is_the_same_draw_for_the_same_update():
+    model = _asr_model(None, layerdrop=0.5)
+    model.train()
+    source = torch.randn(1, 4000)
+    model.step_seed = 11
+    a = model(source).logits
+    assert torch.equal(a, model(source).logits)
+    outs = set()
+    for seed in range(12):
+        model.step_seed = seed
+        outs.add(float(model(source).logits.detach().sum()))
+    assert len(outs) > 1  # different updates drop different layers
+
+
+def test_fairseq_letters_and_eval_set_parsing():
+    from d2v.finetune.asr import parse_eval_sets
+    from d2v.finetune.ctc import CharVocab
+
+    v = CharVocab.fairseq_letters()
+    assert v.symbols[:4] == ["<blank>", "|", "E", "T"] and len(v) == 29 and v.symbols[-1] == "Z"
+    assert v.encode("IT'S A") == [v.index[c] for c in "IT'S"] + [1, v.index["A"]]
+    assert parse_eval_sets("shards/val-{000000..000001}.tar") == [("eval", "shards/val-{000000..000001}.tar")]
+    assert parse_eval_sets("dev_clean=a-{0..1}.tar; test_other=b.tar") == [("dev_clean", "a-{0..1}.tar"),
+                                                                           ("test_other", "b.tar")]
+    with pytest.raises(ValueError, match="names a set twice"):
+        parse_eval_sets("a=x;a=y")
