@@ -6,6 +6,9 @@ in the training split, and the evaluation sentences are disjoint from the traini
 the score measures recognition of unseen speakers saying unseen sentences. Written as a
 LibriSpeech-style tree (OUT/raw) and prepared into 16 kHz shards with transcripts (OUT/shards:
 train-* from the training voices, val-* from the held-out ones); OUT/patterns.json names them.
+The language model for beam-search decoding, OUT/lm.arpa (a 4-gram, as the paper's), is built
+from the training sentences' pool (OUT/lm_text.txt), never from an evaluation sentence, as
+LibriSpeech's LM corpus leaves out its dev and test books.
 """
 from __future__ import annotations
 
@@ -65,6 +68,7 @@ def make_asr_demo(out: str, *, train_utterances: int = 480, eval_utterances: int
             save_utterance(raw, texts, _speaker(voice, pitch, rate), wav, engine.sample_rate, transcript(sentence))
             made += 1
     write_transcripts(raw, texts)
+    write_demo_lm(out, [transcript(s) for s in pools["train"]])
     prefixes = tuple(v.replace("-", "") + "p" for v in held_out)
     val_speakers = [s for s in texts if s.startswith(prefixes)]
     report = prepare_audio(raw, os.path.join(out, "shards"), clean=True, samples_per_shard=64,
@@ -72,6 +76,21 @@ def make_asr_demo(out: str, *, train_utterances: int = 480, eval_utterances: int
     totals = report["totals"]
     write_patterns(out, totals["train"]["pattern"], totals["val"]["pattern"])
     return totals
+
+
+LM_ORDER = 4
+
+
+def write_demo_lm(out: str, lines: list[str]) -> str:
+    """OUT/lm_text.txt and OUT/lm.arpa built from it; returns the ARPA path."""
+    from d2v.finetune.arpa import build_arpa_file
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "lm_text.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    path = os.path.join(out, "lm.arpa")
+    build_arpa_file(lines, path, LM_ORDER)
+    return path
 
 
 def main(argv: list[str] | None = None) -> dict:

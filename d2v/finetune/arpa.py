@@ -1,6 +1,8 @@
 """Back-off n-gram language models in the ARPA text format: reading, scoring, and building a small
 one from transcripts (interpolated Kneser-Ney), so that beam-search decoding needs no download.
 
+  python -m d2v.finetune.arpa OUT.arpa --text corpus.txt [--shards 'train-{000000..000007}.tar'] --order 4
+
 Scores are log10 probabilities, as in the ARPA file and as KenLM returns them: the decoding
 settings (LM weight, word score) of fairseq's and flashlight's recipes then carry over unchanged.
 
@@ -205,3 +207,33 @@ def build_arpa_file(transcripts: Iterable[str], path: str, order: int = 3) -> Ar
     model = build_kneser_ney((t.upper().split() for t in transcripts), order)
     write_arpa(model, path)
     return read_arpa(path)
+
+
+def main(argv: list[str] | None = None) -> ArpaModel:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m d2v.finetune.arpa", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", help="ARPA file to write")
+    ap.add_argument("--text", nargs="*", default=[], help="text files, one sentence per line")
+    ap.add_argument("--shards", nargs="*", default=[], help="transcribed shard patterns (their transcripts)")
+    ap.add_argument("--order", type=int, default=4)
+    args = ap.parse_args(argv)
+    lines: list[str] = []
+    for path in args.text:
+        with open(path, encoding="utf-8") as f:
+            lines += [line for line in f if line.strip()]
+    if args.shards:
+        from d2v.data.transcribed import read_transcribed
+
+        lines += [u.text for pattern in args.shards for u in read_transcribed(pattern)]
+    if not lines:
+        raise SystemExit("give the LM's text: --text FILE or --shards PATTERN")
+    model = build_arpa_file(lines, args.out, args.order)
+    print(f"{args.out}: {args.order}-gram Kneser-Ney model of {len(lines)} sentences, "
+          + ", ".join(f"{len(model.entries[n])} {n}-grams" for n in range(1, model.order + 1)))
+    return model
+
+
+if __name__ == "__main__":
+    main()
