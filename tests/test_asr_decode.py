@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from d2v.finetune.arpa import build_kneser_ney, read_arpa, write_arpa
+from d2v.data.arpa import build_kneser_ney, read_arpa, write_arpa
 from d2v.finetune.beam import BeamDecoder, DecodeSettings, Lexicon, read_lexicon
 
 HAND_ARPA = """\\data\\
@@ -154,7 +154,7 @@ def test_a_narrow_beam_keeps_the_best_of_an_easy_case():
 
 
 def test_a_strong_lm_fixes_a_greedy_error(tmp_path):
-    from d2v.finetune.arpa import build_arpa_file
+    from d2v.data.arpa import build_arpa_file
     from d2v.finetune.ctc import CharVocab, greedy_decode
     from d2v.finetune.metrics import wer
 

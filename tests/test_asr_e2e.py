@@ -17,7 +17,7 @@ def test_two_rank_recipe_run_with_lm_decoding_on_the_speech_demo(tmp_path):
     from launch import free_port
 
     from d2v.data.demo_asr import make_asr_demo
-    from d2v.finetune.arpa import read_arpa
+    from d2v.data.arpa import read_arpa
 
     data = tmp_path / "data"
     totals = make_asr_demo(str(data), train_utterances=16, eval_utterances=6, held_out=["en-gb-scotland"])

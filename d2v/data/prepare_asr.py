@@ -21,7 +21,7 @@ from typing import Sequence
 
 from d2v.data.prepare_audio import TARGET_RATE, Utterance, _results, scan
 from d2v.data.shard_writer import ShardWriter, check_output, claim_output, unique_keys, write_sidecar
-from d2v.finetune.ctc import normalize_transcript
+from d2v.data.transcribed import normalize_transcript
 
 FOLDS = 6
 LIMITED = ("10m", "1h", "10h")

@@ -111,7 +111,7 @@ class AsrTask(DownstreamTask):
         d = cfg.finetune.decode
         if not d.lm:
             return None
-        from d2v.finetune.arpa import read_arpa
+        from d2v.data.arpa import read_arpa
         from d2v.finetune.beam import BeamDecoder, DecodeSettings, read_lexicon
 
         return BeamDecoder(self.vocab.symbols, read_arpa(d.lm), read_lexicon(d.lexicon) if d.lexicon else None,

@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from d2v.finetune.arpa import BOS, EOS, ArpaModel
+from d2v.data.arpa import BOS, EOS, ArpaModel
 
 NEG = -math.inf
 

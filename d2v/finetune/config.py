@@ -19,7 +19,7 @@ class DecodeConfig:
     are fairseq's decoder settings (examples/speech_recognition/new/decoders/decoder_config.py)."""
 
     lm: str = ""
-    """ARPA n-gram model over upper-case words (`python -m d2v.finetune.arpa` builds one); empty: greedy only."""
+    """ARPA n-gram model over upper-case words (`python -m d2v.data.arpa` builds one); empty: greedy only."""
     lexicon: str = ""
     """Words the beam search may spell, one per line (flashlight's `WORD W O R D |` lines work);
     empty: the LM's words."""

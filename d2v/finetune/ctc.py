@@ -7,29 +7,19 @@ is the word boundary token `|` as in fairseq's letter dictionaries.
 """
 from __future__ import annotations
 
-import re
 from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from d2v.data.transcribed import normalize_transcript
+
 BLANK = "<blank>"
 WORD_BOUNDARY = "|"
-ALLOWED = re.compile(r"[A-Z' ]*")
 # The letters of fairseq's LibriSpeech dictionary (dict.ltr.txt of examples/wav2vec), its order
 # (by frequency); `|` is the word boundary.
 FAIRSEQ_LETTERS = "| E T A O N I H S R D L U M W C F G Y P B V K ' X J Q Z".split()
-
-
-def normalize_transcript(text: str, where: str = "transcript") -> str:
-    """Upper case, single spaces; anything but letters, apostrophes and spaces is an error."""
-    clean = " ".join(text.upper().split())
-    if not ALLOWED.fullmatch(clean):
-        bad = sorted(set(re.sub(r"[A-Z' ]", "", clean)))
-        raise ValueError(f"{where}: characters {bad} are outside the CTC alphabet (letters, apostrophe, space); "
-                         f"normalise the transcripts (e.g. spell out digits) before fine-tuning")
-    return clean
 
 
 class CharVocab:

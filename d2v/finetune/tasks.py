@@ -230,7 +230,3 @@ class TextClassification(ClassificationTask):
 
 def build_task(cfg: FinetuneConfig) -> DownstreamTask:
     return task_class(cfg.task)(cfg)
-
-
-# Tasks that live in their own module register on import.
-from d2v.finetune import asr as _asr  # noqa: E402,F401

@@ -1,7 +1,7 @@
 """Back-off n-gram language models in the ARPA text format: reading, scoring, and building a small
 one from transcripts (interpolated Kneser-Ney), so that beam-search decoding needs no download.
 
-  python -m d2v.finetune.arpa OUT.arpa --text corpus.txt [--shards 'train-{000000..000007}.tar'] --order 4
+  python -m d2v.data.arpa OUT.arpa --text corpus.txt [--shards 'train-{000000..000007}.tar'] --order 4
 
 Scores are log10 probabilities, as in the ARPA file and as KenLM returns them: the decoding
 settings (LM weight, word score) of fairseq's and flashlight's recipes then carry over unchanged.
@@ -212,7 +212,7 @@ def build_arpa_file(transcripts: Iterable[str], path: str, order: int = 3) -> Ar
 def main(argv: list[str] | None = None) -> ArpaModel:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m d2v.finetune.arpa", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m d2v.data.arpa", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", help="ARPA file to write")
     ap.add_argument("--text", nargs="*", default=[], help="text files, one sentence per line")
