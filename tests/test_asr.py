@@ -244,3 +244,18 @@ def test_make_eval_reports_lm_decoding_rows_and_keeps_older_results(tmp_path):
     assert "LM" not in (tmp_path / "results.md").read_text()
     assert data_overrides({"train": "t", "eval": "e", "lm": "x.arpa"}) == ["finetune.decode.lm=x.arpa"]
     assert data_overrides({"train": "t", "eval": "e"}) == []
+
+
+def test_the_fine_tuning_configs_dropouts_replace_the_pretrained_ones():
+    """A loaded checkpoint brings its pretraining dropouts; fine-tuning runs with its own (as
+    fairseq's wav2vec_ctc overrides the w2v model's)."""
+    from d2v.config.presets import get_preset
+    from d2v.finetune.asr import apply_regularization
+
+    model = _asr_model(None, layerdrop=0.0)  # built with dropouts 0 and no LayerDrop
+    m = get_preset("audio_tiny").model
+    m.layerdrop, m.dropout, m.attention_dropout, m.activation_dropout = 0.1, 0.2, 0.3, 0.4
+    apply_regularization(model, m)
+    enc = model.backbone.encoder
+    assert enc.layerdrop == 0.1 and enc.dropout.p == 0.2
+    assert {(b.dropout.p, b.attention.dropout, b.ffn.activation_dropout.p) for b in enc.blocks} == {(0.2, 0.3, 0.4)}
