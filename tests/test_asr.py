@@ -102,7 +102,7 @@ def test_prepare_names_what_is_missing(tree, tmp_path):
 # at commit 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99
 # (https://github.com/facebookresearch/fairseq/tree/3d262bb2/examples/wav2vec/config/finetuning);
 # the fields the files leave out are fairseq's defaults (wav2vec2_asr.py: mask_length 10, dropout 0,
-# attention_dropout 0, final_dropout 0; tri_stage: init_lr_scale 0.01).
+# attention_dropout 0, final_dropout 0; tri_stage: init_lr_scale 0.01; dataclass/configs.py: clip_norm 0).
 FAIRSEQ = {
     #            lr     max_update mask_prob chan_prob layerdrop freeze_updates
     "base_10m": (5e-5, 13_000, 0.65, 0.25, 0.1, 10_000),
@@ -113,7 +113,8 @@ FAIRSEQ = {
 }
 SHARED = {"adam_betas": (0.9, 0.98), "adam_eps": 1e-8, "phase_ratio": (0.1, 0.4, 0.5), "final_lr_scale": 0.05,
           "init_lr_scale": 0.01, "mask_length": 10, "mask_channel_length": 64, "activation_dropout": 0.1,
-          "dropout": 0.0, "attention_dropout": 0.0, "final_dropout": 0.0, "feature_grad_mult": 0.0}
+          "dropout": 0.0, "attention_dropout": 0.0, "final_dropout": 0.0, "feature_grad_mult": 0.0,
+          "clip_norm": 0.0, "sentence_avg": True}
 
 
 @pytest.mark.parametrize("name", sorted(FAIRSEQ))
@@ -132,7 +133,8 @@ def test_each_recipe_holds_fairseqs_settings(name):
            "final_lr_scale": o.final_lr_scale, "init_lr_scale": o.init_lr_scale, "mask_length": t.mask_length,
            "mask_channel_length": t.mask_channel_length, "activation_dropout": m.activation_dropout,
            "dropout": m.dropout, "attention_dropout": m.attention_dropout, "final_dropout": t.head_dropout,
-           "feature_grad_mult": 0.0 if t.freeze_feature_encoder else 1.0}
+           "feature_grad_mult": 0.0 if t.freeze_feature_encoder else 1.0, "clip_norm": o.clip_norm,
+           "sentence_avg": t.ctc_reduction == "sentence"}
     assert got == SHARED
     assert (o.schedule, o.weight_decay, t.letters, t.recipe) == ("tri_stage", 0.0, "fairseq", name)
 
@@ -259,3 +261,22 @@ def test_the_fine_tuning_configs_dropouts_replace_the_pretrained_ones():
     enc = model.backbone.encoder
     assert enc.layerdrop == 0.1 and enc.dropout.p == 0.2
     assert {(b.dropout.p, b.attention.dropout, b.ffn.activation_dropout.p) for b in enc.blocks} == {(0.2, 0.3, 0.4)}
+
+
+def test_ctc_sentence_average_weighs_utterances_by_their_whole_loss():
+    """fairseq's sentence_avg: the plain negative log-likelihoods averaged over utterances; the
+    default divides each by its label count first. Two hand-computed utterances of 1 and 2 labels."""
+    import math
+
+    from d2v.finetune.ctc import ctc_loss
+
+    p = [[0.5, 0.1, 0.3, 0.1], [0.2, 0.1, 0.6, 0.1], [0.25, 0.25, 0.25, 0.25]]  # last frame: padding
+    q = [[0.1, 0.1, 0.7, 0.1], [0.6, 0.2, 0.1, 0.1], [0.3, 0.1, 0.5, 0.1]]
+    logits = torch.tensor([p, q], dtype=torch.float64).log()
+    nll_a = -math.log(0.3 * 0.6 + 0.3 * 0.2 + 0.5 * 0.6)  # "A" over 2 frames: AA, A-, -A
+    nll_aa = -math.log(0.7 * 0.6 * 0.5)                   # "AA" over 3 frames: A-A only
+    frames, targets = torch.tensor([2, 3]), [[2], [2, 2]]
+    assert float(ctc_loss(logits, frames, targets, "sentence")) == pytest.approx((nll_a + nll_aa) / 2, rel=1e-6)
+    assert float(ctc_loss(logits, frames, targets)) == pytest.approx((nll_a + nll_aa / 2) / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="CTC reduction 'sum'"):
+        ctc_loss(logits, frames, targets, "sum")

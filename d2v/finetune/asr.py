@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from d2v.config.schema import ModelConfig
 from d2v.finetune.config import FinetuneConfig
-from d2v.finetune.ctc import CharVocab, ctc_loss, greedy_decode
+from d2v.finetune.ctc import CTC_REDUCTIONS, CharVocab, ctc_loss, greedy_decode
 from d2v.finetune.masking import FeatureMasking, check_masking
 from d2v.finetune.metrics import char_errors, word_errors
 from d2v.finetune.model import FinetuneModel, FrameHead, TaskOutput, freeze_feature_encoder
@@ -69,6 +69,8 @@ class AsrTask(DownstreamTask):
     def check(cls, cfg: FinetuneConfig) -> list[str]:
         t, d = cfg.finetune, cfg.finetune.decode
         problems = check_masking(t.mask_prob, t.mask_length, t.mask_channel_prob, t.mask_channel_length)
+        if t.ctc_reduction not in CTC_REDUCTIONS:
+            problems.append(f"finetune.ctc_reduction={t.ctc_reduction!r}: use one of {', '.join(CTC_REDUCTIONS)}")
         if t.letters not in LETTERS:
             problems.append(f"finetune.letters={t.letters!r}: use one of {', '.join(LETTERS)}")
         if d.beam < 1 or d.beam_threshold <= 0 or d.beam_size_token < 0:
@@ -102,6 +104,7 @@ class AsrTask(DownstreamTask):
         self.labels = self.vocab.symbols
         self.num_outputs = len(self.vocab)
         self.normalize = cfg.finetune.normalize_audio
+        self.reduction = cfg.finetune.ctc_reduction
         self._targets = [self.vocab.encode(t) for t in train_texts]
         self.decoder = self._decoder(cfg)
         arms = ("", "_lm") if self.decoder is not None else ("",)
@@ -148,7 +151,7 @@ class AsrTask(DownstreamTask):
         return FtBatch(source, lengths, targets=targets, texts=[u.text for u in utts], sets=sets)
 
     def loss(self, out: TaskOutput, batch: FtBatch) -> Tensor:
-        return ctc_loss(out.logits, frames_of(out), batch.targets)
+        return ctc_loss(out.logits, frames_of(out), batch.targets, self.reduction)
 
     def hypotheses(self, out: TaskOutput) -> list[str]:
         return greedy_decode(out.logits, frames_of(out), self.vocab)

@@ -62,6 +62,9 @@ class TaskConfig:
     letters: str = "transcripts"
     """asr: CTC labels: transcripts (the characters of the training transcripts) | fairseq (the letter
     dictionary of fairseq's LibriSpeech recipes, dict.ltr.txt: `|`, 26 letters, apostrophe)."""
+    ctc_reduction: str = "mean"
+    """asr: mean (each utterance's CTC loss over its target length, averaged) | sentence (the sums
+    averaged over utterances: fairseq's sentence_avg)."""
     mask_prob: float = 0.0
     """asr: time masking while training (wav2vec 2.0 spans replaced by the mask embedding; fairseq's mask_prob)."""
     mask_length: int = 10

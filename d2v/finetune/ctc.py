@@ -60,16 +60,26 @@ class CharVocab:
         return " ".join(text.split())
 
 
-def ctc_loss(logits_BTV: Tensor, frames_B: Tensor, targets: list[list[int]]) -> Tensor:
-    """Mean over utterances of the CTC negative log-likelihood divided by the target length
-    (torch's `reduction="mean"`). Impossible alignments (more labels than frames) give zero, not inf."""
+CTC_REDUCTIONS = ("mean", "sentence")
+
+
+def ctc_loss(logits_BTV: Tensor, frames_B: Tensor, targets: list[list[int]], reduction: str = "mean") -> Tensor:
+    """The CTC negative log-likelihood over utterances: "mean" divides each by its target length,
+    then averages (torch's `reduction="mean"`); "sentence" averages the plain sums (fairseq's ctc
+    criterion with sentence_avg, so longer utterances weigh more). Impossible alignments (more
+    labels than frames) give zero, not inf."""
+    if reduction not in CTC_REDUCTIONS:
+        raise ValueError(f"CTC reduction {reduction!r}: use one of {', '.join(CTC_REDUCTIONS)}")
     log_probs_TBV = F.log_softmax(logits_BTV.float(), dim=-1).transpose(0, 1)
     flat = torch.tensor([t for seq in targets for t in seq], dtype=torch.long)
     lengths = torch.tensor([len(seq) for seq in targets], dtype=torch.long)
     if bool((lengths == 0).any()):
         raise ValueError("an empty transcript has no CTC target; drop it from the data")
-    return F.ctc_loss(log_probs_TBV, flat.to(logits_BTV.device), frames_B.long(), lengths.to(logits_BTV.device),
-                      blank=0, reduction="mean", zero_infinity=True)
+    per_utterance = F.ctc_loss(log_probs_TBV, flat.to(logits_BTV.device), frames_B.long(),
+                               lengths.to(logits_BTV.device), blank=0, reduction="none", zero_infinity=True)
+    if reduction == "mean":
+        per_utterance = per_utterance / lengths.to(per_utterance.device, per_utterance.dtype)
+    return per_utterance.mean()
 
 
 def greedy_decode(logits_BTV: Tensor, frames_B: Tensor, vocab: CharVocab) -> list[str]:

@@ -5,7 +5,8 @@ overrides (README, fine-tuning).
 Speech recognition: fairseq's `examples/wav2vec/config/finetuning/base_{10m,1h,10h,100h,960h}.yaml`,
 which data2vec's README uses for its speech fine-tuning (with `common.user_dir=examples/data2vec`).
 Their unset fields are fairseq's defaults (wav2vec2_asr.py: mask_length 10, dropout,
-attention_dropout and final_dropout 0; tri_stage_lr_scheduler.py: init_lr_scale 0.01).
+attention_dropout and final_dropout 0; tri_stage_lr_scheduler.py: init_lr_scale 0.01; configs.py:
+clip_norm 0, no clipping); `sentence_avg: true` is the CTC loss averaged over utterances.
 Not carried over: the batch by audio length (max_tokens 3.2M samples per GPU on 8 GPUs, or 2 GPUs
 with update_freq 4), as d2v batches a fixed number of utterances (train.micro_batch_size); fp16
 (d2v runs bf16 or fp32); checkpoint and validation intervals.
@@ -32,7 +33,8 @@ def _wav2vec_ctc(split: str, *, lr: float, max_update: int, mask_prob: float, ma
     return Recipe("asr", f"fairseq examples/wav2vec/config/finetuning/base_{split}.yaml", {
         "optim.lr": lr, "optim.betas": (0.9, 0.98), "optim.eps": 1e-8, "optim.weight_decay": 0.0,
         "optim.schedule": "tri_stage", "optim.phase_ratios": (0.1, 0.4, 0.5), "optim.init_lr_scale": 0.01,
-        "optim.final_lr_scale": 0.05, "train.max_steps": max_update,
+        "optim.final_lr_scale": 0.05, "optim.clip_norm": 0.0, "train.max_steps": max_update,
+        "finetune.ctc_reduction": "sentence",
         "finetune.mask_prob": mask_prob, "finetune.mask_length": 10, "finetune.mask_channel_prob": mask_channel_prob,
         "finetune.mask_channel_length": 64, "model.layerdrop": layerdrop, "model.activation_dropout": 0.1,
         "model.dropout": 0.0, "model.attention_dropout": 0.0, "finetune.head_dropout": 0.0,
