@@ -114,7 +114,7 @@ FAIRSEQ = {
 SHARED = {"adam_betas": (0.9, 0.98), "adam_eps": 1e-8, "phase_ratio": (0.1, 0.4, 0.5), "final_lr_scale": 0.05,
           "init_lr_scale": 0.01, "mask_length": 10, "mask_channel_length": 64, "activation_dropout": 0.1,
           "dropout": 0.0, "attention_dropout": 0.0, "final_dropout": 0.0, "feature_grad_mult": 0.0,
-          "clip_norm": 0.0, "sentence_avg": True}
+          "clip_norm": 0.0, "sentence_avg": True, "max_tokens": 3_200_000}
 
 
 @pytest.mark.parametrize("name", sorted(FAIRSEQ))
@@ -134,7 +134,7 @@ def test_each_recipe_holds_fairseqs_settings(name):
            "mask_channel_length": t.mask_channel_length, "activation_dropout": m.activation_dropout,
            "dropout": m.dropout, "attention_dropout": m.attention_dropout, "final_dropout": t.head_dropout,
            "feature_grad_mult": 0.0 if t.freeze_feature_encoder else 1.0, "clip_norm": o.clip_norm,
-           "sentence_avg": t.ctc_reduction == "sentence"}
+           "sentence_avg": t.ctc_reduction == "sentence", "max_tokens": t.max_tokens}
     assert got == SHARED
     assert (o.schedule, o.weight_decay, t.letters, t.recipe) == ("tri_stage", 0.0, "fairseq", name)
 
@@ -280,3 +280,21 @@ def test_ctc_sentence_average_weighs_utterances_by_their_whole_loss():
     assert float(ctc_loss(logits, frames, targets)) == pytest.approx((nll_a + nll_aa / 2) / 2, rel=1e-6)
     with pytest.raises(ValueError, match="CTC reduction 'sum'"):
         ctc_loss(logits, frames, targets, "sum")
+
+
+def test_length_batches_fill_a_token_budget_and_deal_equal_counts_to_ranks():
+    from d2v.finetune.asr import length_batches
+
+    lengths = [100, 300, 250, 90, 310, 120, 50, 260, 80, 305]
+    mine = [length_batches(lengths, 620, r, 2, seed=1, epoch=0) for r in range(2)]
+    assert len(mine[0]) == len(mine[1]) >= 2
+    for batch in mine[0] + mine[1]:
+        assert max(lengths[i] for i in batch) * len(batch) <= 620
+    used = [i for b in mine[0] + mine[1] for i in b]
+    assert len(used) == len(set(used))
+    # Longest first, greedy: 310+305 (2 x 310 = 620), 300+260, 250+120, then 100, 90, 80, 50.
+    assert sorted(sorted(b) for b in mine[0] + mine[1]) == [[0, 3, 6, 8], [1, 7], [2, 5], [4, 9]]
+    assert mine[0] == length_batches(lengths, 620, 0, 2, seed=1, epoch=0)
+    assert mine[0] != length_batches(lengths, 620, 0, 2, seed=1, epoch=1)
+    with pytest.raises(ValueError, match="more than finetune.max_tokens=200"):
+        length_batches(lengths, 200, 0, 1, seed=0, epoch=0)

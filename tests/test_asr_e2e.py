@@ -1,6 +1,7 @@
 """Speech recognition end to end at demo scale: the eSpeak demo (held-out voices) with its LM,
 a 2-rank launch of launchers/finetune.py with a fairseq recipe (masking, LayerDrop, frozen
-feature encoder, head-only warm-up), two named evaluation sets, greedy and LM beam-search WER/CER."""
+feature encoder, head-only warm-up, batches by audio length), two named evaluation sets, greedy and
+LM beam-search WER/CER."""
 import json
 import math
 import os
@@ -38,7 +39,7 @@ def test_two_rank_recipe_run_with_lm_decoding_on_the_speech_demo(tmp_path):
            os.path.join(ROOT, "launchers", "finetune.py"),
            "--ds_config", os.path.join(ROOT, "ds_configs", "cpu.json"), "--task", "asr", "--preset", "audio_tiny",
            "--recipe", "base_10m", "--train-data", totals["train"]["pattern"], "--eval-data", eval_data,
-           "--out", str(out), "train.max_steps=8", "finetune.freeze_encoder_steps=3", "train.micro_batch_size=4",
+           "--out", str(out), "train.max_steps=8", "finetune.freeze_encoder_steps=3", "finetune.max_tokens=160000",
            "optim.lr=2e-3", "finetune.mask_channel_length=8", "train.log_every=4", "finetune.eval_batch_size=4",
            f"finetune.decode.lm={data / 'lm.arpa'}", "finetune.decode.beam=8", "finetune.decode.beam_size_token=6"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -51,4 +52,5 @@ def test_two_rank_recipe_run_with_lm_decoding_on_the_speech_demo(tmp_path):
     saved = json.load(open(out / "finetune.json"))["config"]
     assert saved["finetune"]["recipe"] == "base_10m" and saved["finetune"]["mask_prob"] == 0.65
     assert saved["model"]["layerdrop"] == 0.1 and saved["finetune"]["letters"] == "fairseq"
+    assert saved["finetune"]["max_tokens"] == 160000 and saved["finetune"]["ctc_reduction"] == "sentence"
     assert json.load(open(out / "finetune.json"))["labels"][:3] == ["<blank>", "|", "E"]

@@ -9,7 +9,7 @@ with the LM (`wer_lm`, `cer_lm`). One unnamed set reports `wer`/`cer`; named set
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -43,6 +43,34 @@ def parse_eval_sets(text: str) -> list[tuple[str, str]]:
     if len({n for n, _ in sets}) != len(sets):
         raise ValueError(f"finetune.eval_data names a set twice: {[n for n, _ in sets]}")
     return sets
+
+
+def length_batches(lengths: Sequence[int], max_tokens: int, rank: int, world_size: int, seed: int,
+                   epoch: int) -> list[list[int]]:
+    """This rank's batches of an epoch by audio length (fairseq's batch_by_size over its
+    ordered_indices): utterances longest first (random order among equal lengths), each batch
+    filled while its longest utterance times its size stays within max_tokens; the batches
+    shuffled, dealt to the ranks in turn, every rank keeping the same number."""
+    rng = np.random.default_rng(seed * 100_003 + epoch)
+    order = np.lexsort((rng.permutation(len(lengths)), np.asarray(lengths)))[::-1]
+    batches, current, longest = [], [], 0
+    for i in order.tolist():
+        if lengths[i] > max_tokens:
+            raise ValueError(f"a training utterance has {lengths[i]} samples, more than finetune.max_tokens="
+                             f"{max_tokens}; raise it")
+        if current and max(longest, lengths[i]) * (len(current) + 1) > max_tokens:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, lengths[i])
+    if current:
+        batches.append(current)
+    batches = [batches[j] for j in rng.permutation(len(batches))]
+    per_rank = len(batches) // world_size
+    if per_rank == 0:
+        raise ValueError(f"{len(batches)} batches of finetune.max_tokens={max_tokens} samples cannot give each of "
+                         f"{world_size} ranks one; lower finetune.max_tokens")
+    return [batches[k * world_size + rank] for k in range(per_rank)]
 
 
 def apply_regularization(model: FinetuneModel, m: ModelConfig) -> None:
@@ -125,6 +153,13 @@ class AsrTask(DownstreamTask):
     def feature_masking(cfg: FinetuneConfig) -> FeatureMasking:
         t = cfg.finetune
         return FeatureMasking(t.mask_prob, t.mask_length, t.mask_channel_prob, t.mask_channel_length)
+
+    def epoch_plan(self, cfg: FinetuneConfig, rank: int, world_size: int) -> Callable[[int], list[list[int]]] | None:
+        max_tokens = cfg.finetune.max_tokens
+        if not max_tokens:
+            return None
+        lengths = [len(u.wav) for u in self.data["train"]]
+        return lambda epoch: length_batches(lengths, max_tokens, rank, world_size, cfg.train.seed, epoch)
 
     def head(self, embed_dim: int) -> nn.Module:
         return FrameHead(embed_dim, self.num_outputs)

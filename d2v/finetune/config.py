@@ -62,6 +62,9 @@ class TaskConfig:
     letters: str = "transcripts"
     """asr: CTC labels: transcripts (the characters of the training transcripts) | fairseq (the letter
     dictionary of fairseq's LibriSpeech recipes, dict.ltr.txt: `|`, 26 letters, apostrophe)."""
+    max_tokens: int = 0
+    """asr: training batches by audio length, at most this many (padded) samples per rank, utterances of
+    similar length together (fairseq's max_tokens); 0: train.micro_batch_size utterances."""
     ctc_reduction: str = "mean"
     """asr: mean (each utterance's CTC loss over its target length, averaged) | sentence (the sums
     averaged over utterances: fairseq's sentence_avg)."""

@@ -7,9 +7,10 @@ which data2vec's README uses for its speech fine-tuning (with `common.user_dir=e
 Their unset fields are fairseq's defaults (wav2vec2_asr.py: mask_length 10, dropout,
 attention_dropout and final_dropout 0; tri_stage_lr_scheduler.py: init_lr_scale 0.01; configs.py:
 clip_norm 0, no clipping); `sentence_avg: true` is the CTC loss averaged over utterances.
-Not carried over: the batch by audio length (max_tokens 3.2M samples per GPU on 8 GPUs, or 2 GPUs
-with update_freq 4), as d2v batches a fixed number of utterances (train.micro_batch_size); fp16
-(d2v runs bf16 or fp32); checkpoint and validation intervals.
+The batch is max_tokens (3.2M samples) per GPU on 8 GPUs (960h; the others: 2 GPUs with
+update_freq 4, the same 8 batches per update): run the recipe on 8 ranks for the reference's batch,
+as fine-tuning does not accumulate. Not carried over: fp16 (d2v runs bf16 or fp32); checkpoint and
+validation intervals.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def _wav2vec_ctc(split: str, *, lr: float, max_update: int, mask_prob: float, ma
         "optim.lr": lr, "optim.betas": (0.9, 0.98), "optim.eps": 1e-8, "optim.weight_decay": 0.0,
         "optim.schedule": "tri_stage", "optim.phase_ratios": (0.1, 0.4, 0.5), "optim.init_lr_scale": 0.01,
         "optim.final_lr_scale": 0.05, "optim.clip_norm": 0.0, "train.max_steps": max_update,
-        "finetune.ctc_reduction": "sentence",
+        "finetune.ctc_reduction": "sentence", "finetune.max_tokens": 3_200_000,
         "finetune.mask_prob": mask_prob, "finetune.mask_length": 10, "finetune.mask_channel_prob": mask_channel_prob,
         "finetune.mask_channel_length": 64, "model.layerdrop": layerdrop, "model.activation_dropout": 0.1,
         "model.dropout": 0.0, "model.attention_dropout": 0.0, "finetune.head_dropout": 0.0,

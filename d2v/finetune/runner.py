@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -48,14 +48,19 @@ def _sum(values: dict[str, float]) -> dict[str, float]:
 
 
 class TaskStream:
-    """This rank's index lists, epoch after epoch (rank_batches), with a resumable position."""
+    """This rank's index lists, epoch after epoch (rank_batches, or the task's own plan of an
+    epoch), with a resumable position."""
 
-    def __init__(self, size: int, batch_size: int, rank: int, world_size: int, seed: int) -> None:
+    def __init__(self, size: int, batch_size: int, rank: int, world_size: int, seed: int,
+                 plan: Callable[[int], list[list[int]]] | None = None) -> None:
         self.size, self.batch_size, self.rank, self.world_size, self.seed = size, batch_size, rank, world_size, seed
+        self.plan = plan
         self.epoch, self.consumed = 0, 0
         self._batches = self._epoch_batches()
 
     def _epoch_batches(self) -> list[list[int]]:
+        if self.plan is not None:
+            return self.plan(self.epoch)
         return rank_batches(self.size, self.batch_size, self.rank, self.world_size, self.seed, self.epoch)
 
     @property
@@ -181,7 +186,7 @@ class FinetuneRun(UpdateLoop):
         self.model: FinetuneModel = self.engine.module
         self.stepper = FinetuneStepper(self.engine, self.scheduler, self.task, cfg, self.device)
         self.stream = TaskStream(self.task.size("train"), cfg.train.micro_batch_size, self.rank, self.world_size,
-                                 cfg.train.seed)
+                                 cfg.train.seed, plan=self.task.epoch_plan(cfg, self.rank, self.world_size))
         self.val_every = cfg.finetune.eval_every
         self.last_checkpoint: str | None = None
         self.preemption = PreemptionFlag(self.world_size).install()

@@ -10,7 +10,7 @@ that registers it) plus its presets and tests.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -93,6 +93,11 @@ class DownstreamTask:
     @staticmethod
     def feature_masking(cfg: FinetuneConfig) -> FeatureMasking | None:
         """Masking of the encoder's input features while training (None: none)."""
+        return None
+
+    def epoch_plan(self, cfg: FinetuneConfig, rank: int, world_size: int) -> Callable[[int], list[list[int]]] | None:
+        """This rank's training batches of an epoch, when the task batches other than by a fixed
+        count (None: train.micro_batch_size examples, the loop's rank_batches)."""
         return None
 
     def head(self, embed_dim: int) -> nn.Module:
