@@ -99,6 +99,8 @@ class AsrTask(DownstreamTask):
         problems = check_masking(t.mask_prob, t.mask_length, t.mask_channel_prob, t.mask_channel_length)
         if t.ctc_reduction not in CTC_REDUCTIONS:
             problems.append(f"finetune.ctc_reduction={t.ctc_reduction!r}: use one of {', '.join(CTC_REDUCTIONS)}")
+        if t.max_tokens < 0:
+            problems.append("finetune.max_tokens must be >= 0 (0: train.micro_batch_size utterances per batch)")
         if t.letters not in LETTERS:
             problems.append(f"finetune.letters={t.letters!r}: use one of {', '.join(LETTERS)}")
         if d.beam < 1 or d.beam_threshold <= 0 or d.beam_size_token < 0:
