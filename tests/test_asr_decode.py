@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from d2v.data.arpa import build_kneser_ney, read_arpa, write_arpa
-from d2v.finetune.beam import BeamDecoder, DecodeSettings, Lexicon, read_lexicon
+from d2v.finetune.beam import BeamDecoder, Lexicon, read_lexicon
+from d2v.finetune.config import DecodeConfig
 
 HAND_ARPA = """\\data\\
 ngram 1=4
@@ -102,7 +103,7 @@ def _random_log_probs(seed, T=5):
     return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
 
 
-UNBOUNDED = DecodeSettings(beam=10 ** 6, beam_threshold=math.inf)
+UNBOUNDED = DecodeConfig(beam=10 ** 6, beam_threshold=math.inf)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -126,7 +127,7 @@ def _words(labels):
 def test_lexicon_and_lm_scores_match_brute_force(seed):
     lm = build_kneser_ney([["A", "AB"], ["AB", "B"], ["B"]], order=2)
     lexicon = Lexicon(["A", "AB", "B"])
-    settings = DecodeSettings(lm_weight=1.7, word_score=-0.4, beam=10 ** 6, beam_threshold=math.inf)
+    settings = DecodeConfig(lm_weight=1.7, word_score=-0.4, beam=10 ** 6, beam_threshold=math.inf)
     lp = _random_log_probs(seed)
     want = {}
     for key, acoustic in _exact(lp).items():
@@ -148,7 +149,7 @@ def test_a_narrow_beam_keeps_the_best_of_an_easy_case():
     lp = np.log(np.full((6, 4), 0.02))
     for t, i in enumerate([2, 0, 3, 3, 1, 2]):
         lp[t, i] = np.log(0.94)
-    narrow = BeamDecoder(SYMBOLS, settings=DecodeSettings(beam=2, beam_threshold=5.0, beam_size_token=2))
+    narrow = BeamDecoder(SYMBOLS, settings=DecodeConfig(beam=2, beam_threshold=5.0, beam_size_token=2))
     assert narrow.search(lp)[0][0] == BeamDecoder(SYMBOLS, settings=UNBOUNDED).search(lp)[0][0] == (2, 3, 1, 2)
     assert narrow.decode(lp) == "AB A"
 
@@ -170,9 +171,9 @@ def test_a_strong_lm_fixes_a_greedy_error(tmp_path):
     greedy = greedy_decode(torch.from_numpy(lp).unsqueeze(0), torch.tensor([9]), vocab)[0]
     assert greedy == "A BDD" and wer(["A BAD"], [greedy]) == 0.5
     decoder = BeamDecoder(vocab.symbols, lm, read_lexicon(_lexicon(tmp_path, ["A", "BAD", "DAB"])),
-                          DecodeSettings(lm_weight=2.0, word_score=-1.0, beam=20))
+                          DecodeConfig(lm_weight=2.0, word_score=-1.0, beam=20))
     assert decoder.decode(lp) == "A BAD"
-    assert BeamDecoder(vocab.symbols, settings=DecodeSettings(beam=20)).decode(lp) == "A BDD"  # no LM: no fix
+    assert BeamDecoder(vocab.symbols, settings=DecodeConfig(beam=20)).decode(lp) == "A BDD"  # no LM: no fix
 
 
 def _lexicon(tmp_path, words):

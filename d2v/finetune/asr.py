@@ -145,11 +145,9 @@ class AsrTask(DownstreamTask):
         if not d.lm:
             return None
         from d2v.data.arpa import read_arpa
-        from d2v.finetune.beam import BeamDecoder, DecodeSettings, read_lexicon
+        from d2v.finetune.beam import BeamDecoder, read_lexicon
 
-        return BeamDecoder(self.vocab.symbols, read_arpa(d.lm), read_lexicon(d.lexicon) if d.lexicon else None,
-                           DecodeSettings(lm_weight=d.lm_weight, word_score=d.word_score, beam=d.beam,
-                                          beam_threshold=d.beam_threshold, beam_size_token=d.beam_size_token))
+        return BeamDecoder(self.vocab.symbols, read_arpa(d.lm), read_lexicon(d.lexicon) if d.lexicon else None, d)
 
     @staticmethod
     def feature_masking(cfg: FinetuneConfig) -> FeatureMasking:

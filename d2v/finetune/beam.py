@@ -22,6 +22,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from d2v.data.arpa import BOS, EOS, ArpaModel
+from d2v.finetune.config import DecodeConfig
 
 NEG = -math.inf
 
@@ -54,16 +55,6 @@ def read_lexicon(path: str) -> Lexicon:
     return Lexicon(words)
 
 
-@dataclass(frozen=True)
-class DecodeSettings:
-    lm_weight: float = 2.0
-    word_score: float = -1.0
-    beam: int = 50
-    beam_threshold: float = 50.0
-    beam_size_token: int = 0
-    """Labels tried per frame, the most likely first (0: all)."""
-
-
 @dataclass
 class _Hyp:
     pb: float = NEG
@@ -80,7 +71,8 @@ class _Hyp:
 
 class BeamDecoder:
     def __init__(self, symbols: Sequence[str], lm: ArpaModel | None = None, lexicon: Lexicon | None = None,
-                 settings: DecodeSettings = DecodeSettings()) -> None:
+                 settings: DecodeConfig | None = None) -> None:
+        settings = settings if settings is not None else DecodeConfig()
         if lm is not None and lexicon is None:
             lexicon = Lexicon(lm.vocab)
         if settings.beam < 1:

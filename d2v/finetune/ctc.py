@@ -23,7 +23,7 @@ FAIRSEQ_LETTERS = "| E T A O N I H S R D L U M W C F G Y P B V K ' X J Q Z".spli
 
 
 class CharVocab:
-    """index 0 = blank, 1 = `|` (space), then the other characters in sorted order."""
+    """index 0 = blank, 1 = `|` (space), then the other characters (sorted, or fairseq's order)."""
 
     def __init__(self, symbols: Sequence[str]) -> None:
         if list(symbols[:2]) != [BLANK, WORD_BOUNDARY] or len(set(symbols)) != len(symbols):
