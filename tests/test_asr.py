@@ -298,3 +298,16 @@ def test_length_batches_fill_a_token_budget_and_deal_equal_counts_to_ranks():
     assert mine[0] != length_batches(lengths, 620, 0, 2, seed=1, epoch=1)
     with pytest.raises(ValueError, match="more than finetune.max_tokens=200"):
         length_batches(lengths, 200, 0, 1, seed=0, epoch=0)
+
+
+def test_fine_tuning_normalises_audio_as_pretraining_did():
+    from d2v.config.presets import get_preset
+    from d2v.finetune.asr import AsrTask
+    from d2v.finetune.config import FinetuneConfig
+
+    for normalize in (False, True):
+        base = get_preset("audio_tiny")
+        base.data.normalize = normalize
+        cfg = FinetuneConfig(task="asr")
+        AsrTask.configure(cfg, base)
+        assert cfg.finetune.normalize_audio is normalize

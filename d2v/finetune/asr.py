@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from d2v.config.schema import ModelConfig
+from d2v.config.schema import D2vConfig, ModelConfig
 from d2v.finetune.config import FinetuneConfig
 from d2v.finetune.ctc import CTC_REDUCTIONS, CharVocab, ctc_loss, greedy_decode
 from d2v.finetune.masking import FeatureMasking, check_masking
@@ -92,6 +92,11 @@ class AsrTask(DownstreamTask):
     name = "asr"
     modality = "audio"
     data_help = "transcribed shard pattern (eval: also NAME=PATTERN;NAME=PATTERN)"
+
+    @classmethod
+    def configure(cls, cfg: FinetuneConfig, base: D2vConfig) -> None:
+        # Fine-tuning normalises the waveforms as pretraining did (fairseq refuses a mismatch).
+        cfg.finetune.normalize_audio = base.data.normalize
 
     @classmethod
     def check(cls, cfg: FinetuneConfig) -> list[str]:

@@ -52,7 +52,7 @@ class TaskConfig:
     head_dropout: float = 0.0
     """Dropout on the encoder output before the task head (fairseq's final_dropout)."""
     normalize_audio: bool = True
-    """asr: zero mean, unit variance per utterance (as in pretraining)."""
+    """asr: zero mean, unit variance per utterance (default: as the pretraining config's data.normalize)."""
     eval_batch_size: int = 32
     """Examples per rank per evaluation batch."""
     eval_every: int = 0

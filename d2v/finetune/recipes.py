@@ -10,7 +10,9 @@ clip_norm 0, no clipping); `sentence_avg: true` is the CTC loss averaged over ut
 The batch is max_tokens (3.2M samples) per GPU on 8 GPUs (960h; the others: 2 GPUs with
 update_freq 4, the same 8 batches per update): run the recipe on 8 ranks for the reference's batch,
 as fine-tuning does not accumulate. Not carried over: fp16 (d2v runs bf16 or fp32); checkpoint and
-validation intervals.
+validation intervals; the files' `task.normalize: false`, which is wav2vec 2.0's: fairseq requires
+fine-tuning to normalise as pretraining did (data2vec normalises), and so does d2v
+(finetune.normalize_audio stays as pretraining set it).
 """
 from __future__ import annotations
 
