@@ -311,3 +311,22 @@ def test_fine_tuning_normalises_audio_as_pretraining_did():
         cfg = FinetuneConfig(task="asr")
         AsrTask.configure(cfg, base)
         assert cfg.finetune.normalize_audio is normalize
+
+
+def test_errors_are_counted_per_evaluation_set():
+    """Hand-counted: set x hears "A B" as "A" (1 of 2 words, 2 of 3 characters), set y gets "AB" right."""
+    from d2v.finetune.asr import COUNTS, AsrTask
+    from d2v.finetune.ctc import CharVocab
+    from d2v.finetune.model import TaskOutput
+    from d2v.finetune.tasks import FtBatch
+
+    task = object.__new__(AsrTask)  # the scoring only, without shards
+    task.vocab, task.sets, task.decoder = CharVocab(["<blank>", "|", "A", "B"]), ["x", "y"], None
+    task.score_keys = tuple(f"{s}/{c}" for s in task.sets for c in COUNTS)
+    frames = [[2, 0, 0], [2, 0, 3]]  # "A", "AB" by best path
+    logits = torch.nn.functional.one_hot(torch.tensor(frames), 4).float()
+    batch = FtBatch(torch.zeros(2, 1), texts=["A B", "AB"], sets=["x", "y"])
+    sums = task.score(TaskOutput(logits, None), batch)
+    assert sums == {"x/word_errors": 1, "x/words": 2, "x/char_errors": 2, "x/chars": 3,
+                    "y/word_errors": 0, "y/words": 1, "y/char_errors": 0, "y/chars": 2}
+    assert task.summarize(sums) == {"x/wer": 0.5, "x/cer": pytest.approx(2 / 3), "y/wer": 0.0, "y/cer": 0.0}
