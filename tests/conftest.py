@@ -17,12 +17,13 @@ LAYERS = {
     "unit": ["test_config", "test_presets", "test_layers", "test_masking_span", "test_masking_image_text",
              "test_masking_v2", "test_targets", "test_collectives", "test_gpu_paths", "test_models_audio",
              "test_models_image_text", "test_v2", "test_teacher", "test_data_audio", "test_data_image_text",
-             "test_untrusted_files", "test_prepare_checks", "test_eval_seeds"],
+             "test_untrusted_files", "test_prepare_checks", "test_eval_seeds", "test_asr_decode", "test_asr"],
     "kernels": ["test_kernels_attention", "test_kernels_targets", "test_kernels_compile"],
     "integration": ["test_train_single", "test_interop", "test_finetune", "test_benchmarks", "test_gpu_check",
                     "test_nothing_lost", "test_install", "test_run_plan", "test_fairseq_import", "test_run_identity",
                     "test_hf_v2"],
-    "distributed": ["test_dist_pretrain", "test_dist_v2", "test_zero", "test_cluster_ops", "test_host_sync"],
+    "distributed": ["test_dist_pretrain", "test_dist_v2", "test_zero", "test_cluster_ops", "test_host_sync",
+                    "test_asr_e2e"],
 }
 _LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}
 

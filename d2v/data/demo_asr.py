@@ -6,6 +6,9 @@ in the training split, and the evaluation sentences are disjoint from the traini
 the score measures recognition of unseen speakers saying unseen sentences. Written as a
 LibriSpeech-style tree (OUT/raw) and prepared into 16 kHz shards with transcripts (OUT/shards:
 train-* from the training voices, val-* from the held-out ones); OUT/patterns.json names them.
+The language model for beam-search decoding, OUT/lm.arpa (a 4-gram, as the paper's), is built
+from the training sentences' pool (OUT/lm_text.txt), never from an evaluation sentence, as
+LibriSpeech's LM corpus leaves out its dev and test books.
 """
 from __future__ import annotations
 
@@ -29,6 +32,23 @@ def transcript(sentence: str) -> str:
     return " ".join(re.sub(r"[^A-Z' ]", " ", sentence.upper()).split())
 
 
+def sentence_pools(rng: np.random.Generator) -> dict[str, list[str]]:
+    """The sentences of each split (a fifth for evaluation), dealt before any is spoken so that no
+    sentence is in both; the first draw of the demo's generator."""
+    pool = [s for s in sentences() if transcript(s)]
+    order = rng.permutation(len(pool)).tolist()
+    n_eval_pool = len(order) // 5
+    return {"val": [pool[i] for i in order[:n_eval_pool]], "train": [pool[i] for i in order[n_eval_pool:]]}
+
+
+def demo_lm(out: str, seed: int = 0) -> str:
+    """OUT/lm.arpa of a demo made with `seed`, built when missing (demos made before it existed)."""
+    path = os.path.join(out, "lm.arpa")
+    if not os.path.exists(path):
+        write_demo_lm(out, [transcript(s) for s in sentence_pools(np.random.default_rng(seed))["train"]])
+    return path
+
+
 def make_asr_demo(out: str, *, train_utterances: int = 480, eval_utterances: int = 96, seed: int = 0,
                   held_out: Sequence[str] = HELD_OUT_VOICES, workers: int = 1) -> dict:
     from d2v.data.espeak import Espeak
@@ -39,11 +59,7 @@ def make_asr_demo(out: str, *, train_utterances: int = 480, eval_utterances: int
         raise ValueError(f"held-out voices {list(held_out)} must be a proper subset of {list(VOICES)}")
     engine = Espeak()
     rng = np.random.default_rng(seed)
-    pool = [s for s in sentences() if transcript(s)]
-    order = rng.permutation(len(pool)).tolist()
-    # Sentences are dealt to the two splits first, so no sentence is in both.
-    n_eval_pool = len(order) // 5
-    pools = {"val": [pool[i] for i in order[:n_eval_pool]], "train": [pool[i] for i in order[n_eval_pool:]]}
+    pools = sentence_pools(rng)
     voices = {"val": list(held_out), "train": [v for v in VOICES if v not in held_out]}
     wanted = {"train": train_utterances, "val": eval_utterances}
     raw = os.path.join(out, "raw")
@@ -65,6 +81,7 @@ def make_asr_demo(out: str, *, train_utterances: int = 480, eval_utterances: int
             save_utterance(raw, texts, _speaker(voice, pitch, rate), wav, engine.sample_rate, transcript(sentence))
             made += 1
     write_transcripts(raw, texts)
+    write_demo_lm(out, [transcript(s) for s in pools["train"]])
     prefixes = tuple(v.replace("-", "") + "p" for v in held_out)
     val_speakers = [s for s in texts if s.startswith(prefixes)]
     report = prepare_audio(raw, os.path.join(out, "shards"), clean=True, samples_per_shard=64,
@@ -72,6 +89,21 @@ def make_asr_demo(out: str, *, train_utterances: int = 480, eval_utterances: int
     totals = report["totals"]
     write_patterns(out, totals["train"]["pattern"], totals["val"]["pattern"])
     return totals
+
+
+LM_ORDER = 4
+
+
+def write_demo_lm(out: str, lines: list[str]) -> str:
+    """OUT/lm_text.txt and OUT/lm.arpa built from it; returns the ARPA path."""
+    from d2v.data.arpa import build_arpa_file
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "lm_text.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    path = os.path.join(out, "lm.arpa")
+    build_arpa_file(lines, path, LM_ORDER)
+    return path
 
 
 def main(argv: list[str] | None = None) -> dict:

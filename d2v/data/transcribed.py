@@ -5,10 +5,25 @@ everything is decoded into memory.
 from __future__ import annotations
 
 import io
+import re
 from typing import NamedTuple
 
 import numpy as np
 import soundfile
+
+
+ALLOWED = re.compile(r"[A-Z' ]*")
+"""LibriSpeech's transcript alphabet: upper-case letters, apostrophes, spaces (the CTC labels)."""
+
+
+def normalize_transcript(text: str, where: str = "transcript") -> str:
+    """Upper case, single spaces; anything but letters, apostrophes and spaces is an error."""
+    clean = " ".join(text.upper().split())
+    if not ALLOWED.fullmatch(clean):
+        bad = sorted(set(re.sub(r"[A-Z' ]", "", clean)))
+        raise ValueError(f"{where}: characters {bad} are outside the CTC alphabet (letters, apostrophe, space); "
+                         f"normalise the transcripts (e.g. spell out digits) before fine-tuning")
+    return clean
 
 
 class Utterance(NamedTuple):

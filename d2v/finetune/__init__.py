@@ -2,3 +2,6 @@
 recognition, image and text classification (linear probe and full fine-tuning), and the
 pretrained-versus-random evaluation behind `make eval`.
 """
+
+# Tasks in modules of their own register on import (d2v.finetune.tasks.TASKS).
+from d2v.finetune import asr  # noqa: E402,F401

@@ -13,13 +13,36 @@ from d2v.config.schema import D2vConfig, ModelConfig, OptimConfig, TrainConfig
 
 
 @dataclass(kw_only=True)
+class DecodeConfig:
+    """asr: how evaluation turns frame scores into words (README, fine-tuning). Greedy (best path)
+    is always reported; with an `lm` also CTC beam search with the LM and a lexicon. The defaults
+    are fairseq's decoder settings (examples/speech_recognition/new/decoders/decoder_config.py)."""
+
+    lm: str = ""
+    """ARPA n-gram model over upper-case words (`python -m d2v.data.arpa` builds one); empty: greedy only."""
+    lexicon: str = ""
+    """Words the beam search may spell, one per line (flashlight's `WORD W O R D |` lines work);
+    empty: the LM's words."""
+    lm_weight: float = 2.0
+    """Weight of the LM's log10 probabilities against the acoustic natural-log scores (fairseq's lmweight)."""
+    word_score: float = -1.0
+    """Added per word (fairseq's wordscore; negative discourages insertions)."""
+    beam: int = 50
+    """Hypotheses kept per frame."""
+    beam_threshold: float = 50.0
+    """Hypotheses scoring this far below the best are dropped."""
+    beam_size_token: int = 0
+    """Labels tried per frame, most likely first (0: all)."""
+
+
+@dataclass(kw_only=True)
 class TaskConfig:
     """What is fine-tuned on which data."""
 
     train_data: str = ""
     """asr: transcribed shard pattern | image_cls: ImageFolder root | text_cls: TSV file (text<TAB>label)."""
     eval_data: str = ""
-    """Held-out data in the same form (asr: the held-out voices)."""
+    """Held-out data in the same form (asr: one shard pattern, or several sets as `NAME=PATTERN;NAME=PATTERN`)."""
     tokenizer: str = ""
     """text_cls: SentencePiece .model or tokenizer.json (default: the one beside the pretraining shards)."""
     freeze_feature_encoder: bool = True
@@ -29,11 +52,32 @@ class TaskConfig:
     head_dropout: float = 0.0
     """Dropout on the encoder output before the task head (fairseq's final_dropout)."""
     normalize_audio: bool = True
-    """asr: zero mean, unit variance per utterance (as in pretraining)."""
+    """asr: zero mean, unit variance per utterance (default: as the pretraining config's data.normalize)."""
     eval_batch_size: int = 32
     """Examples per rank per evaluation batch."""
     eval_every: int = 0
     """Updates between evaluations (0: only at the end)."""
+    recipe: str = ""
+    """A fine-tuning recipe (d2v.finetune.recipes) whose settings were applied before the overrides."""
+    letters: str = "transcripts"
+    """asr: CTC labels: transcripts (the characters of the training transcripts) | fairseq (the letter
+    dictionary of fairseq's LibriSpeech recipes, dict.ltr.txt: `|`, 26 letters, apostrophe)."""
+    max_tokens: int = 0
+    """asr: training batches by audio length, at most this many (padded) samples per rank, utterances of
+    similar length together (fairseq's max_tokens); 0: train.micro_batch_size utterances."""
+    ctc_reduction: str = "mean"
+    """asr: mean (each utterance's CTC loss over its target length, averaged) | sentence (the sums
+    averaged over utterances: fairseq's sentence_avg)."""
+    mask_prob: float = 0.0
+    """asr: time masking while training (wav2vec 2.0 spans replaced by the mask embedding; fairseq's mask_prob)."""
+    mask_length: int = 10
+    """asr: frames per time-mask span."""
+    mask_channel_prob: float = 0.0
+    """asr: channel masking while training (spans of feature channels zeroed; fairseq's mask_channel_prob)."""
+    mask_channel_length: int = 64
+    """asr: channels per channel-mask span."""
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    """asr: decoding at evaluation."""
 
 
 @dataclass(kw_only=True)

@@ -7,30 +7,23 @@ is the word boundary token `|` as in fairseq's letter dictionaries.
 """
 from __future__ import annotations
 
-import re
 from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from d2v.data.transcribed import normalize_transcript
+
 BLANK = "<blank>"
 WORD_BOUNDARY = "|"
-ALLOWED = re.compile(r"[A-Z' ]*")
-
-
-def normalize_transcript(text: str, where: str = "transcript") -> str:
-    """Upper case, single spaces; anything but letters, apostrophes and spaces is an error."""
-    clean = " ".join(text.upper().split())
-    if not ALLOWED.fullmatch(clean):
-        bad = sorted(set(re.sub(r"[A-Z' ]", "", clean)))
-        raise ValueError(f"{where}: characters {bad} are outside the CTC alphabet (letters, apostrophe, space); "
-                         f"normalise the transcripts (e.g. spell out digits) before fine-tuning")
-    return clean
+# The letters of fairseq's LibriSpeech dictionary (dict.ltr.txt of examples/wav2vec), its order
+# (by frequency); `|` is the word boundary.
+FAIRSEQ_LETTERS = "| E T A O N I H S R D L U M W C F G Y P B V K ' X J Q Z".split()
 
 
 class CharVocab:
-    """index 0 = blank, 1 = `|` (space), then the other characters in sorted order."""
+    """index 0 = blank, 1 = `|` (space), then the other characters (sorted, or fairseq's order)."""
 
     def __init__(self, symbols: Sequence[str]) -> None:
         if list(symbols[:2]) != [BLANK, WORD_BOUNDARY] or len(set(symbols)) != len(symbols):
@@ -43,6 +36,12 @@ class CharVocab:
     def from_transcripts(cls, texts: Iterable[str]) -> "CharVocab":
         chars = sorted({c for t in texts for c in normalize_transcript(t) if c != " "})
         return cls([BLANK, WORD_BOUNDARY] + chars)
+
+    @classmethod
+    def fairseq_letters(cls) -> "CharVocab":
+        """Blank, then fairseq's letter dictionary: every LibriSpeech character, whichever a small
+        training split happens to hold."""
+        return cls([BLANK] + FAIRSEQ_LETTERS)
 
     def __len__(self) -> int:
         return len(self.symbols)
@@ -61,16 +60,26 @@ class CharVocab:
         return " ".join(text.split())
 
 
-def ctc_loss(logits_BTV: Tensor, frames_B: Tensor, targets: list[list[int]]) -> Tensor:
-    """Mean over utterances of the CTC negative log-likelihood divided by the target length
-    (torch's `reduction="mean"`). Impossible alignments (more labels than frames) give zero, not inf."""
+CTC_REDUCTIONS = ("mean", "sentence")
+
+
+def ctc_loss(logits_BTV: Tensor, frames_B: Tensor, targets: list[list[int]], reduction: str = "mean") -> Tensor:
+    """The CTC negative log-likelihood over utterances: "mean" divides each by its target length,
+    then averages (torch's `reduction="mean"`); "sentence" averages the plain sums (fairseq's ctc
+    criterion with sentence_avg, so longer utterances weigh more). Impossible alignments (more
+    labels than frames) give zero, not inf."""
+    if reduction not in CTC_REDUCTIONS:
+        raise ValueError(f"CTC reduction {reduction!r}: use one of {', '.join(CTC_REDUCTIONS)}")
     log_probs_TBV = F.log_softmax(logits_BTV.float(), dim=-1).transpose(0, 1)
     flat = torch.tensor([t for seq in targets for t in seq], dtype=torch.long)
     lengths = torch.tensor([len(seq) for seq in targets], dtype=torch.long)
     if bool((lengths == 0).any()):
         raise ValueError("an empty transcript has no CTC target; drop it from the data")
-    return F.ctc_loss(log_probs_TBV, flat.to(logits_BTV.device), frames_B.long(), lengths.to(logits_BTV.device),
-                      blank=0, reduction="mean", zero_infinity=True)
+    per_utterance = F.ctc_loss(log_probs_TBV, flat.to(logits_BTV.device), frames_B.long(),
+                               lengths.to(logits_BTV.device), blank=0, reduction="none", zero_infinity=True)
+    if reduction == "mean":
+        per_utterance = per_utterance / lengths.to(per_utterance.device, per_utterance.dtype)
+    return per_utterance.mean()
 
 
 def greedy_decode(logits_BTV: Tensor, frames_B: Tensor, vocab: CharVocab) -> list[str]:

@@ -54,7 +54,9 @@ def ensure_data(data: str) -> dict[str, dict[str, str]]:
         from d2v.data.demo_text_cls import build_text_cls_demo
 
         build_text_cls_demo(text)
-    return {"asr": {"train": patterns["train"], "eval": patterns["valid"]},
+    from d2v.data.demo_asr import demo_lm
+
+    return {"asr": {"train": patterns["train"], "eval": patterns["valid"], "lm": demo_lm(asr)},
             "image_cls": {"train": os.path.join(digits, "train"), "eval": os.path.join(digits, "val")},
             "text_cls": {"train": os.path.join(text, "train.tsv"), "eval": os.path.join(text, "test.tsv")}}
 
@@ -98,6 +100,8 @@ def linear_probe(task: str, init: str, data: dict[str, str], seed: int) -> dict[
 ROWS = (  # (task, metric, what, pipeline)
     ("asr", "wer", "speech recognition, held-out voices (CTC fine-tuning)", "finetune"),
     ("asr", "cer", "speech recognition, held-out voices (CTC fine-tuning)", "finetune"),
+    ("asr", "wer_lm", "speech recognition, held-out voices (CTC fine-tuning, demo 4-gram LM beam search)", "finetune"),
+    ("asr", "cer_lm", "speech recognition, held-out voices (CTC fine-tuning, demo 4-gram LM beam search)", "finetune"),
     ("image_cls", "accuracy", "digits (linear probe)", "probe"),
     ("image_cls", "accuracy", "digits (fine-tuning)", "finetune"),
     ("text_cls", "accuracy", "docstring topics (linear probe)", "probe"),
@@ -110,9 +114,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
     lines = ["| task | metric | pretrained | random init | difference | verdict |", "|---|---|---|---|---|---|"]
     for r in rows:
-        arrow = " (lower is better)" if r["metric"] in ("wer", "cer") else ""
+        metric = r["metric"].split("_")[0]  # wer_lm: a WER (of LM decoding)
+        arrow = " (lower is better)" if metric in ("wer", "cer") else ""
         cells = describe(compare(r["pretrained"], r["random init"]))
-        lines.append(f"| {r['what']} | {r['metric'].upper() if r['metric'] != 'accuracy' else 'accuracy'}{arrow} | "
+        lines.append(f"| {r['what']} | {metric.upper() if metric != 'accuracy' else 'accuracy'}{arrow} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -164,7 +169,8 @@ def evaluate(data: str, runs: str, out: str, *, ranks: int, steps: dict[str, int
             for p, run, s in runs_of_arm:
                 where = os.path.join(out, task, name.replace(" ", "_"), f"pretrain{p}-seed{s}" if p else f"seed{s}")
                 res = finetune(task, run, paths[task], where, random_init=random_init, ranks=ranks,
-                               overrides=[f"train.max_steps={steps[task]}", f"train.seed={s}", *overrides])
+                               overrides=[f"train.max_steps={steps[task]}", f"train.seed={s}", *overrides,
+                                          *data_overrides(paths[task])])
                 record[name].append({"pretrain_seed": p, "seed": s, **res})
                 print(f"{task} {name} (pretraining seed {p or '-'}, seed {s}): {res['metrics']} "
                       f"({res['train_seconds']} s)", flush=True)
@@ -191,6 +197,9 @@ def write_results(results: dict[str, Any], out: str, ranks: int) -> None:
         if task not in results["tasks"]:
             continue
         rec = results["tasks"][task]
+        if pipeline != "probe" and any(metric not in r["metrics"] for k in ("pretrained", "random init")
+                                       for r in rec[k]):
+            continue  # runs without this metric (no LM given)
         if pipeline == "probe":
             values = rec["probe"]
         else:
@@ -203,6 +212,11 @@ def write_results(results: dict[str, Any], out: str, ranks: int) -> None:
         json.dump(results, f, indent=2)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(markdown(rows) + "\n")
+
+
+def data_overrides(data: dict[str, str]) -> list[str]:
+    """Settings that come with a demo data set (the speech demo's LM for beam-search decoding)."""
+    return [f"finetune.decode.lm={data['lm']}"] if "lm" in data else []
 
 
 # Settings shared by both inits of a task (tiny models, a few CPU minutes each).

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from d2v.config.schema import ModelConfig
+from d2v.finetune.masking import FeatureMasking
 from d2v.models import Data2Vec, build_model
 
 
@@ -48,21 +49,45 @@ class MeanPoolHead(FrameHead):
 
 
 class FinetuneModel(nn.Module):
-    def __init__(self, backbone: Data2Vec, head: nn.Module, *, dropout: float = 0.0) -> None:
+    def __init__(self, backbone: Data2Vec, head: nn.Module, *, dropout: float = 0.0,
+                 masking: FeatureMasking | None = None) -> None:
         super().__init__()
-        for part in ("head", "mask_embedding", "decoder"):  # pretraining-only parts (1.0 head, 2.0 decoder)
+        time_masking = masking is not None and masking.time
+        if time_masking and backbone.mask_embedding is None:
+            raise ValueError("time masking while fine-tuning needs the pretrained mask embedding, which this encoder "
+                             "lacks (2.0 drops masked positions instead); set finetune.mask_prob=0")
+        # Pretraining-only parts (1.0 head, 2.0 decoder; the mask embedding unless fine-tuning masks).
+        for part in ("head", "decoder") + (() if time_masking else ("mask_embedding",)):
             if getattr(backbone, part, None) is not None:
                 setattr(backbone, part, None)
         self.backbone = backbone
         self.dropout = nn.Dropout(dropout)
         self.head = head
+        self.masking = masking if masking is not None and masking.active else None
         # Set by the loop: while True the backbone runs without autograd (only the head learns).
         self.freeze_backbone = False
+        # Set by the loop per update, the same on every rank: LayerDrop's draw and the masks' seed.
+        self.step_seed: int | None = None
 
     def encode(self, source: Tensor, source_lengths: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """B×T×D encoder outputs (no masking) and the padding mask."""
+        """B×T×D encoder outputs and the padding mask; in training with masking, of masked features."""
         feats = self.backbone.features(source, source_lengths)
-        return self.backbone.encode(feats.x, feats.padding_mask), feats.padding_mask
+        time_BT = channel_BD = None
+        if self.training and self.masking is not None:
+            B, T, D = feats.x.shape
+            time_BT, channel_BD = self.masking.draw(B, T, D, feats.padding_mask, self._mask_generator())
+            time_BT = None if time_BT is None else time_BT.to(feats.x.device)
+            channel_BD = None if channel_BD is None else channel_BD.to(feats.x.device)
+        layer_seed = self.step_seed if self.training else None
+        return self.backbone.encode(feats.x, feats.padding_mask, time_BT, layer_seed=layer_seed,
+                                    channel_mask_BD=channel_BD), feats.padding_mask
+
+    def _mask_generator(self) -> torch.Generator:
+        """Seeded by the update and the rank (each rank masks its own batch differently)."""
+        if self.step_seed is None:
+            return torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        return torch.Generator().manual_seed(self.step_seed * 4099 + rank)
 
     def forward(self, source: Tensor, source_lengths: Tensor | None = None) -> TaskOutput:
         frozen = self.freeze_backbone and self.training

@@ -11,6 +11,7 @@ from d2v.config.overrides import apply_overrides
 from d2v.config.presets import get_preset
 from d2v.config.schema import D2vConfig, OptimConfig, TrainConfig
 from d2v.finetune.config import FinetuneConfig, read_pretrain_config
+from d2v.finetune.recipes import apply_recipe
 from d2v.finetune.tasks import task_class
 
 
@@ -24,8 +25,10 @@ def task_defaults(task: str, base: D2vConfig) -> tuple[OptimConfig, TrainConfig]
 
 
 def resolve_finetune(task: str, *, init: str | None = None, preset: str | None = None,
-                     overrides: list[str] | tuple[str, ...] = ()) -> tuple[FinetuneConfig, D2vConfig]:
-    """(fine-tuning config, the pretraining config it started from), validated."""
+                     overrides: list[str] | tuple[str, ...] = (), recipe: str | None = None
+                     ) -> tuple[FinetuneConfig, D2vConfig]:
+    """(fine-tuning config, the pretraining config it started from), validated. A recipe (by name,
+    or `finetune.recipe=NAME` among the overrides) applies between the task's settings and the overrides."""
     kind = task_class(task)
     if init:
         base = read_pretrain_config(init)
@@ -39,6 +42,9 @@ def resolve_finetune(task: str, *, init: str | None = None, preset: str | None =
                          optim=optim, train=train)
     cfg.train.out_dir = f"runs/finetune-{task}"
     kind.configure(cfg, base)
+    named = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "finetune.recipe"]
+    if recipe or named:
+        apply_recipe(cfg, named[-1] if named else recipe)
     structural = dataclasses.asdict(cfg.model)
     apply_overrides(cfg, overrides)
     changed = [k for k in ("modality", "embed_dim", "depth", "num_heads", "ffn_dim") if

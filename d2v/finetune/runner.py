@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -45,14 +45,19 @@ def _sum(values: dict[str, float]) -> dict[str, float]:
 
 
 class TaskStream:
-    """This rank's index lists, epoch after epoch (rank_batches), with a resumable position."""
+    """This rank's index lists, epoch after epoch (rank_batches, or the task's own plan of an
+    epoch), with a resumable position."""
 
-    def __init__(self, size: int, batch_size: int, rank: int, world_size: int, seed: int) -> None:
+    def __init__(self, size: int, batch_size: int, rank: int, world_size: int, seed: int,
+                 plan: Callable[[int], list[list[int]]] | None = None) -> None:
         self.size, self.batch_size, self.rank, self.world_size, self.seed = size, batch_size, rank, world_size, seed
+        self.plan = plan
         self.epoch, self.consumed = 0, 0
         self._batches = self._epoch_batches()
 
     def _epoch_batches(self) -> list[list[int]]:
+        if self.plan is not None:
+            return self.plan(self.epoch)
         return rank_batches(self.size, self.batch_size, self.rank, self.world_size, self.seed, self.epoch)
 
     @property
@@ -104,6 +109,7 @@ class FinetuneStepper(GuardedCounts):
         t0 = time.perf_counter()
         self.model.train()
         self.model.freeze_backbone = self.step < self.cfg.finetune.freeze_encoder_steps
+        self.model.step_seed = self.cfg.train.seed * 1_000_003 + self.step
         lr = float(self.scheduler.get_last_lr()[0])
         def micro_step(i: int, indices: list[int]):
             batch = self.task.batch("train", indices)
@@ -145,7 +151,8 @@ class FinetuneRun(UpdateLoop):
         self.task = build_task(cfg)
         backbone = load_backbone(cfg.init, cfg.model, random_init=random_init, seed=cfg.train.seed)
         torch.manual_seed(cfg.train.seed + 1)  # the head's init does not depend on how the backbone was made
-        model = FinetuneModel(backbone, self.task.head(backbone.embed_dim), dropout=cfg.finetune.head_dropout)
+        model = FinetuneModel(backbone, self.task.head(backbone.embed_dim), dropout=cfg.finetune.head_dropout,
+                              masking=self.task.feature_masking(cfg))
         self.task.prepare_model(model, cfg)
         parts = start_engine(model, cfg, ds_template, self.world_size,
                              param_groups(model, cfg.optim.no_decay_1d, cfg.optim.weight_decay))
@@ -153,7 +160,7 @@ class FinetuneRun(UpdateLoop):
         self.model: FinetuneModel = self.engine.module
         self.stepper = FinetuneStepper(self.engine, self.scheduler, self.task, cfg, self.device)
         self.stream = TaskStream(self.task.size("train"), cfg.train.micro_batch_size, self.rank, self.world_size,
-                                 cfg.train.seed)
+                                 cfg.train.seed, plan=self.task.epoch_plan(cfg, self.rank, self.world_size))
         self.val_every = cfg.finetune.eval_every
         self.finish_start(to_dict(cfg), universal=reshard)
 

@@ -10,7 +10,7 @@ that registers it) plus its presets and tests.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -19,9 +19,8 @@ from torch import Tensor, nn
 
 from d2v.config.schema import D2vConfig, OptimConfig, TrainConfig
 from d2v.finetune.config import FinetuneConfig
-from d2v.finetune.ctc import CharVocab, ctc_loss, greedy_decode
-from d2v.finetune.metrics import char_errors, word_errors
-from d2v.finetune.model import FinetuneModel, FrameHead, MeanPoolHead, TaskOutput, freeze_feature_encoder
+from d2v.finetune.masking import FeatureMasking
+from d2v.finetune.model import FinetuneModel, MeanPoolHead, TaskOutput
 
 TASKS: dict[str, type["DownstreamTask"]] = {}
 """Every registered downstream task by name."""
@@ -52,6 +51,8 @@ class FtBatch:
     """asr: CTC label ids per row."""
     texts: list[str] | None = None
     """asr: reference transcripts."""
+    sets: list[str] | None = None
+    """asr evaluation: the evaluation set of each row."""
 
 
 def frames_of(out: TaskOutput) -> Tensor:
@@ -89,6 +90,16 @@ class DownstreamTask:
         """Problems with a resolved config, one line each."""
         return []
 
+    @staticmethod
+    def feature_masking(cfg: FinetuneConfig) -> FeatureMasking | None:
+        """Masking of the encoder's input features while training (None: none)."""
+        return None
+
+    def epoch_plan(self, cfg: FinetuneConfig, rank: int, world_size: int) -> Callable[[int], list[list[int]]] | None:
+        """This rank's training batches of an epoch, when the task batches other than by a fixed
+        count (None: train.micro_batch_size examples, the loop's rank_batches)."""
+        return None
+
     def head(self, embed_dim: int) -> nn.Module:
         """The task's head: (B×T×D encoder outputs, B×T padding mask or None) -> logits."""
         return MeanPoolHead(embed_dim, self.num_outputs)
@@ -111,65 +122,6 @@ class DownstreamTask:
     @staticmethod
     def summarize(sums: dict[str, float]) -> dict[str, float]:
         raise NotImplementedError
-
-
-@register
-class AsrTask(DownstreamTask):
-    """CTC on characters; metrics WER and CER of greedy decoding."""
-
-    name = "asr"
-    modality = "audio"
-    score_keys = ("word_errors", "words", "char_errors", "chars")
-    data_help = "transcribed shard pattern"
-
-    def head(self, embed_dim: int) -> nn.Module:
-        return FrameHead(embed_dim, self.num_outputs)
-
-    def prepare_model(self, model: FinetuneModel, cfg: FinetuneConfig) -> None:
-        if cfg.finetune.freeze_feature_encoder:
-            freeze_feature_encoder(model)
-
-    def __init__(self, cfg: FinetuneConfig) -> None:
-        from d2v.data.transcribed import read_transcribed
-
-        rate = cfg.model.audio.sample_rate
-        self.data = {"train": read_transcribed(cfg.finetune.train_data, sample_rate=rate),
-                     "eval": read_transcribed(cfg.finetune.eval_data, sample_rate=rate)}
-        self.vocab = CharVocab.from_transcripts(u.text for u in self.data["train"])
-        self.labels = self.vocab.symbols
-        self.num_outputs = len(self.vocab)
-        self.normalize = cfg.finetune.normalize_audio
-        self._targets = [self.vocab.encode(u.text) for u in self.data["train"]]
-
-    def size(self, split: str) -> int:
-        return len(self.data[split])
-
-    def batch(self, split: str, indices: Sequence[int]) -> FtBatch:
-        utts = [self.data[split][i] for i in indices]
-        wavs = [u.wav for u in utts]
-        if self.normalize:
-            wavs = [(w - w.mean()) / (w.std() + 1e-5) for w in wavs]
-        lengths = torch.tensor([len(w) for w in wavs], dtype=torch.long)
-        source = torch.zeros(len(wavs), int(lengths.max()))
-        for row, w in enumerate(wavs):
-            source[row, :len(w)] = torch.from_numpy(np.asarray(w, dtype=np.float32))
-        targets = [self._targets[i] for i in indices] if split == "train" else None
-        return FtBatch(source, lengths, targets=targets, texts=[u.text for u in utts])
-
-    def loss(self, out: TaskOutput, batch: FtBatch) -> Tensor:
-        return ctc_loss(out.logits, frames_of(out), batch.targets)
-
-    def hypotheses(self, out: TaskOutput) -> list[str]:
-        return greedy_decode(out.logits, frames_of(out), self.vocab)
-
-    def score(self, out: TaskOutput, batch: FtBatch) -> dict[str, float]:
-        hyps = self.hypotheses(out)
-        w, c = word_errors(batch.texts, hyps), char_errors(batch.texts, hyps)
-        return {"word_errors": w.errors, "words": w.total, "char_errors": c.errors, "chars": c.total}
-
-    @staticmethod
-    def summarize(sums: dict[str, float]) -> dict[str, float]:
-        return {"wer": sums["word_errors"] / max(sums["words"], 1), "cer": sums["char_errors"] / max(sums["chars"], 1)}
 
 
 class ClassificationTask(DownstreamTask):

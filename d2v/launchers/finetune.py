@@ -5,6 +5,10 @@ classification, on the same config system and DeepSpeed launcher as pretraining.
       --task asr --init runs/demo-audio --train-data 'demo_data/asr/shards/train-{000000..000007}.tar' \
       --eval-data 'demo_data/asr/shards/val-{000000..000001}.tar' --out runs/ft-asr train.max_steps=300
 
+  ... --task asr --recipe base_10h --train-data 'ft/train-{000000..000009}.tar' \
+      --eval-data 'dev_clean=ft/dev_clean-{000000..000003}.tar;dev_other=ft/dev_other-{000000..000003}.tar' \
+      finetune.decode.lm=4-gram.arpa    (Libri-light and LibriSpeech from `python -m d2v.data.prepare asr`)
+
   ... --task image_cls --train-data demo_data/digits/train --eval-data demo_data/digits/val
   ... --task text_cls --train-data demo_data/text_cls/train.tsv --eval-data demo_data/text_cls/test.tsv
 
@@ -33,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--init", default=None, help="d2v checkpoint, export directory or transformers directory to start from")
     ap.add_argument("--random-init", action="store_true", help="same architecture, random weights (baseline)")
     ap.add_argument("--preset", default=None, help="architecture for a random-init run without --init")
+    ap.add_argument("--recipe", default=None,
+                    help="a reference's settings by name (d2v.finetune.recipes: asr base_10m, base_1h, base_10h, "
+                         "base_100h, base_960h), applied before the key=value overrides")
     ap.add_argument("--train-data", default=None,
                     help="; ".join(f"{n}: {c.data_help}" for n, c in sorted(TASKS.items())))
     ap.add_argument("--eval-data", default=None, help="held-out data in the same form")
@@ -68,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from d2v.train.preemption import EXIT_PREEMPTED
 
     try:
-        cfg, _ = resolve_finetune(args.task, init=args.init, preset=args.preset,
+        cfg, _ = resolve_finetune(args.task, init=args.init, preset=args.preset, recipe=args.recipe,
                                   overrides=overrides + args.overrides)
         run = FinetuneRun(cfg, load_template(args.ds_config), random_init=args.random_init or not args.init,
                           resume=args.resume)

@@ -85,15 +85,19 @@ class Data2Vec(nn.Module):
         return self.frontend(source, source_lengths, known)
 
     def encode(self, x_BTD: Tensor, padding_mask_BT: Tensor | None = None, mask_BT: Tensor | None = None, *,
-               layer_seed: int | None = None, tap: Tap | None = None, keep_extra_tokens: bool = False) -> Tensor:
+               layer_seed: int | None = None, tap: Tap | None = None, keep_extra_tokens: bool = False,
+               channel_mask_BD: Tensor | None = None) -> Tensor:
         """Encodes the whole sequence (probes, fine-tuning; the 1.0 student with masked positions
         replaced by the learned embedding). Returns B×T×D (B×(E+T)×D with the E extra tokens such as
-        CLS first, if asked)."""
+        CLS first, if asked). channel_mask_BD: feature channels zeroed at every position after the
+        mask embedding (wav2vec 2.0 fine-tuning's channel masking)."""
         x_BTD = self.feature_dropout(x_BTD)
         if mask_BT is not None:
             if self.mask_embedding is None:
                 raise RuntimeError("a mask was given but this model has no mask embedding")
             x_BTD = self.mask_embedding(x_BTD, mask_BT)
+        if channel_mask_BD is not None:
+            x_BTD = x_BTD.masked_fill(channel_mask_BD.unsqueeze(1), 0.0)
         out = self.encoder(x_BTD, padding_mask_BT, layer_seed=layer_seed, tap=tap)
         return out if keep_extra_tokens else out[:, self.encoder.num_extra_tokens:]
 
