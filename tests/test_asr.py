@@ -237,12 +237,12 @@ def test_make_eval_reports_lm_decoding_rows_and_keeps_older_results(tmp_path):
 
     run = {"metrics": {"wer": 0.9, "cer": 0.5, "wer_lm": 0.7, "cer_lm": 0.45}}
     old = {"metrics": {"wer": 0.95, "cer": 0.6}}  # a run from before LM decoding
-    results = {"tasks": {"asr": {"pretrained": run, "random init": run}}}
+    results = {"tasks": {"asr": {"pretrained": [run, run], "random init": [run]}}}
     write_results(results, str(tmp_path), ranks=2)
     table = (tmp_path / "results.md").read_text()
-    assert "demo 4-gram LM beam search) | WER (lower is better) | 70.0% | 70.0% |" in table
-    assert "LM beam search) | CER (lower is better) | 45.0%" in table
-    write_results({"tasks": {"asr": {"pretrained": old, "random init": old}}}, str(tmp_path), ranks=2)
+    assert "demo 4-gram LM beam search) | WER (lower is better) | 70.0 ± 0.0% (n=2) | 70.0% (1 run) |" in table
+    assert "LM beam search) | CER (lower is better) | 45.0 ± 0.0% (n=2)" in table
+    write_results({"tasks": {"asr": {"pretrained": [old, run], "random init": [old]}}}, str(tmp_path), ranks=2)
     assert "LM" not in (tmp_path / "results.md").read_text()
     assert data_overrides({"train": "t", "eval": "e", "lm": "x.arpa"}) == ["finetune.decode.lm=x.arpa"]
     assert data_overrides({"train": "t", "eval": "e"}) == []

@@ -19,6 +19,7 @@ from d2v.config.deepspeed_json import zero_stage
 from d2v.finetune.config import FinetuneConfig
 from d2v.finetune.model import FinetuneModel, load_backbone
 from d2v.finetune.tasks import FtBatch, build_task
+from d2v.task import layer_seed
 from d2v.train import distributed
 from d2v.train.checkpoint import atomic_write_text
 from d2v.train.engine import start_engine
@@ -109,8 +110,9 @@ class FinetuneStepper(GuardedCounts):
         t0 = time.perf_counter()
         self.model.train()
         self.model.freeze_backbone = self.step < self.cfg.finetune.freeze_encoder_steps
-        self.model.step_seed = self.cfg.train.seed * 1_000_003 + self.step
+        self.model.step_seed = layer_seed(self.cfg.train.seed, self.step)  # LayerDrop as pretraining draws it
         lr = float(self.scheduler.get_last_lr()[0])
+
         def micro_step(i: int, indices: list[int]):
             batch = self.task.batch("train", indices)
             return self.task.loss(self.forward(batch), batch), {}
