@@ -44,7 +44,8 @@ class TaskConfig:
     eval_data: str = ""
     """Held-out data in the same form (asr: one shard pattern, or several sets as `NAME=PATTERN;NAME=PATTERN`)."""
     tokenizer: str = ""
-    """text_cls: SentencePiece .model or tokenizer.json (default: the one beside the pretraining shards)."""
+    """text_cls: SentencePiece .model or tokenizer.json (default: the one beside the pretraining shards,
+    else the one a transformers export given as --init ships)."""
     freeze_feature_encoder: bool = True
     """asr: no gradient into the conv waveform encoder (fairseq's feature_grad_mult=0); its projection still trains."""
     freeze_encoder_steps: int = 0

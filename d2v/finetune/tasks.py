@@ -189,17 +189,26 @@ class TextClassification(ClassificationTask):
 
     @classmethod
     def configure(cls, cfg: FinetuneConfig, base: D2vConfig) -> None:
-        if not base.data.train_shards:
-            return
+        """The pretraining tokenizer: recorded beside the pretraining shards, else the one a
+        transformers export ships in the --init directory."""
         import os
 
-        from d2v.data.text import load_tokenizer_meta
+        if base.data.train_shards:
+            from d2v.data.text import load_tokenizer_meta
 
-        try:
-            meta = load_tokenizer_meta(base.data.train_shards)
-            cfg.finetune.tokenizer = os.path.join(os.path.dirname(base.data.train_shards.split("{")[0]), meta["file"])
-        except FileNotFoundError:
-            pass  # the pretraining shards are elsewhere: finetune.tokenizer must be given
+            try:
+                meta = load_tokenizer_meta(base.data.train_shards)
+                cfg.finetune.tokenizer = os.path.join(os.path.dirname(base.data.train_shards.split("{")[0]),
+                                                      meta["file"])
+                return
+            except FileNotFoundError:
+                pass  # the pretraining shards are elsewhere
+        if cfg.init and os.path.isdir(cfg.init):
+            from d2v.interop.hf_export import exported_tokenizer
+
+            found = exported_tokenizer(cfg.init)
+            if found:
+                cfg.finetune.tokenizer = found
 
     @classmethod
     def check(cls, cfg: FinetuneConfig) -> list[str]:

@@ -1,7 +1,8 @@
 """data2vec 2.0 encoders for transformers: the modelling file `export --format hf` copies into a
 2.0 audio or image export as modeling_data2vec2.py (config.json's `auto_map` names its classes).
 
-Self-contained on purpose: it imports only torch, numpy, PIL and transformers, never d2v, so
+Self-contained on purpose: it imports only torch, numpy, PIL and transformers (and, to read an
+audio file given to the pipeline, soundfile where installed, else the standard library), never d2v, so
 `AutoModel.from_pretrained(OUT, trust_remote_code=True)` works where d2v is not installed. It
 repeats d2v's encoder (d2v/models) operation for operation, so that in fp32 eval mode it returns
 what d2v's encoder returns bit for bit (tests/test_hf_v2.py checks it from outside the checkout).
@@ -11,7 +12,8 @@ from its config alone has them.
 
 Also here: the preprocessing d2v applied in pretraining (a feature extractor that normalises each
 utterance as d2v's loader does, an image processor that resizes and normalises as d2v's
-evaluation transform does) and `feature-extraction` pipelines for both.
+evaluation transform does) and `feature-extraction` pipelines for both. Attention weights are not
+returned (torch's fused attention computes none); gradient checkpointing recomputes each block.
 """
 from __future__ import annotations
 
@@ -24,6 +26,10 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel, Wav2Vec2FeatureExtractor
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
+from transformers.image_transforms import to_channel_dimension_format
+from transformers.image_utils import (ChannelDimension, infer_channel_dimension_format, is_valid_image,
+                                      make_flat_list_of_images, to_numpy_array)
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.pipelines import ImageFeatureExtractionPipeline, Pipeline
 
@@ -240,8 +246,9 @@ class FeedForward(nn.Module):
         return self.fc2(self.activation_dropout(F.gelu(self.fc1(x))))
 
 
-class Block(nn.Module):
-    """Post-LN: h = LN1(x + attn(x)); out = LN2(h + ffn(h))."""
+class Block(GradientCheckpointingLayer):
+    """Post-LN: h = LN1(x + attn(x)); out = LN2(h + ffn(h)). Under gradient checkpointing its
+    activations are recomputed in the backward pass (x is passed positionally for that)."""
 
     def __init__(self, config: Data2Vec2Config) -> None:
         super().__init__()
@@ -313,6 +320,16 @@ class Data2Vec2PreTrainedModel(PreTrainedModel):
     config_class = Data2Vec2Config
     base_model_prefix = "data2vec2"
     _no_split_modules = ["Block"]
+    # Attention is torch's scaled_dot_product_attention whichever implementation is asked for:
+    # "sdpa" and "eager" name the same computation here.
+    _supports_sdpa = True
+    supports_gradient_checkpointing = True
+
+    @staticmethod
+    def _check_outputs(output_attentions: bool | None) -> None:
+        if output_attentions:
+            raise ValueError("output_attentions=True: this model computes attention with scaled_dot_product_attention, "
+                             "which returns no attention weights")
 
     def _init_weights(self, module: nn.Module) -> None:
         """A fresh model (no pretrained weights): BERT-style normal linear layers, unit LayerNorms,
@@ -346,6 +363,11 @@ class Data2Vec2AudioModel(Data2Vec2PreTrainedModel):
         self.encoder = Encoder(config, waveform=True)
         self.post_init()
 
+    def _get_feat_extract_output_lengths(self, input_lengths: Tensor) -> Tensor:
+        """Frames per row from samples per row (the name transformers' audio models give it)."""
+        return torch.tensor([self.frontend.num_frames(int(n)) for n in input_lengths.tolist()],
+                            dtype=torch.long, device=input_lengths.device)
+
     def frame_padding(self, attention_mask: Tensor | None, num_samples: int, num_frames: int) -> Tensor | None:
         """B×T bool, True at frames made only of padding (None when no row is padded)."""
         if attention_mask is None:
@@ -353,11 +375,13 @@ class Data2Vec2AudioModel(Data2Vec2PreTrainedModel):
         lengths = attention_mask.long().sum(-1)
         if not bool((lengths < num_samples).any()):
             return None
-        frames = torch.tensor([self.frontend.num_frames(int(n)) for n in lengths.tolist()], device=lengths.device)
+        frames = self._get_feat_extract_output_lengths(lengths)
         return torch.arange(num_frames, device=lengths.device)[None, :] >= frames[:, None]
 
     def forward(self, input_values: Tensor, attention_mask: Tensor | None = None,
-                output_hidden_states: bool = False, return_dict: bool = True, **kwargs) -> BaseModelOutput:
+                output_hidden_states: bool = False, output_attentions: bool | None = None,
+                return_dict: bool = True) -> BaseModelOutput:
+        self._check_outputs(output_attentions)
         x = self.frontend(input_values)
         padding = self.frame_padding(attention_mask, input_values.shape[1], x.shape[1])
         h, states = self.encoder(x, padding, output_hidden_states)
@@ -377,8 +401,9 @@ class Data2Vec2VisionModel(Data2Vec2PreTrainedModel):
         self.encoder = Encoder(config, waveform=False)
         self.post_init()
 
-    def forward(self, pixel_values: Tensor, output_hidden_states: bool = False, return_dict: bool = True,
-                **kwargs) -> BaseModelOutput:
+    def forward(self, pixel_values: Tensor, output_hidden_states: bool = False, output_attentions: bool | None = None,
+                return_dict: bool = True) -> BaseModelOutput:
+        self._check_outputs(output_attentions)
         size = self.config.image_size
         if tuple(pixel_values.shape[-2:]) != (size, size):
             raise ValueError(f"images are {tuple(pixel_values.shape[-2:])}, the model expects {size}x{size}")
@@ -409,7 +434,11 @@ class Data2Vec2FeatureExtractor(Wav2Vec2FeatureExtractor):
 
 
 class Data2Vec2ImageProcessor(BaseImageProcessor):
-    """d2v's evaluation transform: RGB, bicubic resize to size×size (PIL), /255, per-channel mean/std."""
+    """d2v's evaluation transform: RGB, bicubic resize to size×size (PIL), /255, per-channel mean/std.
+
+    Takes what transformers' image processors take: PIL images, numpy arrays and torch tensors,
+    channels last or first, integer (0-255) or float (0-1, rounded to the nearest of 256 levels),
+    one image (H×W or 3-D), a batch (4-D) or a list of them."""
 
     model_input_names = ["pixel_values"]
 
@@ -423,18 +452,41 @@ class Data2Vec2ImageProcessor(BaseImageProcessor):
     def __call__(self, images, **kwargs) -> BatchFeature:
         return self.preprocess(images, **kwargs)
 
-    def preprocess(self, images, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
+    @staticmethod
+    def _as_pil(image):
+        """One image as a PIL image in uint8, the precision d2v's decoder hands to PIL's resize."""
         from PIL import Image
 
-        if not isinstance(images, (list, tuple)):
-            images = [images]
+        if isinstance(image, Image.Image):
+            return image
+        array = to_numpy_array(image)
+        if array.ndim == 2:  # greyscale, no channel axis
+            array = array[..., None]
+        array = to_channel_dimension_format(array, ChannelDimension.LAST, infer_channel_dimension_format(array))
+        if np.issubdtype(array.dtype, np.floating):
+            if not (np.all(array >= 0) and np.all(array <= 1)):
+                raise ValueError(f"float image with values in [{array.min()}, {array.max()}]: float pixels are read "
+                                 f"as 0-1 (give uint8 0-255 otherwise)")
+            array = np.round(array * 255.0)
+        elif not (np.all(array >= 0) and np.all(array <= 255)):
+            raise ValueError(f"{array.dtype} image with values in [{array.min()}, {array.max()}]: pixels are 0-255")
+        array = array.astype(np.uint8)
+        return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+    def preprocess(self, images, return_tensors: str | None = "pt") -> BatchFeature:
+        from PIL import Image
+
+        single = is_valid_image(images) and not isinstance(images, Image.Image) and images.ndim == 2
+        try:
+            images = [images] if single else make_flat_list_of_images(images)
+        except ValueError:
+            raise ValueError(f"cannot read {type(images).__name__} as images: give a PIL image, a numpy array or "
+                             f"torch tensor (H×W, H×W×C, C×H×W, or a batch N×...), or a list of them") from None
         mean = torch.tensor(self.image_mean).view(3, 1, 1)
         std = torch.tensor(self.image_std).view(3, 1, 1)
         out = []
         for image in images:
-            if not isinstance(image, Image.Image):
-                image = Image.fromarray(np.asarray(image))
-            image = image.convert("RGB").resize((self.size, self.size), Image.BICUBIC)
+            image = self._as_pil(image).convert("RGB").resize((self.size, self.size), Image.BICUBIC)
             x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
             out.append((x - mean) / std)
         return BatchFeature({"pixel_values": torch.stack(out)}, tensor_type=return_tensors)
@@ -442,28 +494,93 @@ class Data2Vec2ImageProcessor(BaseImageProcessor):
 
 # -- pipelines ---------------------------------------------------------------------------------
 
+def read_audio(source, what: str) -> tuple[np.ndarray, int]:
+    """(float32 mono waveform, sampling rate) of an audio file (path or bytes); several channels are
+    averaged, as d2v's loader does. soundfile reads any format it knows; without it, the standard
+    library reads PCM WAV."""
+    import io
+
+    data = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+    try:
+        import soundfile
+    except ImportError:
+        soundfile = None
+    try:
+        if soundfile is not None:
+            wav, rate = soundfile.read(data, dtype="float32", always_2d=True)
+        else:
+            wav, rate = _read_pcm_wav(data)
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        hint = "" if soundfile is not None else " (without the soundfile package only PCM WAV files are read)"
+        raise ValueError(f"cannot read {what} as audio: {err}{hint}") from None
+    return (wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]).astype(np.float32), int(rate)
+
+
+def _read_pcm_wav(data) -> tuple[np.ndarray, int]:
+    import wave
+
+    with wave.open(data, "rb") as f:
+        width, channels, rate = f.getsampwidth(), f.getnchannels(), f.getframerate()
+        raw = f.readframes(f.getnframes())
+    if width not in (1, 2, 4):
+        raise ValueError(f"{8 * width}-bit PCM is not read without soundfile")
+    if width == 1:  # 8-bit WAV is unsigned
+        x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
+    else:
+        x = np.frombuffer(raw, f"<i{width}").astype(np.float32) / float(2 ** (8 * width - 1))
+    return x.reshape(-1, channels), rate
+
+
 class Data2Vec2AudioFeaturePipeline(Pipeline):
-    """`pipeline("feature-extraction", OUT, trust_remote_code=True)` on a 1-D waveform at the
-    model's sampling rate: its T×D frame features."""
+    """`pipeline("feature-extraction", OUT, trust_remote_code=True)` on audio: a file (path or
+    bytes), a 1-D waveform (numpy, list or tensor; `sampling_rate=` if it is not the model's) or
+    {"raw" or "array": waveform, "sampling_rate": rate}. Returns each clip's T×D frame features,
+    its padded frames removed when clips are batched (batch_size > 1). Audio at another rate than
+    the model's is refused: resample it first."""
 
     _load_processor = False
     _load_image_processor = False
     _load_feature_extractor = True
     _load_tokenizer = False
 
-    def _sanitize_parameters(self, return_tensors=None, **kwargs):
-        return {}, {}, ({} if return_tensors is None else {"return_tensors": return_tensors})
+    def _sanitize_parameters(self, sampling_rate: int | None = None, return_tensors: bool | None = None):
+        pre = {} if sampling_rate is None else {"sampling_rate": sampling_rate}
+        return pre, {}, ({} if return_tensors is None else {"return_tensors": return_tensors})
 
-    def preprocess(self, waveform):
+    def _waveform(self, inputs, sampling_rate: int | None) -> tuple[np.ndarray, int | None]:
+        if isinstance(inputs, (str, bytes, bytearray)):
+            what = inputs if isinstance(inputs, str) else "the given bytes"
+            return read_audio(inputs, what)
+        if isinstance(inputs, dict):
+            keys = set(inputs)
+            if not keys <= {"raw", "array", "sampling_rate"} or len(keys & {"raw", "array"}) != 1:
+                raise ValueError(f"an audio dict holds 'raw' (or 'array') and 'sampling_rate'; got keys {sorted(keys)}")
+            return self._waveform(inputs.get("raw", inputs.get("array")), inputs.get("sampling_rate", sampling_rate))
+        if isinstance(inputs, torch.Tensor):
+            inputs = inputs.detach().cpu().float().numpy()
+        wav = np.asarray(inputs, dtype=np.float32)
+        if wav.ndim != 1:
+            raise ValueError(f"audio of shape {wav.shape}: give one channel as a 1-D waveform (average the channels)")
+        return wav, sampling_rate
+
+    def preprocess(self, inputs, sampling_rate: int | None = None):
         fe = self.feature_extractor
-        return fe(np.asarray(waveform, dtype=np.float32), sampling_rate=fe.sampling_rate, return_tensors="pt",
-                  return_attention_mask=True)
+        wav, rate = self._waveform(inputs, sampling_rate)
+        if rate is not None and rate != fe.sampling_rate:
+            raise ValueError(f"audio at {rate} Hz: the model was trained at {fe.sampling_rate} Hz; resample it first")
+        return fe(wav, sampling_rate=fe.sampling_rate, return_tensors="pt", return_attention_mask=True)
 
     def _forward(self, model_inputs):
-        return self.model(**model_inputs)
+        values = model_inputs["input_values"].to(self.dtype)  # fp16 / bf16 models take their own dtype
+        mask = model_inputs.get("attention_mask")
+        h = self.model(input_values=values, attention_mask=mask).last_hidden_state
+        frames = (torch.full((h.shape[0],), h.shape[1], dtype=torch.long) if mask is None
+                  else self.model._get_feat_extract_output_lengths(mask.long().sum(-1)))
+        return {"last_hidden_state": h, "frames": frames.to(h.device)}
 
     def postprocess(self, model_outputs, return_tensors=False):
-        h = model_outputs.last_hidden_state
+        # batched clips share the longest one's length: keep each clip's own frames
+        h = model_outputs["last_hidden_state"][:, : int(model_outputs["frames"].reshape(-1)[0])]
         return h if return_tensors else h.tolist()
 
 

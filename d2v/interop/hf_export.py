@@ -26,6 +26,8 @@ from d2v.interop.hf_v2 import (MODELING_FILE, PREDICTION_MODULES, TEMPLATE, cust
 
 WEIGHTS = "model.safetensors"
 META = "d2v_export.json"
+SPM_FILE = "sentencepiece.model"
+TOKENIZER_JSON = "tokenizer.json"
 
 
 def _module_of(name: str) -> str:
@@ -133,7 +135,7 @@ def write_tokenizer(cfg: Any, path: str, out: str) -> dict[str, Any]:
     if info.kind == "bpe":
         with open(path, encoding="utf-8") as f:
             text = with_sequence_marks(f.read(), info)
-        with open(os.path.join(out, "tokenizer.json"), "w", encoding="utf-8") as f:
+        with open(os.path.join(out, TOKENIZER_JSON), "w", encoding="utf-8") as f:
             f.write(text)
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials}
     else:
@@ -141,18 +143,28 @@ def write_tokenizer(cfg: Any, path: str, out: str) -> dict[str, Any]:
 
         # The SentencePiece model itself (its ids are d2v's: no fairseq offset, <mask> one past the
         # last piece), plus a tokenizer.json transformers can load when it encodes identically.
-        shutil.copyfile(path, os.path.join(out, "sentencepiece.model"))
-        config = {"d2v_tokenizer": "sentencepiece.model: ids are the SentencePiece ids, <mask> is id "
+        shutil.copyfile(path, os.path.join(out, SPM_FILE))
+        config = {"d2v_tokenizer": f"{SPM_FILE}: ids are the SentencePiece ids, <mask> is id "
                                    f"{info.mask_id} (one past the last piece)", **specials}
         text = equivalent_tokenizer_json(path, info.mask_id)
         if text is not None:
             text = with_sequence_marks(text, info)
-            with open(os.path.join(out, "tokenizer.json"), "w", encoding="utf-8") as f:
+            with open(os.path.join(out, TOKENIZER_JSON), "w", encoding="utf-8") as f:
                 f.write(text)
             config["tokenizer_class"] = "PreTrainedTokenizerFast"
     with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=2)
     return info.as_dict()
+
+
+def exported_tokenizer(directory: str) -> str | None:
+    """The tokenizer a text export ships, in the file d2v's Tokenizer reads: the SentencePiece
+    model itself where there is one (its tokenizer.json is only an equivalent), else tokenizer.json."""
+    for name in (SPM_FILE, TOKENIZER_JSON):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+    return None
 
 
 def write_hf(out: str, cfg: Any, student: dict[str, torch.Tensor], *, teacher: dict[str, torch.Tensor] | None = None,

@@ -287,7 +287,7 @@ def stock_depth(cfg: Any) -> int:
 def hf_config(cfg: Any) -> dict[str, Any]:
     """transformers config.json contents for a config whose encoder a stock transformers class
     computes (1.0, and 2.0 text), every structural field explicit."""
-    from d2v.interop.hf_v2 import is_custom
+    from d2v.interop.hf_v2 import is_custom, stock_v2_entries
 
     m = cfg.model
     if is_custom(cfg):
@@ -297,7 +297,7 @@ def hf_config(cfg: Any) -> dict[str, Any]:
     common = {"architectures": [layout.architecture], "model_type": layout.model_type,
               "hidden_size": m.embed_dim, "num_hidden_layers": stock_depth(cfg), "num_attention_heads": m.num_heads,
               "intermediate_size": m.ffn_dim, "hidden_act": "gelu", "initializer_range": m.init_std,
-              "layer_norm_eps": m.norm_eps, "dtype": "float32"}
+              "layer_norm_eps": m.norm_eps, "dtype": "float32", **stock_v2_entries(cfg)}
     return layout.config(m, common)
 
 

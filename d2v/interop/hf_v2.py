@@ -1,13 +1,16 @@
 """How d2v's data2vec 2.0 encoders map onto transformers (docs/method.md §8).
 
 * Text: transformers' own Data2VecTextModel computes the 2.0 text encoder (RoBERTa embeddings,
-  post-LN blocks, no final norm); the prenet blocks come first in its `encoder.layer` list.
+  post-LN blocks, no final norm); the prenet blocks come first in its `encoder.layer` list, and
+  config.json's STOCK_PRENET_KEY says how many (and that the model is 2.0).
 * 1.0 audio keeps transformers' model but ships the modelling file for d2v's normalisation.
 * Audio (ALiBi with learned per-head scales, a multi-layer positional conv) and image (post-LN
   blocks over patches with sin-cos positions and a CLS token): no transformers class computes
   them, so the export ships d2v's modelling file (hf_data2vec2.py, as modeling_data2vec2.py) and
   names its classes in config.json's `auto_map`. Its weight names are d2v's; the fixed tensors
   d2v keeps as non-persistent buffers (ALiBi slopes, sin-cos table) are written with the weights.
+  config.json holds every structural field, so a copy transformers re-saved (no d2v_export.json)
+  still rebuilds the d2v architecture (custom_model_fields).
 Standard library only, like hf_layout: exporting needs no transformers.
 """
 from __future__ import annotations
@@ -29,13 +32,15 @@ class CustomExport:
     model_cls: str
     pre_cls: str
     """The preprocessing class (feature extractor or image processor)."""
-    pre_auto: str
-    """Its Auto class in config.json's auto_map."""
+    pre_autos: tuple[str, ...]
+    """The Auto classes that must return it (auto_map). AutoProcessor is named where transformers'
+    own lookup would not find it: for a ...FeatureExtractor it tries ...ImageProcessor first."""
     pipe_cls: str
     pipeline_input: str
     """The pipeline's input type."""
-    fields: Callable[[Any], dict[str, Any]]
-    """config.json entries of the modality's encoder parts."""
+    fields: tuple[tuple[str, str], ...]
+    """(config.json key, d2v setting) of the modality's encoder parts: written from the config,
+    read back when a directory has no d2v config (a copy transformers re-saved)."""
     preprocessing: Callable[[Any], dict[str, Any]]
     """preprocessor_config.json entries, set as d2v's data pipeline is."""
     buffers: Callable[[Any], dict[str, Any]]
@@ -44,16 +49,17 @@ class CustomExport:
     """The 1.0 export (a transformers model) ships the preprocessing too."""
 
 
-def _audio_fields(cfg: Any) -> dict[str, Any]:
-    a, v = cfg.model.audio, cfg.model.v2
-    return {"conv_layers": [list(c) for c in a.conv_layers], "conv_pos_depth": a.conv_pos_depth,
-            "conv_pos_kernel": a.conv_pos_kernel, "conv_pos_groups": a.conv_pos_groups, "alibi": bool(v.alibi)}
-
-
-def _image_fields(cfg: Any) -> dict[str, Any]:
-    im, v = cfg.model.image, cfg.model.v2
-    return {"image_size": im.image_size, "patch_size": im.patch_size, "num_channels": im.in_chans,
-            "sincos_positions": bool(v.sincos_positions), "cls_token": bool(v.cls_token)}
+_COMMON_FIELDS = (("hidden_size", "model.embed_dim"), ("num_hidden_layers", "model.depth"),
+                  ("num_prenet_layers", "model.v2.prenet_depth"), ("num_attention_heads", "model.num_heads"),
+                  ("intermediate_size", "model.ffn_dim"), ("layer_norm_eps", "model.norm_eps"),
+                  ("hidden_dropout", "model.dropout"), ("attention_dropout", "model.attention_dropout"),
+                  ("activation_dropout", "model.activation_dropout"), ("initializer_range", "model.init_std"))
+_AUDIO_FIELDS = (("conv_layers", "model.audio.conv_layers"), ("conv_pos_depth", "model.audio.conv_pos_depth"),
+                 ("conv_pos_kernel", "model.audio.conv_pos_kernel"), ("conv_pos_groups", "model.audio.conv_pos_groups"),
+                 ("alibi", "model.v2.alibi"))
+_IMAGE_FIELDS = (("image_size", "model.image.image_size"), ("patch_size", "model.image.patch_size"),
+                 ("num_channels", "model.image.in_chans"), ("sincos_positions", "model.v2.sincos_positions"),
+                 ("cls_token", "model.v2.cls_token"))
 
 
 def _audio_preprocessing(cfg: Any) -> dict[str, Any]:
@@ -84,11 +90,11 @@ CUSTOM = {
     # 1.0 audio keeps transformers' model but ships this feature extractor: Wav2Vec2FeatureExtractor's
     # variance epsilon is 1e-7, d2v's and fairseq's 1e-5 (for quiet speech the difference is of the
     # order of the signal).
-    "audio": CustomExport("Data2Vec2AudioModel", "Data2Vec2FeatureExtractor", "AutoFeatureExtractor",
-                          "Data2Vec2AudioFeaturePipeline", "audio", _audio_fields, _audio_preprocessing,
-                          _audio_buffers, processor_for_v1=True),
-    "image": CustomExport("Data2Vec2VisionModel", "Data2Vec2ImageProcessor", "AutoImageProcessor",
-                          "Data2Vec2ImageFeaturePipeline", "image", _image_fields, _image_preprocessing,
+    "audio": CustomExport("Data2Vec2AudioModel", "Data2Vec2FeatureExtractor",
+                          ("AutoFeatureExtractor", "AutoProcessor"), "Data2Vec2AudioFeaturePipeline", "audio",
+                          _AUDIO_FIELDS, _audio_preprocessing, _audio_buffers, processor_for_v1=True),
+    "image": CustomExport("Data2Vec2VisionModel", "Data2Vec2ImageProcessor", ("AutoImageProcessor",),
+                          "Data2Vec2ImageFeaturePipeline", "image", _IMAGE_FIELDS, _image_preprocessing,
                           _image_buffers),
 }
 FIXED_BUFFERS = ("encoder.alibi.slopes", "encoder.sincos.table")
@@ -111,35 +117,83 @@ def ships_code(cfg: Any) -> bool:
 def processing_entries(modality: str) -> dict[str, Any]:
     """config.json entries naming the modelling file's preprocessing and pipeline."""
     e = CUSTOM[modality]
-    return {"auto_map": {e.pre_auto: f"{MODULE}.{e.pre_cls}"},
+    return {"auto_map": {auto: f"{MODULE}.{e.pre_cls}" for auto in e.pre_autos},
             "custom_pipelines": {"feature-extraction": {"impl": f"{MODULE}.{e.pipe_cls}", "pt": ["AutoModel"],
                                                         "type": e.pipeline_input}}}
 
 
 def custom_config(cfg: Any) -> dict[str, Any]:
     """config.json of a 2.0 audio or image export: every field explicit, the classes in auto_map."""
-    m, v = cfg.model, cfg.model.v2
+    m = cfg.model
     e = CUSTOM[m.modality]
     entries = processing_entries(m.modality)
+    values = {key: _to_json(_get(cfg, dotted)) for key, dotted in _COMMON_FIELDS + e.fields}
     return {
         "architectures": [e.model_cls], "model_type": MODEL_TYPE,
         "auto_map": {"AutoConfig": f"{MODULE}.Data2Vec2Config", "AutoModel": f"{MODULE}.{e.model_cls}",
                      **entries["auto_map"]},
-        "custom_pipelines": entries["custom_pipelines"],
-        "modality": m.modality, "hidden_size": m.embed_dim, "num_hidden_layers": m.depth,
-        "num_prenet_layers": v.prenet_depth, "num_attention_heads": m.num_heads, "intermediate_size": m.ffn_dim,
-        "layer_norm_eps": m.norm_eps, "hidden_dropout": m.dropout, "attention_dropout": m.attention_dropout,
-        "activation_dropout": m.activation_dropout, "initializer_range": m.init_std, "dtype": "float32",
-        **e.fields(cfg)}
+        "custom_pipelines": entries["custom_pipelines"], "modality": m.modality, "dtype": "float32", **values}
+
+
+def custom_model_fields(config: dict[str, Any], path: str) -> dict[str, Any]:
+    """The d2v `model.*` settings (dotted keys) a data2vec2 config.json fixes: the inverse of
+    custom_config, for a directory that lost d2v_export.json (transformers' save_pretrained)."""
+    e = CUSTOM.get(config.get("modality"))
+    if e is None:
+        raise ValueError(f"{path} has modality {config.get('modality')!r}; d2v's data2vec2 models are "
+                         f"{sorted(CUSTOM)}")
+    pairs = _COMMON_FIELDS + e.fields
+    missing = [key for key, _ in pairs if key not in config]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}: it was not written by d2v's export (or was edited)")
+    # the modelling file's blocks are post-LN only
+    return {"model.modality": config["modality"], "model.layer_norm_first": False, "model.v2.enabled": True,
+            **{dotted: _from_json(config[key]) for key, dotted in pairs}}
+
+
+STOCK_PRENET_KEY = "data2vec2_prenet_layers"
+"""config.json key of a 2.0 model in a stock class (text): present only there, the number of its
+first blocks that are d2v's prenet. It survives transformers' save_pretrained, so a re-saved copy
+is still read as 2.0."""
+
+
+def stock_v2_entries(cfg: Any) -> dict[str, Any]:
+    """config.json entries that mark a stock class holding a 2.0 model."""
+    return {STOCK_PRENET_KEY: cfg.model.v2.prenet_depth} if cfg.model.drops_masked else {}
+
+
+def stock_v2_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """The method settings of a stock config.json: 2.0 with its prenet split off when marked, else 1.0."""
+    prenet = config.get(STOCK_PRENET_KEY)
+    if prenet is None:
+        return {"model.v2.enabled": False}
+    return {"model.v2.enabled": True, "model.v2.prenet_depth": prenet,
+            "model.depth": config["num_hidden_layers"] - prenet}
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _to_json(value: Any) -> Any:
+    return [_to_json(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _from_json(value: Any) -> Any:
+    """JSON lists as the tuples d2v's config holds (so they compare equal to a run's)."""
+    return tuple(_from_json(v) for v in value) if isinstance(value, list) else value
 
 
 def custom_preprocessing(cfg: Any) -> tuple[str, dict[str, Any]]:
     """preprocessor_config.json: the modelling file's processors, set as d2v's data pipeline is
     (every audio export, 2.0 image)."""
     e = CUSTOM[cfg.model.modality]
-    kind = "feature_extractor_type" if e.pre_auto == "AutoFeatureExtractor" else "image_processor_type"
-    return "preprocessor_config.json", {"auto_map": {e.pre_auto: f"{MODULE}.{e.pre_cls}"}, kind: e.pre_cls,
-                                        **e.preprocessing(cfg)}
+    kind = "feature_extractor_type" if "AutoFeatureExtractor" in e.pre_autos else "image_processor_type"
+    return "preprocessor_config.json", {"auto_map": processing_entries(cfg.model.modality)["auto_map"],
+                                        kind: e.pre_cls, **e.preprocessing(cfg)}
 
 
 def fixed_buffers(cfg: Any) -> dict[str, Any]:

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from d2v import safe_load
 from d2v.interop.hf_layout import HF_IGNORABLE, HF_LAYOUTS, hf_layout, hf_to_d2v_name, is_v2, model_fields_from_hf
-from d2v.interop.hf_v2 import FIXED_BUFFERS, MODEL_TYPE, PREDICTION_MODULES, from_stock_depth
+from d2v.interop.hf_v2 import (FIXED_BUFFERS, MODEL_TYPE, PREDICTION_MODULES, custom_model_fields, from_stock_depth,
+                               stock_v2_fields)
 
 
 @dataclass
@@ -113,17 +114,16 @@ def read_pretrained(directory: str) -> Pretrained:
         return Pretrained("plain", safe_load.load_safetensors(os.path.join(directory, "student.safetensors")),
                           teacher, fields)
     if config.get("model_type") == MODEL_TYPE:
-        return _read_data2vec2(directory)
-    fields = model_fields_from_hf(config)
+        return _read_data2vec2(directory, config)
+    fields = hf_model_fields(directory, config)
     modality = fields["model.modality"]
     layout = hf_layout(modality)
     fields = layout.comparable(fields)
-    fields["model.v2.enabled"] = False
-    prenet = 0
     own = _own_config(directory)
-    if own is not None and is_v2(own):  # 2.0 text in the stock class: its prenet blocks come first
+    if own is not None and is_v2(own):
         fields = _v2_fields(own)
-        prenet = own.model.v2.prenet_depth
+    # 2.0 in a stock class (text): its prenet blocks come first in the block list
+    prenet = fields.get("model.v2.prenet_depth", 0) if fields["model.v2.enabled"] else 0
     state = _load_weights(directory)
     prefix = layout.prefix
     student, names, ignored, unmapped = {}, {}, [], []
@@ -153,35 +153,47 @@ def _v2_fields(cfg: Any) -> dict[str, Any]:
     return fields
 
 
-def _read_data2vec2(directory: str) -> Pretrained:
+def hf_model_fields(directory: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The `model.*` settings (dotted keys, v2.enabled included) a transformers config.json fixes:
+    d2v's data2vec2 modelling file, or a stock class (2.0 when config.json marks it, else 1.0)."""
+    path = os.path.join(directory, "config.json")
+    if config.get("model_type") == MODEL_TYPE:
+        return custom_model_fields(config, path)
+    if "model_type" not in config:
+        raise ValueError(f"{path} is a d2v run config, not a transformers config.json: export the run first "
+                         f"(`python -m d2v export RUN OUT`, plain or --format hf) and pass OUT")
+    return {**model_fields_from_hf(config), **stock_v2_fields(config)}
+
+
+def _read_data2vec2(directory: str, config: dict[str, Any]) -> Pretrained:
     """A 2.0 audio or image export (d2v's modelling file): d2v's own names, minus the fixed buffers
-    d2v recomputes."""
+    d2v recomputes. Its config.json holds every structural field, so a copy transformers re-saved
+    (no d2v_export.json) reads the same."""
     own = _own_config(directory)
-    if own is None:
-        raise ValueError(f"{directory} holds a data2vec2 model without d2v_export.json (the d2v config it was "
-                         f"written from); d2v reads the directories its own export writes")
+    fields = _v2_fields(own) if own is not None else hf_model_fields(directory, config)
     student, ignored = {}, []
     for key, tensor in _load_weights(directory).items():
         if key in FIXED_BUFFERS:
             ignored.append(key)
         else:
             student[key] = tensor
-    return Pretrained("hf", student, None, _v2_fields(own), ignored=sorted(ignored))
+    return Pretrained("hf", student, None, fields, ignored=sorted(ignored))
 
 
 def pretrained_config(directory: str) -> Any:
     """The d2v config a pretrained directory describes: the run's own config for d2v exports (plain,
-    or transformers format written by d2v), else the nearest 1.0 preset of the modality with the
-    architecture of the transformers config.json (public weights). Validated."""
+    or transformers format written by d2v), else the nearest preset of the modality and method
+    with the architecture of the transformers config.json (public weights, or a d2v export that
+    transformers re-saved). Validated."""
     from d2v.config import find_directory_config, get_preset, set_value
 
     own = find_directory_config(directory)
     if own is not None:
         return own.validate()
     with open(os.path.join(directory, "config.json")) as f:
-        fields = model_fields_from_hf(json.load(f))
+        fields = hf_model_fields(directory, json.load(f))
     size = {768: "base", 1024: "large"}.get(fields["model.embed_dim"], "tiny")
-    cfg = get_preset(f"{fields['model.modality']}_{size}")
+    cfg = get_preset(f"{fields['model.modality']}_{size}{'_v2' if fields['model.v2.enabled'] else ''}")
     for key, value in fields.items():
         set_value(cfg, key, value)
     cfg.teacher.top_k = min(cfg.teacher.top_k, cfg.model.depth)
@@ -197,9 +209,18 @@ def check_fits(cfg: Any, pre: Pretrained, directory: str) -> None:
     diffs = [(k, pre.fields[k], mine[k]) for k in mine if k in pre.fields and pre.fields[k] != mine[k]]
     if diffs:
         lines = "; ".join(f"{k}: directory {a!r}, run {b!r}" for k, a, b in diffs)
-        fix = " ".join(f"{k}={_override(a)}" for k, a, _ in diffs if k != "model.modality")
-        raise ValueError(f"{directory} does not fit this run's architecture: {lines}. Use a preset of the same "
-                         f"modality and override: {fix}")
+        # Modality and method are the preset's choice, not overrides: v2.enabled alone would keep
+        # the other method's settings.
+        fix = " ".join(f"{k}={_override(a)}" for k, a, _ in diffs if k not in _PRESET_FIELDS)
+        method = pre.fields.get("model.v2.enabled")
+        advice = "Use a preset of the directory's modality" + (
+            f" and method (data2vec {'2.0' if method else '1.0'}: a {'_v2' if method else 'non-_v2'} preset)"
+            if any(k == "model.v2.enabled" for k, _, _ in diffs) else "")
+        raise ValueError(f"{directory} does not fit this run's architecture: {lines}. {advice}"
+                         f"{', and override: ' + fix if fix else ''}")
+
+
+_PRESET_FIELDS = ("model.modality", "model.v2.enabled")
 
 
 def _override(value: Any) -> str:
