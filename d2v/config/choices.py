@@ -11,7 +11,7 @@ CHOICES: dict[str, tuple] = {
     "teacher.final_norm": ("instance", "layer", None),
     "loss.kind": ("l2", "smooth_l1"),
     "loss.reduction": ("sum_per_position", "mean"),
-    "optim.schedule": ("tri_stage", "cosine", "constant"),
+    "optim.schedule": ("tri_stage", "cosine", "constant", "polynomial"),
     "train.precision": ("bf16", "fp16", "fp32"),
     "train.wandb": ("disabled", "offline", "online"),
 }

@@ -294,9 +294,9 @@ class OptimConfig(Section):
     no_decay_1d: bool = False
     """Exempt biases, norms and other 1-D parameters from weight decay (data2vec 2.0)."""
     schedule: str = "tri_stage"
-    """LR schedule: tri_stage | cosine | constant."""
+    """LR schedule: tri_stage | cosine | constant | polynomial (fairseq's polynomial_decay, power 1)."""
     warmup_steps: int = 0
-    """Linear warmup updates for cosine/constant (tri_stage uses phase_ratios)."""
+    """Linear warmup updates for cosine/constant/polynomial (tri_stage uses phase_ratios)."""
     phase_ratios: tuple[float, float, float] = (0.03, 0.90, 0.07)
     """Tri-stage warmup/hold/decay fractions of max_steps."""
     init_lr_scale: float = 0.01
@@ -304,7 +304,7 @@ class OptimConfig(Section):
     final_lr_scale: float = 0.01
     """Tri-stage: LR at the end as a fraction of the peak (cosine decays to min_lr)."""
     min_lr: float = 0.0
-    """Cosine: LR at the end of the schedule."""
+    """Cosine, polynomial: LR at the end of the schedule."""
     clip_norm: float = 0.0
     """Gradient clipping by global norm (0 disables)."""
     implementation: str = "torch_fused"

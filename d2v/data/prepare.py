@@ -1,4 +1,5 @@
-"""`python -m d2v.data.prepare {audio,asr,image,text} SRC OUT ...`: raw corpora into WebDataset shards.
+"""`python -m d2v.data.prepare {audio,asr,image,text} SRC OUT ...`: raw corpora into WebDataset shards
+(`prepare glue SRC` checks GLUE's TSV layout, which fine-tuning reads in place).
 
 Each modality lives in its own module (`prepare_audio`, `prepare_image`, `prepare_text`); this
 one dispatches on the first argument.
@@ -30,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("--val-speakers", nargs="+", default=[], help="hold out these speakers instead")
     audio.add_argument("--workers", type=int, default=1, help="processes decoding and resampling")
     audio.add_argument("--clean", action="store_true", help="delete an earlier prepare's shards in OUT first")
-    for name in ("asr", "image", "text"):
+    for name in ("asr", "image", "text", "glue"):
         other = sub.add_parser(name, help=f"see python -m d2v.data.prepare {name} --help", add_help=False)
         other.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
@@ -60,7 +61,8 @@ def error_line(err: BaseException) -> str:
 
 
 # Modalities whose `prepare` has its own module (audio's is this one).
-OTHER_PREPARES = {"asr": "d2v.data.prepare_asr", "image": "d2v.data.prepare_image", "text": "d2v.data.prepare_text"}
+OTHER_PREPARES = {"asr": "d2v.data.prepare_asr", "image": "d2v.data.prepare_image", "text": "d2v.data.prepare_text",
+                  "glue": "d2v.data.glue"}
 
 
 def _run(argv: list[str]) -> int:

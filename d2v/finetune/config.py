@@ -40,11 +40,13 @@ class TaskConfig:
     """What is fine-tuned on which data."""
 
     train_data: str = ""
-    """asr: transcribed shard pattern | image_cls: ImageFolder root | text_cls: TSV file (text<TAB>label)."""
+    """asr: transcribed shard pattern | image_cls: ImageFolder root | text_cls: TSV file (text<TAB>label) |
+    glue: a GLUE task folder (its train.tsv) or one of its .tsv files."""
     eval_data: str = ""
-    """Held-out data in the same form (asr: one shard pattern, or several sets as `NAME=PATTERN;NAME=PATTERN`)."""
+    """Held-out data in the same form (asr: one shard pattern, or several sets as `NAME=PATTERN;NAME=PATTERN`;
+    glue: the folder's dev files)."""
     tokenizer: str = ""
-    """text_cls: SentencePiece .model or tokenizer.json (default: the one beside the pretraining shards,
+    """text_cls, glue: SentencePiece .model or tokenizer.json (default: the one beside the pretraining shards,
     else the one a transformers export given as --init ships)."""
     freeze_feature_encoder: bool = True
     """asr: no gradient into the conv waveform encoder (fairseq's feature_grad_mult=0); its projection still trains."""
@@ -79,6 +81,8 @@ class TaskConfig:
     """asr: channels per channel-mask span."""
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     """asr: decoding at evaluation."""
+    glue_task: str = ""
+    """glue: the GLUE task (cola | sst_2 | mrpc | qqp | sts_b | mnli | qnli | rte; set by the glue_* recipes)."""
 
 
 @dataclass(kw_only=True)
@@ -88,7 +92,7 @@ class FinetuneConfig:
     name: str = "finetune"
     """Preset the model section came from."""
     task: str = "asr"
-    """A registered downstream task (d2v.finetune.tasks.TASKS): asr (CTC on characters) | image_cls | text_cls."""
+    """A registered downstream task (d2v.finetune.tasks.TASKS): asr (CTC on characters) | image_cls | text_cls | glue."""
     init: str = ""
     """Checkpoint or export directory the encoder was initialised from (empty: random initialisation)."""
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -218,13 +218,9 @@ class TextClassification(ClassificationTask):
 
     def __init__(self, cfg: FinetuneConfig) -> None:
         from d2v.data.labelled_text import read_tsv
-        from d2v.data.tokenizer import Tokenizer
 
         t = cfg.model.text
-        tok = Tokenizer(cfg.finetune.tokenizer)
-        if tok.info.vocab_size != t.vocab_size:
-            raise ValueError(f"{cfg.finetune.tokenizer} has {tok.info.vocab_size} entries but the encoder's "
-                             f"embedding has {t.vocab_size}: use the tokenizer the model was pretrained with")
+        tok = pretraining_tokenizer(cfg)
         train_texts, train_y, names = read_tsv(cfg.finetune.train_data)
         eval_texts, eval_y, _ = read_tsv(cfg.finetune.eval_data, labels=names)
 
@@ -232,15 +228,30 @@ class TextClassification(ClassificationTask):
             # <s> text </s>, cut to the position table (RoBERTa's classification input).
             return [[t.bos_id] + tok.encode(s)[:t.max_positions - 2] + [t.eos_id] for s in texts]
 
-        def collate(rows: list[list[int]]) -> Tensor:
-            out = torch.full((len(rows), max(len(r) for r in rows)), t.pad_id, dtype=torch.long)
-            for i, r in enumerate(rows):
-                out[i, :len(r)] = torch.tensor(r)
-            return out
-
         self._hold({"train": encode(train_texts), "eval": encode(eval_texts)},
-                   {"train": np.array(train_y), "eval": np.array(eval_y)}, names, collate)
+                   {"train": np.array(train_y), "eval": np.array(eval_y)}, names,
+                   lambda rows: pad_tokens(rows, t.pad_id))
+
+
+def pretraining_tokenizer(cfg: FinetuneConfig):
+    """finetune.tokenizer, checked against the encoder's embedding."""
+    from d2v.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(cfg.finetune.tokenizer)
+    if tok.info.vocab_size != cfg.model.text.vocab_size:
+        raise ValueError(f"{cfg.finetune.tokenizer} has {tok.info.vocab_size} entries but the encoder's "
+                         f"embedding has {cfg.model.text.vocab_size}: use the tokenizer the model was pretrained with")
+    return tok
+
+
+def pad_tokens(rows: list[list[int]], pad_id: int) -> Tensor:
+    """B×T token ids, right-padded."""
+    out = torch.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r)
+    return out
 
 
 def build_task(cfg: FinetuneConfig) -> DownstreamTask:
     return task_class(cfg.task)(cfg)
+

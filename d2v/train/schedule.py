@@ -36,6 +36,20 @@ def cosine(max_steps: int, warmup: int, min_scale: float) -> Callable[[int], flo
     return factor
 
 
+def polynomial(max_steps: int, warmup: int, end_scale: float, power: float = 1.0) -> Callable[[int], float]:
+    """fairseq's polynomial_decay: linear warmup from 0 (the first update runs at 0, as fairseq's
+    trainer sets the LR of update 0 before it), then (1 - progress)^power down to end_scale at max_steps."""
+    def factor(step: int) -> float:
+        if warmup > 0 and step <= warmup:
+            return step / warmup
+        if step >= max_steps:
+            return end_scale
+        remaining = 1.0 - (step - warmup) / (max_steps - warmup)
+        return (1.0 - end_scale) * remaining ** power + end_scale
+
+    return factor
+
+
 def constant(warmup: int) -> Callable[[int], float]:
     return lambda step: min(1.0, step / warmup) if warmup > 0 else 1.0
 
@@ -45,6 +59,7 @@ SCHEDULES: dict[str, Callable[[OptimConfig, int], Callable[[int], float]]] = {
     "tri_stage": lambda opt, n: tri_stage(n, opt.phase_ratios, opt.init_lr_scale, opt.final_lr_scale),
     "cosine": lambda opt, n: cosine(n, opt.warmup_steps, opt.min_lr / opt.lr),
     "constant": lambda opt, n: constant(opt.warmup_steps),
+    "polynomial": lambda opt, n: polynomial(n, opt.warmup_steps, opt.min_lr / opt.lr),
 }
 
 
