@@ -8,8 +8,9 @@ tabs only, without quote handling (GLUE's texts contain unbalanced quotes; `cut 
 
 A row whose field count differs from the file's layout, whose label is not one of the task's, or
 whose score is not a finite number is malformed: skipped and counted (fairseq drops QQP's short rows
-the same way), and listed in the report. More than `MAX_MALFORMED` of a file is one error instead:
-that is the wrong file or the wrong task, not a few broken lines.
+the same way), and listed in the report. More than `MAX_MALFORMED` rows and more than
+`MAX_MALFORMED_FRACTION` of a file is one error instead: that is the wrong file or the wrong task,
+not a few broken lines.
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ import math
 import os
 from dataclasses import dataclass, field
 
-MAX_MALFORMED = 0.01
-"""Largest fraction of a file's rows that may be skipped as malformed."""
+MAX_MALFORMED = 10
+MAX_MALFORMED_FRACTION = 0.01
+"""A file may lose up to the larger of these (rows, fraction of its rows) as malformed."""
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ def read_glue_file(path: str, task: str, *, train: bool) -> GlueSplit:
     if not out.targets:
         raise ValueError(f"{path} holds no {lay.folder} examples ({rows} rows, none with {n_fields} tab-separated "
                          f"fields and a valid label): is this {lay.folder}'s file (finetune.glue_task={task})?")
-    if len(out.malformed) > MAX_MALFORMED * rows:
+    if len(out.malformed) > max(MAX_MALFORMED, MAX_MALFORMED_FRACTION * rows):
         raise ValueError(f"{path}: {len(out.malformed)} of {rows} rows are malformed (first at line "
                          f"{out.malformed[0]}: not {n_fields} tab-separated fields with a valid label); is this "
                          f"{lay.folder}'s {'train' if train else 'dev'} file (finetune.glue_task={task})?")
@@ -144,10 +146,13 @@ def read_glue_file(path: str, task: str, *, train: bool) -> GlueSplit:
 def glue_files(path: str, task: str, *, train: bool) -> list[str]:
     """The files a --train-data / --eval-data path names: a .tsv file itself, or in a task folder
     train.tsv (train) or the dev files (MNLI: matched and mismatched)."""
-    if os.path.isdir(path):
-        names = ("train.tsv",) if train else layout(task).eval_files
-        return [os.path.join(path, name) for name in names]
-    return [path]
+    if path.endswith(".tsv"):
+        return [path]
+    lay = layout(task)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"GLUE task folder {path} does not exist (give glue_data/{lay.folder} "
+                                f"or one of its .tsv files)")
+    return [os.path.join(path, name) for name in (("train.tsv",) if train else lay.eval_files)]
 
 
 def read_glue(path: str, task: str, *, train: bool) -> list[GlueSplit]:

@@ -92,7 +92,8 @@ class FinetuneConfig:
     name: str = "finetune"
     """Preset the model section came from."""
     task: str = "asr"
-    """A registered downstream task (d2v.finetune.tasks.TASKS): asr (CTC on characters) | image_cls | text_cls | glue."""
+    """A registered downstream task (d2v.finetune.tasks.TASKS): asr (CTC on characters) | image_cls | text_cls |
+    glue."""
     init: str = ""
     """Checkpoint or export directory the encoder was initialised from (empty: random initialisation)."""
     model: ModelConfig = field(default_factory=ModelConfig)

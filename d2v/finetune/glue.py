@@ -162,14 +162,15 @@ class GlueTask(DownstreamTask):
     def batch(self, split: str, indices: Sequence[int]) -> GlueBatch:
         idx = list(indices)
         y = self.targets[split][idx]
-        labels = torch.as_tensor(y, dtype=torch.float32 if self.regression else torch.long)
+        # float64 scores: the metrics' moments are summed in float64.
+        labels = torch.as_tensor(y, dtype=torch.float64 if self.regression else torch.long)
         return GlueBatch(pad_tokens([self.tokens[split][i] for i in idx], self.pad_id), labels=labels, indices=idx,
                          subsets=torch.as_tensor(self.subset_of[split][idx]))
 
     def loss(self, out: TaskOutput, batch: GlueBatch) -> Tensor:
         labels = batch.labels.to(out.logits.device)
         if self.regression:
-            return F.mse_loss(out.logits[:, 0].float(), labels)
+            return F.mse_loss(out.logits[:, 0].float(), labels.float())
         return F.cross_entropy(out.logits.float(), labels)
 
     def score(self, out: TaskOutput, batch: GlueBatch) -> dict[str, float]:

@@ -1,0 +1,74 @@
+"""`python -m d2v.data.demo_glue OUT`: a small sentence-pair task in GLUE's RTE layout, offline
+(README, fine-tuning).
+
+Pairs of the docstring sentences of d2v.data.demo_text_cls: `entailment` when both sentences
+document the same package family, `not_entailment` otherwise, half of each. Written as
+OUT/RTE/train.tsv and OUT/RTE/dev.tsv with RTE's header and columns (index, sentence1, sentence2,
+label), so that `--recipe glue_rte --train-data OUT/RTE --eval-data OUT/RTE` runs it. The dev
+pairs use sentences no training pair uses.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+
+from d2v.data.demo_text_cls import TOPICS, package_sentences
+
+SAME, DIFFERENT = "entailment", "not_entailment"
+
+
+def _pairs(pools: dict[str, list[str]], n: int, rng: random.Random) -> list[tuple[str, str, str]]:
+    topics = sorted(pools)
+    rows = []
+    for i in range(n):
+        if i % 2 == 0:
+            t = rng.choice(topics)
+            a, b = rng.sample(pools[t], 2)
+            rows.append((a, b, SAME))
+        else:
+            t, u = rng.sample(topics, 2)
+            rows.append((rng.choice(pools[t]), rng.choice(pools[u]), DIFFERENT))
+    rng.shuffle(rows)
+    return rows
+
+
+def build_glue_demo(out: str, *, train_pairs: int = 480, dev_pairs: int = 160, per_topic: int = 120,
+                    seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    pools: dict[str, dict[str, list[str]]] = {"train": {}, "dev": {}}
+    for topic, packages in TOPICS.items():
+        sentences = package_sentences(packages)
+        rng.shuffle(sentences)
+        sentences = sentences[:per_topic]
+        n_dev = max(len(sentences) // 4, 2)
+        if len(sentences) - n_dev < 2:
+            raise RuntimeError(f"only {len(sentences)} docstring sentences for {topic} ({packages}) in this Python")
+        pools["dev"][topic], pools["train"][topic] = sentences[:n_dev], sentences[n_dev:]
+    folder = os.path.join(out, "RTE")
+    os.makedirs(folder, exist_ok=True)
+    paths = {}
+    for split, n in (("train", train_pairs), ("dev", dev_pairs)):
+        paths[split] = os.path.join(folder, f"{split}.tsv")
+        with open(paths[split], "w", encoding="utf-8") as f:
+            f.write("index\tsentence1\tsentence2\tlabel\n")
+            f.writelines(f"{i}\t{a}\t{b}\t{label}\n" for i, (a, b, label) in enumerate(_pairs(pools[split], n, rng)))
+    return {"folder": folder, "paths": paths, "train": train_pairs, "dev": dev_pairs,
+            "sentences": sorted({s for p in pools.values() for pool in p.values() for s in pool})}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m d2v.data.demo_glue", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out")
+    ap.add_argument("--train-pairs", type=int, default=480)
+    ap.add_argument("--dev-pairs", type=int, default=160)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    info = build_glue_demo(args.out, train_pairs=args.train_pairs, dev_pairs=args.dev_pairs, seed=args.seed)
+    print(f"{info['train']} train / {info['dev']} dev pairs in RTE's layout: {info['folder']}")
+    return info
+
+
+if __name__ == "__main__":
+    main()
