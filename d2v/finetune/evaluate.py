@@ -11,7 +11,9 @@ exceeds the spread (Welch's t-test, d2v.finetune.seed_stats); nothing is claimed
 * speech: CTC fine-tuning on the labelled eSpeak demo (d2v.data.demo_asr), WER and CER on two
   held-out voices saying held-out sentences;
 * images: linear probe and full fine-tuning on the digits as an ImageFolder tree;
-* text: linear probe and full fine-tuning on the docstring-topic TSV (d2v.data.demo_text_cls).
+* text: linear probe and full fine-tuning on the docstring-topic TSV (d2v.data.demo_text_cls);
+* text pairs (with `--tasks ...,glue`): GLUE fine-tuning in RTE's layout on the docstring-topic
+  pairs (d2v.data.demo_glue), accuracy.
 
 Labelled data are built under DATA when missing. Fine-tuning runs go through
 `deepspeed launchers/finetune.py` (2 CPU ranks by default) with identical settings for both
@@ -54,9 +56,15 @@ def ensure_data(data: str) -> dict[str, dict[str, str]]:
         from d2v.data.demo_text_cls import build_text_cls_demo
 
         build_text_cls_demo(text)
+    pairs = os.path.join(data, "glue_data")
+    if not os.path.exists(os.path.join(pairs, "RTE", "dev.tsv")):
+        from d2v.data.demo_glue import build_glue_demo
+
+        build_glue_demo(pairs)
     from d2v.data.demo_asr import demo_lm
 
     return {"asr": {"train": patterns["train"], "eval": patterns["valid"], "lm": demo_lm(asr)},
+            "glue": {"train": os.path.join(pairs, "RTE"), "eval": os.path.join(pairs, "RTE")},
             "image_cls": {"train": os.path.join(digits, "train"), "eval": os.path.join(digits, "val")},
             "text_cls": {"train": os.path.join(text, "train.tsv"), "eval": os.path.join(text, "test.tsv")}}
 
@@ -106,6 +114,7 @@ ROWS = (  # (task, metric, what, pipeline)
     ("image_cls", "accuracy", "digits (fine-tuning)", "finetune"),
     ("text_cls", "accuracy", "docstring topics (linear probe)", "probe"),
     ("text_cls", "accuracy", "docstring topics (fine-tuning)", "finetune"),
+    ("glue", "accuracy", "docstring-topic pairs, GLUE RTE layout (fine-tuning)", "finetune"),
 )
 
 
@@ -224,6 +233,7 @@ EXTRA_OVERRIDES = {
     "asr": ["optim.lr=2e-3", "optim.phase_ratios=[0.1,0.6,0.3]", "train.log_every=50"],
     "image_cls": ["train.log_every=100"],
     "text_cls": ["train.log_every=100"],
+    "glue": ["finetune.glue_task=rte", "train.log_every=100"],
 }
 
 
@@ -237,11 +247,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--asr-steps", type=int, default=1000)
     ap.add_argument("--image-steps", type=int, default=1200)
     ap.add_argument("--text-steps", type=int, default=1000)
-    ap.add_argument("--tasks", default="asr,image_cls,text_cls")
+    ap.add_argument("--glue-steps", type=int, default=1000)
+    ap.add_argument("--tasks", default="asr,image_cls,text_cls", help="comma-separated; glue is also one")
     ap.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per pretraining run and arm")
     args = ap.parse_args(argv)
     start = time.perf_counter()
-    steps = {"asr": args.asr_steps, "image_cls": args.image_steps, "text_cls": args.text_steps}
+    steps = {"asr": args.asr_steps, "image_cls": args.image_steps, "text_cls": args.text_steps, "glue": args.glue_steps}
     results = evaluate(args.data, args.runs, args.out, ranks=args.ranks, steps=steps,
                        tasks=[t for t in args.tasks.split(",") if t], seeds=args.seeds)
     print(markdown(results["rows"]))
