@@ -130,7 +130,7 @@ def read_glue_file(path: str, task: str, *, train: bool) -> GlueSplit:
         if target is None:
             out.malformed.append(n)
             continue
-        out.sentences.append(tuple(parts[c] for c in lay.sentences))
+        out.sentences.append(tuple(parts[c].strip() for c in lay.sentences))  # fairseq's BPE step strips lines
         out.targets.append(target)
     rows = len(out.targets) + len(out.malformed)
     if not out.targets:

@@ -1,5 +1,5 @@
 """Fine-tuning and evaluation of pretrained d2v encoders (README, fine-tuning): CTC speech
-recognition, image and text classification (linear probe and full fine-tuning), and the
+recognition, image and text classification (linear probe and full fine-tuning), GLUE, and the
 pretrained-versus-random evaluation behind `make eval`.
 """
 

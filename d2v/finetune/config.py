@@ -53,7 +53,8 @@ class TaskConfig:
     freeze_encoder_steps: int = 0
     """Updates at the start during which only the task head trains (fairseq's freeze_finetune_updates)."""
     head_dropout: float = 0.0
-    """Dropout on the encoder output before the task head (fairseq's final_dropout)."""
+    """Dropout on the encoder output before the task head (fairseq's final_dropout; glue: also after the
+    head's tanh, fairseq's pooler_dropout)."""
     normalize_audio: bool = True
     """asr: zero mean, unit variance per utterance (default: as the pretraining config's data.normalize)."""
     eval_batch_size: int = 32

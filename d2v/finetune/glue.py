@@ -225,6 +225,10 @@ _PER_TASK = {
     "rte": (16, 2e-5, 2036, 122),
 }
 
+# Not carried over: fp16 (d2v runs bf16 or fp32 from the pretraining config), max_tokens 4400 per
+# batch (GLUE's batches of 16-32 pairs stay under it), max_epoch 10 (max_update is the budget), and
+# best_checkpoint_metric: fairseq keeps the best of its per-epoch validations, d2v reports the
+# evaluation after the last update (finetune.eval_every adds intermediate ones to the log).
 for _task, (_batch, _lr, _updates, _warmup) in _PER_TASK.items():
     # Shared by all eight files: Adam (0.9, 0.98), eps 1e-6, weight decay 0.1 on every parameter
     # (plain `adam`, not the composite optimizer that would honour the model's no-decay overrides),
