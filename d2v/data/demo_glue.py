@@ -33,12 +33,14 @@ def _pairs(pools: dict[str, list[str]], n: int, rng: random.Random) -> list[tupl
     return rows
 
 
-def build_glue_demo(out: str, *, train_pairs: int = 480, dev_pairs: int = 160, per_topic: int = 120,
+def build_glue_demo(out: str, *, train_pairs: int = 2000, dev_pairs: int = 400, per_topic: int = 200,
                     seed: int = 0) -> dict:
+    """Sentences of at most 20 words (short pairs fit the tiny models' 128 positions), a quarter of
+    each topic's held out for the dev pairs."""
     rng = random.Random(seed)
     pools: dict[str, dict[str, list[str]]] = {"train": {}, "dev": {}}
     for topic, packages in TOPICS.items():
-        sentences = package_sentences(packages)
+        sentences = package_sentences(packages, max_words=20)
         rng.shuffle(sentences)
         sentences = sentences[:per_topic]
         n_dev = max(len(sentences) // 4, 2)
@@ -61,8 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m d2v.data.demo_glue", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
-    ap.add_argument("--train-pairs", type=int, default=480)
-    ap.add_argument("--dev-pairs", type=int, default=160)
+    ap.add_argument("--train-pairs", type=int, default=2000)
+    ap.add_argument("--dev-pairs", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     info = build_glue_demo(args.out, train_pairs=args.train_pairs, dev_pairs=args.dev_pairs, seed=args.seed)
