@@ -1,8 +1,10 @@
 """`python -m d2v.data.demo_glue OUT`: a small sentence-pair task in GLUE's RTE layout, offline
 (README, fine-tuning).
 
-Pairs of the docstring sentences of d2v.data.demo_text_cls: `entailment` when both sentences
-document the same package family, `not_entailment` otherwise, half of each. Written as
+Pairs built from the docstring sentences of d2v.data.demo_text_cls, half of each label: the
+hypothesis (sentence2) is a run of at least half the words of the premise (`entailment`), or a run
+of another sentence about the same package family (`not_entailment`, so that the topic alone does
+not tell). Written as
 OUT/RTE/train.tsv and OUT/RTE/dev.tsv with RTE's header and columns (index, sentence1, sentence2,
 label), so that `--recipe glue_rte --train-data OUT/RTE --eval-data OUT/RTE` runs it. The dev
 pairs use sentences no training pair uses.
@@ -15,20 +17,23 @@ import random
 
 from d2v.data.demo_text_cls import TOPICS, package_sentences
 
-SAME, DIFFERENT = "entailment", "not_entailment"
+ENTAILED, NOT_ENTAILED = "entailment", "not_entailment"
+
+
+def _run_of_words(sentence: str, rng: random.Random) -> str:
+    words = sentence.split()
+    k = rng.randint(max(len(words) // 2, 1), len(words))
+    start = rng.randint(0, len(words) - k)
+    return " ".join(words[start:start + k])
 
 
 def _pairs(pools: dict[str, list[str]], n: int, rng: random.Random) -> list[tuple[str, str, str]]:
     topics = sorted(pools)
     rows = []
     for i in range(n):
-        if i % 2 == 0:
-            t = rng.choice(topics)
-            a, b = rng.sample(pools[t], 2)
-            rows.append((a, b, SAME))
-        else:
-            t, u = rng.sample(topics, 2)
-            rows.append((rng.choice(pools[t]), rng.choice(pools[u]), DIFFERENT))
+        premise, other = rng.sample(pools[rng.choice(topics)], 2)
+        source, label = (premise, ENTAILED) if i % 2 == 0 else (other, NOT_ENTAILED)
+        rows.append((premise, _run_of_words(source, rng), label))
     rng.shuffle(rows)
     return rows
 

@@ -12,8 +12,8 @@ exceeds the spread (Welch's t-test, d2v.finetune.seed_stats); nothing is claimed
   held-out voices saying held-out sentences;
 * images: linear probe and full fine-tuning on the digits as an ImageFolder tree;
 * text: linear probe and full fine-tuning on the docstring-topic TSV (d2v.data.demo_text_cls);
-* text pairs (with `--tasks ...,glue`): GLUE fine-tuning in RTE's layout on the docstring-topic
-  pairs (d2v.data.demo_glue), accuracy.
+* text pairs (with `--tasks ...,glue`): GLUE fine-tuning in RTE's layout on the docstring
+  sentence pairs of d2v.data.demo_glue, accuracy.
 
 Labelled data are built under DATA when missing. Fine-tuning runs go through
 `deepspeed launchers/finetune.py` (2 CPU ranks by default) with identical settings for both
@@ -114,7 +114,7 @@ ROWS = (  # (task, metric, what, pipeline)
     ("image_cls", "accuracy", "digits (fine-tuning)", "finetune"),
     ("text_cls", "accuracy", "docstring topics (linear probe)", "probe"),
     ("text_cls", "accuracy", "docstring topics (fine-tuning)", "finetune"),
-    ("glue", "accuracy", "docstring-topic pairs, GLUE RTE layout (fine-tuning)", "finetune"),
+    ("glue", "accuracy", "docstring pairs, GLUE RTE layout (fine-tuning)", "finetune"),
 )
 
 
