@@ -355,6 +355,33 @@ def test_recipe_settings_reach_the_config_and_overrides_win(glue_tree):
 
 
 # -- runs -------------------------------------------------------------------------------------------
+def test_two_ranks_sum_to_the_corpus_correlations_and_mnli_accuracies(glue_tree, tmp_path):
+    """Spearman's rho needs every prediction: the per-example slots summed over 2 real ranks gather
+    them exactly (float64 sums of one value and zeros)."""
+    from launch import launch_two_ranks
+    from scipy.stats import pearsonr, spearmanr
+
+    from d2v.data.glue import read_glue
+
+    sys.path.insert(0, os.path.join(ROOT, "tests", "dist"))
+    from glue_scoring import fixed_logits
+
+    root, _, model, vocab = glue_tree
+    reports = launch_two_ranks("tests/dist/glue_scoring.py", str(tmp_path), "--glue", root, "--tokenizer", model,
+                               "--vocab", str(vocab))
+    assert reports[0] == reports[1]
+    gold = read_glue(os.path.join(root, "STS-B"), "sts_b", train=False)[0].targets
+    pred = fixed_logits(len(gold), 1)[:, 0].double().numpy()
+    got = reports[0]["sts_b"]
+    assert got["pearson"] == pytest.approx(pearsonr(pred, gold)[0], abs=1e-9)
+    assert got["spearman"] == pytest.approx(spearmanr(pred, gold)[0], abs=1e-12)
+    matched, mismatched = read_glue(os.path.join(root, "MNLI"), "mnli", train=False)
+    pred = fixed_logits(len(matched.targets) + len(mismatched.targets), 3).argmax(-1).numpy()
+    m = len(matched.targets)
+    assert reports[0]["mnli"] == pytest.approx({"accuracy_matched": np.mean(pred[:m] == matched.targets),
+                                                "accuracy_mismatched": np.mean(pred[m:] == mismatched.targets)})
+
+
 def test_a_few_steps_on_one_batch_reduce_the_regression_loss(glue_tree, tmp_path):
     from d2v.config import load_template
     from d2v.finetune.runner import FinetuneRun
@@ -376,7 +403,7 @@ def test_a_few_steps_on_one_batch_reduce_the_regression_loss(glue_tree, tmp_path
 def test_two_rank_glue_run_of_the_launcher_on_the_demo_pair_task(tmp_path):
     """The demo pair task in RTE's layout, fine-tuned by launchers/finetune.py with --recipe on 2 ranks;
     the evaluation (strided over the ranks) scores every dev pair once."""
-    from launch import free_port
+    from launch import free_port, launcher_env
 
     from d2v.data.demo_glue import build_glue_demo
     from d2v.data.glue import read_glue_file
@@ -389,9 +416,7 @@ def test_two_rank_glue_run_of_the_launcher_on_the_demo_pair_task(tmp_path):
     train_sentences = {s for texts in train.sentences for s in texts}
     assert not train_sentences & {s for texts in dev.sentences for s in texts}
     model = train_sentencepiece(info["sentences"], str(tmp_path / "spm"), 200)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=ROOT)
+    env = launcher_env(PYTHONPATH=ROOT)
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(free_port()),
            os.path.join(ROOT, "launchers", "finetune.py"),
