@@ -212,16 +212,21 @@ def test_mcc_f1_and_correlations_match_hand_counts_sklearn_and_scipy():
     assert gm.spearman(x, y) == pytest.approx(spearmanr(x, y)[0], abs=1e-12)
 
 
-def _task(glue_tree, task, *extra):
+def _cfg(glue_tree, task, *extra):
     from d2v.finetune.resolve import resolve_finetune
-    from d2v.finetune.tasks import build_task
 
     root, _, model, vocab = glue_tree
     folder = os.path.join(root, FOLDERS[task])
-    cfg, _ = resolve_finetune(None, preset="text_tiny", recipe=f"glue_{task}", overrides=[
+    cfg, _ = resolve_finetune("glue", preset="text_tiny", recipe=f"glue_{task}", overrides=[
         f"finetune.train_data={folder}", f"finetune.eval_data={folder}", f"finetune.tokenizer={model}",
         f"model.text.vocab_size={vocab}", *extra])
-    return build_task(cfg)
+    return cfg
+
+
+def _task(glue_tree, task, *extra):
+    from d2v.finetune.tasks import build_task
+
+    return build_task(_cfg(glue_tree, task, *extra))
 
 
 def _sharded(task, logits, shards):
@@ -322,16 +327,18 @@ def test_each_recipe_holds_fairseqs_settings(task, glue_tree):
     from d2v.finetune.recipes import get_recipe
 
     classes, batch, lr, updates, warmup, best = FAIRSEQ[task]
-    recipe = get_recipe(f"glue_{task}")
+    recipe = get_recipe(f"glue_{task}", "glue")
     assert recipe.source.endswith(f"3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99/examples/data2vec/config/v2/"
                                   f"text_finetuning/{task}.yaml")
-    t = _task(glue_tree, task)
-    cfg_o, cfg_t = recipe.settings["optim"], recipe.settings["train"]
-    assert (cfg_o["lr"], cfg_t["micro_batch_size"], cfg_t["max_steps"], cfg_o["warmup_steps"]) == (lr, batch, updates,
-                                                                                                     warmup)
-    assert (tuple(cfg_o["betas"]), cfg_o["eps"], cfg_o["weight_decay"], cfg_o["no_decay_1d"], cfg_o["clip_norm"],
-            cfg_o["schedule"], cfg_o["min_lr"]) == ((0.9, 0.98), 1e-6, 0.1, False, 0.0, "polynomial", 0.0)
-    assert recipe.settings["finetune"] == {"glue_task": task, "head_dropout": 0.0}
+    from d2v.finetune.tasks import build_task
+
+    cfg = _cfg(glue_tree, task)
+    t = build_task(cfg)
+    o = cfg.optim
+    assert (o.lr, cfg.train.micro_batch_size, cfg.train.max_steps, o.warmup_steps) == (lr, batch, updates, warmup)
+    assert (o.betas, o.eps, o.weight_decay, o.no_decay_1d, o.clip_norm, o.schedule, o.min_lr) == (
+        (0.9, 0.98), 1e-6, 0.1, False, 0.0, "polynomial", 0.0)
+    assert (cfg.finetune.glue_task, cfg.finetune.head_dropout, cfg.finetune.recipe) == (task, 0.0, f"glue_{task}")
     assert t.num_outputs == classes
     n = t.size("eval")
     metrics = t.summarize({k: 1.0 for k in t.score_keys} | {f"pred/{i}": float(i % 3) for i in range(n)})
@@ -343,13 +350,14 @@ def test_recipe_settings_reach_the_config_and_overrides_win(glue_tree):
 
     root, _, model, vocab = glue_tree
     data = [f"finetune.train_data={root}/RTE", f"finetune.eval_data={root}/RTE", f"finetune.tokenizer={model}"]
-    cfg, _ = resolve_finetune("glue", preset="text_tiny", recipe="glue_rte", overrides=[*data, "optim.lr=1e-4"])
-    assert (cfg.recipe, cfg.finetune.glue_task, cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.max_steps) == (
-        "glue_rte", "rte", 1e-4, 122, 2036)
-    with pytest.raises(ValueError, match="recipe glue_rte fine-tunes task glue, not text_cls"):
+    cfg, _ = resolve_finetune("glue", preset="text_tiny", overrides=[*data, "finetune.recipe=glue_rte",
+                                                                     "optim.lr=1e-4"])
+    assert (cfg.finetune.recipe, cfg.finetune.glue_task, cfg.optim.lr, cfg.optim.warmup_steps,
+            cfg.train.max_steps) == ("glue_rte", "rte", 1e-4, 122, 2036)
+    with pytest.raises(ValueError, match="recipe glue_rte is for task glue, not text_cls"):
         resolve_finetune("text_cls", preset="text_tiny", recipe="glue_rte", overrides=data)
     with pytest.raises(ValueError, match="unknown fine-tuning recipe 'glue_wnli'; use one of .*glue_cola"):
-        resolve_finetune(None, preset="text_tiny", recipe="glue_wnli")
+        resolve_finetune("glue", preset="text_tiny", recipe="glue_wnli", overrides=data)
     with pytest.raises(ValueError, match="finetune.glue_task='': use one of cola, sst_2"):
         resolve_finetune("glue", preset="text_tiny", overrides=data)
 
@@ -389,7 +397,7 @@ def test_a_few_steps_on_one_batch_reduce_the_regression_loss(glue_tree, tmp_path
 
     root, _, model, vocab = glue_tree
     torch.set_num_threads(2)
-    cfg, _ = resolve_finetune(None, preset="text_tiny", recipe="glue_sts_b", overrides=[
+    cfg, _ = resolve_finetune("glue", preset="text_tiny", recipe="glue_sts_b", overrides=[
         f"finetune.train_data={root}/STS-B", f"finetune.eval_data={root}/STS-B", f"finetune.tokenizer={model}",
         f"model.text.vocab_size={vocab}", f"train.out_dir={tmp_path}", "optim.schedule=constant", "optim.lr=1e-3",
         "optim.warmup_steps=0", "train.micro_batch_size=8", "model.dropout=0.0", "model.attention_dropout=0.0"])
@@ -420,7 +428,8 @@ def test_two_rank_glue_run_of_the_launcher_on_the_demo_pair_task(tmp_path):
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(free_port()),
            os.path.join(ROOT, "launchers", "finetune.py"),
-           "--ds_config", os.path.join(ROOT, "ds_configs", "cpu.json"), "--recipe", "glue_rte", "--preset", "text_tiny",
+           "--ds_config", os.path.join(ROOT, "ds_configs", "cpu.json"), "--task", "glue", "--recipe", "glue_rte",
+           "--preset", "text_tiny",
            "--train-data", info["folder"], "--eval-data", info["folder"], "--tokenizer", model,
            "--out", str(tmp_path / "run"), f"model.text.vocab_size={Tokenizer(model).info.vocab_size}",
            "train.micro_batch_size=4", "train.max_steps=6", "optim.warmup_steps=2", "train.log_every=3",
@@ -432,6 +441,6 @@ def test_two_rank_glue_run_of_the_launcher_on_the_demo_pair_task(tmp_path):
     assert set(result["metrics"]) == {"accuracy"}
     assert round(result["metrics"]["accuracy"] * 21, 6) == int(round(result["metrics"]["accuracy"] * 21))
     saved = json.load(open(tmp_path / "run" / "finetune.json"))
-    assert saved["labels"] == ["entailment", "not_entailment"] and saved["config"]["recipe"] == "glue_rte"
+    assert saved["labels"] == ["entailment", "not_entailment"] and saved["config"]["finetune"]["recipe"] == "glue_rte"
     assert saved["config"]["optim"]["schedule"] == "polynomial" and saved["config"]["finetune"]["glue_task"] == "rte"
     assert "glue rte: " in proc.stderr + proc.stdout

@@ -11,6 +11,7 @@ classification, on the same config system and DeepSpeed launcher as pretraining.
 
   ... --task image_cls --train-data demo_data/digits/train --eval-data demo_data/digits/val
   ... --task text_cls --train-data demo_data/text_cls/train.tsv --eval-data demo_data/text_cls/test.tsv
+  ... --task glue --recipe glue_rte --train-data glue_data/RTE --eval-data glue_data/RTE   (GLUE's TSV layout)
 
 --init takes a d2v checkpoint (run dir, checkpoints dir or tag), an export directory (`python -m
 d2v export`), or a transformers directory (`export --format hf`, or public data2vec weights on disk;
@@ -29,6 +30,7 @@ import sys
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from d2v.finetune.recipes import RECIPES
     from d2v.finetune.tasks import TASKS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,12 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--random-init", action="store_true", help="same architecture, random weights (baseline)")
     ap.add_argument("--preset", default=None, help="architecture for a random-init run without --init")
     ap.add_argument("--recipe", default=None,
-                    help="a reference's settings by name (d2v.finetune.recipes: asr base_10m, base_1h, base_10h, "
-                         "base_100h, base_960h), applied before the key=value overrides")
+                    help="a reference's settings by name (d2v.finetune.recipes: "
+                         + ", ".join(f"{n} ({r.task})" for n, r in sorted(RECIPES.items()))
+                         + "), applied before the key=value overrides")
     ap.add_argument("--train-data", default=None,
                     help="; ".join(f"{n}: {c.data_help}" for n, c in sorted(TASKS.items())))
     ap.add_argument("--eval-data", default=None, help="held-out data in the same form")
-    ap.add_argument("--tokenizer", default=None, help="text_cls: tokenizer file (default: the pretraining one)")
+    ap.add_argument("--tokenizer", default=None, help="text_cls, glue: tokenizer file (default: the pretraining one)")
     ap.add_argument("--out", default=None, help="run directory (default runs/finetune-TASK)")
     ap.add_argument("--resume", default="none", help="auto | none | a checkpoint tag (step_00001000)")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")

@@ -40,7 +40,7 @@ def main() -> None:
     report = {}
     for task, folder in (("sts_b", "STS-B"), ("mnli", "MNLI")):
         path = os.path.join(args.glue, folder)
-        cfg, _ = resolve_finetune(None, preset="text_tiny", recipe=f"glue_{task}", overrides=[
+        cfg, _ = resolve_finetune("glue", preset="text_tiny", recipe=f"glue_{task}", overrides=[
             f"finetune.train_data={path}", f"finetune.eval_data={path}", f"finetune.tokenizer={args.tokenizer}",
             f"model.text.vocab_size={args.vocab}"])
         t = build_task(cfg)
