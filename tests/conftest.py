@@ -17,7 +17,7 @@ LAYERS = {
     "unit": ["test_config", "test_presets", "test_layers", "test_masking_span", "test_masking_image_text",
              "test_masking_v2", "test_targets", "test_collectives", "test_gpu_paths", "test_models_audio",
              "test_models_image_text", "test_v2", "test_teacher", "test_data_audio", "test_data_image_text",
-             "test_untrusted_files", "test_prepare_checks", "test_eval_seeds"],
+             "test_untrusted_files", "test_prepare_checks", "test_eval_seeds", "test_image_recipe"],
     "kernels": ["test_kernels_attention", "test_kernels_targets", "test_kernels_compile"],
     "integration": ["test_train_single", "test_interop", "test_finetune", "test_benchmarks", "test_gpu_check",
                     "test_nothing_lost", "test_install", "test_run_plan", "test_fairseq_import", "test_run_identity",

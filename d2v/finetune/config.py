@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from d2v.config.overrides import from_dict
 from d2v.config.schema import D2vConfig, ModelConfig, OptimConfig, TrainConfig
+from d2v.finetune.image_recipes import ImageFinetuneConfig
 
 
 @dataclass(kw_only=True)
@@ -34,6 +35,11 @@ class TaskConfig:
     """Examples per rank per evaluation batch."""
     eval_every: int = 0
     """Updates between evaluations (0: only at the end)."""
+    recipe: str = ""
+    """A reference recipe of the task by name (image_cls: d2v.finetune.image_recipes.RECIPES), applied before
+    the other overrides."""
+    image: ImageFinetuneConfig = field(default_factory=ImageFinetuneConfig)
+    """image_cls: augmentation, mixing, layer-wise LR decay, drop path, pooling."""
 
 
 @dataclass(kw_only=True)

@@ -40,7 +40,12 @@ def resolve_finetune(task: str, *, init: str | None = None, preset: str | None =
     cfg.train.out_dir = f"runs/finetune-{task}"
     kind.configure(cfg, base)
     structural = dataclasses.asdict(cfg.model)
-    apply_overrides(cfg, overrides)
+    # A recipe sets many fields at once: it goes first so that every other override wins over it.
+    recipe = [o for o in overrides if o.startswith("finetune.recipe=")]
+    apply_overrides(cfg, recipe)
+    if cfg.finetune.recipe:
+        kind.apply_recipe(cfg, cfg.finetune.recipe)
+    apply_overrides(cfg, [o for o in overrides if o not in recipe])
     changed = [k for k in ("modality", "embed_dim", "depth", "num_heads", "ffn_dim") if
                structural[k] != getattr(cfg.model, k)]
     if changed and init:

@@ -24,7 +24,7 @@ from d2v.train.checkpoint import atomic_write_text
 from d2v.train.engine import start_engine
 from d2v.train.guarded_update import GuardedCounts, GuardedUpdate
 from d2v.train.loop import UpdateLoop, with_universal_load
-from d2v.train.trainer import DTYPES, StepMetrics, param_groups
+from d2v.train.trainer import DTYPES, StepMetrics
 
 
 def rank_batches(n: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -105,6 +105,8 @@ class FinetuneStepper(GuardedCounts):
         self.model.train()
         self.model.freeze_backbone = self.step < self.cfg.finetune.freeze_encoder_steps
         lr = float(self.scheduler.get_last_lr()[0])
+        self.task.begin_update(self.step)
+
         def micro_step(i: int, indices: list[int]):
             batch = self.task.batch("train", indices)
             return self.task.loss(self.forward(batch), batch), {}
@@ -148,7 +150,7 @@ class FinetuneRun(UpdateLoop):
         model = FinetuneModel(backbone, self.task.head(backbone.embed_dim), dropout=cfg.finetune.head_dropout)
         self.task.prepare_model(model, cfg)
         parts = start_engine(model, cfg, ds_template, self.world_size,
-                             param_groups(model, cfg.optim.no_decay_1d, cfg.optim.weight_decay))
+                             self.task.param_groups(model, cfg))
         self.engine, self.scheduler, self.ds_config = parts.engine, parts.scheduler, parts.ds_config
         self.model: FinetuneModel = self.engine.module
         self.stepper = FinetuneStepper(self.engine, self.scheduler, self.task, cfg, self.device)

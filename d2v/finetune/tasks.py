@@ -22,6 +22,7 @@ from d2v.finetune.config import FinetuneConfig
 from d2v.finetune.ctc import CharVocab, ctc_loss, greedy_decode
 from d2v.finetune.metrics import char_errors, word_errors
 from d2v.finetune.model import FinetuneModel, FrameHead, MeanPoolHead, TaskOutput, freeze_feature_encoder
+from d2v.train.trainer import param_groups
 
 TASKS: dict[str, type["DownstreamTask"]] = {}
 """Every registered downstream task by name."""
@@ -89,9 +90,21 @@ class DownstreamTask:
         """Problems with a resolved config, one line each."""
         return []
 
+    @classmethod
+    def apply_recipe(cls, cfg: FinetuneConfig, name: str) -> None:
+        """Sets the settings of a named reference recipe (finetune.recipe), before the other overrides."""
+        raise ValueError(f"task {cls.name} has no recipes; remove finetune.recipe={name}")
+
     def head(self, embed_dim: int) -> nn.Module:
         """The task's head: (B×T×D encoder outputs, B×T padding mask or None) -> logits."""
         return MeanPoolHead(embed_dim, self.num_outputs)
+
+    def param_groups(self, model: FinetuneModel, cfg: FinetuneConfig) -> list[dict]:
+        """The optimizer's parameter groups (a group may carry its own lr)."""
+        return param_groups(model, cfg.optim.no_decay_1d, cfg.optim.weight_decay)
+
+    def begin_update(self, step: int) -> None:
+        """Called before the batches of each update with its step (0-based): seeds per-update randomness."""
 
     def prepare_model(self, model: FinetuneModel, cfg: FinetuneConfig) -> None:
         """Changes to the model before the engine is built (freezing parts)."""
@@ -205,26 +218,6 @@ class ClassificationTask(DownstreamTask):
 
 
 @register
-class ImageClassification(ClassificationTask):
-    name = "image_cls"
-    modality = "image"
-    data_help = "ImageFolder root"
-
-    @classmethod
-    def defaults(cls, optim: OptimConfig, train: TrainConfig) -> None:
-        optim.lr, optim.weight_decay, optim.no_decay_1d = 1e-3, 0.05, True
-        train.micro_batch_size = 32
-
-    def __init__(self, cfg: FinetuneConfig) -> None:
-        from d2v.data.imagefolder import read_imagefolder
-
-        im = cfg.model.image
-        train_x, train_y, names = read_imagefolder(cfg.finetune.train_data, im.image_size, im.mean, im.std)
-        eval_x, eval_y, _ = read_imagefolder(cfg.finetune.eval_data, im.image_size, im.mean, im.std, classes=names)
-        self._hold({"train": train_x, "eval": eval_x}, {"train": train_y, "eval": eval_y}, names, torch.stack)
-
-
-@register
 class TextClassification(ClassificationTask):
     name = "text_cls"
     modality = "text"
@@ -283,3 +276,7 @@ class TextClassification(ClassificationTask):
 
 def build_task(cfg: FinetuneConfig) -> DownstreamTask:
     return task_class(cfg.task)(cfg)
+
+
+# Tasks in modules of their own register on import.
+from d2v.finetune import image_task  # noqa: E402,F401
