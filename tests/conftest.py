@@ -21,7 +21,7 @@ LAYERS = {
     "kernels": ["test_kernels_attention", "test_kernels_targets", "test_kernels_compile"],
     "integration": ["test_train_single", "test_interop", "test_finetune", "test_benchmarks", "test_gpu_check",
                     "test_nothing_lost", "test_install", "test_run_plan", "test_fairseq_import", "test_run_identity",
-                    "test_hf_v2"],
+                    "test_hf_v2", "test_image_finetune"],
     "distributed": ["test_dist_pretrain", "test_dist_v2", "test_zero", "test_cluster_ops", "test_host_sync"],
 }
 _LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}

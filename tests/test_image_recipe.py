@@ -114,10 +114,16 @@ def test_randaugment_policy_string_and_op_levels():
         with pytest.raises(ValueError):
             RandAugment.parse(bad)
     assert len(OPS) == 15
+    small = Image.fromarray(np.random.default_rng(0).integers(0, 255, (9, 7, 3), dtype=np.uint8))
+    for op in OPS.values():  # every op over the whole magnitude range, on an odd-sized image
+        for m in np.linspace(0, 10, 11):
+            assert op(small, float(m), _g()).size == (7, 9)
     ramp = Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), (4, 1))[..., None].repeat(3, 2))
     v = np.arange(256)
     # magnitude 9: posterize to 4 - int(3.6) = 1 bit, solarize above 256 - int(230.4) = 26, add int(99) below 128
     assert np.array_equal(np.asarray(OPS["PosterizeIncreasing"](ramp, 9, _g()))[0, :, 0], v & 0x80)
+    assert not np.asarray(OPS["PosterizeIncreasing"](ramp, 10, _g())).any()  # 0 bits kept at the top magnitude
+    assert np.array_equal(np.asarray(OPS["PosterizeIncreasing"](ramp, 0, _g()))[0, :, 0], v & 0xF0)
     assert np.array_equal(np.asarray(OPS["SolarizeIncreasing"](ramp, 9, _g()))[0, :, 0], np.where(v >= 26, 255 - v, v))
     assert np.array_equal(np.asarray(OPS["SolarizeAdd"](ramp, 9, _g()))[0, :, 0],
                           np.where(v < 128, np.minimum(v + 99, 255), v))

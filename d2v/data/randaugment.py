@@ -63,8 +63,10 @@ def _enhance(kind) -> Callable:
 
 
 def posterize(img, m, g):
+    # Keeps the top `bits` bits; at magnitude 10 that is none (black), which Pillow's posterize refuses.
     bits = 4 - int(m / MAX_LEVEL * 4)
-    return ImageOps.posterize(img, max(bits, 0)) if bits < 8 else img
+    mask = (0xFF << (8 - bits)) & 0xFF
+    return img.point([v & mask for v in range(256)] * len(img.getbands()))
 
 
 def solarize(img, m, g):
