@@ -89,3 +89,38 @@ def test_two_rank_recipe_fine_tuning_on_the_digits(tmp_path):
     saved = json.load(open(tmp_path / "run" / "finetune.json"))
     assert saved["config"]["finetune"]["recipe"] == "vision_base_v1"
     assert saved["config"]["finetune"]["image"]["layer_decay"] == 0.65
+
+
+# -- linear probing, BEiT's protocol -----------------------------------------------------------------
+def test_layer_features_are_cls_and_patch_mean_of_every_block():
+    from d2v.config.presets import get_preset
+    from d2v.finetune.linear_eval import LayerFeatures, epoch_lr
+    from d2v.models import build_model
+
+    torch.manual_seed(0)
+    backbone = build_model(get_preset("image_tiny"))
+    backbone.encoder.final_norm = None  # then the last block's output is what encode returns
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    feats = LayerFeatures(backbone)(images)
+    assert len(feats) == 4 and all(f.shape == (3, 128) for f in feats)
+    with torch.no_grad():
+        x = backbone.encode(backbone.features(images).x, keep_extra_tokens=True)
+    assert torch.allclose(feats[-1], torch.cat([x[:, 0], x[:, 1:].mean(1)], dim=-1), atol=1e-6)
+    assert not torch.allclose(feats[0], feats[-1])
+    # CosineAnnealingLR(T_max=100, eta_min=0) stepped per epoch
+    assert epoch_lr(4e-3, 0, 100) == 4e-3 and epoch_lr(4e-3, 50, 100) == pytest.approx(2e-3)
+    assert epoch_lr(4e-3, 99, 100) == pytest.approx(4e-3 * 0.5 * (1 + math.cos(math.pi * 0.99)))
+
+
+def test_linear_eval_cli_trains_one_classifier_per_block(tmp_path, capsys):
+    from d2v.finetune.linear_eval import main
+
+    train, val = _tree(str(tmp_path / "img"))
+    torch.set_num_threads(2)
+    result = main(["--preset", "image_tiny", "--train-data", train, "--eval-data", val, "--epochs", "4",
+                   "--batch-size", "8", "--lr", "1e-2", "--json"])
+    assert json.loads(capsys.readouterr().out)["results"] == result["results"]
+    arm = result["results"]["random init"]
+    assert list(result["results"]) == ["random init"] and [r["layer"] for r in arm["layers"]] == [1, 2, 3, 4]
+    assert arm["accuracy"] == 1.0 and arm["top5"] == 1.0  # dark against light: some block separates them
+    assert result["protocol"]["optimizer"] == "adamw" and result["eval_examples"] == 8
