@@ -69,7 +69,8 @@ def test_two_rank_recipe_fine_tuning_on_the_digits(tmp_path):
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(DS_ACCELERATOR="cpu", PYTHONPATH=ROOT)
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), os.path.join(ROOT, "launchers", "finetune.py"),
+    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(free_port()),
+           os.path.join(ROOT, "launchers", "finetune.py"),
            "--ds_config", os.path.join(ROOT, "ds_configs", "cpu.json"), "--task", "image_cls", "--preset", "image_tiny",
            "--train-data", str(tmp_path / "digits" / "train"), "--eval-data", str(tmp_path / "digits" / "val"),
            "--out", str(tmp_path / "run"), "finetune.recipe=vision_base_v1", "train.micro_batch_size=16",

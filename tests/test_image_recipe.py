@@ -207,7 +207,8 @@ def test_drop_path_rises_linearly_and_drops_post_ln_residual_branches():
 # fairseq examples/data2vec/config/vision/finetuning/mae_imagenet_clean.yaml and mae_imagenet_large_clean.yaml with
 # the defaults of examples/data2vec/models/mae_image_classification.py (github.com/facebookresearch/fairseq, main,
 # d05f43cf1c85679994069773a3c7e9401f37b504); data2vec_vision beit/README.md fine-tuning commands with the defaults
-# of beit/run_class_finetuning.py (github.com/facebookresearch/data2vec_vision, 6146726a0123d536201b500d7f80b476dcbf6e42).
+# of beit/run_class_finetuning.py (github.com/facebookresearch/data2vec_vision,
+# 6146726a0123d536201b500d7f80b476dcbf6e42).
 # Columns: lr, betas, weight decay, warmup updates, min lr, clip, updates, per-GPU batch x GPUs, layer decay,
 # embeddings decayed, drop path, mixup, cutmix, mixup prob, smoothing, head init scale.
 REFERENCE = {

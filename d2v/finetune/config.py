@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from d2v.config.overrides import from_dict
 from d2v.config.schema import D2vConfig, ModelConfig, OptimConfig, TrainConfig
-from d2v.finetune.image_recipes import ImageFinetuneConfig
+from d2v.finetune.image_config import ImageFinetuneConfig
 
 
 @dataclass(kw_only=True)

@@ -100,6 +100,7 @@ ROWS = (  # (task, metric, what, pipeline)
     ("asr", "cer", "speech recognition, held-out voices (CTC fine-tuning)", "finetune"),
     ("image_cls", "accuracy", "digits (linear probe)", "probe"),
     ("image_cls", "accuracy", "digits (fine-tuning)", "finetune"),
+    ("image_cls", "top5", "digits (fine-tuning)", "finetune"),
     ("text_cls", "accuracy", "docstring topics (linear probe)", "probe"),
     ("text_cls", "accuracy", "docstring topics (fine-tuning)", "finetune"),
 )
@@ -112,8 +113,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         arrow = " (lower is better)" if r["metric"] in ("wer", "cer") else ""
         cells = describe(compare(r["pretrained"], r["random init"]))
-        lines.append(f"| {r['what']} | {r['metric'].upper() if r['metric'] != 'accuracy' else 'accuracy'}{arrow} | "
-                     + " | ".join(cells) + " |")
+        name = {"accuracy": "accuracy", "top5": "top-5 accuracy"}.get(r["metric"], r["metric"].upper())
+        lines.append(f"| {r['what']} | {name}{arrow} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -1,8 +1,5 @@
-"""Image fine-tuning settings (`finetune.image.*`) and the references' recipes by name
-(`finetune.recipe=NAME`, applied before the other overrides).
-
-The defaults are the plain probe-style run (whole image resized, no mixing or smoothing, one LR):
-every technique is off until a recipe or an override turns it on. The recipes:
+"""The references' image fine-tuning recipes by name (`finetune.recipe=NAME`, applied before the other
+overrides): what each sets in `finetune.image.*` (d2v.finetune.image_config), `optim.*` and `train.*`.
 
 * vision_base_v2, vision_large_v2: data2vec 2.0 (fairseq `examples/data2vec/config/vision/
   finetuning/mae_imagenet_clean.yaml` and `mae_imagenet_large_clean.yaml`, with the defaults of
@@ -18,55 +15,21 @@ ImageNet-1k's 1,281,167 training images where the reference counts epochs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     from d2v.finetune.config import FinetuneConfig
+    from d2v.finetune.image_config import ImageFinetuneConfig
 
 IMAGENET_TRAIN = 1_281_167
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
-
-
-@dataclass(kw_only=True)
-class ImageFinetuneConfig:
-    """How an image classifier is trained and read out (image_cls)."""
-
-    layer_decay: float = 1.0
-    """LR multiplier per layer towards the input (d2v.finetune.layer_decay; 1: one LR for all)."""
-    embeddings_decay: bool = True
-    """The embeddings get the lowest LR (BEiT) or the full one (fairseq's data2vec 2.0 recipe)."""
-    drop_path: float | None = None
-    """Drop path of the last block, rising linearly from 0 (None: the pretrained model's setting)."""
-    mixup: float = 0.0
-    """Mixup Beta(a, a) parameter (0: off)."""
-    cutmix: float = 0.0
-    """CutMix Beta(a, a) parameter (0: off)."""
-    mixup_prob: float = 1.0
-    """Probability that a micro-batch is mixed at all."""
-    mixup_switch_prob: float = 0.5
-    """With both on: probability of CutMix rather than Mixup."""
-    label_smoothing: float = 0.0
-    """Share of the target spread over all classes."""
-    auto_augment: str = ""
-    """RandAugment policy ('rand-m9-mstd0.5-inc1'; '': none)."""
-    erase_prob: float = 0.0
-    """Random erasing probability (mode 'pixel', one rectangle)."""
-    train_crop: str = "resize"
-    """resize: the whole image at the model's size | random_resized: crop (area 0.08-1) + flip."""
-    crop_pct: float = 1.0
-    """Evaluation: the shorter side is resized to image_size / crop_pct, then the centre is cut."""
-    fc_norm: bool = False
-    """A fresh LayerNorm on the pooled vector (BEiT's and fairseq's fc_norm; removes a final encoder norm)."""
-    head_init_scale: float = 1.0
-    """Classifier weights start at trunc_normal(0.02) times this (BEiT's init_scale 0.001)."""
 
 
 def _train_steps(epochs: int, global_batch: int) -> int:
     return epochs * (IMAGENET_TRAIN // global_batch)
 
 
-def _common(cfg: "FinetuneConfig") -> ImageFinetuneConfig:
+def _common(cfg: "FinetuneConfig") -> "ImageFinetuneConfig":
     """What all four recipes share: timm's Mixup/CutMix, smoothing, RandAugment, erasing, crops, mean pooling."""
     im = cfg.finetune.image
     im.cutmix, im.mixup_switch_prob, im.label_smoothing = 1.0, 0.5, 0.1
@@ -84,7 +47,8 @@ def _v2(cfg: "FinetuneConfig", *, lr: float, max_steps: int, min_lr: float, laye
     im.layer_decay, im.embeddings_decay, im.drop_path = layer_decay, False, drop_path
     im.mixup, im.mixup_prob, im.head_init_scale = 0.7, 0.9, 1.0
     o = cfg.optim
-    o.lr, o.betas, o.weight_decay, o.warmup_steps, o.min_lr, o.clip_norm = lr, (0.9, 0.95), 0.05, 16_000, min_lr, clip_norm
+    o.lr, o.betas, o.weight_decay, o.min_lr, o.clip_norm = lr, (0.9, 0.95), 0.05, min_lr, clip_norm
+    o.warmup_steps = 16_000
     cfg.train.max_steps, cfg.train.micro_batch_size, cfg.train.global_batch_size = max_steps, 32, 32 * 16
 
 

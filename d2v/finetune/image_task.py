@@ -78,9 +78,10 @@ class ImageClassification(ClassificationTask):
     def check(cls, cfg: FinetuneConfig) -> list[str]:
         im, problems = cfg.finetune.image, []
         recipe = cfg.finetune.recipe
-        if recipe and recipe_version(recipe) != (2 if cfg.model.drops_masked else 1):
-            problems.append(f"finetune.recipe={recipe} is data2vec {recipe_version(recipe)}.0's recipe but the model is "
-                            f"data2vec {2 if cfg.model.drops_masked else 1}.0: pick the recipe of the model's version")
+        version = 2 if cfg.model.drops_masked else 1
+        if recipe and recipe_version(recipe) != version:
+            problems.append(f"finetune.recipe={recipe} is data2vec {recipe_version(recipe)}.0's recipe but the model "
+                            f"is data2vec {version}.0: pick the recipe of the model's version")
         if not 0 < im.layer_decay <= 1:
             problems.append("finetune.image.layer_decay must be in (0, 1] (1: no decay)")
         if im.drop_path is not None and not 0 <= im.drop_path < 1:
@@ -91,7 +92,8 @@ class ImageClassification(ClassificationTask):
         if im.mixup < 0 or im.cutmix < 0 or not 0 <= im.label_smoothing < 1:
             problems.append("finetune.image.mixup and cutmix must be >= 0, label_smoothing in [0, 1)")
         if (im.mixup > 0 or im.cutmix > 0) and cfg.train.micro_batch_size % 2:
-            problems.append("mixup/cutmix pair each image with the reversed micro-batch: make train.micro_batch_size even")
+            problems.append("mixup/cutmix pair each image with the reversed micro-batch: "
+                            "make train.micro_batch_size even")
         if im.train_crop not in TRAIN_CROPS:
             problems.append(f"finetune.image.train_crop={im.train_crop!r}: use one of {', '.join(TRAIN_CROPS)}")
         if not 0 < im.crop_pct <= 1:

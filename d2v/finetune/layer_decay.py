@@ -15,8 +15,6 @@ from typing import Any
 
 from torch import nn
 
-from d2v.train.trainer import param_group_names
-
 
 def layer_id(name: str, num_prenet: int, num_blocks: int) -> int:
     """The layer of a FinetuneModel parameter name (backbone.encoder.blocks.3.ffn.fc1.weight -> 4 + num_prenet)."""
@@ -47,6 +45,8 @@ def layer_decay_groups(model: nn.Module, *, lr: float, weight_decay: float, deca
                        embeddings_decay: bool) -> list[dict[str, Any]]:
     """Optimizer parameter groups, one per (layer, weight decay or not), each with its own LR.
     Weight decay spares 1-D parameters and the ones the model factory marked (BEiT's CLS token)."""
+    from d2v.train.trainer import param_group_names
+
     encoder = model.backbone.encoder
     npre, L = len(encoder.prenet), len(encoder.prenet) + len(encoder.blocks)
     scales = lr_scales(L, decay, embeddings_decay)

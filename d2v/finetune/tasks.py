@@ -22,7 +22,6 @@ from d2v.finetune.config import FinetuneConfig
 from d2v.finetune.ctc import CharVocab, ctc_loss, greedy_decode
 from d2v.finetune.metrics import char_errors, word_errors
 from d2v.finetune.model import FinetuneModel, FrameHead, MeanPoolHead, TaskOutput, freeze_feature_encoder
-from d2v.train.trainer import param_groups
 
 TASKS: dict[str, type["DownstreamTask"]] = {}
 """Every registered downstream task by name."""
@@ -101,6 +100,8 @@ class DownstreamTask:
 
     def param_groups(self, model: FinetuneModel, cfg: FinetuneConfig) -> list[dict]:
         """The optimizer's parameter groups (a group may carry its own lr)."""
+        from d2v.train.trainer import param_groups
+
         return param_groups(model, cfg.optim.no_decay_1d, cfg.optim.weight_decay)
 
     def begin_update(self, step: int) -> None:
@@ -277,6 +278,3 @@ class TextClassification(ClassificationTask):
 def build_task(cfg: FinetuneConfig) -> DownstreamTask:
     return task_class(cfg.task)(cfg)
 
-
-# Tasks in modules of their own register on import.
-from d2v.finetune import image_task  # noqa: E402,F401
