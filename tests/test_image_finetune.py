@@ -53,8 +53,39 @@ def test_recipe_run_keeps_layer_scales_through_the_schedule(tmp_path):
         for g in groups:
             assert g["lr"] == pytest.approx(peak * scales[g["layer"]])
     assert {g["layer"] for g in groups} == set(range(6))
+    # a training batch is a function of (seed, update step, indices): a resumed run sees the same one
+    batches = []
+    for step in (7, 7, 8):
+        run.task.begin_update(step)
+        batches.append(run.task.batch("train", [0, 1, 2, 3]))
+    assert torch.equal(batches[0].source, batches[1].source)
+    assert torch.equal(batches[0].soft_targets, batches[1].soft_targets)
+    assert not torch.equal(batches[0].source, batches[2].source)
     result = run.train()  # the rest of the updates, every technique on: dark and light patches still separate
     assert result["steps"] == 24 and result["metrics"] == {"accuracy": 1.0, "top5": 1.0}
+    run.close()
+
+
+def test_data2vec_2_recipe_leaves_the_embeddings_at_the_full_rate(tmp_path):
+    from d2v.config import load_template
+    from d2v.finetune.resolve import resolve_finetune
+    from d2v.finetune.runner import FinetuneRun
+
+    train, val = _tree(str(tmp_path / "img"))
+    cfg, _ = resolve_finetune("image_cls", preset="image_tiny_v2", overrides=[
+        "finetune.recipe=vision_base_v2", f"finetune.train_data={train}", f"finetune.eval_data={val}",
+        f"train.out_dir={tmp_path / 'run'}", "train.micro_batch_size=4", "train.global_batch_size=null",
+        "train.max_steps=4", "optim.warmup_steps=1"])
+    torch.set_num_threads(2)
+    run = FinetuneRun(cfg, load_template(os.path.join(ROOT, "ds_configs", "cpu.json")), random_init=True)
+    run.train_step([0, 1, 2, 3])
+    lr = {g["layer"]: g["lr"] for g in run.engine.optimizer.param_groups}  # layer 0: embeddings, 1: the prenet
+    peak = run.scheduler.get_last_lr()[0]
+    assert lr[0] == pytest.approx(peak) and lr[1] == pytest.approx(peak * 0.65 ** 4) and lr[5] == pytest.approx(peak)
+    assert [b.drop_path for b in run.model.backbone.encoder.prenet] == [0.0]
+    assert run.model.backbone.encoder.blocks[-1].drop_path == pytest.approx(0.1)
+    result = run.train()
+    assert result["steps"] == 4 and 0.0 <= result["metrics"]["accuracy"] <= result["metrics"]["top5"] == 1.0
     run.close()
 
 
