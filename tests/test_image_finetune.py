@@ -104,7 +104,7 @@ def test_two_rank_recipe_fine_tuning_on_the_digits(tmp_path):
            os.path.join(ROOT, "launchers", "finetune.py"),
            "--ds_config", os.path.join(ROOT, "ds_configs", "cpu.json"), "--task", "image_cls", "--preset", "image_tiny",
            "--train-data", str(tmp_path / "digits" / "train"), "--eval-data", str(tmp_path / "digits" / "val"),
-           "--out", str(tmp_path / "run"), "finetune.recipe=vision_base_v1", "train.micro_batch_size=16",
+           "--out", str(tmp_path / "run"), "--recipe", "vision_base_v1", "train.micro_batch_size=16",
            "train.global_batch_size=32", "train.max_steps=90", "optim.warmup_steps=9", "optim.lr=2e-3",
            "train.log_every=30", "finetune.eval_batch_size=64"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)

@@ -6,6 +6,7 @@ classification, on the same config system and DeepSpeed launcher as pretraining.
       --eval-data 'demo_data/asr/shards/val-{000000..000001}.tar' --out runs/ft-asr train.max_steps=300
 
   ... --task image_cls --train-data demo_data/digits/train --eval-data demo_data/digits/val
+      [--recipe vision_base_v2: data2vec 2.0's ImageNet recipe; README, fine-tuning]
   ... --task text_cls --train-data demo_data/text_cls/train.tsv --eval-data demo_data/text_cls/test.tsv
 
 --init takes a d2v checkpoint (run dir, checkpoints dir or tag), an export directory (`python -m
@@ -37,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="; ".join(f"{n}: {c.data_help}" for n, c in sorted(TASKS.items())))
     ap.add_argument("--eval-data", default=None, help="held-out data in the same form")
     ap.add_argument("--tokenizer", default=None, help="text_cls: tokenizer file (default: the pretraining one)")
+    ap.add_argument("--recipe", default=None, help="a reference recipe of the task (finetune.recipe; image_cls: "
+                                                   "vision_{base,large}_v{1,2}); other overrides win over it")
     ap.add_argument("--out", default=None, help="run directory (default runs/finetune-TASK)")
     ap.add_argument("--resume", default="none", help="auto | none | a checkpoint tag (step_00001000)")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
@@ -60,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = []
     for key, value in (("finetune.train_data", args.train_data), ("finetune.eval_data", args.eval_data),
-                       ("finetune.tokenizer", args.tokenizer), ("train.out_dir", args.out)):
+                       ("finetune.tokenizer", args.tokenizer), ("finetune.recipe", args.recipe),
+                       ("train.out_dir", args.out)):
         if value:
             overrides.append(f"{key}={value}")
     from d2v.train.launch import STARTUP_ERRORS, report_startup_error
