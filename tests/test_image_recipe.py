@@ -260,3 +260,18 @@ def test_recipe_errors_and_overrides_after_the_recipe():
     with pytest.raises(ValueError, match="task text_cls has no recipes"):
         resolve_finetune("text_cls", preset="text_tiny", overrides=["finetune.recipe=vision_base_v1", *data,
                                                                     "finetune.tokenizer=t"])
+
+
+def test_image_folder_source_decodes_per_batch_and_names_a_broken_file(tmp_path):
+    from d2v.data.image_finetune import ImageFolderSource
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        Image.new("RGB", (20, 10), (10, 20, 30) if cls == "a" else (200, 100, 0)).save(tmp_path / cls / "0.png")
+    (tmp_path / "b" / "1.png").write_bytes(b"not an image")
+    src = ImageFolderSource(str(tmp_path))  # lists only: nothing is decoded yet
+    assert (len(src), src.classes, src.labels.tolist()) == (3, ["a", "b"], [0, 1, 1])
+    x = src.eval_batch([0, 1], EvalTransform(8, (0.0,) * 3, (1.0,) * 3, crop_pct=1.0))
+    assert x.shape == (2, 3, 8, 8) and torch.allclose(x[0, :, 4, 4], torch.tensor([10, 20, 30]) / 255.0)
+    with pytest.raises(ValueError, match=r"b/1.png: unreadable image"):
+        src.eval_batch([2], EvalTransform(8, (0.0,) * 3, (1.0,) * 3))
