@@ -275,3 +275,19 @@ def test_image_folder_source_decodes_per_batch_and_names_a_broken_file(tmp_path)
     assert x.shape == (2, 3, 8, 8) and torch.allclose(x[0, :, 4, 4], torch.tensor([10, 20, 30]) / 255.0)
     with pytest.raises(ValueError, match=r"b/1.png: unreadable image"):
         src.eval_batch([2], EvalTransform(8, (0.0,) * 3, (1.0,) * 3))
+
+
+def test_make_eval_reports_top5_and_keeps_older_results_without_it(tmp_path):
+    from d2v.finetune import evaluate as ev
+
+    run = lambda acc, top5=None: {"metrics": {"accuracy": acc, **({"top5": top5} if top5 is not None else {})}}
+    rec = {"pretrained": [run(0.8, 0.99), run(0.82, 1.0)], "random init": [run(0.5, 0.9), run(0.52, 0.92)],
+           "probe": {"pretrained": [0.7], "random init": [0.3]}}
+    results = {"tasks": {"image_cls": rec}}
+    ev.write_results(results, str(tmp_path), 2)
+    got = {(r["what"], r["metric"]): r for r in results["rows"]}
+    assert got[("digits (fine-tuning)", "top5")]["random init"] == [0.9, 0.92]
+    assert "top-5 accuracy" in (tmp_path / "results.md").read_text()
+    old = {"tasks": {"image_cls": {**rec, "pretrained": [run(0.8)], "random init": [run(0.5)]}}}
+    ev.write_results(old, str(tmp_path), 2)  # a results.json from before top-5 was measured
+    assert [r["metric"] for r in old["rows"]] == ["accuracy", "accuracy"]

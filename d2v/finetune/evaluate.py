@@ -195,6 +195,9 @@ def write_results(results: dict[str, Any], out: str, ranks: int) -> None:
         if pipeline == "probe":
             values = rec["probe"]
         else:
+            runs = [r for k in ("pretrained", "random init") for r in rec[k]]
+            if any(metric not in r["metrics"] for r in runs):
+                continue  # kept from a run of an older d2v that did not measure it (top-5)
             values = {k: [r["metrics"][metric] for r in rec[k]] for k in ("pretrained", "random init")}
         rows.append({"task": task, "what": what, "metric": metric, **values})
     results["rows"] = rows
