@@ -63,7 +63,6 @@ def test_recipe_run_keeps_layer_scales_through_the_schedule(tmp_path):
     assert not torch.equal(batches[0].source, batches[2].source)
     result = run.train()  # the rest of the updates, every technique on: dark and light patches still separate
     assert result["steps"] == 24 and result["metrics"] == {"accuracy": 1.0, "top5": 1.0}
-    run.close()
 
 
 def test_data2vec_2_recipe_leaves_the_embeddings_at_the_full_rate(tmp_path):
@@ -86,7 +85,6 @@ def test_data2vec_2_recipe_leaves_the_embeddings_at_the_full_rate(tmp_path):
     assert run.model.backbone.encoder.blocks[-1].drop_path == pytest.approx(0.1)
     result = run.train()
     assert result["steps"] == 4 and 0.0 <= result["metrics"]["accuracy"] <= result["metrics"]["top5"] == 1.0
-    run.close()
 
 
 def test_two_rank_recipe_fine_tuning_on_the_digits(tmp_path):
