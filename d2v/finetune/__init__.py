@@ -4,4 +4,4 @@ pretrained-versus-random evaluation behind `make eval`.
 """
 
 # Tasks in modules of their own register on import (d2v.finetune.tasks.TASKS).
-from d2v.finetune import asr, glue  # noqa: E402,F401
+from d2v.finetune import asr, glue, image_task  # noqa: E402,F401

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from d2v.config.overrides import from_dict
 from d2v.config.schema import D2vConfig, ModelConfig, OptimConfig, TrainConfig
+from d2v.finetune.image_config import ImageFinetuneConfig
 
 
 @dataclass(kw_only=True)
@@ -84,6 +85,8 @@ class TaskConfig:
     """asr: decoding at evaluation."""
     glue_task: str = ""
     """glue: the GLUE task (cola | sst_2 | mrpc | qqp | sts_b | mnli | qnli | rte; set by the glue_* recipes)."""
+    image: ImageFinetuneConfig = field(default_factory=ImageFinetuneConfig)
+    """image_cls: augmentation, mixing, layer-wise LR decay, drop path, pooling."""
 
 
 @dataclass(kw_only=True)

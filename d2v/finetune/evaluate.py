@@ -112,6 +112,7 @@ ROWS = (  # (task, metric, what, pipeline)
     ("asr", "cer_lm", "speech recognition, held-out voices (CTC fine-tuning, demo 4-gram LM beam search)", "finetune"),
     ("image_cls", "accuracy", "digits (linear probe)", "probe"),
     ("image_cls", "accuracy", "digits (fine-tuning)", "finetune"),
+    ("image_cls", "top5", "digits (fine-tuning)", "finetune"),
     ("text_cls", "accuracy", "docstring topics (linear probe)", "probe"),
     ("text_cls", "accuracy", "docstring topics (fine-tuning)", "finetune"),
     ("glue", "accuracy", "docstring pairs, GLUE RTE layout (fine-tuning)", "finetune"),
@@ -126,8 +127,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         metric = r["metric"].split("_")[0]  # wer_lm: a WER (of LM decoding)
         arrow = " (lower is better)" if metric in ("wer", "cer") else ""
         cells = describe(compare(r["pretrained"], r["random init"]))
-        lines.append(f"| {r['what']} | {metric.upper() if metric != 'accuracy' else 'accuracy'}{arrow} | "
-                     + " | ".join(cells) + " |")
+        name = {"accuracy": "accuracy", "top5": "top-5 accuracy"}.get(metric, metric.upper())
+        lines.append(f"| {r['what']} | {name}{arrow} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -212,6 +213,9 @@ def write_results(results: dict[str, Any], out: str, ranks: int) -> None:
         if pipeline == "probe":
             values = rec["probe"]
         else:
+            runs = [r for k in ("pretrained", "random init") for r in rec[k]]
+            if any(metric not in r["metrics"] for r in runs):
+                continue  # kept from a run of an older d2v that did not measure it (top-5)
             values = {k: [r["metrics"][metric] for r in rec[k]] for k in ("pretrained", "random init")}
         rows.append({"task": task, "what": what, "metric": metric, **values})
     results["rows"] = rows

@@ -25,7 +25,7 @@ from d2v.train.checkpoint import atomic_write_text
 from d2v.train.engine import start_engine
 from d2v.train.guarded_update import GuardedCounts, GuardedUpdate
 from d2v.train.loop import UpdateLoop, with_universal_load
-from d2v.train.trainer import DTYPES, StepMetrics, param_groups
+from d2v.train.trainer import DTYPES, StepMetrics
 
 
 def rank_batches(n: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -112,6 +112,7 @@ class FinetuneStepper(GuardedCounts):
         self.model.freeze_backbone = self.step < self.cfg.finetune.freeze_encoder_steps
         self.model.step_seed = layer_seed(self.cfg.train.seed, self.step)  # LayerDrop as pretraining draws it
         lr = float(self.scheduler.get_last_lr()[0])
+        self.task.begin_update(self.step)
 
         def micro_step(i: int, indices: list[int]):
             batch = self.task.batch("train", indices)
@@ -157,7 +158,7 @@ class FinetuneRun(UpdateLoop):
                               masking=self.task.feature_masking(cfg))
         self.task.prepare_model(model, cfg)
         parts = start_engine(model, cfg, ds_template, self.world_size,
-                             param_groups(model, cfg.optim.no_decay_1d, cfg.optim.weight_decay))
+                             self.task.param_groups(model, cfg))
         self.engine, self.scheduler, self.ds_config = parts.engine, parts.scheduler, parts.ds_config
         self.model: FinetuneModel = self.engine.module
         self.stepper = FinetuneStepper(self.engine, self.scheduler, self.task, cfg, self.device)

@@ -104,6 +104,15 @@ class DownstreamTask:
         """The task's head: (B×T×D encoder outputs, B×T padding mask or None) -> logits."""
         return MeanPoolHead(embed_dim, self.num_outputs)
 
+    def param_groups(self, model: FinetuneModel, cfg: FinetuneConfig) -> list[dict]:
+        """The optimizer's parameter groups (a group may carry its own lr)."""
+        from d2v.train.trainer import param_groups
+
+        return param_groups(model, cfg.optim.no_decay_1d, cfg.optim.weight_decay)
+
+    def begin_update(self, step: int) -> None:
+        """Called before the batches of each update with its step (0-based): seeds per-update randomness."""
+
     def prepare_model(self, model: FinetuneModel, cfg: FinetuneConfig) -> None:
         """Changes to the model before the engine is built (freezing parts)."""
 
@@ -154,26 +163,6 @@ class ClassificationTask(DownstreamTask):
     @staticmethod
     def summarize(sums: dict[str, float]) -> dict[str, float]:
         return {"accuracy": sums["correct"] / max(sums["examples"], 1)}
-
-
-@register
-class ImageClassification(ClassificationTask):
-    name = "image_cls"
-    modality = "image"
-    data_help = "ImageFolder root"
-
-    @classmethod
-    def defaults(cls, optim: OptimConfig, train: TrainConfig) -> None:
-        optim.lr, optim.weight_decay, optim.no_decay_1d = 1e-3, 0.05, True
-        train.micro_batch_size = 32
-
-    def __init__(self, cfg: FinetuneConfig) -> None:
-        from d2v.data.imagefolder import read_imagefolder
-
-        im = cfg.model.image
-        train_x, train_y, names = read_imagefolder(cfg.finetune.train_data, im.image_size, im.mean, im.std)
-        eval_x, eval_y, _ = read_imagefolder(cfg.finetune.eval_data, im.image_size, im.mean, im.std, classes=names)
-        self._hold({"train": train_x, "eval": eval_x}, {"train": train_y, "eval": eval_y}, names, torch.stack)
 
 
 @register

@@ -10,6 +10,7 @@ classification, on the same config system and DeepSpeed launcher as pretraining.
       finetune.decode.lm=4-gram.arpa    (Libri-light and LibriSpeech from `python -m d2v.data.prepare asr`)
 
   ... --task image_cls --train-data demo_data/digits/train --eval-data demo_data/digits/val
+      [--recipe vision_base_v2: data2vec 2.0's ImageNet recipe; README, fine-tuning]
   ... --task text_cls --train-data demo_data/text_cls/train.tsv --eval-data demo_data/text_cls/test.tsv
   ... --task glue --recipe glue_rte --train-data glue_data/RTE --eval-data glue_data/RTE   (GLUE's TSV layout)
 
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = []
     for key, value in (("finetune.train_data", args.train_data), ("finetune.eval_data", args.eval_data),
-                       ("finetune.tokenizer", args.tokenizer), ("train.out_dir", args.out)):
+                       ("finetune.tokenizer", args.tokenizer), ("finetune.recipe", args.recipe),
+                       ("train.out_dir", args.out)):
         if value:
             overrides.append(f"{key}={value}")
     from d2v.train.launch import STARTUP_ERRORS, report_startup_error

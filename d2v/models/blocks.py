@@ -1,8 +1,10 @@
 """Transformer blocks that also return their FFN output, the data2vec target tap (docs/method.md §3.1).
 
-Post-LN (audio, text, all of 2.0):  h = LN1(x + drop(attn(x)));  f = fc2(act(fc1(h)));  out = LN2(h + drop(f))
+Post-LN (audio, text, all of 2.0):  h = LN1(x + dp(drop(attn(x))));  f = fc2(act(fc1(h)));  out = LN2(h + dp(drop(f)))
 Pre-LN (vision 1.0, BEiT):          h = x + dp(λ1·attn(LN1(x)));  f = fc2(act(fc1(LN2(h))));  out = h + dp(λ2·f)
-`f` is taken before dropout, residual and the post-LN, as the reference does.
+`f` is taken before dropout, residual and the post-LN, as the reference does. dp is drop path (stochastic
+depth, per sample): 0 in pretraining except vision 1.0; image fine-tuning sets it per block (fairseq's
+2.0 AltBlock applies it to both residual branches of the post-LN block too).
 """
 from __future__ import annotations
 
@@ -84,6 +86,7 @@ class TransformerBlock(nn.Module):
             if self.layer_scale_2 is not None:
                 g = self.layer_scale_2(g)
             return BlockOutput(h + drop_path(g, self.drop_path, self.training), f)
-        h = self.attention_norm(x + self.dropout(self.attention(x, padding_mask, bias)))
+        a = self.dropout(self.attention(x, padding_mask, bias))
+        h = self.attention_norm(x + drop_path(a, self.drop_path, self.training))
         f = self.ffn(h)
-        return BlockOutput(self.ffn_norm(h + self.dropout(f)), f)
+        return BlockOutput(self.ffn_norm(h + drop_path(self.dropout(f), self.drop_path, self.training)), f)
