@@ -16,6 +16,7 @@ import torch
 
 pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
+from word_tokenizer import word_tokenizer  # noqa: E402
 
 PRESETS = ["audio_tiny_v2", "image_tiny_v2", "text_tiny_v2"]
 # 0 where the modelling file repeats d2v's operations in order (audio, image). Text loads into
@@ -49,19 +50,6 @@ for job in json.load(open(sys.argv[1])):
 leaked = sorted(m for m in sys.modules if m.startswith("d2v") and sys.modules[m] is not None)
 assert not leaked, leaked
 '''
-
-
-def _word_tokenizer(path, vocab_size):
-    """A tokenizers JSON with RoBERTa's special ids and <mask> last (what d2v's Tokenizer accepts)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    vocab.update({f"w{i}": i for i in range(4, vocab_size - 1)})
-    vocab["<mask>"] = vocab_size - 1
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(path))
-    return str(path)
 
 
 def _model(preset, seed=0):
@@ -158,7 +146,7 @@ def exports(tmp_path_factory):
         cfg, model = _model(preset)
         tok = None
         if cfg.model.modality == "text":
-            tok = _word_tokenizer(root / "tok.json", cfg.model.text.vocab_size)
+            tok = word_tokenizer(root / "tok.json", cfg.model.text.vocab_size)
         state = Teacher(model, cfg.teacher).export_state()
         state = {k: v + 0.1 * torch.randn_like(v) for k, v in state.items()}  # an EMA that moved away
         teacher_net = build_model(cfg).eval()  # the student's network with the teacher's weights where it has them

@@ -10,6 +10,8 @@ import os
 import pytest
 import torch
 
+from word_tokenizer import word_tokenizer
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,19 +31,6 @@ def _model(preset, seed=0):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return cfg, model.eval()
-
-
-def _word_tokenizer(path, vocab_size):
-    """A tokenizers JSON with RoBERTa's special ids and <mask> last (what d2v's Tokenizer accepts)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    vocab.update({f"w{i}": i for i in range(4, vocab_size - 1)})
-    vocab["<mask>"] = vocab_size - 1
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(path))
-    return str(path)
 
 
 def _inputs(cfg):
@@ -94,7 +83,7 @@ def test_hf_export_loads_cleanly_and_matches_d2v(preset, tmp_path):
     from d2v.interop import write_hf
 
     cfg, model = _model(preset)
-    tok = _word_tokenizer(tmp_path / "tok.json", cfg.model.text.vocab_size) if cfg.model.modality == "text" else None
+    tok = word_tokenizer(tmp_path / "tok.json", cfg.model.text.vocab_size) if cfg.model.modality == "text" else None
     out = str(tmp_path / "hf")
     write_hf(out, cfg, model.state_dict(), tokenizer=tok)
     x, lengths = _inputs(cfg)
@@ -157,7 +146,7 @@ def test_hf_export_of_the_teacher(preset, tmp_path):
     teacher = Teacher(model, cfg.teacher)
     state = teacher.export_state()
     state = {k: v + 0.1 * torch.randn_like(v) for k, v in state.items()}  # an EMA that moved away
-    tok = _word_tokenizer(tmp_path / "tok.json", cfg.model.text.vocab_size) if cfg.model.modality == "text" else None
+    tok = word_tokenizer(tmp_path / "tok.json", cfg.model.text.vocab_size) if cfg.model.modality == "text" else None
     out = str(tmp_path / "hf")
     meta = write_hf(out, cfg, model.state_dict(), teacher=state, tokenizer=tok)
     assert meta["weights"] == "teacher"
