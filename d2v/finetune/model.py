@@ -86,8 +86,9 @@ class FinetuneModel(nn.Module):
         """Seeded by the update and the rank (each rank masks its own batch differently)."""
         if self.step_seed is None:
             return torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        return torch.Generator().manual_seed(self.step_seed * 4099 + rank)
+        from d2v import collectives
+
+        return torch.Generator().manual_seed(self.step_seed * 4099 + collectives.rank())
 
     def forward(self, source: Tensor, source_lengths: Tensor | None = None) -> TaskOutput:
         frozen = self.freeze_backbone and self.training
