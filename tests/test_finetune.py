@@ -308,6 +308,10 @@ def test_fine_tuning_runs_on_the_pretraining_loop_resume_preemption_and_nan_skip
     run.task.loss = lambda out, batch: real(out, batch) * float("nan")
     assert np.isnan(run.train_step([0, 1, 2, 3]))
     assert run.step == 0 and run.stepper.skipped_steps == 1
+    from d2v.finetune.unit import DownstreamUnit
+    from d2v.train.stepper import Stepper
+
+    assert isinstance(run.stepper, Stepper) and isinstance(run.stepper.unit, DownstreamUnit)
     assert all(torch.equal(a, b) for a, b in zip(weights, run.model.parameters()))
     run.task.loss = real
     run.preemption.requested = True  # as the signal handler leaves it

@@ -186,3 +186,30 @@ def test_only_the_config_layer_reads_the_version_switch():
                     and node.value.attr == "v2"):
                 reads.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
     assert not reads, "model.v2.enabled read outside d2v/config:\n" + "\n".join(reads)
+
+
+def _optimizer_steps(path: str) -> list[str]:
+    """Where a file builds a guarded update or steps a DeepSpeed engine (`<...>.engine.step()`,
+    `engine.step()`)."""
+    found = []
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        engine_step = (isinstance(f, ast.Attribute) and f.attr == "step" and
+                       ((isinstance(f.value, ast.Attribute) and f.value.attr == "engine") or
+                        (isinstance(f.value, ast.Name) and f.value.id == "engine")))
+        guarded = isinstance(f, ast.Name) and f.id == "GuardedUpdate"
+        if engine_step or guarded:
+            found.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
+    return found
+
+
+def test_one_trainer_steps_every_job():
+    """Pretraining and every downstream task are units of one trainer (d2v.train.stepper): no
+    other module builds a guarded update or steps the engine, so every job gets the same skip,
+    stop and accumulation rules."""
+    owners = {"d2v.train.stepper", "d2v.train.guarded_update"}
+    steps = [hit for name, path in _modules().items() if name not in owners for hit in _optimizer_steps(path)]
+    assert not steps, "optimizer steps outside the one trainer:\n" + "\n".join(steps)
+    assert _optimizer_steps(_modules()["d2v.train.stepper"])  # the reader sees the trainer's own step

@@ -325,7 +325,7 @@ def test_a_shard_two_ranks_find_damaged_is_counted_once(monkeypatch):
     per-shard flags are summed in the window's one collective (a peer rank simulated here)."""
     from d2v import collectives
     from d2v.train.loop import UpdateLoop
-    from d2v.train.trainer import StepMetrics
+    from d2v.train.stepper import StepMetrics
 
     peer = {"counters": [3.0], "damaged": [1.0, 0.0, 1.0, 0.0]}  # the other rank met shards 0 and 2
 

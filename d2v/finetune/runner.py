@@ -1,4 +1,5 @@
-"""Fine-tuning on a DeepSpeed engine (1 or more ranks; ZeRO 0-2), run by the same update loop as
+"""Fine-tuning on a DeepSpeed engine (1 or more ranks; ZeRO 0-2): the downstream task is a unit
+(d2v.finetune.unit) of the one trainer (d2v.train.stepper), run by the same update loop as
 pretraining (d2v.train.loop): NaN/inf windows skipped on every rank, preemption to a checkpoint
 and exit 75, atomic checkpoints with `--resume auto`, the same metrics sink. What is particular to
 fine-tuning: data-parallel batches from an in-memory task, an optional head-only warm-up,
@@ -18,14 +19,14 @@ from d2v.config import to_dict
 from d2v.config.deepspeed_json import zero_stage
 from d2v.finetune.config import FinetuneConfig
 from d2v.finetune.model import FinetuneModel, load_backbone
-from d2v.finetune.tasks import FtBatch, build_task
-from d2v.task import layer_seed
+from d2v.finetune.tasks import build_task
+from d2v.finetune.unit import DownstreamUnit
 from d2v.train import distributed
 from d2v.train.checkpoint import atomic_write_text
 from d2v.train.engine import start_engine
-from d2v.train.guarded_update import GuardedCounts, GuardedUpdate
 from d2v.train.loop import UpdateLoop, with_universal_load
-from d2v.train.trainer import DTYPES, StepMetrics
+from d2v.train.stepper import Stepper
+from d2v.train.trainer import DTYPES
 
 
 def rank_batches(n: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -86,48 +87,6 @@ class TaskStream:
         return {}
 
 
-class FinetuneStepper(GuardedCounts):
-    """One guarded update over micro-batches of task indices."""
-
-    teacher = None  # checkpoints hold the engine only
-
-    def __init__(self, engine, scheduler, task, cfg: FinetuneConfig, device: torch.device) -> None:
-        self.engine, self.scheduler, self.task, self.cfg, self.device = engine, scheduler, task, cfg, device
-        self.model: FinetuneModel = engine.module
-        self.dtype = DTYPES[cfg.train.precision]
-        self.step = 0
-        self.stop_agreed = False
-        self.update = GuardedUpdate(engine, self.model, cfg.train.grad_accum, device)
-
-    def forward(self, batch: FtBatch):
-        source = batch.source.to(self.device)
-        if source.is_floating_point():
-            source = source.to(self.dtype)
-        lengths = batch.source_lengths.to(self.device) if batch.source_lengths is not None else None
-        return self.engine(source, lengths)
-
-    def train_step(self, micro: list[list[int]], *, stop_requested: bool = False) -> StepMetrics:
-        t0 = time.perf_counter()
-        self.model.train()
-        self.model.freeze_backbone = self.step < self.cfg.finetune.freeze_encoder_steps
-        self.model.step_seed = layer_seed(self.cfg.train.seed, self.step)  # LayerDrop as pretraining draws it
-        lr = float(self.scheduler.get_last_lr()[0])
-        self.task.begin_update(self.step)
-
-        def micro_step(i: int, indices: list[int]):
-            batch = self.task.batch("train", indices)
-            return self.task.loss(self.forward(batch), batch), {}
-
-        window = self.update.window(micro, micro_step, stop_requested=stop_requested)
-        self.stop_agreed = window.decision.stop
-        if window.decision.outcome != "update":
-            return StepMetrics(self.step, float("nan"), {**self.update.skip(window.decision), "lr": lr})
-        self.engine.step()
-        self.step += 1
-        return StepMetrics(self.step, window.loss, {"lr": lr, "samples": float(sum(len(i) for i in micro)),
-                                                    "step_time": time.perf_counter() - t0})
-
-
 class FinetuneRun(UpdateLoop):
     validate_at_end = False  # train() evaluates once after the last update
 
@@ -161,7 +120,8 @@ class FinetuneRun(UpdateLoop):
                              self.task.param_groups(model, cfg))
         self.engine, self.scheduler, self.ds_config = parts.engine, parts.scheduler, parts.ds_config
         self.model: FinetuneModel = self.engine.module
-        self.stepper = FinetuneStepper(self.engine, self.scheduler, self.task, cfg, self.device)
+        self.unit = DownstreamUnit(self.task, self.engine, cfg, self.device, DTYPES[cfg.train.precision])
+        self.stepper = Stepper(self.engine, self.scheduler, self.unit, self.model, cfg.train.grad_accum, self.device)
         self.stream = TaskStream(self.task.size("train"), cfg.train.micro_batch_size, self.rank, self.world_size,
                                  cfg.train.seed, plan=self.task.epoch_plan(cfg, self.rank, self.world_size))
         self.val_every = cfg.finetune.eval_every
@@ -207,12 +167,11 @@ class FinetuneRun(UpdateLoop):
         mine = list(range(self.rank, self.task.size("eval"), self.world_size))
         bs = self.cfg.finetune.eval_batch_size
         # Every rank reduces the same keys, also one left without evaluation examples.
-        sums = {k: 0.0 for k in self.task.score_keys}
+        sums = dict.fromkeys(self.unit.score_keys, 0.0)
         for start in range(0, len(mine), bs):
-            batch = self.task.batch("eval", mine[start:start + bs])
-            for k, v in self.task.score(self.stepper.forward(batch), batch).items():
+            for k, v in self.unit.eval_sums(mine[start:start + bs]).items():
                 sums[k] += v
-        return self.task.summarize(_sum(sums))
+        return self.unit.summarize(_sum(sums))
 
     def train(self, max_steps: int | None = None) -> dict[str, Any]:
         cfg = self.cfg

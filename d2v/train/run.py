@@ -112,10 +112,11 @@ class Run(UpdateLoop):
     def validate(self) -> dict[str, float] | None:
         if self.val_stream is None:
             return None
-        stream = self.val_stream
-        task, trainer = self.trainer.task, self.trainer
+        stream, trainer = self.val_stream, self.trainer
+        unit = trainer.unit
         trainer.student.eval()
-        total, count = torch.zeros((), dtype=torch.float64, device=trainer.device), 0.0
+        # Every rank reduces the same keys, also one whose share of the held-out set is empty.
+        sums: dict[str, float | torch.Tensor] = dict.fromkeys(unit.score_keys, 0.0)
         stopped = False
         for batch in stream:
             # A stop request is agreed between batches (every rank runs the same forward passes):
@@ -123,26 +124,26 @@ class Run(UpdateLoop):
             if collectives.any_rank(self.preemption.requested):
                 stopped = True
                 break
-            out = task(trainer.stage(batch), step=trainer.step)
-            total += out.metrics["loss_sum"].double()
-            count += out.metrics["loss_count"]
+            for k, v in unit.eval_sums(batch, trainer.step).items():
+                sums[k] = sums[k] + v
         trainer.student.train()
         if stopped:
             self.sink.message(f"step {trainer.step}: validation stopped early for the stop request")
             return None
         stats = getattr(stream, "stats", {})
         keys = ("corrupt", "missing", "filler_batches")
-        total, count, *lost = collectives.all_reduce_values([float(total), count] + [stats.get(k, 0) for k in keys])
-        lost = dict(zip(("corrupt_samples", "missing_samples", "filler_batches"), lost))
-        if count == 0:
+        names = sorted(sums)
+        summed = collectives.all_reduce_values([float(sums[k]) for k in names] + [stats.get(k, 0) for k in keys])
+        totals = dict(zip(names, summed))
+        lost = dict(zip(("corrupt_samples", "missing_samples", "filler_batches"), summed[len(names):]))
+        if not totals.get("loss_count"):
             from d2v.train.loop import NoDataError
 
             raise NoDataError(f"validation at step {trainer.step} found no readable sample in "
                               f"{self.cfg.data.val_shards} ({ {k: int(v) for k, v in lost.items() if v} }): a loss "
                               f"of nothing is no result; check the validation shards (the log names each damaged "
                               f"shard) or re-run prepare")
-        return {"loss": total / count, "targets": count,
-                "samples_left_out": float(getattr(stream, "left_out", 0)), **lost}
+        return {**unit.summarize(totals), "samples_left_out": float(getattr(stream, "left_out", 0)), **lost}
 
     # -- what the loop asks of this job ---------------------------------------------------------
     def log_values(self, step: int, m, totals: dict[str, float], elapsed: float) -> dict[str, float]:

@@ -1,12 +1,12 @@
-"""The engine loop: backward, optimizer step, EMA update, metrics.
+"""Pretraining on the one trainer (d2v.train.stepper): the engine, the teacher and the data2vec
+task of a run, and the pretraining unit the stepper runs (staging, step, EMA, evaluation sums).
 
 Everything a batch computes lives in `d2v.task`; checkpoints, logging sinks and the data
 pipeline are composed around this class by the launcher.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ from d2v.task import Data2VecTask
 from d2v.teacher import Teacher
 from d2v import collectives
 from d2v.train import distributed, host_sync
-from d2v.train.guarded_update import GuardedCounts, GuardedUpdate
+from d2v.train.stepper import Stepper
 from d2v.train.attention_plan import plan_for_run
 from d2v.train.engine import start_engine
 from d2v.train.throughput_log import StepFlops
@@ -47,13 +47,6 @@ def param_groups(model: torch.nn.Module, no_decay_1d: bool, weight_decay: float)
     return [{"params": [params[n] for n in names], "weight_decay": decays[i]} for i, names in enumerate(groups)]
 
 
-@dataclass
-class StepMetrics:
-    step: int
-    loss: float
-    values: dict[str, float] = field(default_factory=dict)
-
-
 def host_padding(batch: Batch, frontend: torch.nn.Module) -> Batch:
     """The frame-level padding mask of a waveform batch that gives lengths but no mask."""
     num_frames = getattr(frontend, "num_frames", None)
@@ -73,49 +66,21 @@ def compile_blocks(encoder: torch.nn.Module) -> None:
         block.forward = torch.compile(block.forward)
 
 
-class Trainer(GuardedCounts):
-    """Owns the DeepSpeed engine, the teacher and the task for one run."""
+class PretrainingUnit:
+    """The data2vec task as a unit of the one trainer (d2v.train.stepper): its micro-batch is a
+    `Batch` of the pretraining stream, its step the student against the teacher's targets, its
+    work after an update the EMA, its evaluation the regression loss summed over targets."""
 
-    def __init__(self, cfg: D2vConfig, ds_template: dict[str, Any], *, student: Data2Vec | None = None) -> None:
-        self.cfg = cfg
-        self.rank, self.world_size = distributed.init_distributed()
-        self.device = distributed.device()
-        distributed.set_cpu_threads(cfg.train.threads)
-        torch.manual_seed(cfg.train.seed)
-        student = student if student is not None else build_model(cfg)
-        student.encoder.checkpoint_blocks = cfg.train.activation_checkpointing
-        if cfg.train.precision == "fp16":
-            from deepspeed.accelerator import get_accelerator
+    score_keys = ("loss_count", "loss_sum")
 
-            if not get_accelerator().is_fp16_supported():
-                raise ValueError("train.precision=fp16 is not supported by DeepSpeed on this device (its CPU "
-                                 "accelerator runs bf16 and fp32 only); use train.precision=bf16")
-        # The teacher is copied from the fp32 student before DeepSpeed casts or partitions it.
-        self.teacher = Teacher(student, cfg.teacher).place(self.device)
-        parts = start_engine(student, cfg, ds_template, self.world_size,
-                             param_groups(student, cfg.optim.no_decay_1d, cfg.optim.weight_decay))
-        self.engine, self.optimizer, self.scheduler = parts.engine, parts.optimizer, parts.scheduler
-        self.ds_config, self.zero_stage, self.optimizer_name = parts.ds_config, parts.zero_stage, parts.optimizer_name
-        self.student: Data2Vec = self.engine.module
-        if self.zero_stage == 3:
-            self.teacher.attach_zero3(self.student, self.ds_config)
-        else:
-            self.teacher.bind(self.student)
-        if cfg.train.compile:
-            if self.zero_stage == 3:
-                raise ValueError("train.compile=true does not work with ZeRO stage 3 (its hooks gather and release "
-                                 "parameters around each block); use stage 1 or 2, or train.compile=false")
-            compile_blocks(self.student.encoder)
-            compile_blocks(self.teacher.model.encoder)
-        self.dtype = DTYPES[cfg.train.precision]
-        # every rank, before the first step: outside activation checkpointing and compile
-        self.attention_plan = plan_for_run(cfg, self.device, self.dtype)
-        self.task = Data2VecTask(self.student, self.teacher, cfg, normalizer=collectives.count_normalizer(),
-                                 compute_dtype=self.dtype, forward=self.engine)
-        self.step = 0  # optimizer updates done
-        self.stop_agreed = False  # a rank asked to stop (preemption): agreed in the step's decision
+    def __init__(self, student: Data2Vec, teacher: Teacher, task: Data2VecTask, cfg: D2vConfig,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.student, self.teacher, self.task, self.device, self.dtype = student, teacher, task, device, dtype
         self.step_flops = StepFlops(cfg)
-        self.update = GuardedUpdate(self.engine, self.student, cfg.train.grad_accum, self.device)
+        self._flops = 0.0
+
+    def begin_update(self, step: int) -> None:
+        self._flops = 0.0
 
     def stage(self, batch: Batch) -> Batch:
         """Host work on a micro-batch, then its move to the device: the input checked, the padding
@@ -130,45 +95,77 @@ class Trainer(GuardedCounts):
                 batch = batch.pin_memory()
         return batch.to(self.device, self.dtype)
 
-    def train_step(self, micro_batches: list[Batch], *, stop_requested: bool = False) -> StepMetrics:
-        """One optimizer update over `grad_accum` micro-batches, then the EMA update.
-
-        The host waits for the device once: for the decision, agreed by every rank, whether the
-        loss and gradients are finite (else the update is skipped everywhere) and whether any rank
-        was asked to stop; the step's metrics come back in the same read."""
-        if len(micro_batches) != self.cfg.train.grad_accum:
-            raise ValueError(f"got {len(micro_batches)} micro-batches for grad_accum={self.cfg.train.grad_accum}")
-        t0 = time.perf_counter()
-        self.student.train()
-        lr = float(self.scheduler.get_last_lr()[0])
-        staged = [self.stage(b) for b in micro_batches]
-        positions = sum(b.index.positions for b in staged)
-        flops = [0.0]
-
-        def micro_step(i: int, batch: Batch):
-            out = self.task(batch, step=self.step, micro=i)
-            flops[0] += self.step_flops(micro_batches[i].source, blocks_run=self.student.encoder.blocks_run)
-            return out.loss, out.metrics
-
+    @staticmethod
+    def has_data(batches: list[Batch]) -> bool:
         # Filler batches (weight 0) stand in for unreadable data; an update where every rank had
         # only fillers has nothing to learn from (weight decay and Adam's moments would still move).
-        has_data = any(float(b.extras.get("weight", 1.0)) > 0 for b in micro_batches)
-        window = self.update.window(staged, micro_step, stop_requested=stop_requested, has_data=has_data)
-        self.stop_agreed = window.decision.stop
-        if window.decision.outcome != "update":
-            values = {**self.update.skip(window.decision), "lr": lr, "step_time": time.perf_counter() - t0}
-            return StepMetrics(self.step, float("nan"), values)
-        self.engine.step()
-        applied = getattr(self.engine, "was_step_applied", lambda: True)()
-        if applied:
-            tau = self.teacher.update(self.step)
-        else:  # fp16 overflow: DeepSpeed skipped the update, so the teacher stays where it is
-            tau = float("nan")
-        self.step += 1
-        metrics = dict(window.metrics)
-        metrics.update(ema_decay=tau, lr=lr, samples=float(sum(b.batch_size for b in micro_batches)),
-                       positions=float(positions), flops=float(flops[0]), step_time=time.perf_counter() - t0)
-        return StepMetrics(self.step, window.loss, metrics)
+        return any(float(b.extras.get("weight", 1.0)) > 0 for b in batches)
+
+    def micro_step(self, batch: Batch, *, step: int, micro: int):
+        out = self.task(batch, step=step, micro=micro)
+        # LayerDrop decides how many blocks ran: counted after the forward
+        self._flops += self.step_flops(batch.source, blocks_run=self.student.encoder.blocks_run)
+        return out.loss, out.metrics
+
+    def after_update(self, step: int, applied: bool) -> dict[str, float]:
+        # fp16 overflow: DeepSpeed skipped the update, so the teacher stays where it is
+        return {"ema_decay": self.teacher.update(step) if applied else float("nan")}
+
+    def step_values(self, batches: list[Batch], staged: list[Batch]) -> dict[str, float]:
+        return {"samples": float(sum(b.batch_size for b in batches)),
+                "positions": float(sum(b.index.positions for b in staged)), "flops": float(self._flops)}
+
+    def eval_sums(self, batch: Batch, step: int = 0) -> dict[str, float | torch.Tensor]:
+        out = self.task(self.stage(batch), step=step)
+        return {"loss_sum": out.metrics["loss_sum"].double(), "loss_count": out.metrics["loss_count"]}
+
+    @staticmethod
+    def summarize(sums: dict[str, float]) -> dict[str, float]:
+        return {"loss": sums["loss_sum"] / sums["loss_count"], "targets": sums["loss_count"]}
+
+
+class Trainer(Stepper):
+    """The one trainer (d2v.train.stepper) set up for pretraining: the DeepSpeed engine, the
+    teacher and the data2vec task of one run."""
+
+    def __init__(self, cfg: D2vConfig, ds_template: dict[str, Any], *, student: Data2Vec | None = None) -> None:
+        self.cfg = cfg
+        self.rank, self.world_size = distributed.init_distributed()
+        device = distributed.device()
+        distributed.set_cpu_threads(cfg.train.threads)
+        torch.manual_seed(cfg.train.seed)
+        student = student if student is not None else build_model(cfg)
+        student.encoder.checkpoint_blocks = cfg.train.activation_checkpointing
+        if cfg.train.precision == "fp16":
+            from deepspeed.accelerator import get_accelerator
+
+            if not get_accelerator().is_fp16_supported():
+                raise ValueError("train.precision=fp16 is not supported by DeepSpeed on this device (its CPU "
+                                 "accelerator runs bf16 and fp32 only); use train.precision=bf16")
+        # The teacher is copied from the fp32 student before DeepSpeed casts or partitions it.
+        teacher = Teacher(student, cfg.teacher).place(device)
+        parts = start_engine(student, cfg, ds_template, self.world_size,
+                             param_groups(student, cfg.optim.no_decay_1d, cfg.optim.weight_decay))
+        self.optimizer = parts.optimizer
+        self.ds_config, self.zero_stage, self.optimizer_name = parts.ds_config, parts.zero_stage, parts.optimizer_name
+        self.student: Data2Vec = parts.engine.module
+        if self.zero_stage == 3:
+            teacher.attach_zero3(self.student, self.ds_config)
+        else:
+            teacher.bind(self.student)
+        if cfg.train.compile:
+            if self.zero_stage == 3:
+                raise ValueError("train.compile=true does not work with ZeRO stage 3 (its hooks gather and release "
+                                 "parameters around each block); use stage 1 or 2, or train.compile=false")
+            compile_blocks(self.student.encoder)
+            compile_blocks(teacher.model.encoder)
+        self.dtype = DTYPES[cfg.train.precision]
+        # every rank, before the first step: outside activation checkpointing and compile
+        self.attention_plan = plan_for_run(cfg, device, self.dtype)
+        self.task = Data2VecTask(self.student, teacher, cfg, normalizer=collectives.count_normalizer(),
+                                 compute_dtype=self.dtype, forward=parts.engine)
+        unit = PretrainingUnit(self.student, teacher, self.task, cfg, device, self.dtype)
+        super().__init__(parts.engine, parts.scheduler, unit, self.student, cfg.train.grad_accum, device)
 
     def grad_norm(self) -> float:
         """The last update's global gradient norm (read at log steps: it may wait for the device)."""
