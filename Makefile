@@ -18,6 +18,8 @@ DEMO_STEPS ?= 300
 PYTEST_ARGS ?=
 # Another pretraining seed of the demo (runs/demo-<modality>-seed<N>); empty: the preset's seed (1).
 DEMO_SEED ?=
+# Where the demo's run directory goes (make eval keeps its own pretraining runs apart).
+DEMO_RUNS ?= runs
 # The rendezvous port of the 2 local ranks: set another one to run two demos at once.
 MASTER_PORT ?= 29500
 
@@ -54,7 +56,7 @@ demo: venv demo-data
 		--ds_config ds_configs/cpu.json --preset $(PRESET) \
 		--data "$$($(PY) -c 'import json,sys; print(json.load(open(sys.argv[1]))["train"])' $(DEMO_DATA)/$(MODALITY)/patterns.json)" \
 		--val-data "$$($(PY) -c 'import json,sys; print(json.load(open(sys.argv[1]))["valid"])' $(DEMO_DATA)/$(MODALITY)/patterns.json)" \
-		--out runs/demo-$(PRESET:_tiny=)$(if $(DEMO_SEED),-seed$(DEMO_SEED)) --resume auto \
+		--out $(DEMO_RUNS)/demo-$(PRESET:_tiny=)$(if $(DEMO_SEED),-seed$(DEMO_SEED)) --resume auto \
 		train.max_steps=$(DEMO_STEPS) train.val_every=100 train.log_every=25 $(if $(DEMO_SEED),train.seed=$(DEMO_SEED))
 
 clean-venv:
@@ -78,17 +80,22 @@ lock:
 	@echo "wrote $(LOCK); run make test before committing it"
 
 # Pretrained versus random-init evaluation of the three demos over seeds (not part of CI).
-# Pretrains runs/demo-<modality> (seed 1) and runs/demo-<modality>-seed<N> for the other
-# EVAL_PRETRAIN_SEEDS first where they have no checkpoint yet.
+# Pretrains EVAL_RUNS/demo-<modality> (seed 1) and EVAL_RUNS/demo-<modality>-seed<N> for the other
+# EVAL_PRETRAIN_SEEDS, EVAL_DEMO_STEPS updates each, where they have no checkpoint yet: its own
+# runs, so that a shorter `make demo` run is never mixed in (the evaluation refuses runs of one
+# modality trained for different numbers of updates).
 .PHONY: eval
 EVAL_ARGS ?=
-EVAL_PRETRAIN_SEEDS ?= 1 2
+EVAL_PRETRAIN_SEEDS ?= 1 2 3
+EVAL_DEMO_STEPS ?= 1000
+EVAL_RUNS ?= runs/eval-pretrain
 eval: venv
 	@for m in audio image text; do for s in $(EVAL_PRETRAIN_SEEDS); do \
-		if [ $$s = 1 ]; then run=runs/demo-$$m; seed=; else run=runs/demo-$$m-seed$$s; seed=$$s; fi; \
-		test -e $$run/checkpoints/latest || $(MAKE) demo MODALITY=$$m PRESET=$${m}_tiny DEMO_SEED=$$seed || exit 1; \
+		if [ $$s = 1 ]; then run=$(EVAL_RUNS)/demo-$$m; seed=; else run=$(EVAL_RUNS)/demo-$$m-seed$$s; seed=$$s; fi; \
+		test -e $$run/checkpoints/latest || $(MAKE) demo MODALITY=$$m PRESET=$${m}_tiny DEMO_SEED=$$seed \
+			DEMO_RUNS=$(EVAL_RUNS) DEMO_STEPS=$(EVAL_DEMO_STEPS) || exit 1; \
 	done; done
-	DS_ACCELERATOR=cpu $(PY) -m d2v.finetune.evaluate --data $(DEMO_DATA) --runs runs --out runs/eval $(EVAL_ARGS)
+	DS_ACCELERATOR=cpu $(PY) -m d2v.finetune.evaluate --data $(DEMO_DATA) --runs $(EVAL_RUNS) --out runs/eval $(EVAL_ARGS)
 
 # GPU acceptance (README "GPU acceptance"). On the GPU machine, with the Python that has its CUDA
 # torch and Triton: `make gpu-check`, or `make gpu-check WHEELS=/path/to/wheels` to install d2v's

@@ -32,12 +32,32 @@ def test_overlapping_arms_are_within_the_spread_and_one_run_claims_nothing():
         summarize([])
 
 
+def _checkpoint(run, tag: str) -> None:
+    from d2v.train.checkpoint import COMPLETE, LATEST
+
+    os.makedirs(run / "checkpoints" / tag, exist_ok=True)
+    (run / "checkpoints" / tag / COMPLETE).write_text("")
+    (run / "checkpoints" / LATEST).write_text(tag)
+
+
+def test_pretraining_runs_of_different_lengths_are_not_one_arm(tmp_path):
+    """A 300-update `make demo` run beside 1000-update evaluation runs would mix two experiments."""
+    runs = tmp_path / "runs"
+    _checkpoint(runs / "demo-text", "step_00000300")
+    _checkpoint(runs / "demo-text-seed2", "step_00001000")
+    _checkpoint(runs / "demo-image", "step_00000300")
+    assert ev.pretrained_runs(str(runs), "image") == [(1, str(runs / "demo-image"))]
+    with pytest.raises(ValueError, match=r"different updates \(step_00000300: demo-text; step_00001000: "
+                                         r"demo-text-seed2\).*EVAL_DEMO_STEPS"):
+        ev.pretrained_runs(str(runs), "text")
+
+
 def test_every_pretraining_run_meets_every_seed_and_the_random_arm_gets_as_many(tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     for name in ("demo-image", "demo-image-seed2", "demo-image-seedx", "demo-audio-seed3"):
         os.makedirs(runs / name / "checkpoints")
     for name in ("demo-image", "demo-image-seed2"):
-        (runs / name / "checkpoints" / "latest").write_text("step_1")
+        _checkpoint(runs / name, "step_00000001")
     assert ev.pretrained_runs(str(runs), "image") == [(1, str(runs / "demo-image")),
                                                       (2, str(runs / "demo-image-seed2"))]
     calls = []

@@ -134,19 +134,28 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def pretrained_runs(runs: str, modality: str) -> list[tuple[int, str]]:
     """(pretraining seed, run dir) of every demo run of `modality` with a checkpoint: demo-<m> is
-    seed 1 (as `make demo` trains it), demo-<m>-seed<P> the others."""
-    found = []
+    seed 1 (as `make demo` trains it), demo-<m>-seed<P> the others. Runs trained for different
+    numbers of updates are refused: one arm would mix two experiments."""
+    from d2v.train.checkpoint import Checkpointer
+
+    found, steps = [], {}
     for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
         seed = 1 if name == f"demo-{modality}" else None
         if name.startswith(f"demo-{modality}-seed") and name.rsplit("seed", 1)[1].isdigit():
             seed = int(name.rsplit("seed", 1)[1])
         if seed is not None and os.path.exists(os.path.join(runs, name, "checkpoints", "latest")):
             found.append((seed, os.path.join(runs, name)))
+            tag = Checkpointer(os.path.join(runs, name, "checkpoints"), rank=0, world_size=1).latest_tag()
+            steps.setdefault(tag, []).append(name)
+    if len(steps) > 1:
+        listed = "; ".join(f"{tag}: {', '.join(names)}" for tag, names in sorted(steps.items()))
+        raise ValueError(f"the {modality} pretraining runs in {runs} end at different updates ({listed}): train them "
+                         f"to the same step (make eval EVAL_DEMO_STEPS=N) or move the others aside")
     return sorted(found)
 
 
 def evaluate(data: str, runs: str, out: str, *, ranks: int, steps: dict[str, int], tasks: list[str],
-             seeds: int = 3) -> dict:
+             seeds: int = 1) -> dict:
     if seeds < 1:
         raise ValueError(f"--seeds {seeds}: run each arm at least once")
     paths = ensure_data(data)
@@ -245,7 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m d2v.finetune.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="demo_data", help="where the demo data live / are built")
-    ap.add_argument("--runs", default="runs", help="holds the pretrained demo runs demo-{audio,image,text}")
+    ap.add_argument("--runs", default="runs/eval-pretrain",
+                    help="holds the pretrained demo runs demo-{audio,image,text}[-seed<N>] (make eval's own)")
     ap.add_argument("--out", default="runs/eval")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--asr-steps", type=int, default=1000)
@@ -253,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--text-steps", type=int, default=1000)
     ap.add_argument("--glue-steps", type=int, default=1000)
     ap.add_argument("--tasks", default="asr,image_cls,text_cls", help="comma-separated; glue is also one")
-    ap.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per pretraining run and arm")
+    ap.add_argument("--seeds", type=int, default=1, help="fine-tuning seeds per pretraining run")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     steps = {"asr": args.asr_steps, "image_cls": args.image_steps, "text_cls": args.text_steps, "glue": args.glue_steps}
