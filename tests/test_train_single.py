@@ -139,7 +139,7 @@ def test_layerdrop_is_drawn_per_micro_batch_and_the_trainer_numbers_them():
         calls.append(kw)
         return task(batch, **kw)
 
-    trainer.unit.task = recording
+    trainer.task = recording
     _fit(trainer, synthetic_batches_for(cfg))
     assert calls == [{"step": 0, "micro": 0}, {"step": 0, "micro": 1}]
 

@@ -169,7 +169,7 @@ class FinetuneRun(UpdateLoop):
         # Every rank reduces the same keys, also one left without evaluation examples.
         sums = dict.fromkeys(self.unit.score_keys, 0.0)
         for start in range(0, len(mine), bs):
-            for k, v in self.unit.eval_sums(mine[start:start + bs]).items():
+            for k, v in self.unit.eval_sums(mine[start:start + bs], self.step).items():
                 sums[k] += v
         return self.unit.summarize(_sum(sums))
 

@@ -57,7 +57,7 @@ class DownstreamUnit:
     def step_values(items: Sequence[list[int]], staged: Sequence[FtBatch]) -> dict[str, float]:
         return {"samples": float(sum(len(i) for i in items))}
 
-    def eval_sums(self, indices: list[int]) -> dict[str, float]:
+    def eval_sums(self, indices: list[int], step: int) -> dict[str, float]:
         batch = self.task.batch("eval", indices)
         return self.task.score(self.forward(batch), batch)
 

@@ -1,20 +1,23 @@
 """The one trainer: one guarded optimizer update of a training unit, for every job.
 
-A unit is what a job trains: pretraining (d2v.train.pretraining.PretrainingUnit: the data2vec
-task, its teacher and EMA) or a downstream task (d2v.finetune.unit.DownstreamUnit: a registered
-task and its head). The stepper owns what every update shares: the LR read, the micro-batches'
+A unit is what a job trains: pretraining (d2v.train.trainer.PretrainingUnit: the data2vec task,
+its teacher and EMA) or a downstream task (d2v.finetune.unit.DownstreamUnit, which runs any task
+registered in d2v.finetune.tasks: a new downstream task is a task class there, not a new unit). The stepper owns what every update shares: the LR read, the micro-batches'
 backward passes and the one agreed decision (d2v.train.guarded_update), the optimizer step, and
 the step counter the update loop and checkpoints read. A unit supplies:
 
 * `begin_update(step)`: per-update settings before the first micro-batch (seeds, freezing);
-* `stage(item)`: one micro-batch from what the data stream yields, on the device;
+* `stage(item)`: one micro-batch, ready for `micro_step`, from what the data stream yields;
 * `has_data(items)`: whether any micro-batch is real data (filler batches are not);
 * `micro_step(batch, step=, micro=)`: batch -> (loss, metrics), the loss already normalised;
-* `after_update(step, applied)`: work after the optimizer step (the EMA), returning values to log;
+* `after_update(step, applied)`: work after the optimizer step (the EMA) of update `step` (0-based,
+  the count before this update; StepMetrics.step is the count after it), returning values to log;
 * `step_values(items, staged)`: what the update processed (samples, and what else the unit counts);
-* `score_keys`, `eval_sums(item)` and `summarize(sums)`: evaluation as additive sums per batch
-  (every rank has every key, also with no batch of its own), which ranks add before summarize
-  turns them into metrics;
+* `score_keys`, `eval_sums(item, step)` and `summarize(sums)`: evaluation as additive sums per
+  batch, keys among `score_keys` (every rank reduces every key, also one with no batch of its
+  own), which ranks add before summarize turns them into metrics. The job runs the evaluation
+  (its data, when, what it adds): the pretraining run over its held-out shards, a fine-tuning run
+  over the task's evaluation split;
 * `teacher`: what checkpoints hold besides the engine (None: nothing).
 """
 from __future__ import annotations
@@ -51,7 +54,7 @@ class Unit(Protocol):
 
     def step_values(self, items: Sequence[Any], staged: Sequence[Any]) -> dict[str, float]: ...
 
-    def eval_sums(self, item: Any) -> dict[str, float | torch.Tensor]: ...
+    def eval_sums(self, item: Any, step: int) -> dict[str, float | torch.Tensor]: ...
 
     def summarize(self, sums: dict[str, float]) -> dict[str, float]: ...
 

@@ -115,7 +115,7 @@ class PretrainingUnit:
         return {"samples": float(sum(b.batch_size for b in batches)),
                 "positions": float(sum(b.index.positions for b in staged)), "flops": float(self._flops)}
 
-    def eval_sums(self, batch: Batch, step: int = 0) -> dict[str, float | torch.Tensor]:
+    def eval_sums(self, batch: Batch, step: int) -> dict[str, float | torch.Tensor]:
         out = self.task(self.stage(batch), step=step)
         return {"loss_sum": out.metrics["loss_sum"].double(), "loss_count": out.metrics["loss_count"]}
 
@@ -162,10 +162,18 @@ class Trainer(Stepper):
         self.dtype = DTYPES[cfg.train.precision]
         # every rank, before the first step: outside activation checkpointing and compile
         self.attention_plan = plan_for_run(cfg, device, self.dtype)
-        self.task = Data2VecTask(self.student, teacher, cfg, normalizer=collectives.count_normalizer(),
-                                 compute_dtype=self.dtype, forward=parts.engine)
-        unit = PretrainingUnit(self.student, teacher, self.task, cfg, device, self.dtype)
+        task = Data2VecTask(self.student, teacher, cfg, normalizer=collectives.count_normalizer(),
+                            compute_dtype=self.dtype, forward=parts.engine)
+        unit = PretrainingUnit(self.student, teacher, task, cfg, device, self.dtype)
         super().__init__(parts.engine, parts.scheduler, unit, self.student, cfg.train.grad_accum, device)
+
+    @property
+    def task(self) -> Data2VecTask:
+        return self.unit.task
+
+    @task.setter
+    def task(self, task: Data2VecTask) -> None:
+        self.unit.task = task
 
     def grad_norm(self) -> float:
         """The last update's global gradient norm (read at log steps: it may wait for the device)."""
