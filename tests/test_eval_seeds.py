@@ -74,11 +74,11 @@ def test_every_pretraining_run_meets_every_seed_and_the_random_arm_gets_as_many(
                       tasks=["image_cls"], seeds=2)
     pre = [c for c in calls if not c[1]]
     rnd = [c for c in calls if c[1]]
-    assert sorted((c[0], c[2]) for c in pre) == [("demo-image", 1), ("demo-image", 2), ("demo-image-seed2", 1),
-                                                ("demo-image-seed2", 2)]
+    assert sorted((c[0], c[2]) for c in pre) == [("demo-image", 1), ("demo-image", 2), ("demo-image-seed2", 3),
+                                                ("demo-image-seed2", 4)]
     assert sorted(c[2] for c in rnd) == [1, 2, 3, 4] and len({c[3] for c in calls}) == 8  # one folder per run
     rows = {r["what"]: r for r in res["rows"]}
-    assert rows["digits (fine-tuning)"]["pretrained"] == pytest.approx([0.81, 0.82, 0.81, 0.82])
+    assert rows["digits (fine-tuning)"]["pretrained"] == pytest.approx([0.81, 0.82, 0.83, 0.84])
     probe = rows["digits (linear probe)"]
     assert probe["pretrained"] == [0.7, 0.7] and len(probe["random init"]) == 4
     table = (tmp_path / "eval" / "results.md").read_text()

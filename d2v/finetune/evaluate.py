@@ -4,8 +4,8 @@ runs/demo-<modality>-seed<P> for further pretraining seeds) and for the same arc
 random initialisation, as one table of means and spreads over seeds.
 
 Each arm is repeated: the pretrained arm over every pretraining run times `--seeds` fine-tuning
-seeds, the random-init arm over as many seeds (each a different random initialisation and data
-order). The table gives mean ± standard deviation per arm, their difference, and whether it
+seeds (no two runs share a fine-tuning seed: 1..N over the arm), the random-init arm over the same
+N fine-tuning seeds (each also a different random initialisation). The table gives mean ± standard deviation per arm, their difference, and whether it
 exceeds the spread (Welch's t-test, d2v.finetune.seed_stats); nothing is claimed from one run.
 
 * speech: CTC fine-tuning on the labelled eSpeak demo (d2v.data.demo_asr), WER and CER on two
@@ -179,8 +179,11 @@ def evaluate(data: str, runs: str, out: str, *, ranks: int, steps: dict[str, int
         record: dict[str, Any] = {"steps": steps[task], "inits": [run for _, run in inits[task]],
                                   "data": paths[task], "overrides": overrides, "seeds": seeds,
                                   "pretrained": [], "random init": []}
-        # (pretraining seed, fine-tuning seed) pairs; the random arm gets as many runs
-        arms = {"pretrained": [(p, run, s) for p, run in inits[task] for s in range(1, seeds + 1)]}
+        # (pretraining seed, run, fine-tuning seed): every pretrained run gets its own fine-tuning
+        # seeds, so that the arm's spread holds both sources of chance; the random arm gets as many
+        # runs with the same fine-tuning seeds (each also its own init)
+        arms = {"pretrained": [(p, run, i * seeds + s) for i, (p, run) in enumerate(inits[task])
+                               for s in range(1, seeds + 1)]}
         arms["random init"] = [(0, inits[task][0][1], s) for s in range(1, len(arms["pretrained"]) + 1)]
         t0 = time.perf_counter()
         for name, runs_of_arm in arms.items():
@@ -199,7 +202,7 @@ def evaluate(data: str, runs: str, out: str, *, ranks: int, steps: dict[str, int
             probes = {"pretrained": [], "random init": []}
             for i, (p, run, s) in enumerate(arms["pretrained"]):
                 acc = linear_probe(task, run, paths[task], seed=i + 1)
-                if s == 1:  # the probe of a pretrained encoder is closed-form: one per pretraining run
+                if (s - 1) % seeds == 0:  # the probe of a pretrained encoder is closed-form: one per pretraining run
                     probes["pretrained"].append(acc["pretrained"])
                 probes["random init"].append(acc["random init"])
             record["probe"] = probes
