@@ -89,8 +89,11 @@ EVAL_ARGS ?=
 EVAL_PRETRAIN_SEEDS ?= 1 2 3
 EVAL_DEMO_STEPS ?= 1000
 EVAL_RUNS ?= runs/eval-pretrain
+# The modalities to pretrain: those of the tasks in EVAL_ARGS --tasks (asr: audio, image_cls: image,
+# text_cls and glue: text).
+EVAL_MODALITIES ?= audio image text
 eval: venv
-	@for m in audio image text; do for s in $(EVAL_PRETRAIN_SEEDS); do \
+	@for m in $(EVAL_MODALITIES); do for s in $(EVAL_PRETRAIN_SEEDS); do \
 		if [ $$s = 1 ]; then run=$(EVAL_RUNS)/demo-$$m; seed=; else run=$(EVAL_RUNS)/demo-$$m-seed$$s; seed=$$s; fi; \
 		test -e $$run/checkpoints/latest || $(MAKE) demo MODALITY=$$m PRESET=$${m}_tiny DEMO_SEED=$$seed \
 			DEMO_RUNS=$(EVAL_RUNS) DEMO_STEPS=$(EVAL_DEMO_STEPS) || exit 1; \
