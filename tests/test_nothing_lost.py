@@ -309,6 +309,27 @@ def test_a_signal_during_start_up_exits_75(tmp_path):
     assert "SIGTERM during start-up" in err
 
 
+_HOLDS_A_BUILD_LOCK = """
+import os, signal, sys
+from d2v.train.preemption import exit_on_signal_during_startup, release_build_locks_at_startup_exit
+exit_on_signal_during_startup()
+release_build_locks_at_startup_exit()
+from torch.utils.file_baton import FileBaton
+assert FileBaton(sys.argv[1]).try_acquire()  # as torch's JIT build of a DeepSpeed op holds it
+os.kill(os.getpid(), signal.SIGTERM)
+"""
+
+
+def test_a_signal_during_start_up_leaves_no_extension_build_lock(tmp_path):
+    """A start-up exit inside DeepSpeed's JIT op load (it runs ninja under a lock file at every CPU
+    start) must not leave the lock: every later start on the machine would wait for it forever."""
+    lock = tmp_path / "lock"
+    proc = subprocess.run([sys.executable, "-c", _HOLDS_A_BUILD_LOCK, str(lock)], cwd=ROOT, env=launcher_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 75 and "SIGTERM during start-up" in proc.stderr, proc.stderr[-2000:]
+    assert not lock.exists()
+
+
 def test_a_start_up_error_is_one_message_and_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "pretrain.py"), "--ds_config",
                            os.path.join(ROOT, "ds_configs", "cpu.json"), "--preset", "image_tiny", "--data",

@@ -347,7 +347,7 @@ def test_a_full_disk_while_logging_is_one_line(tmp_path, monkeypatch, capsys):
     import d2v.train.preemption as preemption
     from d2v.launchers import pretrain
 
-    for name in ("watch_launcher", "exit_on_signal_during_startup"):  # process-wide: not in a test
+    for name in ("watch_launcher", "exit_on_signal_during_startup", "release_build_locks_at_startup_exit"):  # process-wide
         monkeypatch.setattr(preemption, name, lambda: None)
     class FullFile:
         name = str(tmp_path / "run" / "metrics.jsonl")

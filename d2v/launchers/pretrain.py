@@ -41,10 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from d2v.train.preemption import exit_on_signal_during_startup, watch_launcher
+    from d2v.train.preemption import exit_on_signal_during_startup, release_build_locks_at_startup_exit, \
+        watch_launcher
 
     exit_on_signal_during_startup()
     watch_launcher()
+    release_build_locks_at_startup_exit()
     args = parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))

@@ -42,6 +42,42 @@ def launcher_gone() -> bool:
     return _launcher_pid is not None and os.getppid() != _launcher_pid
 
 
+_held_build_locks: set[str] = set()
+
+
+def release_build_locks_at_startup_exit() -> None:
+    """torch's JIT extension builds (DeepSpeed's ops; its CPU accelerator loads its shared-memory
+    all-reduce at every start, running ninja under the lock) hold a lock file, and every later
+    start on the machine waits for that file forever. The start-up exit below skips the lock's
+    release, so the locks this process holds are tracked here and removed there."""
+    from torch.utils import file_baton
+
+    baton = file_baton.FileBaton
+    if getattr(baton, "_d2v_tracked", False):
+        return
+    acquire, release = baton.try_acquire, baton.release
+
+    def tracked_acquire(self) -> bool | None:
+        got = acquire(self)
+        if got:
+            _held_build_locks.add(self.lock_file_path)
+        return got
+
+    def tracked_release(self) -> None:
+        _held_build_locks.discard(self.lock_file_path)
+        release(self)
+
+    baton.try_acquire, baton.release, baton._d2v_tracked = tracked_acquire, tracked_release, True
+
+
+def _remove_held_build_locks() -> None:
+    for path in list(_held_build_locks):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
 def exit_on_signal_during_startup() -> None:
     """Installed first thing by the launcher (before torch is imported): a signal while the run is
     still loading (imports, data index, engine, resume) has no step to stop at and nothing new to
@@ -52,6 +88,7 @@ def exit_on_signal_during_startup() -> None:
             sys.stderr.write(f"{signal.Signals(signum).name} during start-up: exit {EXIT_PREEMPTED} for requeue\n")
             sys.stderr.flush()
         finally:  # even if stderr was mid-write when the signal came
+            _remove_held_build_locks()
             os._exit(EXIT_PREEMPTED)  # no cleanup can block: no process group or engine to wind down yet
 
     if threading.current_thread() is threading.main_thread():
