@@ -25,7 +25,10 @@ class DownstreamUnit:
                  dtype: torch.dtype) -> None:
         self.task, self.engine, self.cfg, self.device, self.dtype = task, engine, cfg, device, dtype
         self.model: FinetuneModel = engine.module
-        self.score_keys = task.score_keys
+
+    @property
+    def score_keys(self) -> tuple[str, ...]:
+        return self.task.score_keys
 
     def forward(self, batch: FtBatch) -> TaskOutput:
         source = batch.source.to(self.device)
